@@ -1,0 +1,308 @@
+//! The decode thread: continuous batching over one llama.cpp context.
+//!
+//! Each step:
+//! 1. take new jobs from the channel into the wait queue (FIFO);
+//! 2. drop slots whose client went away, freeing their KV cells;
+//! 3. admit waiting jobs into free slots;
+//! 4. build one batch: one token for every generating slot first, then
+//!    prompt chunks (at most `prompt_chunk_tokens` per slot) while room is
+//!    left, so a long prompt is spread over several steps and never stalls
+//!    the streams already running;
+//! 5. decode, then sample each slot that asked for logits and stream out.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::Sender;
+
+use crate::ffi::{Batch, Context, Model, Sampler, SamplerSpec, Token};
+use crate::text::{StopMatcher, StopScan, Utf8Buf};
+use crate::{EngineStats, Error, Event, Finish, FinishReason, GenerateRequest};
+
+pub struct Job {
+    pub req: GenerateRequest,
+    pub sampler: SamplerSpec,
+    pub tx: Sender<Event>,
+    pub enqueued_at: Instant,
+}
+
+pub struct Limits {
+    pub parallel: u32,
+    pub ctx_per_slot: u32,
+    pub batch_tokens: u32,
+    pub prompt_chunk_tokens: u32,
+}
+
+struct Slot {
+    seq: i32,
+    prompt: Vec<Token>,
+    /// Prompt tokens already decoded into the KV cache.
+    fed: usize,
+    /// Prompt tokens placed in the current step's batch.
+    feeding: usize,
+    /// Tokens in this sequence's KV cache (prompt and generated).
+    n_past: usize,
+    /// The last sampled token, fed in the next step.
+    next_token: Option<Token>,
+    n_generated: u32,
+    max_tokens: u32,
+    sampler: Sampler,
+    utf8: Utf8Buf,
+    stop: StopMatcher,
+    tx: Sender<Event>,
+    /// Batch index of this slot's logits in the current step.
+    logits_at: Option<i32>,
+    piece: Vec<u8>,
+}
+
+pub struct Scheduler {
+    model: Arc<Model>,
+    ctx: Context,
+    batch: Batch,
+    limits: Limits,
+    slots: Vec<Option<Slot>>,
+    waiting: VecDeque<Job>,
+    stats: Arc<EngineStats>,
+}
+
+impl Scheduler {
+    pub fn new(model: Arc<Model>, ctx: Context, limits: Limits, stats: Arc<EngineStats>) -> Self {
+        let batch = Batch::new(limits.batch_tokens as usize, limits.parallel as i32);
+        let slots = (0..limits.parallel).map(|_| None).collect();
+        Self {
+            model,
+            ctx,
+            batch,
+            limits,
+            slots,
+            waiting: VecDeque::new(),
+            stats,
+        }
+    }
+
+    /// Runs until every `Engine` handle is gone.
+    pub fn run(mut self, jobs: Receiver<Job>) {
+        loop {
+            let idle = self.waiting.is_empty() && self.slots.iter().all(Option::is_none);
+            if idle {
+                match jobs.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match jobs.try_recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.waiting.is_empty() && self.slots.iter().all(Option::is_none) {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.reap_cancelled();
+            self.admit();
+            self.step();
+        }
+    }
+
+    fn reap_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|j| !j.tx.is_closed());
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.stats.queued.fetch_sub(gone, Ordering::AcqRel);
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i].as_ref().is_some_and(|s| s.tx.is_closed()) {
+                self.free(i);
+            }
+        }
+    }
+
+    fn free(&mut self, i: usize) {
+        if let Some(slot) = self.slots[i].take() {
+            self.ctx.clear_seq(slot.seq);
+            self.stats.slots_busy.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn admit(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(free) = self.slots.iter().position(Option::is_none) else {
+                return;
+            };
+            let Some(job) = self.waiting.pop_front() else {
+                return;
+            };
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            let sampler = match Sampler::new(&job.sampler, self.model.n_vocab()) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = job.tx.try_send(Event::Failed(e));
+                    continue;
+                }
+            };
+            tracing::trace!(
+                slot = free,
+                waited_ms = job.enqueued_at.elapsed().as_millis() as u64,
+                "admitted"
+            );
+            let room = self.limits.ctx_per_slot as usize - job.req.prompt.len();
+            let max_tokens = job.req.max_tokens.map_or(room, |m| (m as usize).min(room)) as u32;
+            self.slots[free] = Some(Slot {
+                seq: free as i32,
+                prompt: job.req.prompt,
+                fed: 0,
+                feeding: 0,
+                n_past: 0,
+                next_token: None,
+                n_generated: 0,
+                max_tokens,
+                sampler,
+                utf8: Utf8Buf::default(),
+                stop: StopMatcher::new(&job.req.stop),
+                tx: job.tx,
+                logits_at: None,
+                piece: Vec::with_capacity(64),
+            });
+            self.stats.slots_busy.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn step(&mut self) {
+        self.batch.clear();
+        // Generating slots first: one token each, always fits because the
+        // batch holds at least `parallel` tokens.
+        for slot in self.slots.iter_mut().flatten() {
+            slot.logits_at = None;
+            if let Some(tok) = slot.next_token {
+                slot.logits_at = Some(self.batch.push(tok, slot.n_past as i32, slot.seq, true));
+            }
+        }
+        // Then prompt chunks, oldest slot order, while room is left.
+        for slot in self.slots.iter_mut().flatten() {
+            if slot.next_token.is_some() || slot.fed >= slot.prompt.len() {
+                continue;
+            }
+            let room = self.batch.remaining();
+            if room == 0 {
+                break;
+            }
+            let chunk = (slot.prompt.len() - slot.fed)
+                .min(room)
+                .min(self.limits.prompt_chunk_tokens as usize);
+            slot.feeding = chunk;
+            for k in 0..chunk {
+                let idx = slot.fed + k;
+                let last = idx + 1 == slot.prompt.len();
+                let at = self
+                    .batch
+                    .push(slot.prompt[idx], idx as i32, slot.seq, last);
+                if last {
+                    slot.logits_at = Some(at);
+                }
+            }
+        }
+        if self.batch.is_empty() {
+            return;
+        }
+        if let Err(rc) = self.ctx.decode(&self.batch) {
+            tracing::error!(
+                rc,
+                "llama_decode failed; failing the requests in this batch"
+            );
+            for i in 0..self.slots.len() {
+                let in_batch = self.slots[i]
+                    .as_ref()
+                    .is_some_and(|s| s.next_token.is_some() || s.feeding > 0);
+                if in_batch {
+                    if let Some(s) = &self.slots[i] {
+                        let _ = s.tx.try_send(Event::Failed(Error::Decode(rc)));
+                    }
+                    self.free(i);
+                }
+            }
+            return;
+        }
+        // Account for what was decoded.
+        for slot in self.slots.iter_mut().flatten() {
+            if slot.next_token.take().is_some() {
+                slot.n_past += 1;
+            } else {
+                slot.fed += std::mem::take(&mut slot.feeding);
+                slot.n_past = slot.fed;
+            }
+        }
+        for i in 0..self.slots.len() {
+            if let Some(finish) = self.sample_slot(i) {
+                if let Some(slot) = &self.slots[i] {
+                    let _ = slot.tx.try_send(finish);
+                }
+                self.free(i);
+            }
+        }
+    }
+
+    /// Samples slot `i` if it has logits this step. Returns the final event
+    /// when the generation has ended.
+    fn sample_slot(&mut self, i: usize) -> Option<Event> {
+        let slot = self.slots[i].as_mut()?;
+        let at = slot.logits_at.take()?;
+        let tok = slot.sampler.sample(&mut self.ctx, at);
+        slot.n_generated += 1;
+        let prompt_tokens = slot.prompt.len() as u32;
+        // Ending without a stop string: release whatever text was held.
+        let done = |slot: &mut Slot, reason: FinishReason| {
+            let mut text = slot.utf8.finish();
+            let held = slot.stop.push(&text);
+            text = match held {
+                StopScan::Emit(t) => t + &slot.stop.finish(),
+                StopScan::Stopped(t) => t,
+            };
+            Some(Event::Done {
+                text,
+                finish: Finish {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens: slot.n_generated,
+                },
+            })
+        };
+        if self.model.is_eog(tok) {
+            return done(slot, FinishReason::Stop);
+        }
+        slot.piece.clear();
+        self.model.piece(tok, &mut slot.piece);
+        let text = slot.utf8.push(&slot.piece);
+        match slot.stop.push(&text) {
+            StopScan::Stopped(before) => {
+                let _ = slot.tx.try_send(Event::Token {
+                    id: tok,
+                    text: before,
+                });
+                return Some(Event::Done {
+                    text: String::new(),
+                    finish: Finish {
+                        reason: FinishReason::Stop,
+                        prompt_tokens,
+                        completion_tokens: slot.n_generated,
+                    },
+                });
+            }
+            StopScan::Emit(out) => {
+                let _ = slot.tx.try_send(Event::Token { id: tok, text: out });
+            }
+        }
+        if slot.n_generated >= slot.max_tokens {
+            return done(slot, FinishReason::Length);
+        }
+        slot.next_token = Some(tok);
+        None
+    }
+}

@@ -1,0 +1,196 @@
+//! Prometheus metrics for the node, rendered in the text exposition format.
+//!
+//! Counters and histograms are plain atomics so the token path never takes a
+//! lock; only the per-status request counter (touched once per request) does.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Bucket upper bounds in seconds for time to first token.
+const TTFT_BUCKETS_S: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+/// Bucket upper bounds in seconds between two tokens of one stream.
+const ITL_BUCKETS_S: [f64; 11] = [
+    0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
+];
+
+/// A fixed-bucket histogram; the sum is kept in microseconds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|b| s <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(
+            d.as_micros().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Every metric the node exports.
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Mutex::new(BTreeMap::new()),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            ttft: Histogram::new(&TTFT_BUCKETS_S),
+            inter_token: Histogram::new(&ITL_BUCKETS_S),
+        }
+    }
+}
+
+/// Gauges read from the engine at render time.
+pub struct Gauges {
+    pub queue_depth: usize,
+    pub slots_busy: usize,
+    pub slots_total: u32,
+}
+
+impl Metrics {
+    pub fn count_request(&self, endpoint: &'static str, status: u16) {
+        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry((endpoint, status)).or_default() += 1;
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP hypha_requests_total HTTP API requests by endpoint and status.\n");
+        out.push_str("# TYPE hypha_requests_total counter\n");
+        {
+            let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            for ((endpoint, status), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "hypha_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        counter(
+            &mut out,
+            "hypha_prompt_tokens_total",
+            "Prompt tokens processed.",
+            self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_completion_tokens_total",
+            "Tokens generated.",
+            self.completion_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_requests_cancelled_total",
+            "Generations cancelled because the client went away.",
+            self.cancelled.load(Ordering::Relaxed),
+        );
+        self.ttft.render(
+            &mut out,
+            "hypha_time_to_first_token_seconds",
+            "Time from request to first generated token.",
+        );
+        self.inter_token.render(
+            &mut out,
+            "hypha_inter_token_seconds",
+            "Time between consecutive tokens of one stream.",
+        );
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            &mut out,
+            "hypha_queue_depth",
+            "Requests waiting for a slot.",
+            g.queue_depth as u64,
+        );
+        gauge(
+            &mut out,
+            "hypha_slots_busy",
+            "Sequence slots generating or reading a prompt.",
+            g.slots_busy as u64,
+        );
+        gauge(
+            &mut out,
+            "hypha_slots_total",
+            "Sequence slots in the engine.",
+            u64::from(g.slots_total),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.ttft.observe(Duration::from_millis(20));
+        m.ttft.observe(Duration::from_millis(400));
+        m.count_request("chat", 200);
+        let text = m.render(&Gauges {
+            queue_depth: 3,
+            slots_busy: 2,
+            slots_total: 8,
+        });
+        assert!(text.contains("hypha_time_to_first_token_seconds_bucket{le=\"0.025\"} 1"));
+        assert!(text.contains("hypha_time_to_first_token_seconds_bucket{le=\"0.5\"} 2"));
+        assert!(text.contains("hypha_time_to_first_token_seconds_count 2"));
+        assert!(text.contains("hypha_requests_total{endpoint=\"chat\",status=\"200\"} 1"));
+        assert!(text.contains("hypha_queue_depth 3"));
+    }
+}

@@ -1,0 +1,249 @@
+//! OpenAI request and response shapes, and their translation to engine
+//! requests.
+//!
+//! Requests are decoded strictly enough to turn a wrong type into a clear
+//! 400, and loosely enough that fields real clients send but hypha does not
+//! use (`user`, `logit_bias` absent, ...) are ignored.
+
+use serde::{Deserialize, Serialize};
+
+use hypha_engine::SamplingParams;
+
+/// At most this many stop strings, as OpenAI allows.
+pub const MAX_STOP_STRINGS: usize = 4;
+/// A stop string longer than this is refused: matching holds back up to its
+/// length of text per stream.
+pub const MAX_STOP_BYTES: usize = 256;
+/// At most this many messages in one chat request.
+pub const MAX_MESSAGES: usize = 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by chat and text completions.
+#[derive(Debug, Deserialize, Default)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    #[serde(alias = "repeat_penalty")]
+    pub repetition_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub stop: Option<StopField>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub logprobs: Option<serde_json::Value>,
+}
+
+impl SamplingFields {
+    pub fn sampling(&self) -> SamplingParams {
+        let d = SamplingParams::default();
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repetition_penalty.unwrap_or(d.repeat_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            seed: self.seed.map(|s| s as u64),
+        }
+    }
+
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+
+    /// Checks what the engine cannot: fields hypha does not implement.
+    pub fn check(&self) -> Result<Vec<String>, String> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err("only n = 1 is supported".into());
+        }
+        let wants_logprobs = match &self.logprobs {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+            Some(_) => true,
+        };
+        if wants_logprobs {
+            return Err("logprobs are not supported".into());
+        }
+        if self.max_tokens() == Some(0) {
+            return Err("max_tokens must be at least 1".into());
+        }
+        let stops = match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        if stops.len() > MAX_STOP_STRINGS {
+            return Err(format!(
+                "at most {MAX_STOP_STRINGS} stop strings are allowed"
+            ));
+        }
+        if stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(format!(
+                "a stop string may be at most {MAX_STOP_BYTES} bytes"
+            ));
+        }
+        Ok(stops)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<RequestMessage>,
+    #[serde(flatten)]
+    pub fields: SamplingFields,
+}
+
+impl ChatRequest {
+    pub fn messages(&self) -> Result<Vec<hypha_engine::ChatMessage>, String> {
+        if self.messages.is_empty() {
+            return Err("messages must not be empty".into());
+        }
+        if self.messages.len() > MAX_MESSAGES {
+            return Err(format!("at most {MAX_MESSAGES} messages are allowed"));
+        }
+        self.messages
+            .iter()
+            .map(|m| {
+                if !matches!(
+                    m.role.as_str(),
+                    "system" | "developer" | "user" | "assistant" | "tool"
+                ) {
+                    return Err(format!("unknown message role {:?}", m.role));
+                }
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(MessageContent::Text(t)) => t.clone(),
+                    Some(MessageContent::Parts(parts)) => {
+                        let mut s = String::new();
+                        for p in parts {
+                            if p.kind != "text" {
+                                return Err(format!(
+                                    "content part type {:?} is not supported",
+                                    p.kind
+                                ));
+                            }
+                            s.push_str(p.text.as_deref().unwrap_or_default());
+                        }
+                        s
+                    }
+                };
+                let role = if m.role == "developer" {
+                    "system".to_owned()
+                } else {
+                    m.role.clone()
+                };
+                Ok(hypha_engine::ChatMessage { role, content })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i32>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptField,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(flatten)]
+    pub fields: SamplingFields,
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub meta: ModelMeta,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelMeta {
+    pub architecture: String,
+    pub context_length: u32,
+    pub context_length_train: u32,
+    pub n_params: u64,
+    pub size_bytes: u64,
+    pub device: String,
+    pub slots: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
