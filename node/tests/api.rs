@@ -1,1 +1,385 @@
-//! Integration tests of the HTTP API against a real model.
+//! The HTTP API of a real node (real model, real sockets): bad input gets
+//! OpenAI-style errors and the node keeps serving; a client that leaves
+//! mid-stream frees its slot; metrics and health report what happened.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hypha_engine::EngineConfig;
+use hypha_node::{Node, NodeConfig};
+use serde_json::{json, Value};
+
+fn test_model() -> PathBuf {
+    if let Some(p) = std::env::var_os("HYPHA_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let dir = std::env::var_os("HYPHA_MODELS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hypha/models")))
+        .expect("HOME or HYPHA_MODELS_DIR must be set");
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "test model missing at {}: run .ci/run",
+        p.display()
+    );
+    p
+}
+
+async fn node(parallel: u32, queue: usize, api_key: Option<&str>) -> Node {
+    let mut engine = EngineConfig::new(test_model());
+    engine.parallel = parallel;
+    engine.ctx_per_slot = 512;
+    engine.threads = 1;
+    engine.queue_max = queue;
+    Node::start(NodeConfig {
+        engine,
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        api_key: api_key.map(str::to_owned),
+        model_aliases: vec!["default".into()],
+    })
+    .await
+    .expect("node starts")
+}
+
+fn client() -> reqwest::Client {
+    hypha_node::models::http_client().unwrap()
+}
+
+fn chat_body(content: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": "default",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    })
+}
+
+async fn post(c: &reqwest::Client, n: &Node, path: &str, body: reqwest::Body) -> (u16, Value) {
+    let resp = c
+        .post(format!("http://{}{path}", n.http_addr()))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.expect("a JSON body");
+    (status, v)
+}
+
+async fn assert_serves(c: &reqwest::Client, n: &Node) {
+    let (status, v) = post(
+        c,
+        n,
+        "/v1/chat/completions",
+        chat_body("Hi", 4, false).to_string().into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+}
+
+fn assert_error(status: u16, v: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert!(v["error"]["type"].is_string(), "{v}");
+    assert_eq!(v["error"]["code"], want_code, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_json_errors_and_the_node_keeps_serving() {
+    let n = node(2, 4, None).await;
+    let c = client();
+    let (s, v) = post(&c, &n, "/v1/chat/completions", "{not json".into()).await;
+    assert_error(s, &v, 400, "invalid_json");
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        r#"{"model":"default","messages":"hello"}"#.into(),
+    )
+    .await;
+    assert_error(s, &v, 400, "invalid_json");
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        r#"{"model":"default","messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#
+            .into(),
+    )
+    .await;
+    assert_error(s, &v, 400, "invalid_json");
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#.into(),
+    )
+    .await;
+    assert_error(s, &v, 404, "model_not_found");
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        r#"{"model":"default","messages":[]}"#.into(),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        r#"{"model":"default","messages":[{"role":"wizard","content":"x"}]}"#.into(),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        r#"{"model":"default","messages":[{"role":"user","content":"x"}],"temperature":7}"#.into(),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/completions",
+        r#"{"model":"default","prompt":"x","n":3}"#.into(),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    let long = "word ".repeat(1000);
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        chat_body(&long, 4, false).to_string().into(),
+    )
+    .await;
+    assert_error(s, &v, 400, "context_length_exceeded");
+    let huge = json!({"model": "default", "prompt": "a".repeat(5 * 1024 * 1024)}).to_string();
+    let (s, v) = post(&c, &n, "/v1/completions", huge.into()).await;
+    assert_error(s, &v, 413, "request_too_large");
+    let resp = c
+        .get(format!("http://{}/v1/nothing", n.http_addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    assert_serves(&c, &n).await;
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_gets_503_with_retry_after() {
+    let n = node(1, 1, None).await;
+    let c = client();
+    let url = format!("http://{}/v1/chat/completions", n.http_addr());
+    // One stream holds the only slot, a second waits in the queue.
+    let health = |field: &'static str, want: u64| {
+        let c = c.clone();
+        let url = format!("http://{}/health", n.http_addr());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let h: Value = c.get(&url).send().await.unwrap().json().await.unwrap();
+                if h[field] == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{field} never reached {want}: {h}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let running = c
+        .post(&url)
+        .json(&chat_body("Count to a thousand.", 200, true))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    health("slots_busy", 1).await;
+    let waiting = tokio::spawn({
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            c.post(&url)
+                .json(&chat_body("Hi", 2, false))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    health("queue_depth", 1).await;
+    let resp = c
+        .post(&url)
+        .json(&chat_body("Hi", 2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "queue_full");
+    drop(running);
+    assert_eq!(waiting.await.unwrap(), 200);
+    assert_serves(&c, &n).await;
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_required_when_set() {
+    let n = node(1, 4, Some("s3cret")).await;
+    let c = client();
+    let url = format!("http://{}/v1/chat/completions", n.http_addr());
+    let r = c
+        .post(&url)
+        .json(&chat_body("Hi", 2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = c
+        .post(&url)
+        .bearer_auth("wrong")
+        .json(&chat_body("Hi", 2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let r = c
+        .post(&url)
+        .bearer_auth("s3cret")
+        .json(&chat_body("Hi", 2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = c
+        .get(format!("http://{}/v1/models", n.http_addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_stream_frees_the_slot() {
+    let n = node(1, 4, None).await;
+    let c = client();
+    let url = format!("http://{}/v1/chat/completions", n.http_addr());
+    let health = || async {
+        let h: Value = c
+            .get(format!("http://{}/health", n.http_addr()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        h
+    };
+    let resp = c
+        .post(&url)
+        .json(&chat_body(
+            "Write a very long essay about the sea.",
+            500,
+            true,
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = 0;
+    while seen < 5 {
+        let chunk = body.next().await.unwrap().unwrap();
+        seen += String::from_utf8_lossy(&chunk).matches("data:").count();
+    }
+    assert_eq!(health().await["slots_busy"], 1);
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health().await["slots_busy"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "slot never freed after disconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let m = c
+        .get(format!("http://{}/metrics", n.http_addr()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("hypha_requests_cancelled_total 1"), "{m}");
+    // The same for a non-streaming request whose client gives up.
+    let slow = c
+        .post(&url)
+        .timeout(Duration::from_millis(300))
+        .json(&chat_body(
+            "Write a very long essay about the sea.",
+            500,
+            false,
+        ))
+        .send()
+        .await;
+    assert!(slow.is_err(), "request should have timed out");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health().await["slots_busy"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "slot never freed after a non-streaming client left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_serves(&c, &n).await;
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_tokens_and_latency() {
+    let n = node(2, 4, None).await;
+    let c = client();
+    assert_serves(&c, &n).await;
+    let (s, _) = post(&c, &n, "/v1/chat/completions", "{".into()).await;
+    assert_eq!(s, 400);
+    let m = c
+        .get(format!("http://{}/metrics", n.http_addr()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "hypha_requests_total{endpoint=\"chat_completions\",status=\"200\"} 1",
+        "hypha_requests_total{endpoint=\"chat_completions\",status=\"400\"} 1",
+        "hypha_completion_tokens_total 4",
+        "hypha_time_to_first_token_seconds_count 1",
+        "hypha_inter_token_seconds_count 3",
+        "hypha_slots_total 2",
+        "hypha_queue_depth 0",
+    ] {
+        assert!(m.contains(needle), "missing {needle:?} in\n{m}");
+    }
+    n.stop().await.unwrap();
+}

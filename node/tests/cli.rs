@@ -1,0 +1,294 @@
+//! The `hypha` binary as a user runs it: `model pull` against a local HTTP
+//! server (interrupted download resumed, bad hash refused), `model list`,
+//! and `hypha chat` against a running node.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hypha_engine::EngineConfig;
+use hypha_node::{Node, NodeConfig};
+use serde_json::{json, Value};
+
+const HYPHA: &str = env!("CARGO_BIN_EXE_hypha");
+
+fn test_model() -> PathBuf {
+    if let Some(p) = std::env::var_os("HYPHA_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let dir = std::env::var_os("HYPHA_MODELS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hypha/models")))
+        .expect("HOME or HYPHA_MODELS_DIR must be set");
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "test model missing at {}: run .ci/run",
+        p.display()
+    );
+    p
+}
+
+struct FileServer {
+    data: Vec<u8>,
+    /// Cut the next full (non-range) response halfway.
+    cut_next: AtomicBool,
+    ranges: Mutex<Vec<Option<String>>>,
+}
+
+async fn serve_file(State(s): State<Arc<FileServer>>, headers: HeaderMap) -> Response {
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    s.ranges.lock().unwrap().push(range.clone());
+    let total = s.data.len();
+    if let Some(r) = range {
+        let start: usize = r
+            .strip_prefix("bytes=")
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|n| n.parse().ok())
+            .expect("open-ended range");
+        if start >= total {
+            return StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+        }
+        let body = s.data[start..].to_vec();
+        return Response::builder()
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{total}", total - 1),
+            )
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .unwrap();
+    }
+    if s.cut_next.swap(false, Ordering::SeqCst) {
+        // Promise the whole file, send half, then break the connection.
+        let half = bytes::Bytes::copy_from_slice(&s.data[..total / 2]);
+        let stream = futures_util::stream::iter(vec![
+            Ok(half),
+            Err(std::io::Error::other("connection cut by the test")),
+        ]);
+        return Response::builder()
+            .header(header::CONTENT_LENGTH, total)
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    Response::builder()
+        .header(header::CONTENT_LENGTH, total)
+        .body(Body::from(s.data.clone()))
+        .unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_resumes_after_interruption_and_checks_the_hash() {
+    // A 3 MiB "model": pseudo-random bytes, so a misplaced chunk changes the hash.
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let data: Vec<u8> = (0..3 * 1024 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let hash = sha256_hex(&data);
+    let server = Arc::new(FileServer {
+        data: data.clone(),
+        cut_next: AtomicBool::new(true),
+        ranges: Mutex::new(Vec::new()),
+    });
+    let app = Router::new()
+        .route("/files/tiny.gguf", get(serve_file))
+        .route("/files/other.gguf", get(serve_file))
+        .with_state(server.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("http://{addr}/files/tiny.gguf");
+    let pull = |url: String, sha: String| {
+        let cache = cache.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            Command::new(HYPHA)
+                .args(["model", "pull", &url, "--sha256", &sha])
+                .env("HYPHA_MODELS_DIR", &cache)
+                .output()
+                .unwrap()
+        })
+    };
+
+    let first = pull(url.clone(), hash.clone()).await.unwrap();
+    assert!(!first.status.success(), "the cut download must fail");
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        err.contains("interrupted") && err.contains("resume"),
+        "{err}"
+    );
+    let part = cache.path().join("tiny.gguf.part");
+    let have = std::fs::metadata(&part).unwrap().len();
+    assert_eq!(have as usize, data.len() / 2);
+    assert!(!cache.path().join("tiny.gguf").exists());
+
+    let second = pull(url.clone(), hash.clone()).await.unwrap();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(
+        server.ranges.lock().unwrap().last().unwrap().as_deref(),
+        Some(format!("bytes={have}-").as_str()),
+        "the second pull must resume with a range request"
+    );
+    let got = std::fs::read(cache.path().join("tiny.gguf")).unwrap();
+    assert!(got == data, "resumed file differs from the original");
+    assert!(!part.exists());
+
+    // A wrong hash is refused and leaves nothing in the cache.
+    let wrong = "0".repeat(64);
+    let bad = pull(format!("http://{addr}/files/other.gguf"), wrong)
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("sha256 mismatch"), "{err}");
+    assert!(!cache.path().join("other.gguf").exists());
+    assert!(!cache.path().join("other.gguf.part").exists());
+
+    let list = Command::new(HYPHA)
+        .args(["model", "list"])
+        .env("HYPHA_MODELS_DIR", cache.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&list.stdout);
+    assert!(out.contains("tiny") && !out.contains("other"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_replies_and_keeps_the_conversation() {
+    let mut engine = EngineConfig::new(test_model());
+    engine.parallel = 2;
+    engine.ctx_per_slot = 1024;
+    engine.threads = 1;
+    let node = Node::start(NodeConfig {
+        engine,
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        api_key: None,
+        model_aliases: vec![],
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", node.http_addr());
+    let model = node.engine().info().name.clone();
+    let c = hypha_node::models::http_client().unwrap();
+    // Prompt tokens of one message sent as a fresh conversation.
+    let cost = |content: &'static str| {
+        let (c, base, model) = (c.clone(), base.clone(), model.clone());
+        async move {
+            let v: Value = c
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&json!({"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["usage"]["prompt_tokens"].as_u64().unwrap()
+        }
+    };
+    let prompt_tokens_total = || {
+        let (c, base) = (c.clone(), base.clone());
+        async move {
+            let m = c
+                .get(format!("{base}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            m.lines()
+                .find_map(|l| l.strip_prefix("hypha_prompt_tokens_total "))
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        }
+    };
+    let first = cost("What is the capital of France?").await;
+    let probe = cost("(conversation test)").await;
+    let hi = cost("Hi").await;
+    let before = prompt_tokens_total().await;
+
+    let input =
+        "What is the capital of France?\n/model\n/clear\n(conversation test)\nHi\nHi\n/quit\n";
+    let b = base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(HYPHA)
+            .args([
+                "chat",
+                "--url",
+                &b,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "16",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Paris"), "{text}");
+    assert!(
+        text.contains("current model: SmolLM2-135M-Instruct.Q4_1"),
+        "{text}"
+    );
+    assert!(text.contains("(conversation cleared)"), "{text}");
+
+    // Four turns were sent: the first alone, then /clear, then three turns
+    // of one conversation. Had the history been dropped, the two "Hi" turns
+    // would cost 2 * hi; kept, each carries the earlier turns and replies.
+    let chat_total = prompt_tokens_total().await - before;
+    assert!(chat_total >= first + probe, "{chat_total}");
+    let his = chat_total - first - probe;
+    assert!(
+        his > 2 * hi + probe,
+        "history was not kept: the two \"Hi\" turns cost {his} prompt tokens (fresh: {hi} each)"
+    );
+    node.stop().await.unwrap();
+}
