@@ -146,10 +146,28 @@ async fn stream_reply(
     if let Some(t) = opts.temperature {
         body["temperature"] = json!(t);
     }
+    let reply = stream_to_stdout(client, base, opts.api_key.as_deref(), &body).await?;
+    Ok(reply.text)
+}
+
+/// What a streamed chat completion returned.
+pub struct StreamedReply {
+    pub text: String,
+    /// The `usage` object, when the server sent one.
+    pub usage: Option<Value>,
+}
+
+/// Sends a streaming chat request and prints the reply as it arrives.
+pub async fn stream_to_stdout(
+    client: &reqwest::Client,
+    base: &str,
+    api_key: Option<&str>,
+    body: &Value,
+) -> anyhow::Result<StreamedReply> {
     let mut req = client
         .post(format!("{base}/v1/chat/completions"))
-        .json(&body);
-    if let Some(k) = &opts.api_key {
+        .json(body);
+    if let Some(k) = api_key {
         req = req.bearer_auth(k);
     }
     let resp = req.send().await.context("request failed")?;
@@ -159,7 +177,10 @@ async fn stream_reply(
         bail!("{}", error_message(&body, status));
     }
     let mut reader = SseReader::default();
-    let mut reply = String::new();
+    let mut reply = StreamedReply {
+        text: String::new(),
+        usage: None,
+    };
     let mut stream = resp.bytes_stream();
     let mut out = std::io::stdout();
     while let Some(chunk) = stream.next().await {
@@ -175,7 +196,10 @@ async fn stream_reply(
             if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
                 write!(out, "{t}")?;
                 out.flush()?;
-                reply.push_str(t);
+                reply.text.push_str(t);
+            }
+            if v.get("usage").is_some_and(|u| !u.is_null()) {
+                reply.usage = Some(v["usage"].clone());
             }
         }
     }

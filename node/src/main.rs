@@ -23,6 +23,21 @@ struct Cli {
 enum Cmd {
     /// Run a node: load a model and serve the OpenAI API.
     Up(UpArgs),
+    /// Start a node on the default model, stream one chat completion through
+    /// its API, then keep serving (or exit with --exit).
+    Demo {
+        #[command(flatten)]
+        up: UpArgs,
+        /// The question to ask.
+        #[arg(
+            long,
+            default_value = "What is the capital of France? Answer in one sentence."
+        )]
+        ask: String,
+        /// Stop after the completion instead of serving on.
+        #[arg(long)]
+        exit: bool,
+    },
     /// Manage the model cache.
     Model {
         #[command(subcommand)]
@@ -143,6 +158,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -153,7 +169,22 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Up(a) => up(a).await,
+        Cmd::Up(a) => {
+            let node = start_node(a).await?;
+            serve(node).await
+        }
+        Cmd::Demo { up, ask, exit } => {
+            let node = start_node(up).await?;
+            demo(&node, &ask).await?;
+            if exit {
+                return node.stop().await;
+            }
+            eprintln!(
+                "\nhypha: the node keeps serving; point any OpenAI client at http://{}/v1 (Ctrl-C stops it)",
+                node.http_addr()
+            );
+            serve(node).await
+        }
         Cmd::Model { cmd } => match cmd {
             ModelCmd::Pull {
                 source,
@@ -239,7 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(a: UpArgs) -> anyhow::Result<()> {
+async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     let model_path: PathBuf = hypha_node::resolve_model(&a.model)
         .await
         .with_context(|| format!("cannot find model {:?}", a.model))?;
@@ -273,9 +304,45 @@ async fn up(a: UpArgs) -> anyhow::Result<()> {
         info.device,
         node.http_addr()
     );
+    Ok(node)
+}
+
+async fn serve(node: Node) -> anyhow::Result<()> {
     node.run_until(async {
         let _ = tokio::signal::ctrl_c().await;
         eprintln!("hypha: shutting down");
     })
     .await
+}
+
+/// Sends one streaming chat completion to the node's own HTTP API, the way
+/// any OpenAI client would, and reports what it measured.
+async fn demo(node: &Node, ask: &str) -> anyhow::Result<()> {
+    let client = models::http_client()?;
+    let base = format!("http://{}", node.http_addr());
+    let model = node.engine().info().name.clone();
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": ask}],
+        "temperature": 0,
+        "max_tokens": 128,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    println!("POST {base}/v1/chat/completions\n> {ask}");
+    let started = std::time::Instant::now();
+    let reply = chat::stream_to_stdout(&client, &base, None, &body).await?;
+    let elapsed = started.elapsed();
+    println!();
+    if let Some(u) = reply.usage {
+        let completion = u["completion_tokens"].as_u64().unwrap_or(0);
+        println!(
+            "usage: {} prompt + {} completion tokens in {:.2} s ({:.0} tokens/s end to end)",
+            u["prompt_tokens"],
+            completion,
+            elapsed.as_secs_f64(),
+            completion as f64 / elapsed.as_secs_f64()
+        );
+    }
+    Ok(())
 }
