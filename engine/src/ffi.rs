@@ -548,6 +548,22 @@ impl Context {
         }
     }
 
+    /// Makes `dst` start with the first `n` KV cells of `src`. With separate
+    /// KV streams llama.cpp copies the whole stream buffer at the next
+    /// decode (a memcpy, far cheaper than recomputing a prompt), then the
+    /// cells past `n` are dropped from `dst`. `dst` must be empty.
+    pub fn copy_prefix(&mut self, src: i32, dst: i32, n: usize) {
+        let n = i32::try_from(n).unwrap_or(i32::MAX);
+        // SAFETY: valid context; both ids are below n_seq_max (slot
+        // indices) and the whole-sequence copy (p0 = p1 = -1) is the form
+        // llama.cpp supports across streams.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            sys::llama_memory_seq_cp(mem, src, dst, -1, -1);
+            sys::llama_memory_seq_rm(mem, dst, n, -1);
+        }
+    }
+
     /// Forgets every KV cell of sequence `seq`.
     pub fn clear_seq(&mut self, seq: i32) {
         // SAFETY: valid context; removing a whole sequence never fails.

@@ -16,7 +16,7 @@ mod sched;
 pub mod text;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,6 +36,10 @@ pub const DEFAULT_BATCH_TOKENS: u32 = 512;
 /// Prompt tokens one request may feed in one step, so a long prompt does not
 /// stall the streams already generating.
 pub const DEFAULT_PROMPT_CHUNK_TOKENS: u32 = 256;
+/// A shared prompt prefix shorter than this is recomputed rather than copied
+/// from another slot: copying moves the whole KV stream, which only pays off
+/// for a few tokens' worth of compute.
+pub const MIN_SHARED_PREFIX_TOKENS: usize = 8;
 
 /// Errors from loading, configuring or running the engine.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -369,6 +373,8 @@ impl Generation {
 pub struct EngineStats {
     pub queued: AtomicUsize,
     pub slots_busy: AtomicUsize,
+    /// Prompt tokens whose KV was copied from another slot, not computed.
+    pub prompt_tokens_reused: AtomicU64,
 }
 
 /// A running engine. Cheap to clone; the decode thread stops when the last

@@ -9,6 +9,13 @@
 //!    left, so a long prompt is spread over several steps and never stalls
 //!    the streams already running;
 //! 5. decode, then sample each slot that asked for logits and stream out.
+//!
+//! Shared prefixes: a new request whose prompt starts with at least
+//! `MIN_SHARED_PREFIX_TOKENS` of a running slot's prompt (a common system
+//! prompt, or the same question asked many times) copies those KV cells from
+//! that slot instead of computing them. If the source has not computed them
+//! yet, the new slot waits for it: eight identical prompts arriving together
+//! cost one prompt pass, not eight.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -20,7 +27,9 @@ use tokio::sync::mpsc::Sender;
 
 use crate::ffi::{Batch, Context, Model, Sampler, SamplerSpec, Token};
 use crate::text::{StopMatcher, StopScan, Utf8Buf};
-use crate::{EngineStats, Error, Event, Finish, FinishReason, GenerateRequest};
+use crate::{
+    EngineStats, Error, Event, Finish, FinishReason, GenerateRequest, MIN_SHARED_PREFIX_TOKENS,
+};
 
 pub struct Job {
     pub req: GenerateRequest,
@@ -55,7 +64,18 @@ struct Slot {
     tx: Sender<Event>,
     /// Batch index of this slot's logits in the current step.
     logits_at: Option<i32>,
+    /// Distinguishes this job from earlier and later ones in the same slot.
+    job_id: u64,
+    /// Copy leading KV cells from another job's slot before feeding.
+    share: Option<Share>,
     piece: Vec<u8>,
+}
+
+#[derive(Clone, Copy)]
+struct Share {
+    slot: usize,
+    job_id: u64,
+    n_tokens: usize,
 }
 
 pub struct Scheduler {
@@ -66,6 +86,7 @@ pub struct Scheduler {
     slots: Vec<Option<Slot>>,
     waiting: VecDeque<Job>,
     stats: Arc<EngineStats>,
+    next_job_id: u64,
 }
 
 impl Scheduler {
@@ -80,6 +101,7 @@ impl Scheduler {
             slots,
             waiting: VecDeque::new(),
             stats,
+            next_job_id: 0,
         }
     }
 
@@ -153,6 +175,8 @@ impl Scheduler {
                 waited_ms = job.enqueued_at.elapsed().as_millis() as u64,
                 "admitted"
             );
+            let share = self.best_shared_prefix(&job.req.prompt);
+            self.next_job_id += 1;
             let room = self.limits.ctx_per_slot as usize - job.req.prompt.len();
             let max_tokens = job.req.max_tokens.map_or(room, |m| (m as usize).min(room)) as u32;
             self.slots[free] = Some(Slot {
@@ -169,13 +193,75 @@ impl Scheduler {
                 stop: StopMatcher::new(&job.req.stop),
                 tx: job.tx,
                 logits_at: None,
+                job_id: self.next_job_id,
+                share,
                 piece: Vec::with_capacity(64),
             });
             self.stats.slots_busy.fetch_add(1, Ordering::AcqRel);
         }
     }
 
+    /// The running slot sharing the longest prompt prefix with `prompt`, and
+    /// how many tokens to copy (never the last one: its logits are needed).
+    fn best_shared_prefix(&self, prompt: &[Token]) -> Option<Share> {
+        let mut best: Option<Share> = None;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Some(slot) = slot else { continue };
+            if slot.share.is_some() {
+                continue;
+            }
+            let common = slot
+                .prompt
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len() - 1);
+            if common >= MIN_SHARED_PREFIX_TOKENS && best.is_none_or(|b| common > b.n_tokens) {
+                best = Some(Share {
+                    slot: i,
+                    job_id: slot.job_id,
+                    n_tokens: common,
+                });
+            }
+        }
+        best
+    }
+
+    /// Performs the prefix copies whose source has computed enough.
+    fn copy_shared_prefixes(&mut self) {
+        for i in 0..self.slots.len() {
+            let Some(share) = self.slots[i].as_ref().and_then(|s| s.share) else {
+                continue;
+            };
+            let source_fed = self.slots[share.slot]
+                .as_ref()
+                .filter(|s| s.job_id == share.job_id)
+                .map(|s| s.fed);
+            let ready = match source_fed {
+                Some(fed) if fed >= share.n_tokens => true,
+                Some(_) => continue,
+                // The source finished or was cancelled: compute the prompt.
+                None => false,
+            };
+            let Some(slot) = self.slots[i].as_mut() else {
+                continue;
+            };
+            slot.share = None;
+            if ready {
+                self.ctx
+                    .copy_prefix(share.slot as i32, slot.seq, share.n_tokens);
+                slot.fed = share.n_tokens;
+                slot.n_past = share.n_tokens;
+                self.stats
+                    .prompt_tokens_reused
+                    .fetch_add(share.n_tokens as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn step(&mut self) {
+        self.copy_shared_prefixes();
         self.batch.clear();
         // Generating slots first: one token each, always fits because the
         // batch holds at least `parallel` tokens.
@@ -187,7 +273,7 @@ impl Scheduler {
         }
         // Then prompt chunks, oldest slot order, while room is left.
         for slot in self.slots.iter_mut().flatten() {
-            if slot.next_token.is_some() || slot.fed >= slot.prompt.len() {
+            if slot.next_token.is_some() || slot.fed >= slot.prompt.len() || slot.share.is_some() {
                 continue;
             }
             let room = self.batch.remaining();

@@ -377,3 +377,71 @@ fn missing_and_corrupt_models_are_clear_errors() {
     assert!(matches!(err, Error::ModelLoad { .. }), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn shared_prompt_prefixes_are_copied_and_change_nothing() {
+    let system = "You are a careful assistant for a lighthouse museum. Answer visitors' questions \
+                  about lighthouses, ships and the sea in one or two friendly sentences.";
+    let questions = [
+        "What is a lighthouse?",
+        "Why are lighthouses tall?",
+        "What is a fog horn?",
+        "What is a lighthouse?",
+    ];
+    let prompt = |e: &Engine, q: &str| {
+        let text = e
+            .apply_chat_template(&[
+                ChatMessage {
+                    role: "system".into(),
+                    content: system.into(),
+                },
+                ChatMessage {
+                    role: "user".into(),
+                    content: q.into(),
+                },
+            ])
+            .unwrap();
+        e.tokenize(&text).unwrap()
+    };
+    // Alone: one slot, so nothing can be shared.
+    let solo = engine(1, 512, 8);
+    let alone: Vec<_> = questions
+        .iter()
+        .map(|q| run(&solo, req(prompt(&solo, q), 24)).ids)
+        .collect();
+    assert_eq!(solo.stats().prompt_tokens_reused.load(Ordering::Relaxed), 0);
+
+    let e = engine(4, 512, 8);
+    let prompts: Vec<_> = questions.iter().map(|q| prompt(&e, q)).collect();
+    // Submit all before reading, so they are admitted together.
+    let mut gens: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(req(p.clone(), 24)).unwrap())
+        .collect();
+    let together: Vec<Vec<i32>> = gens
+        .iter_mut()
+        .map(|g| {
+            let mut ids = Vec::new();
+            loop {
+                match g.blocking_next().unwrap() {
+                    Event::Token { id, .. } => ids.push(id),
+                    Event::Done { .. } => return ids,
+                    Event::Failed(err) => panic!("{err}"),
+                }
+            }
+        })
+        .collect();
+    assert_eq!(together, alone);
+    let reused = e.stats().prompt_tokens_reused.load(Ordering::Relaxed) as usize;
+    let shared = prompts[0]
+        .iter()
+        .zip(&prompts[1])
+        .take_while(|(a, b)| a == b)
+        .count();
+    // Three prompts copy at least the shared system prompt; the repeated
+    // question copies all but its last token.
+    assert!(
+        reused >= 2 * shared + prompts[3].len() - 1,
+        "reused {reused} tokens; shared prefix is {shared}"
+    );
+}

@@ -255,6 +255,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         queue_depth: stats.queued.load(Ordering::Relaxed),
         slots_busy: stats.slots_busy.load(Ordering::Relaxed),
         slots_total: st.engine.info().parallel,
+        prompt_tokens_reused: stats.prompt_tokens_reused.load(Ordering::Relaxed),
     });
     (
         [(

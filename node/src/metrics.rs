@@ -92,6 +92,7 @@ pub struct Gauges {
     pub queue_depth: usize,
     pub slots_busy: usize,
     pub slots_total: u32,
+    pub prompt_tokens_reused: u64,
 }
 
 impl Metrics {
@@ -130,6 +131,12 @@ impl Metrics {
             "hypha_completion_tokens_total",
             "Tokens generated.",
             self.completion_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_prompt_tokens_reused_total",
+            "Prompt tokens whose KV was copied from a shared prefix instead of computed.",
+            g.prompt_tokens_reused,
         );
         counter(
             &mut out,
@@ -186,6 +193,7 @@ mod tests {
             queue_depth: 3,
             slots_busy: 2,
             slots_total: 8,
+            prompt_tokens_reused: 0,
         });
         assert!(text.contains("hypha_time_to_first_token_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("hypha_time_to_first_token_seconds_bucket{le=\"0.5\"} 2"));
