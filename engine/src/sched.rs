@@ -5,9 +5,9 @@
 //! 2. drop slots whose client went away, freeing their KV cells;
 //! 3. admit waiting jobs into free slots;
 //! 4. build one batch: one token for every generating slot first, then
-//!    prompt chunks (at most `prompt_chunk_tokens` per slot) while room is
-//!    left, so a long prompt is spread over several steps and never stalls
-//!    the streams already running;
+//!    prompt tokens while room is left; while any stream is generating, at
+//!    most `prompt_chunk_tokens` prompt tokens per step, so a long prompt is
+//!    spread over several steps and never stalls the streams already running;
 //! 5. decode, then sample each slot that asked for logits and stream out.
 //!
 //! Shared prefixes: a new request whose prompt starts with at least
@@ -271,18 +271,27 @@ impl Scheduler {
                 slot.logits_at = Some(self.batch.push(tok, slot.n_past as i32, slot.seq, true));
             }
         }
-        // Then prompt chunks, oldest slot order, while room is left.
+        // Then prompt chunks while room is left. While other streams are
+        // generating, prompts get at most `prompt_chunk_tokens` per step, so
+        // a long prompt delays each running stream by one small chunk at a
+        // time; with nobody waiting on a token, prompts fill the batch.
+        let generating = !self.batch.is_empty();
+        let mut prompt_budget = if generating {
+            self.limits.prompt_chunk_tokens as usize
+        } else {
+            usize::MAX
+        };
         for slot in self.slots.iter_mut().flatten() {
             if slot.next_token.is_some() || slot.fed >= slot.prompt.len() || slot.share.is_some() {
                 continue;
             }
-            let room = self.batch.remaining();
-            if room == 0 {
+            let chunk = (slot.prompt.len() - slot.fed)
+                .min(self.batch.remaining())
+                .min(prompt_budget);
+            if chunk == 0 {
                 break;
             }
-            let chunk = (slot.prompt.len() - slot.fed)
-                .min(room)
-                .min(self.limits.prompt_chunk_tokens as usize);
+            prompt_budget -= chunk;
             slot.feeding = chunk;
             for k in 0..chunk {
                 let idx = slot.fed + k;

@@ -247,20 +247,65 @@ fn stop_string_across_token_boundary_is_not_emitted() {
 }
 
 #[test]
-fn long_prompt_in_chunks_matches_single_chunk() {
+fn long_prompt_is_chunked_around_running_streams_and_changes_nothing() {
     let story = "The lighthouse keeper climbed the stairs every evening. ".repeat(60);
-    let run_with_chunk = |chunk: u32| {
-        let mut cfg = EngineConfig::new(test_model());
-        cfg.parallel = 2;
-        cfg.ctx_per_slot = 1024;
-        cfg.threads = 1;
-        cfg.prompt_chunk_tokens = chunk;
-        let e = Engine::start(cfg).unwrap();
-        let p = chat_prompt(&e, &format!("{story}\nSummarise this in one sentence."));
-        assert!(p.len() > 500, "prompt should span several chunks");
-        run(&e, req(p, 16)).ids
-    };
-    assert_eq!(run_with_chunk(64), run_with_chunk(512));
+    let long_question = format!("{story}\nSummarise this in one sentence.");
+    let mut cfg = EngineConfig::new(test_model());
+    cfg.parallel = 2;
+    cfg.ctx_per_slot = 1024;
+    cfg.threads = 1;
+    cfg.prompt_chunk_tokens = 64;
+    let solo = Engine::start(cfg.clone()).unwrap();
+    let long = chat_prompt(&solo, &long_question);
+    assert!(long.len() > 500, "prompt should span several chunks");
+    let expected = run(&solo, req(long.clone(), 16)).ids;
+    drop(solo);
+
+    let e = Engine::start(cfg).unwrap();
+    let mut running = e
+        .submit(req(
+            chat_prompt(&e, "Write a long essay about the sea."),
+            200,
+        ))
+        .unwrap();
+    assert!(matches!(running.blocking_next(), Some(Event::Token { .. })));
+    let times = std::thread::spawn(move || {
+        let mut times = Vec::new();
+        while let Some(ev) = running.blocking_next() {
+            if matches!(ev, Event::Token { .. }) {
+                times.push(Instant::now());
+            }
+        }
+        times
+    });
+    let submitted = Instant::now();
+    let mut g = e.submit(req(long, 16)).unwrap();
+    let mut ids = Vec::new();
+    let mut first_at = None;
+    loop {
+        match g.blocking_next().unwrap() {
+            Event::Token { id, .. } => {
+                first_at.get_or_insert_with(Instant::now);
+                ids.push(id);
+            }
+            Event::Done { .. } => break,
+            Event::Failed(err) => panic!("{err}"),
+        }
+    }
+    assert_eq!(ids, expected, "chunked prompt changed the output");
+    let first_at = first_at.unwrap();
+    let during = times
+        .join()
+        .unwrap()
+        .into_iter()
+        .filter(|t| *t > submitted && *t < first_at)
+        .count();
+    // About one chunk per step: the running stream keeps getting tokens
+    // while the long prompt is read.
+    assert!(
+        during >= 5,
+        "running stream got only {during} tokens during the long prompt"
+    );
 }
 
 #[test]

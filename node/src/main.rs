@@ -106,7 +106,7 @@ struct UpArgs {
     /// Most tokens decoded in one step.
     #[arg(long, default_value_t = hypha_engine::DEFAULT_BATCH_TOKENS)]
     batch_size: u32,
-    /// Most prompt tokens one request feeds per step.
+    /// Prompt tokens per decode step while other streams are generating.
     #[arg(long, default_value_t = hypha_engine::DEFAULT_PROMPT_CHUNK_TOKENS)]
     prompt_chunk: u32,
     /// Require `Authorization: Bearer KEY` on /v1 requests.
