@@ -155,6 +155,9 @@ pub struct StreamedReply {
     pub text: String,
     /// The `usage` object, when the server sent one.
     pub usage: Option<Value>,
+    /// When the first and the last piece of text arrived.
+    pub first_text_at: Option<std::time::Instant>,
+    pub last_text_at: Option<std::time::Instant>,
 }
 
 /// Sends a streaming chat request and prints the reply as it arrives.
@@ -180,6 +183,8 @@ pub async fn stream_to_stdout(
     let mut reply = StreamedReply {
         text: String::new(),
         usage: None,
+        first_text_at: None,
+        last_text_at: None,
     };
     let mut stream = resp.bytes_stream();
     let mut out = std::io::stdout();
@@ -193,10 +198,16 @@ pub async fn stream_to_stdout(
             if v.get("error").is_some() {
                 bail!("{}", error_message(&v, status));
             }
-            if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            if let Some(t) = v["choices"][0]["delta"]["content"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+            {
                 write!(out, "{t}")?;
                 out.flush()?;
                 reply.text.push_str(t);
+                let now = std::time::Instant::now();
+                reply.first_text_at.get_or_insert(now);
+                reply.last_text_at = Some(now);
             }
             if v.get("usage").is_some_and(|u| !u.is_null()) {
                 reply.usage = Some(v["usage"].clone());

@@ -332,16 +332,27 @@ async fn demo(node: &Node, ask: &str) -> anyhow::Result<()> {
     println!("POST {base}/v1/chat/completions\n> {ask}");
     let started = std::time::Instant::now();
     let reply = chat::stream_to_stdout(&client, &base, None, &body).await?;
-    let elapsed = started.elapsed();
     println!();
-    if let Some(u) = reply.usage {
-        let completion = u["completion_tokens"].as_u64().unwrap_or(0);
+    let completion = reply
+        .usage
+        .as_ref()
+        .and_then(|u| u["completion_tokens"].as_u64())
+        .unwrap_or(0);
+    let prompt = reply
+        .usage
+        .as_ref()
+        .and_then(|u| u["prompt_tokens"].as_u64())
+        .unwrap_or(0);
+    if let (Some(first), Some(last)) = (reply.first_text_at, reply.last_text_at) {
+        let decode = (last - first).as_secs_f64();
+        let rate = if decode > 0.0 && completion > 1 {
+            format!("{:.0} tokens/s", (completion - 1) as f64 / decode)
+        } else {
+            "-".to_owned()
+        };
         println!(
-            "usage: {} prompt + {} completion tokens in {:.2} s ({:.0} tokens/s end to end)",
-            u["prompt_tokens"],
-            completion,
-            elapsed.as_secs_f64(),
-            completion as f64 / elapsed.as_secs_f64()
+            "usage: {prompt} prompt + {completion} completion tokens; first token after {:.0} ms; decode {rate}",
+            (first - started).as_secs_f64() * 1e3
         );
     }
     Ok(())
