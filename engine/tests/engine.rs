@@ -490,3 +490,51 @@ fn shared_prompt_prefixes_are_copied_and_change_nothing() {
         "reused {reused} tokens; shared prefix is {shared}"
     );
 }
+
+#[test]
+fn devices_are_listed_and_a_missing_gpu_is_a_clear_error() {
+    let devices = hypha_engine::list_devices(&[]).unwrap();
+    assert!(
+        devices
+            .iter()
+            .any(|d| d.kind == hypha_engine::DeviceKind::Cpu),
+        "no CPU device in {devices:?}"
+    );
+    let has_cuda = devices
+        .iter()
+        .any(|d| d.backend.to_ascii_lowercase().starts_with("cuda"));
+    let mut cfg = EngineConfig::new(test_model());
+    cfg.parallel = 1;
+    cfg.ctx_per_slot = 256;
+    cfg.threads = 1;
+    cfg.device = "cuda".parse().unwrap();
+    match Engine::start(cfg.clone()) {
+        Ok(e) => assert!(
+            has_cuda && e.info().device.starts_with("CUDA"),
+            "{}",
+            e.info().device
+        ),
+        Err(Error::DeviceUnavailable { wanted, found }) => {
+            assert!(!has_cuda);
+            assert_eq!(wanted, "cuda");
+            assert!(found.contains("CPU"), "{found}");
+        }
+        Err(other) => panic!("unexpected error {other}"),
+    }
+    // auto falls back to the CPU when there is no GPU, and says so.
+    cfg.device = "auto".parse().unwrap();
+    let e = Engine::start(cfg).unwrap();
+    let gpu = devices.iter().any(|d| {
+        matches!(
+            d.kind,
+            hypha_engine::DeviceKind::Gpu | hypha_engine::DeviceKind::IntegratedGpu
+        )
+    });
+    assert_eq!(
+        e.info().device.starts_with("CPU"),
+        !gpu,
+        "{}",
+        e.info().device
+    );
+    assert!("quantum".parse::<hypha_engine::DeviceChoice>().is_err());
+}
