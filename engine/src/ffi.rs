@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use llama_cpp_sys_2 as sys;
 
-use crate::{ChatMessage, DeviceChoice, Error, GpuLayers};
+use crate::{ChatMessage, DeviceChoice, Error, GpuLayers, SamplingParams};
 
 pub type Token = sys::llama_token;
 
@@ -648,20 +648,6 @@ impl Drop for Batch {
     }
 }
 
-/// Sampling settings for one request.
-#[derive(Debug, Clone)]
-pub struct SamplerSpec {
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: i32,
-    pub min_p: f32,
-    pub repeat_penalty: f32,
-    pub frequency_penalty: f32,
-    pub presence_penalty: f32,
-    pub penalty_last_n: i32,
-    pub seed: u32,
-}
-
 /// A llama.cpp sampler chain.
 pub struct Sampler {
     ptr: NonNull<sys::llama_sampler>,
@@ -671,7 +657,10 @@ pub struct Sampler {
 unsafe impl Send for Sampler {}
 
 impl Sampler {
-    pub fn new(spec: &SamplerSpec, n_vocab: i32) -> Result<Self, Error> {
+    /// Penalties look back over this many tokens.
+    const PENALTY_LAST_N: i32 = 64;
+
+    pub fn new(spec: &SamplingParams, seed: u32, n_vocab: i32) -> Result<Self, Error> {
         // SAFETY: plain struct by value.
         let mut params = unsafe { sys::llama_sampler_chain_default_params() };
         params.no_perf = true;
@@ -689,7 +678,7 @@ impl Sampler {
             if penalised {
                 s.add(sys::llama_sampler_init_penalties(
                     n_vocab,
-                    spec.penalty_last_n,
+                    Self::PENALTY_LAST_N,
                     spec.repeat_penalty,
                     spec.frequency_penalty,
                     spec.presence_penalty,
@@ -708,7 +697,7 @@ impl Sampler {
                     s.add(sys::llama_sampler_init_min_p(spec.min_p, 1))?;
                 }
                 s.add(sys::llama_sampler_init_temp(spec.temperature))?;
-                s.add(sys::llama_sampler_init_dist(spec.seed))?;
+                s.add(sys::llama_sampler_init_dist(seed))?;
             }
         }
         Ok(s)

@@ -240,9 +240,6 @@ impl Default for SamplingParams {
     }
 }
 
-/// Tokens the penalties look back over.
-const PENALTY_LAST_N: i32 = 64;
-
 impl SamplingParams {
     fn validate(&self) -> Result<(), Error> {
         let bad = |what: &str| Err(Error::InvalidRequest(what.to_owned()));
@@ -274,22 +271,11 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn spec(&self) -> ffi::SamplerSpec {
-        let seed = match self.seed {
-            // llama.cpp takes a 32-bit seed; fold the 64-bit one into it.
+    /// The 32-bit seed llama.cpp takes: the request's, folded, or a fresh one.
+    fn resolved_seed(&self) -> u32 {
+        match self.seed {
             Some(s) => (s ^ (s >> 32)) as u32,
             None => fresh_seed(),
-        };
-        ffi::SamplerSpec {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            frequency_penalty: self.frequency_penalty,
-            presence_penalty: self.presence_penalty,
-            penalty_last_n: PENALTY_LAST_N,
-            seed,
         }
     }
 }
@@ -551,7 +537,7 @@ impl Engine {
         let cap = req.max_tokens.unwrap_or(max).min(max) as usize + 2;
         let (tx, rx) = tokio::sync::mpsc::channel(cap);
         let job = sched::Job {
-            sampler: req.sampling.spec(),
+            seed: req.sampling.resolved_seed(),
             req,
             tx,
             enqueued_at: Instant::now(),

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::Sender;
 
-use crate::ffi::{Batch, Context, Model, Sampler, SamplerSpec, Token};
+use crate::ffi::{Batch, Context, Model, Sampler, Token};
 use crate::text::{StopMatcher, StopScan, Utf8Buf};
 use crate::{
     EngineStats, Error, Event, Finish, FinishReason, GenerateRequest, MIN_SHARED_PREFIX_TOKENS,
@@ -33,7 +33,7 @@ use crate::{
 
 pub struct Job {
     pub req: GenerateRequest,
-    pub sampler: SamplerSpec,
+    pub seed: u32,
     pub tx: Sender<Event>,
     pub enqueued_at: Instant,
 }
@@ -163,7 +163,7 @@ impl Scheduler {
                 return;
             };
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
-            let sampler = match Sampler::new(&job.sampler, self.model.n_vocab()) {
+            let sampler = match Sampler::new(&job.req.sampling, job.seed, self.model.n_vocab()) {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = job.tx.try_send(Event::Failed(e));

@@ -2,30 +2,15 @@
 //! OpenAI-style errors and the node keeps serving; a client that leaves
 //! mid-stream frees its slot; metrics and health report what happened.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use hypha_engine::EngineConfig;
 use hypha_node::{Node, NodeConfig};
-use serde_json::{json, Value};
 
-fn test_model() -> PathBuf {
-    if let Some(p) = std::env::var_os("HYPHA_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let dir = std::env::var_os("HYPHA_MODELS_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hypha/models")))
-        .expect("HOME or HYPHA_MODELS_DIR must be set");
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "test model missing at {}: run .ci/run",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::{test_model, wait_health};
+use serde_json::{json, Value};
 
 async fn node(parallel: u32, queue: usize, api_key: Option<&str>) -> Node {
     let mut engine = EngineConfig::new(test_model());
@@ -185,24 +170,7 @@ async fn full_queue_gets_503_with_retry_after() {
     let c = client();
     let url = format!("http://{}/v1/chat/completions", n.http_addr());
     // One stream holds the only slot, a second waits in the queue.
-    let health = |field: &'static str, want: u64| {
-        let c = c.clone();
-        let url = format!("http://{}/health", n.http_addr());
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let h: Value = c.get(&url).send().await.unwrap().json().await.unwrap();
-                if h[field] == want {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{field} never reached {want}: {h}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
+    let base = format!("http://{}", n.http_addr());
     let running = c
         .post(&url)
         .json(&chat_body("Count to a thousand.", 200, true))
@@ -210,7 +178,7 @@ async fn full_queue_gets_503_with_retry_after() {
         .await
         .unwrap()
         .bytes_stream();
-    health("slots_busy", 1).await;
+    wait_health(&c, &base, "slots_busy", 1).await;
     let waiting = tokio::spawn({
         let c = c.clone();
         let url = url.clone();
@@ -224,7 +192,7 @@ async fn full_queue_gets_503_with_retry_after() {
                 .as_u16()
         }
     });
-    health("queue_depth", 1).await;
+    wait_health(&c, &base, "queue_depth", 1).await;
     let resp = c
         .post(&url)
         .json(&chat_body("Hi", 2, false))
@@ -285,17 +253,7 @@ async fn client_leaving_mid_stream_frees_the_slot() {
     let n = node(1, 4, None).await;
     let c = client();
     let url = format!("http://{}/v1/chat/completions", n.http_addr());
-    let health = || async {
-        let h: Value = c
-            .get(format!("http://{}/health", n.http_addr()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        h
-    };
+    let base = format!("http://{}", n.http_addr());
     let resp = c
         .post(&url)
         .json(&chat_body(
@@ -312,16 +270,9 @@ async fn client_leaving_mid_stream_frees_the_slot() {
         let chunk = body.next().await.unwrap().unwrap();
         seen += String::from_utf8_lossy(&chunk).matches("data:").count();
     }
-    assert_eq!(health().await["slots_busy"], 1);
+    wait_health(&c, &base, "slots_busy", 1).await;
     drop(body);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while health().await["slots_busy"] != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "slot never freed after disconnect"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_health(&c, &base, "slots_busy", 0).await;
     let m = c
         .get(format!("http://{}/metrics", n.http_addr()))
         .send()
@@ -343,14 +294,7 @@ async fn client_leaving_mid_stream_frees_the_slot() {
         .send()
         .await;
     assert!(slow.is_err(), "request should have timed out");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while health().await["slots_busy"] != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "slot never freed after a non-streaming client left"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_health(&c, &base, "slots_busy", 0).await;
     assert_serves(&c, &n).await;
     n.stop().await.unwrap();
 }

@@ -3,7 +3,6 @@
 //! and `hypha chat` against a running node.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,26 +15,12 @@ use axum::routing::get;
 use axum::Router;
 use hypha_engine::EngineConfig;
 use hypha_node::{Node, NodeConfig};
+
+mod common;
+use common::test_model;
 use serde_json::{json, Value};
 
 const HYPHA: &str = env!("CARGO_BIN_EXE_hypha");
-
-fn test_model() -> PathBuf {
-    if let Some(p) = std::env::var_os("HYPHA_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let dir = std::env::var_os("HYPHA_MODELS_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hypha/models")))
-        .expect("HOME or HYPHA_MODELS_DIR must be set");
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "test model missing at {}: run .ci/run",
-        p.display()
-    );
-    p
-}
 
 struct FileServer {
     data: Vec<u8>,
