@@ -564,6 +564,17 @@ impl Context {
         }
     }
 
+    /// Keeps the first `n` KV cells of sequence `seq` and forgets the rest.
+    pub fn trim_seq(&mut self, seq: i32, n: usize) {
+        let n = i32::try_from(n).unwrap_or(i32::MAX);
+        // SAFETY: valid context; removing a sequence's tail [n, inf) is
+        // supported for attention KV caches.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            sys::llama_memory_seq_rm(mem, seq, n, -1);
+        }
+    }
+
     /// Forgets every KV cell of sequence `seq`.
     pub fn clear_seq(&mut self, seq: i32) {
         // SAFETY: valid context; removing a whole sequence never fails.

@@ -57,6 +57,8 @@ struct Slot {
     /// The last sampled token, fed in the next step.
     next_token: Option<Token>,
     n_generated: u32,
+    /// Every sampled token; all but the last are in the KV cache.
+    generated: Vec<Token>,
     max_tokens: u32,
     sampler: Sampler,
     utf8: Utf8Buf,
@@ -71,11 +73,22 @@ struct Slot {
     piece: Vec<u8>,
 }
 
+fn common_prefix(a: &[Token], b: &[Token]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 #[derive(Clone, Copy)]
 struct Share {
     slot: usize,
     job_id: u64,
     n_tokens: usize,
+}
+
+/// What an idle slot's KV cells still hold after its request ended.
+struct Cached {
+    tokens: Vec<Token>,
+    /// The id of the job that left it, for least-recently-used eviction.
+    stamp: u64,
 }
 
 pub struct Scheduler {
@@ -84,6 +97,8 @@ pub struct Scheduler {
     batch: Batch,
     limits: Limits,
     slots: Vec<Option<Slot>>,
+    /// Per slot: the tokens its KV cells hold while no request uses it.
+    cached: Vec<Option<Cached>>,
     waiting: VecDeque<Job>,
     stats: Arc<EngineStats>,
     next_job_id: u64,
@@ -93,12 +108,14 @@ impl Scheduler {
     pub fn new(model: Arc<Model>, ctx: Context, limits: Limits, stats: Arc<EngineStats>) -> Self {
         let batch = Batch::new(limits.batch_tokens as usize, limits.parallel as i32);
         let slots = (0..limits.parallel).map(|_| None).collect();
+        let cached = (0..limits.parallel).map(|_| None).collect();
         Self {
             model,
             ctx,
             batch,
             limits,
             slots,
+            cached,
             waiting: VecDeque::new(),
             stats,
             next_job_id: 0,
@@ -142,21 +159,66 @@ impl Scheduler {
         }
         for i in 0..self.slots.len() {
             if self.slots[i].as_ref().is_some_and(|s| s.tx.is_closed()) {
-                self.free(i);
+                self.free(i, true);
             }
         }
     }
 
-    fn free(&mut self, i: usize) {
-        if let Some(slot) = self.slots[i].take() {
+    /// Frees slot `i` for the next request at once. Its KV cells stay as a
+    /// prompt cache (`keep`) that the next request in this slot reuses as
+    /// far as its prompt matches and otherwise overwrites; after a failed
+    /// decode they are cleared.
+    fn free(&mut self, i: usize, keep: bool) {
+        let Some(slot) = self.slots[i].take() else {
+            return;
+        };
+        self.stats.slots_busy.fetch_sub(1, Ordering::AcqRel);
+        if keep && slot.fed > 0 && slot.share.is_none() {
+            let prompt_done = slot.fed == slot.prompt.len();
+            let mut tokens = slot.prompt;
+            tokens.truncate(slot.fed);
+            if prompt_done {
+                // Every sampled token but the last was fed back.
+                let fed_back = slot.generated.len().saturating_sub(1);
+                tokens.extend_from_slice(&slot.generated[..fed_back]);
+            }
+            self.cached[i] = Some(Cached {
+                tokens,
+                stamp: slot.job_id,
+            });
+        } else {
             self.ctx.clear_seq(slot.seq);
-            self.stats.slots_busy.fetch_sub(1, Ordering::AcqRel);
+            self.cached[i] = None;
         }
+    }
+
+    /// The free slot for `prompt`, and how many of its cached KV cells the
+    /// prompt can reuse: the longest cached prefix match wins, then an empty
+    /// slot, then the least recently used cache.
+    fn pick_slot(&self, prompt: &[Token]) -> Option<(usize, usize)> {
+        let free = || (0..self.slots.len()).filter(|&i| self.slots[i].is_none());
+        let reuse_of = |i: usize| {
+            self.cached[i].as_ref().map_or(0, |c| {
+                common_prefix(&c.tokens, prompt).min(prompt.len() - 1)
+            })
+        };
+        if let Some(best) = free().max_by_key(|&i| (reuse_of(i), usize::MAX - i)) {
+            let reuse = reuse_of(best);
+            if reuse > 0 {
+                return Some((best, reuse));
+            }
+        }
+        free()
+            .min_by_key(|&i| self.cached[i].as_ref().map_or(0, |c| c.stamp + 1))
+            .map(|i| (i, 0))
     }
 
     fn admit(&mut self) {
         while !self.waiting.is_empty() {
-            let Some(free) = self.slots.iter().position(Option::is_none) else {
+            let Some(job) = self.waiting.front() else {
+                return;
+            };
+            let Some((free, reuse)) = self.pick_slot(&job.req.prompt) else {
                 return;
             };
             let Some(job) = self.waiting.pop_front() else {
@@ -175,18 +237,34 @@ impl Scheduler {
                 waited_ms = job.enqueued_at.elapsed().as_millis() as u64,
                 "admitted"
             );
-            let share = self.best_shared_prefix(&job.req.prompt);
+            let share = self
+                .best_shared_prefix(&job.req.prompt)
+                .filter(|s| s.n_tokens > reuse);
+            // Keep the reusable cached prefix; drop the rest (all of it when
+            // another slot has a longer prefix to copy).
+            let reuse = if share.is_some() { 0 } else { reuse };
+            if self.cached[free].take().is_some() {
+                if reuse == 0 {
+                    self.ctx.clear_seq(free as i32);
+                } else {
+                    self.ctx.trim_seq(free as i32, reuse);
+                    self.stats
+                        .prompt_tokens_reused
+                        .fetch_add(reuse as u64, Ordering::Relaxed);
+                }
+            }
             self.next_job_id += 1;
             let room = self.limits.ctx_per_slot as usize - job.req.prompt.len();
             let max_tokens = job.req.max_tokens.map_or(room, |m| (m as usize).min(room)) as u32;
             self.slots[free] = Some(Slot {
                 seq: free as i32,
                 prompt: job.req.prompt,
-                fed: 0,
+                fed: reuse,
                 feeding: 0,
-                n_past: 0,
+                n_past: reuse,
                 next_token: None,
                 n_generated: 0,
+                generated: Vec::new(),
                 max_tokens,
                 sampler,
                 utf8: Utf8Buf::default(),
@@ -320,7 +398,7 @@ impl Scheduler {
                     if let Some(s) = &self.slots[i] {
                         let _ = s.tx.try_send(Event::Failed(Error::Decode(rc)));
                     }
-                    self.free(i);
+                    self.free(i, false);
                 }
             }
             return;
@@ -339,7 +417,7 @@ impl Scheduler {
                 if let Some(slot) = &self.slots[i] {
                     let _ = slot.tx.try_send(finish);
                 }
-                self.free(i);
+                self.free(i, true);
             }
         }
     }
@@ -351,6 +429,7 @@ impl Scheduler {
         let at = slot.logits_at.take()?;
         let tok = slot.sampler.sample(&mut self.ctx, at);
         slot.n_generated += 1;
+        slot.generated.push(tok);
         let prompt_tokens = slot.prompt.len() as u32;
         // Ending without a stop string: release whatever text was held.
         let done = |slot: &mut Slot, reason: FinishReason| {

@@ -139,7 +139,13 @@ fn greedy_answers_and_is_repeatable() {
     let e = engine(2, 512, 4);
     let p = chat_prompt(&e, "What is the capital of France?");
     let a = run(&e, req(p.clone(), 24));
+    assert_eq!(e.stats().prompt_tokens_reused.load(Ordering::Relaxed), 0);
+    // The second run finds the first one's prompt in the slot's cache.
     let b = run(&e, req(p.clone(), 24));
+    assert_eq!(
+        e.stats().prompt_tokens_reused.load(Ordering::Relaxed) as usize,
+        p.len() - 1
+    );
     assert!(a.text.contains("Paris"), "unexpected answer {:?}", a.text);
     assert_eq!(a.text, b.text);
     assert_eq!(a.ids, b.ids);
@@ -148,6 +154,40 @@ fn greedy_answers_and_is_repeatable() {
         a.finish.completion_tokens as usize,
         a.ids.len() + usize::from(a.finish.reason == FinishReason::Stop)
     );
+}
+
+#[test]
+fn a_conversation_reuses_its_earlier_turns() {
+    let e = engine(2, 1024, 4);
+    let turn = |history: &[ChatMessage]| {
+        e.tokenize(&e.apply_chat_template(history).unwrap())
+            .unwrap()
+    };
+    let mut history = vec![ChatMessage {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    }];
+    let first = run(&e, req(turn(&history), 16));
+    history.push(ChatMessage {
+        role: "assistant".into(),
+        content: first.text.clone(),
+    });
+    history.push(ChatMessage {
+        role: "user".into(),
+        content: "And of Italy?".into(),
+    });
+    let second_prompt = turn(&history);
+    let before = e.stats().prompt_tokens_reused.load(Ordering::Relaxed);
+    let second = run(&e, req(second_prompt.clone(), 16));
+    let reused = e.stats().prompt_tokens_reused.load(Ordering::Relaxed) - before;
+    // At least the whole first prompt is reused, not recomputed.
+    assert!(
+        reused as usize >= turn(&history[..1]).len() - 1,
+        "reused only {reused}"
+    );
+    // And the answer is what a fresh engine gives.
+    let fresh = engine(1, 1024, 4);
+    assert_eq!(second.ids, run(&fresh, req(second_prompt, 16)).ids);
 }
 
 #[test]
@@ -448,13 +488,12 @@ fn shared_prompt_prefixes_are_copied_and_change_nothing() {
             .unwrap();
         e.tokenize(&text).unwrap()
     };
-    // Alone: one slot, so nothing can be shared.
+    // Alone: one slot, one request at a time.
     let solo = engine(1, 512, 8);
     let alone: Vec<_> = questions
         .iter()
         .map(|q| run(&solo, req(prompt(&solo, q), 24)).ids)
         .collect();
-    assert_eq!(solo.stats().prompt_tokens_reused.load(Ordering::Relaxed), 0);
 
     let e = engine(4, 512, 8);
     let prompts: Vec<_> = questions.iter().map(|q| prompt(&e, q)).collect();
