@@ -1,7 +1,59 @@
-//! Mycelium's wire protocol: length-prefixed rkyv frames between peers.
+//! Mycelium's wire protocol: the messages peers exchange, framed for QUIC
+//! streams.
 //!
 //! Sans-IO: this crate turns messages into bytes and bytes into checked
-//! messages; it never touches a socket or a clock. Its messages, framing and
-//! fuzz target arrive with the remote-inference work (see ARCHITECTURE.md);
-//! until then the crate holds its place in the workspace and nothing else.
+//! messages; it never touches a socket, a clock or a random source.
+//!
+//! A frame is a little-endian `u32` payload length followed by the payload,
+//! an rkyv archive of one [`Message`]. A reader checks the length against
+//! [`MAX_FRAME_BYTES`] before anything else, then validates the archive
+//! (bytecheck) and reads it in place. Not enough bytes yet is
+//! [`WireError::Incomplete`], which means "read more"; every other error
+//! means the peer sent garbage and the stream must be closed.
+//!
+//! Message flow on one bidirectional stream per request: the consumer sends
+//! `Request`; the seeder answers with `Chunk`s (sequence numbers from 0) and
+//! ends with `Done` or `Error`; the consumer may send `Cancel` at any time.
+//! `Hello` opens every connection, once in each direction.
 #![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+mod frame;
+mod msg;
+
+pub use frame::{decode_frame, FrameDecoder, FrameEncoder, FRAME_HEADER_BYTES};
+pub use msg::*;
+
+/// QUIC ALPN of this protocol version.
+pub const ALPN: &[u8] = b"hypha/1";
+/// Protocol version carried in `Hello`; a peer with another one is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame payload accepted: the HTTP front accepts request bodies up
+/// to 4 MiB, and a request carrying such a prompt must fit with room for its
+/// archive's overhead.
+pub const MAX_FRAME_BYTES: usize = 6 * 1024 * 1024;
+const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);
+
+/// Why bytes could not be read as a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    #[error("incomplete frame: {needed} more bytes needed")]
+    Incomplete { needed: usize },
+    #[error("frame of {len} bytes is over the {max}-byte limit")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("empty frame")]
+    EmptyFrame,
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+}
+
+impl WireError {
+    /// True when more bytes may complete the frame; false when the stream
+    /// must be closed.
+    pub fn is_incomplete(&self) -> bool {
+        matches!(self, Self::Incomplete { .. })
+    }
+}

@@ -1,0 +1,137 @@
+//! The messages of protocol version 1. Archived forms are flat: strings,
+//! vectors and plain integers, no shared pointers.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// Every message a peer may send.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub enum Message {
+    Hello(Hello),
+    Request(InferenceRequest),
+    Chunk(TokenChunk),
+    Done(Done),
+    Error(ErrorReply),
+    Cancel(Cancel),
+}
+
+/// Opens a connection: who the sender is and what it can do. The signature
+/// covers [`Hello::signed_bytes`] and is checked by the node, which holds the
+/// keys.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub public_key: [u8; 32],
+    /// Bit set of `CAP_*` flags.
+    pub capabilities: u64,
+    /// Models this node serves, by name.
+    pub models: Vec<String>,
+    pub signature: [u8; 64],
+}
+
+/// The sender serves inference requests.
+pub const CAP_SEEDER: u64 = 1;
+
+impl Hello {
+    /// The bytes the signature covers: everything but the signature, in a
+    /// fixed layout independent of rkyv.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(64 + self.models.iter().map(|m| m.len() + 4).sum::<usize>());
+        out.extend_from_slice(b"hypha-hello-v1\0");
+        out.extend_from_slice(&self.protocol_version.to_le_bytes());
+        out.extend_from_slice(&self.public_key);
+        out.extend_from_slice(&self.capabilities.to_le_bytes());
+        for m in &self.models {
+            out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+            out.extend_from_slice(m.as_bytes());
+        }
+        out
+    }
+}
+
+/// One chat message.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// What to complete.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub enum Prompt {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+}
+
+/// Sampling settings; `temperature` 0 is greedy.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct InferenceRequest {
+    pub request_id: u64,
+    pub model: String,
+    pub prompt: Prompt,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+    pub max_tokens: Option<u32>,
+}
+
+/// Tokens generated since the last chunk, and their text.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct TokenChunk {
+    pub request_id: u64,
+    /// 0 for the first chunk of a request, then +1 each.
+    pub seq: u32,
+    pub token_ids: Vec<i32>,
+    pub text: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Done {
+    pub request_id: u64,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub finish_reason: FinishReason,
+    /// Text held back until the end (a split character, a partial stop string).
+    pub text: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct ErrorReply {
+    pub request_id: u64,
+    /// HTTP-like status: 400 bad request, 404 unknown model, 503 busy, ...
+    pub code: u16,
+    pub message: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Cancel {
+    pub request_id: u64,
+}
