@@ -7,6 +7,7 @@
 
 pub mod chat;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod models;
 pub mod openai;

@@ -47,6 +47,12 @@ enum Cmd {
     Chat(ChatArgs),
     /// List the compute devices ggml can use.
     Devices,
+    /// Print this node's id (creating its key on first use).
+    Id {
+        /// Where the node keeps its key (default: $HYPHA_HOME or the XDG data directory).
+        #[arg(long, env = "HYPHA_HOME")]
+        data_dir: Option<PathBuf>,
+    },
     /// Measure time to first token, inter-token latency and tokens/s of any
     /// OpenAI-compatible server at several concurrencies.
     Bench(BenchArgs),
@@ -252,6 +258,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reports.push(hypha_bench::run_level(&client, &cfg, *c).await);
             }
             print!("{}", hypha_bench::format_table(&reports));
+            Ok(())
+        }
+        Cmd::Id { data_dir } => {
+            let dir = hypha_node::identity::data_dir(data_dir.as_deref())?;
+            let ident = hypha_node::identity::Identity::load_or_create(&dir)?;
+            println!("{}", ident.id());
             Ok(())
         }
         Cmd::Devices => {

@@ -277,3 +277,53 @@ async fn chat_streams_replies_and_keeps_the_conversation() {
     );
     node.stop().await.unwrap();
 }
+
+#[test]
+fn id_is_created_once_private_and_reused() {
+    let home = tempfile::tempdir().unwrap();
+    let id = |args: &[&str], env_home: Option<&std::path::Path>| {
+        let mut cmd = Command::new(HYPHA);
+        cmd.arg("id").args(args).env_remove("HYPHA_HOME");
+        if let Some(h) = env_home {
+            cmd.env("HYPHA_HOME", h);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let a_dir = home.path().join("a");
+    let a = a_dir.to_str().unwrap();
+    let first = id(&["--data-dir", a], None);
+    assert_eq!(first.len(), 64);
+    assert!(first.parse::<hypha_wire::NodeId>().is_ok());
+    assert_eq!(
+        id(&["--data-dir", a], None),
+        first,
+        "the key must be reused"
+    );
+    assert_eq!(
+        id(&[], Some(&a_dir)),
+        first,
+        "HYPHA_HOME names the same directory"
+    );
+    let key = a_dir.join(hypha_node::identity::KEY_FILE);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let other = id(
+        &["--data-dir", home.path().join("b").to_str().unwrap()],
+        None,
+    );
+    assert_ne!(other, first, "two data directories are two nodes");
+    std::fs::write(&key, "not a key").unwrap();
+    let out = Command::new(HYPHA)
+        .args(["id", "--data-dir", a])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a hypha key"));
+}

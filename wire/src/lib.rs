@@ -19,9 +19,11 @@
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod frame;
+mod id;
 mod msg;
 
 pub use frame::{decode_frame, FrameDecoder, FrameEncoder, FRAME_HEADER_BYTES};
+pub use id::{BadNodeId, NodeId};
 pub use msg::*;
 
 /// QUIC ALPN of this protocol version.

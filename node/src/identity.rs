@@ -1,0 +1,138 @@
+//! The node's identity: an Ed25519 key created on first run in the data
+//! directory (file mode 0600) and reused after. Its `NodeId` is the SHA-256
+//! of the public key.
+//!
+//! The data directory is `--data-dir`, else `$HYPHA_HOME`, else
+//! `$XDG_DATA_HOME/hypha`, else `~/.local/share/hypha`; each node on a
+//! machine gets its own, so several run side by side.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use hypha_wire::NodeId;
+
+/// File holding the 32-byte secret key seed, hex encoded.
+pub const KEY_FILE: &str = "identity.key";
+
+/// Errors reading or creating an identity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    #[error("no data directory: pass --data-dir or set HYPHA_HOME")]
+    NoDataDir,
+    #[error("i/o on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a hypha key (expected 64 hex digits)")]
+    BadKey { path: PathBuf },
+    #[error("the system random source failed")]
+    Random,
+}
+
+/// A node's signing key and the id derived from it.
+pub struct Identity {
+    key: SigningKey,
+    id: NodeId,
+}
+
+impl Identity {
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(&seed);
+        let id = node_id_of(&key.verifying_key().to_bytes());
+        Self { key, id }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    /// Loads the key in `dir`, creating the directory and a new key (mode
+    /// 0600) on first use.
+    pub fn load_or_create(dir: &Path) -> Result<Self, IdentityError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| IdentityError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(KEY_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let seed = parse_hex32(text.trim()).ok_or(IdentityError::BadKey { path })?;
+                Ok(Self::from_seed(seed))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut seed = [0u8; 32];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+                    .map_err(|_| IdentityError::Random)?;
+                // Write to a private temporary file, then rename: a crash
+                // never leaves a half-written key behind.
+                let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                let mut f = opts.open(&tmp).map_err(io(&tmp))?;
+                let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+                f.write_all(format!("{hex}\n").as_bytes())
+                    .map_err(io(&tmp))?;
+                f.sync_all().map_err(io(&tmp))?;
+                std::fs::rename(&tmp, &path).map_err(io(&path))?;
+                tracing::info!(path = %path.display(), "created a new node identity");
+                Ok(Self::from_seed(seed))
+            }
+            Err(e) => Err(IdentityError::Io { path, source: e }),
+        }
+    }
+}
+
+/// SHA-256 of an Ed25519 public key.
+pub fn node_id_of(public_key: &[u8; 32]) -> NodeId {
+    let digest = ring::digest::digest(&ring::digest::SHA256, public_key);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    NodeId(out)
+}
+
+/// The data directory: `explicit`, else `$HYPHA_HOME`, else the XDG data
+/// directory.
+pub fn data_dir(explicit: Option<&Path>) -> Result<PathBuf, IdentityError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("HYPHA_HOME") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(p).join("hypha"));
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".local").join("share").join("hypha"))
+        .ok_or(IdentityError::NoDataDir)
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    s.parse::<NodeId>().ok().map(|n| n.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_is_sha256_of_the_public_key() {
+        let ident = Identity::from_seed([1; 32]);
+        let digest = ring::digest::digest(&ring::digest::SHA256, &ident.public_key());
+        assert_eq!(ident.id().as_bytes().as_slice(), digest.as_ref());
+    }
+}
