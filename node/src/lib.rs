@@ -11,6 +11,7 @@ pub mod identity;
 pub mod metrics;
 pub mod models;
 pub mod openai;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

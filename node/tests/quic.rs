@@ -1,0 +1,78 @@
+//! QUIC between identities on real loopback sockets: a dial that expects
+//! the right NodeId connects and both ends learn each other's id; a dial that
+//! expects anyone else is refused during the handshake.
+
+use hypha_node::identity::Identity;
+use hypha_node::transport::Endpoint;
+use hypha_wire::{decode_frame, ArchivedMessage, FrameEncoder, Hello, Message, PROTOCOL_VERSION};
+
+fn endpoint(seed: u8) -> (Identity, Endpoint) {
+    let ident = Identity::from_seed([seed; 32]);
+    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    (ident, ep)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_peers_connect_and_exchange_frames() {
+    let (a_id, a) = endpoint(1);
+    let (b_id, b) = endpoint(2);
+    let b_addr = b.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (conn, peer) = b.accept().await.unwrap().unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let bytes = recv.read_to_end(1 << 20).await.unwrap();
+        let (msg, _) = decode_frame(&bytes).unwrap();
+        let models = match msg {
+            ArchivedMessage::Hello(h) => h
+                .models
+                .iter()
+                .map(|m| m.as_str().to_owned())
+                .collect::<Vec<_>>(),
+            other => panic!("expected hello, got {other:?}"),
+        };
+        send.write_all(b"ok").await.unwrap();
+        send.finish().unwrap();
+        let _ = send.stopped().await;
+        (peer, models)
+    });
+    let conn = a
+        .dial(b_addr, b_id.id())
+        .await
+        .expect("dial with the right id");
+    assert_eq!(hypha_node::transport::peer_id(&conn), Some(b_id.id()));
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        public_key: a_id.public_key(),
+        capabilities: 0,
+        models: vec!["m".into()],
+        signature: [0; 64],
+    });
+    send.write_all(FrameEncoder::new().encode(&hello).unwrap())
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    assert_eq!(recv.read_to_end(16).await.unwrap(), b"ok");
+    let (seen, models) = server.await.unwrap();
+    assert_eq!(seen, a_id.id(), "the server learns the dialer's id");
+    assert_eq!(models, vec!["m".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialing_the_wrong_identity_fails() {
+    let (_, a) = endpoint(3);
+    let (_, b) = endpoint(4);
+    let (c_id, _c) = endpoint(5);
+    let b_addr = b.local_addr().unwrap();
+    let server = tokio::spawn(async move { b.accept().await.map(|r| r.is_ok()) });
+    let err = a
+        .dial(b_addr, c_id.id())
+        .await
+        .expect_err("a dial expecting C must not accept B");
+    assert!(err.to_string().contains("cannot reach"), "{err}");
+    assert_eq!(
+        server.await.unwrap(),
+        Some(false),
+        "the server sees the handshake fail"
+    );
+}
