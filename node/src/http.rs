@@ -318,7 +318,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<OpenAiJson<ChatRequest>, ApiError>,
 ) -> Response {
-    let result = async {
+    let prepared = async {
         st.authorize(&headers)?;
         let OpenAiJson(req) = body?;
         st.check_model(&req.model)?;
@@ -329,21 +329,10 @@ async fn chat_completions(
         let engine = st.engine.clone();
         let prompt = engine.apply_chat_template(&messages)?;
         let tokens = engine.tokenize(&prompt)?;
-        Ok(start(
-            &st,
-            Kind::Chat,
-            req.model,
-            tokens,
-            stops,
-            &req.fields,
-        ))
+        start(&st, Kind::Chat, req.model, tokens, stops, &req.fields)
     }
     .await;
-    let result = match result {
-        Ok(started) => respond(started).await,
-        Err(e) => Err(e),
-    };
-    finish_response(&st, Kind::Chat, result)
+    reply(&st, Kind::Chat, prepared).await
 }
 
 async fn completions(
@@ -351,7 +340,7 @@ async fn completions(
     headers: HeaderMap,
     body: Result<OpenAiJson<CompletionRequest>, ApiError>,
 ) -> Response {
-    let result = async {
+    let prepared = async {
         st.authorize(&headers)?;
         let OpenAiJson(req) = body?;
         st.check_model(&req.model)?;
@@ -370,24 +359,18 @@ async fn completions(
             }
             PromptField::Tokens(t) => t.clone(),
         };
-        Ok(start(
-            &st,
-            Kind::Text,
-            req.model,
-            tokens,
-            stops,
-            &req.fields,
-        ))
+        start(&st, Kind::Text, req.model, tokens, stops, &req.fields)
     }
     .await;
-    let result = match result {
+    reply(&st, Kind::Text, prepared).await
+}
+
+/// Produces the response for a prepared request (or its error) and counts it.
+async fn reply(st: &AppState, kind: Kind, prepared: Result<Started, ApiError>) -> Response {
+    let result = match prepared {
         Ok(started) => respond(started).await,
         Err(e) => Err(e),
     };
-    finish_response(&st, Kind::Text, result)
-}
-
-fn finish_response(st: &AppState, kind: Kind, result: Result<Response, ApiError>) -> Response {
     let resp = result.unwrap_or_else(IntoResponse::into_response);
     st.metrics
         .count_request(kind.metric(), resp.status().as_u16());
@@ -447,8 +430,8 @@ enum Started {
 
 /// Produces the response. A non-streaming reply is awaited here: when the
 /// client leaves, hyper drops this future and the generation with it.
-async fn respond(started: Result<Started, ApiError>) -> Result<Response, ApiError> {
-    match started? {
+async fn respond(started: Started) -> Result<Response, ApiError> {
+    match started {
         Started::Stream(resp) => Ok(resp),
         Started::Whole(reply, generation) => collect(reply, generation).await,
     }
