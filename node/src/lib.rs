@@ -6,6 +6,7 @@
 //! in-process.
 
 pub mod chat;
+pub mod hello;
 pub mod http;
 pub mod identity;
 pub mod metrics;
