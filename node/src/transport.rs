@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hypha_wire::NodeId;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -35,17 +36,71 @@ pub enum TransportError {
     Connect { addr: SocketAddr, reason: String },
 }
 
+/// Concurrent requests one peer may run on a connection: each request is
+/// one bidirectional stream, and a node serves at most a few slots' worth.
+pub const MAX_STREAMS_PER_PEER: u32 = 64;
+/// A connection with no traffic (keep-alives included) for this long is
+/// closed: the peer is gone.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive interval while a connection is open, well inside the idle
+/// timeout so a live but quiet peer is kept.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// Connection limits and timers.
+#[derive(Debug, Clone)]
+pub struct TransportLimits {
+    pub max_streams_per_peer: u32,
+    pub idle_timeout: Duration,
+    /// `None` lets a quiet connection run into the idle timeout.
+    pub keep_alive: Option<Duration>,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            max_streams_per_peer: MAX_STREAMS_PER_PEER,
+            idle_timeout: IDLE_TIMEOUT,
+            keep_alive: Some(KEEP_ALIVE),
+        }
+    }
+}
+
+impl TransportLimits {
+    fn config(&self) -> Result<Arc<quinn::TransportConfig>, TransportError> {
+        let mut t = quinn::TransportConfig::default();
+        t.max_concurrent_bidi_streams(self.max_streams_per_peer.into());
+        // Peers talk over bidirectional streams only.
+        t.max_concurrent_uni_streams(0u32.into());
+        t.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(self.idle_timeout).map_err(tls_err)?,
+        ));
+        t.keep_alive_interval(self.keep_alive);
+        Ok(Arc::new(t))
+    }
+}
+
 /// A QUIC endpoint that accepts and dials authenticated peers.
 pub struct Endpoint {
     endpoint: quinn::Endpoint,
     cert: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,
+    transport: Arc<quinn::TransportConfig>,
 }
 
 impl Endpoint {
     /// Binds a UDP socket and serves QUIC with `identity`'s certificate.
     pub fn bind(identity: &Identity, addr: SocketAddr) -> Result<Self, TransportError> {
+        Self::bind_with(identity, addr, &TransportLimits::default())
+    }
+
+    /// [`Endpoint::bind`] with explicit limits.
+    pub fn bind_with(
+        identity: &Identity,
+        addr: SocketAddr,
+        limits: &TransportLimits,
+    ) -> Result<Self, TransportError> {
         crate::install_crypto_provider();
+        let transport = limits.config()?;
         let key_pkcs8 = ed25519_pkcs8(&identity.signing_key().to_bytes());
         let cert = self_signed(&key_pkcs8)?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -56,13 +111,15 @@ impl Endpoint {
             .map_err(tls_err)?;
         tls.alpn_protocols = vec![hypha_wire::ALPN.to_vec()];
         let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
-        let server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        server.transport_config(transport.clone());
         let endpoint = quinn::Endpoint::server(server, addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Self {
             endpoint,
             cert,
             key_pkcs8,
+            transport,
         })
     }
 
@@ -109,7 +166,8 @@ impl Endpoint {
             .map_err(tls_err)?;
         tls.alpn_protocols = vec![hypha_wire::ALPN.to_vec()];
         let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
-        let client = quinn::ClientConfig::new(Arc::new(quic));
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        client.transport_config(self.transport.clone());
         let connecting = self
             .endpoint
             .connect_with(client, addr, "hypha")

@@ -3,7 +3,9 @@
 //! expects anyone else is refused during the handshake.
 
 use hypha_node::identity::Identity;
-use hypha_node::transport::Endpoint;
+use std::time::Duration;
+
+use hypha_node::transport::{Endpoint, TransportLimits};
 use hypha_wire::{decode_frame, ArchivedMessage, FrameEncoder, Hello, Message, PROTOCOL_VERSION};
 
 fn endpoint(seed: u8) -> (Identity, Endpoint) {
@@ -75,4 +77,73 @@ async fn dialing_the_wrong_identity_fails() {
         Some(false),
         "the server sees the handshake fail"
     );
+}
+
+fn limited(seed: u8, limits: &TransportLimits) -> (Identity, Endpoint) {
+    let ident = Identity::from_seed([seed; 32]);
+    let ep = Endpoint::bind_with(&ident, "127.0.0.1:0".parse().unwrap(), limits).unwrap();
+    (ident, ep)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_and_keep_alive_keeps_them() {
+    let quiet = TransportLimits {
+        idle_timeout: Duration::from_millis(300),
+        keep_alive: None,
+        ..TransportLimits::default()
+    };
+    let alive = TransportLimits {
+        idle_timeout: Duration::from_millis(300),
+        keep_alive: Some(Duration::from_millis(50)),
+        ..TransportLimits::default()
+    };
+    for (limits, should_close) in [(quiet, true), (alive, false)] {
+        let (_, a) = limited(10, &limits);
+        let (b_id, b) = limited(11, &limits);
+        let b_addr = b.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (conn, _) = b.accept().await.unwrap().unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+            drop(b);
+        });
+        let conn = a.dial(b_addr, b_id.id()).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_millis(1500), conn.closed()).await;
+        assert_eq!(closed.is_ok(), should_close, "limits {limits:?}");
+        if should_close {
+            assert!(matches!(closed.unwrap(), quinn::ConnectionError::TimedOut));
+        }
+        conn.close(0u32.into(), b"done");
+        server.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_peer_are_bounded() {
+    let limits = TransportLimits {
+        max_streams_per_peer: 2,
+        ..TransportLimits::default()
+    };
+    let (_, a) = limited(12, &limits);
+    let (b_id, b) = limited(13, &limits);
+    let b_addr = b.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (conn, _) = b.accept().await.unwrap().unwrap();
+        // Accept streams but never finish them, so none frees its credit.
+        let mut held = Vec::new();
+        while let Ok(s) = conn.accept_bi().await {
+            held.push(s);
+        }
+        held.len()
+    });
+    let conn = a.dial(b_addr, b_id.id()).await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"x").await.unwrap();
+        open.push((send, recv));
+    }
+    let third = tokio::time::timeout(Duration::from_millis(300), conn.open_bi()).await;
+    assert!(third.is_err(), "a third stream must wait for credit");
+    conn.close(0u32.into(), b"done");
+    assert_eq!(server.await.unwrap(), 2);
 }
