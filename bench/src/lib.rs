@@ -37,6 +37,7 @@ pub struct BenchConfig {
     pub max_tokens: u32,
     /// Requests per concurrency level.
     pub requests: u32,
+    /// Levels run in order, each to completion before the next.
     pub concurrency: Vec<u32>,
 }
 
@@ -217,6 +218,15 @@ pub async fn run_level(
         aggregate_tokens_per_s: tokens as f64 / wall.as_secs_f64(),
         wall_s: wall.as_secs_f64(),
     }
+}
+
+/// Runs every level of `cfg.concurrency` in order.
+pub async fn run(client: &reqwest::Client, cfg: &BenchConfig) -> Vec<LevelReport> {
+    let mut reports = Vec::with_capacity(cfg.concurrency.len());
+    for &c in &cfg.concurrency {
+        reports.push(run_level(client, cfg, c).await);
+    }
+    reports
 }
 
 /// The model a server lists first.

@@ -52,11 +52,8 @@ struct Slot {
     fed: usize,
     /// Prompt tokens placed in the current step's batch.
     feeding: usize,
-    /// Tokens in this sequence's KV cache (prompt and generated).
-    n_past: usize,
     /// The last sampled token, fed in the next step.
     next_token: Option<Token>,
-    n_generated: u32,
     /// Every sampled token; all but the last are in the KV cache.
     generated: Vec<Token>,
     max_tokens: u32,
@@ -89,6 +86,14 @@ struct Cached {
     tokens: Vec<Token>,
     /// The id of the job that left it, for least-recently-used eviction.
     stamp: u64,
+}
+
+impl Slot {
+    /// Tokens in this sequence's KV cache: the prompt fed so far and every
+    /// sampled token but the last, which is fed in the next step.
+    fn kv_len(&self) -> usize {
+        self.fed + self.generated.len().saturating_sub(1)
+    }
 }
 
 pub struct Scheduler {
@@ -174,14 +179,12 @@ impl Scheduler {
         };
         self.stats.slots_busy.fetch_sub(1, Ordering::AcqRel);
         if keep && slot.fed > 0 && slot.share.is_none() {
-            let prompt_done = slot.fed == slot.prompt.len();
+            // Exactly what `kv_len` counts: the prompt fed so far (sampling
+            // starts only once it is whole) and the tokens fed back.
+            let fed_back = slot.generated.len().saturating_sub(1);
             let mut tokens = slot.prompt;
             tokens.truncate(slot.fed);
-            if prompt_done {
-                // Every sampled token but the last was fed back.
-                let fed_back = slot.generated.len().saturating_sub(1);
-                tokens.extend_from_slice(&slot.generated[..fed_back]);
-            }
+            tokens.extend_from_slice(&slot.generated[..fed_back]);
             self.cached[i] = Some(Cached {
                 tokens,
                 stamp: slot.job_id,
@@ -261,9 +264,7 @@ impl Scheduler {
                 prompt: job.req.prompt,
                 fed: reuse,
                 feeding: 0,
-                n_past: reuse,
                 next_token: None,
-                n_generated: 0,
                 generated: Vec::new(),
                 max_tokens,
                 sampler,
@@ -330,7 +331,6 @@ impl Scheduler {
                 self.ctx
                     .copy_prefix(share.slot as i32, slot.seq, share.n_tokens);
                 slot.fed = share.n_tokens;
-                slot.n_past = share.n_tokens;
                 self.stats
                     .prompt_tokens_reused
                     .fetch_add(share.n_tokens as u64, Ordering::Relaxed);
@@ -346,7 +346,7 @@ impl Scheduler {
         for slot in self.slots.iter_mut().flatten() {
             slot.logits_at = None;
             if let Some(tok) = slot.next_token {
-                slot.logits_at = Some(self.batch.push(tok, slot.n_past as i32, slot.seq, true));
+                slot.logits_at = Some(self.batch.push(tok, slot.kv_len() as i32, slot.seq, true));
             }
         }
         // Then prompt chunks while room is left. While other streams are
@@ -405,11 +405,8 @@ impl Scheduler {
         }
         // Account for what was decoded.
         for slot in self.slots.iter_mut().flatten() {
-            if slot.next_token.take().is_some() {
-                slot.n_past += 1;
-            } else {
+            if slot.next_token.take().is_none() {
                 slot.fed += std::mem::take(&mut slot.feeding);
-                slot.n_past = slot.fed;
             }
         }
         for i in 0..self.slots.len() {
@@ -428,7 +425,6 @@ impl Scheduler {
         let slot = self.slots[i].as_mut()?;
         let at = slot.logits_at.take()?;
         let tok = slot.sampler.sample(&mut self.ctx, at);
-        slot.n_generated += 1;
         slot.generated.push(tok);
         let prompt_tokens = slot.prompt.len() as u32;
         // Ending without a stop string: release whatever text was held.
@@ -444,7 +440,7 @@ impl Scheduler {
                 finish: Finish {
                     reason,
                     prompt_tokens,
-                    completion_tokens: slot.n_generated,
+                    completion_tokens: slot.generated.len() as u32,
                 },
             })
         };
@@ -465,7 +461,7 @@ impl Scheduler {
                     finish: Finish {
                         reason: FinishReason::Stop,
                         prompt_tokens,
-                        completion_tokens: slot.n_generated,
+                        completion_tokens: slot.generated.len() as u32,
                     },
                 });
             }
@@ -473,7 +469,7 @@ impl Scheduler {
                 let _ = slot.tx.try_send(Event::Token { id: tok, text: out });
             }
         }
-        if slot.n_generated >= slot.max_tokens {
+        if slot.generated.len() >= slot.max_tokens as usize {
             return done(slot, FinishReason::Length);
         }
         slot.next_token = Some(tok);

@@ -437,22 +437,29 @@ async fn respond(started: Started) -> Result<Response, ApiError> {
     }
 }
 
-/// Tracks a stream's timing for the metrics.
-struct Timing {
+/// Records one generation in the metrics: time to first token and between
+/// tokens, token counts when it ends, and a cancellation when it is dropped
+/// before it ended (the client went away).
+struct Tracker {
+    state: Arc<AppState>,
     first: bool,
     last: Instant,
+    ended: bool,
 }
 
-impl Timing {
-    fn new(received: Instant) -> Self {
+impl Tracker {
+    fn new(state: Arc<AppState>, received: Instant) -> Self {
         Self {
+            state,
             first: true,
             last: received,
+            ended: false,
         }
     }
 
-    fn token(&mut self, m: &Metrics) {
+    fn token(&mut self) {
         let now = Instant::now();
+        let m = &self.state.metrics;
         if self.first {
             m.ttft.observe(now - self.last);
             self.first = false;
@@ -461,53 +468,56 @@ impl Timing {
         }
         self.last = now;
     }
+
+    fn finished(&mut self, finish: &hypha_engine::Finish) {
+        let m = &self.state.metrics;
+        m.prompt_tokens
+            .fetch_add(u64::from(finish.prompt_tokens), Ordering::Relaxed);
+        m.completion_tokens
+            .fetch_add(u64::from(finish.completion_tokens), Ordering::Relaxed);
+        self.ended = true;
+    }
+
+    fn failed(&mut self) {
+        self.ended = true;
+    }
 }
 
-/// Counts a generation that ended without `Done` as cancelled.
-struct CancelGuard<'a> {
-    metrics: &'a Metrics,
-    done: bool,
-}
-
-impl Drop for CancelGuard<'_> {
+impl Drop for Tracker {
     fn drop(&mut self) {
-        if !self.done {
-            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        if !self.ended {
+            self.state.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
+/// The JSON of a server-side failure, as a response body or an SSE event.
+fn server_error_json(message: &str) -> serde_json::Value {
+    json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}})
+}
+
 async fn collect(reply: Reply, mut generation: Generation) -> Result<Response, ApiError> {
-    let metrics = &reply.state.metrics;
-    let mut guard = CancelGuard {
-        metrics,
-        done: false,
-    };
-    let mut timing = Timing::new(reply.received);
+    let mut tracker = Tracker::new(reply.state.clone(), reply.received);
     let mut text = String::new();
     let outcome = loop {
         match generation.next().await {
             Some(Event::Token { text: t, .. }) => {
-                timing.token(metrics);
+                tracker.token();
                 text.push_str(&t);
             }
             Some(Event::Done { text: t, finish }) => {
                 text.push_str(&t);
+                tracker.finished(&finish);
                 break Ok(finish);
             }
             Some(Event::Failed(e)) => break Err(e.to_string()),
             None => break Err("the engine stopped".to_owned()),
         }
     };
-    guard.done = true;
-    let finish =
-        outcome.map_err(|m| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m))?;
-    metrics
-        .prompt_tokens
-        .fetch_add(u64::from(finish.prompt_tokens), Ordering::Relaxed);
-    metrics
-        .completion_tokens
-        .fetch_add(u64::from(finish.completion_tokens), Ordering::Relaxed);
+    let finish = outcome.map_err(|m| {
+        tracker.failed();
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
+    })?;
     let usage = Usage::new(finish.prompt_tokens, finish.completion_tokens);
     let reason = finish.reason.as_str();
     let body = match reply.kind {
@@ -596,32 +606,18 @@ enum Phase {
 struct StreamState {
     reply: Reply,
     generation: Generation,
-    timing: Timing,
+    tracker: Tracker,
     phase: Phase,
     pending: std::collections::VecDeque<String>,
-    done: bool,
-}
-
-impl Drop for StreamState {
-    fn drop(&mut self) {
-        if !self.done {
-            self.reply
-                .state
-                .metrics
-                .cancelled
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 fn stream_response(reply: Reply, generation: Generation) -> Response {
     let state = StreamState {
-        timing: Timing::new(reply.received),
+        tracker: Tracker::new(reply.state.clone(), reply.received),
         reply,
         generation,
         phase: Phase::Start,
         pending: std::collections::VecDeque::with_capacity(4),
-        done: false,
     };
     Sse::new(sse_events(state)).into_response()
 }
@@ -645,19 +641,14 @@ fn sse_events(
                 }
                 Phase::Running => match s.generation.next().await {
                     Some(Event::Token { text, .. }) => {
-                        s.timing.token(&s.reply.state.metrics);
+                        s.tracker.token();
                         if !text.is_empty() {
                             let c = chunk(&s.reply, Some(&text), false, None);
                             s.pending.push_back(c);
                         }
                     }
                     Some(Event::Done { text, finish }) => {
-                        s.done = true;
-                        let m = &s.reply.state.metrics;
-                        m.prompt_tokens
-                            .fetch_add(u64::from(finish.prompt_tokens), Ordering::Relaxed);
-                        m.completion_tokens
-                            .fetch_add(u64::from(finish.completion_tokens), Ordering::Relaxed);
+                        s.tracker.finished(&finish);
                         if !text.is_empty() {
                             let c = chunk(&s.reply, Some(&text), false, None);
                             s.pending.push_back(c);
@@ -672,16 +663,13 @@ fn sse_events(
                         s.pending.push_back("[DONE]".to_owned());
                         s.phase = Phase::Ended;
                     }
-                    Some(Event::Failed(e)) => {
-                        s.done = true;
-                        let err = json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": null}});
-                        s.pending.push_back(err.to_string());
-                        s.phase = Phase::Ended;
-                    }
-                    None => {
-                        s.done = true;
-                        let err = json!({"error": {"message": "the engine stopped", "type": "server_error", "param": null, "code": null}});
-                        s.pending.push_back(err.to_string());
+                    ended @ (Some(Event::Failed(_)) | None) => {
+                        s.tracker.failed();
+                        let message = match ended {
+                            Some(Event::Failed(e)) => e.to_string(),
+                            _ => "the engine stopped".to_owned(),
+                        };
+                        s.pending.push_back(server_error_json(&message).to_string());
                         s.phase = Phase::Ended;
                     }
                 },

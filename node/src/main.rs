@@ -247,16 +247,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 prompt: a.prompt,
                 max_tokens: a.max_tokens,
                 requests: a.requests,
-                concurrency: a.concurrency.clone(),
+                concurrency: a.concurrency,
             };
             println!(
                 "hypha bench: {} model {} ({} requests per level, {} max tokens, greedy)",
                 cfg.url, cfg.model, cfg.requests, cfg.max_tokens
             );
-            let mut reports = Vec::new();
-            for c in &a.concurrency {
-                reports.push(hypha_bench::run_level(&client, &cfg, *c).await);
-            }
+            let reports = hypha_bench::run(&client, &cfg).await;
             print!("{}", hypha_bench::format_table(&reports));
             Ok(())
         }

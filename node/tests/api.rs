@@ -9,7 +9,7 @@ use hypha_engine::EngineConfig;
 use hypha_node::{Node, NodeConfig};
 
 mod common;
-use common::{test_model, wait_health};
+use common::{metrics, test_model, wait_health};
 use serde_json::{json, Value};
 
 async fn node(parallel: u32, queue: usize, api_key: Option<&str>) -> Node {
@@ -279,14 +279,7 @@ async fn client_leaving_mid_stream_frees_the_slot() {
     wait_health(&c, &base, "slots_busy", 1).await;
     drop(body);
     wait_health(&c, &base, "slots_busy", 0).await;
-    let m = c
-        .get(format!("http://{}/metrics", n.http_addr()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&c, &format!("http://{}", n.http_addr())).await;
     assert!(m.contains("hypha_requests_cancelled_total 1"), "{m}");
     // The same for a non-streaming request whose client gives up.
     let slow = c
@@ -312,14 +305,7 @@ async fn metrics_count_requests_tokens_and_latency() {
     assert_serves(&c, &n).await;
     let (s, _) = post(&c, &n, "/v1/chat/completions", "{".into()).await;
     assert_eq!(s, 400);
-    let m = c
-        .get(format!("http://{}/metrics", n.http_addr()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&c, &format!("http://{}", n.http_addr())).await;
     for needle in [
         "hypha_requests_total{endpoint=\"chat_completions\",status=\"200\"} 1",
         "hypha_requests_total{endpoint=\"chat_completions\",status=\"400\"} 1",

@@ -203,14 +203,7 @@ async fn chat_streams_replies_and_keeps_the_conversation() {
     let prompt_tokens_total = || {
         let (c, base) = (c.clone(), base.clone());
         async move {
-            let m = c
-                .get(format!("{base}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let m = common::metrics(&c, &base).await;
             m.lines()
                 .find_map(|l| l.strip_prefix("hypha_prompt_tokens_total "))
                 .unwrap()

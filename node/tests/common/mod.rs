@@ -44,3 +44,14 @@ pub async fn wait_health(c: &reqwest::Client, base: &str, field: &str, want: u64
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The node's Prometheus text from `GET /metrics`.
+pub async fn metrics(c: &reqwest::Client, base: &str) -> String {
+    c.get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
