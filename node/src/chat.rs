@@ -158,6 +158,8 @@ pub struct StreamedReply {
     /// When the first and the last piece of text arrived.
     pub first_text_at: Option<std::time::Instant>,
     pub last_text_at: Option<std::time::Instant>,
+    /// The peer that ran the request, when a node forwarded it.
+    pub served_by: Option<String>,
 }
 
 /// Sends a streaming chat request and prints the reply as it arrives.
@@ -185,6 +187,11 @@ pub async fn stream_to_stdout(
         usage: None,
         first_text_at: None,
         last_text_at: None,
+        served_by: resp
+            .headers()
+            .get(crate::http::PEER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     };
     let mut stream = resp.bytes_stream();
     let mut out = std::io::stdout();

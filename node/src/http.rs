@@ -1,12 +1,14 @@
 //! Canopy's HTTP front: the OpenAI-compatible API, `/health` and `/metrics`.
 //!
 //! Request flow: the body is read under a size cap and decoded to an OpenAI
-//! request (a 400 or 413 JSON error otherwise), turned into tokens, and
-//! submitted to the engine. The engine's event stream becomes either one
-//! JSON response or an SSE stream. The HTTP body owns the engine's
-//! `Generation`: when a client disconnects, hyper drops the body, the
-//! generation handle goes with it, and the engine frees the slot at its next
-//! step.
+//! request (a 400 or 413 JSON error otherwise) and routed: a model this node
+//! loaded is turned into tokens and submitted to the local engine; any other
+//! goes to a peer that serves it (see `peers`), which tokenizes on its side.
+//! Either way the events become one JSON response or an SSE stream. The
+//! HTTP body owns the running job: when a client disconnects, hyper drops
+//! the body and the job with it; a local generation frees its slot at the
+//! engine's next step, a remote one resets its stream and the seeder does
+//! the same.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,27 +24,51 @@ use axum::{Json, Router};
 use futures_util::stream::{self, Stream};
 use serde_json::json;
 
-use hypha_engine::{Engine, Event, FinishReason, GenerateRequest, Generation};
+use hypha_engine::{Engine, Event, Finish, FinishReason, GenerateRequest, Generation};
+use hypha_wire::{InferenceRequest, NodeId, Prompt};
 
 use crate::metrics::{Gauges, Metrics};
 use crate::openai::{
     ChatRequest, CompletionRequest, ModelCard, ModelList, ModelMeta, PromptField, SamplingFields,
     Usage,
 };
+use crate::peers::{Peers, RemoteError, RemoteEvent, RemoteGeneration};
 
 /// Largest request body accepted: long prompts fit, runaway uploads do not.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Seconds a client is told to wait when every slot and the queue are full.
 const RETRY_AFTER_S: u64 = 1;
 
-/// What every handler shares.
-pub struct AppState {
+/// Header naming the peer that served a remote request.
+pub const PEER_HEADER: &str = "x-hypha-peer";
+
+/// A model this node runs itself.
+pub struct LocalModel {
     pub engine: Engine,
     pub model_id: String,
+    /// Other names requests may use for it (e.g. `default`).
     pub aliases: Vec<String>,
+}
+
+impl LocalModel {
+    fn answers_to(&self, model: &str) -> bool {
+        model == self.model_id || self.aliases.iter().any(|a| a == model)
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub local: Option<LocalModel>,
+    pub peers: Option<Arc<Peers>>,
     pub api_key: Option<String>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub started: SystemTime,
+}
+
+/// Where a request runs.
+enum Route<'a> {
+    Local(&'a Engine),
+    Remote(&'a Peers),
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -111,6 +137,26 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
         }
         resp
+    }
+}
+
+impl From<RemoteError> for ApiError {
+    fn from(e: RemoteError) -> Self {
+        let message = e.to_string();
+        match e {
+            RemoteError::Refused { code: 400, .. } => Self::invalid(message),
+            RemoteError::Refused { code: 404, .. } | RemoteError::NoProvider { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+                    .code("model_not_found")
+                    .param("model")
+            }
+            RemoteError::Refused { code: 503, .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", message).code("peer_busy")
+            }
+            _ => {
+                Self::new(StatusCode::BAD_GATEWAY, "server_error", message).code("peer_unavailable")
+            }
+        }
     }
 }
 
@@ -205,21 +251,22 @@ impl AppState {
         }
     }
 
-    fn check_model(&self, model: &str) -> Result<(), ApiError> {
-        if model == self.model_id || self.aliases.iter().any(|a| a == model) {
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!(
-                    "the model {model:?} does not exist on this node; it serves {:?}",
-                    self.model_id
-                ),
-            )
-            .code("model_not_found")
-            .param("model"))
+    /// The local engine when this node runs `model`, else the peers.
+    fn route(&self, model: &str) -> Result<Route<'_>, ApiError> {
+        if let Some(local) = self.local.as_ref().filter(|l| l.answers_to(model)) {
+            return Ok(Route::Local(&local.engine));
         }
+        if let Some(peers) = &self.peers {
+            return Ok(Route::Remote(peers));
+        }
+        let serves = self.local.as_ref().map(|l| l.model_id.as_str());
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model {model:?} does not exist on this node; it serves {serves:?}"),
+        )
+        .code("model_not_found")
+        .param("model"))
     }
 }
 
@@ -237,26 +284,55 @@ async fn not_found() -> ApiError {
     .code("unknown_url")
 }
 
+impl AppState {
+    fn gauges(&self) -> Gauges {
+        match &self.local {
+            Some(l) => {
+                let stats = l.engine.stats();
+                Gauges {
+                    queue_depth: stats.queued.load(Ordering::Relaxed),
+                    slots_busy: stats.slots_busy.load(Ordering::Relaxed),
+                    slots_total: l.engine.info().parallel,
+                    prompt_tokens_reused: stats.prompt_tokens_reused.load(Ordering::Relaxed),
+                }
+            }
+            None => Gauges {
+                queue_depth: 0,
+                slots_busy: 0,
+                slots_total: 0,
+                prompt_tokens_reused: 0,
+            },
+        }
+    }
+}
+
 async fn health(State(st): State<Arc<AppState>>) -> Response {
-    let stats = st.engine.stats();
+    let g = st.gauges();
+    let peers: Vec<serde_json::Value> = st
+        .peers
+        .as_ref()
+        .map(|p| {
+            p.status()
+                .into_iter()
+                .map(|(addr, connected)| {
+                    json!({"id": addr.id.to_string(), "addr": addr.addr.to_string(), "connected": connected})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Json(json!({
         "status": "ok",
-        "model": st.model_id,
-        "slots_busy": stats.slots_busy.load(Ordering::Relaxed),
-        "slots_total": st.engine.info().parallel,
-        "queue_depth": stats.queued.load(Ordering::Relaxed),
+        "model": st.local.as_ref().map(|l| l.model_id.clone()),
+        "slots_busy": g.slots_busy,
+        "slots_total": g.slots_total,
+        "queue_depth": g.queue_depth,
+        "peers": peers,
     }))
     .into_response()
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let stats = st.engine.stats();
-    let text = st.metrics.render(&Gauges {
-        queue_depth: stats.queued.load(Ordering::Relaxed),
-        slots_busy: stats.slots_busy.load(Ordering::Relaxed),
-        slots_total: st.engine.info().parallel,
-        prompt_tokens_reused: stats.prompt_tokens_reused.load(Ordering::Relaxed),
-    });
+    let text = st.metrics.render(&st.gauges());
     (
         [(
             header::CONTENT_TYPE,
@@ -271,19 +347,19 @@ async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
     if let Err(e) = st.authorize(&headers) {
         return e.into_response();
     }
-    let info = st.engine.info();
     let created = st
         .started
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Json(ModelList {
-        object: "list",
-        data: vec![ModelCard {
-            id: st.model_id.clone(),
+    let mut data = Vec::new();
+    if let Some(local) = &st.local {
+        let info = local.engine.info();
+        data.push(ModelCard {
+            id: local.model_id.clone(),
             object: "model",
             created,
             owned_by: "hypha",
-            meta: ModelMeta {
+            meta: Some(ModelMeta {
                 architecture: info.architecture.clone(),
                 context_length: info.ctx_per_slot,
                 context_length_train: info.n_ctx_train,
@@ -291,8 +367,28 @@ async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
                 size_bytes: info.size_bytes,
                 device: info.device.clone(),
                 slots: info.parallel,
-            },
-        }],
+            }),
+            providers: Vec::new(),
+        });
+    }
+    if let Some(peers) = &st.peers {
+        for (model, ids) in peers.models() {
+            if st.local.as_ref().is_some_and(|l| l.answers_to(&model)) {
+                continue;
+            }
+            data.push(ModelCard {
+                id: model,
+                object: "model",
+                created,
+                owned_by: "hypha",
+                meta: None,
+                providers: ids.iter().map(ToString::to_string).collect(),
+            });
+        }
+    }
+    Json(ModelList {
+        object: "list",
+        data,
     })
     .into_response()
 }
@@ -318,18 +414,40 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<OpenAiJson<ChatRequest>, ApiError>,
 ) -> Response {
+    let received = Instant::now();
     let prepared = async {
         st.authorize(&headers)?;
         let OpenAiJson(req) = body?;
-        st.check_model(&req.model)?;
+        let route = st.route(&req.model)?;
         let stops = req.fields.check().map_err(ApiError::invalid)?;
         let messages = req
             .messages()
             .map_err(|m| ApiError::invalid(m).param("messages"))?;
-        let engine = st.engine.clone();
-        let prompt = engine.apply_chat_template(&messages)?;
-        let tokens = engine.tokenize(&prompt)?;
-        start(&st, Kind::Chat, req.model, tokens, stops, &req.fields)
+        let job = match route {
+            Route::Local(engine) => {
+                let prompt = engine.apply_chat_template(&messages)?;
+                let tokens = engine.tokenize(&prompt)?;
+                submit_local(engine, tokens, stops, &req.fields)?
+            }
+            Route::Remote(peers) => {
+                let messages = messages
+                    .into_iter()
+                    .map(|m| hypha_wire::ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect();
+                submit_remote(
+                    peers,
+                    &req.model,
+                    Prompt::Chat(messages),
+                    stops,
+                    &req.fields,
+                )
+                .await?
+            }
+        };
+        start(&st, Kind::Chat, req.model, job, &req.fields, received)
     }
     .await;
     reply(&st, Kind::Chat, prepared).await
@@ -340,26 +458,48 @@ async fn completions(
     headers: HeaderMap,
     body: Result<OpenAiJson<CompletionRequest>, ApiError>,
 ) -> Response {
+    let received = Instant::now();
     let prepared = async {
         st.authorize(&headers)?;
         let OpenAiJson(req) = body?;
-        st.check_model(&req.model)?;
+        let route = st.route(&req.model)?;
         let stops = req.fields.check().map_err(ApiError::invalid)?;
         if req.echo {
             return Err(ApiError::invalid("echo is not supported").param("echo"));
         }
-        let tokens = match &req.prompt {
-            PromptField::Text(t) => st.engine.tokenize(t)?,
-            PromptField::Texts(v) if v.len() == 1 => st.engine.tokenize(&v[0])?,
+        let text = match &req.prompt {
+            PromptField::Text(t) => Some(t),
+            PromptField::Texts(v) if v.len() == 1 => v.first(),
             PromptField::Texts(_) => {
                 return Err(
                     ApiError::invalid("exactly one prompt per request is supported")
                         .param("prompt"),
                 )
             }
-            PromptField::Tokens(t) => t.clone(),
+            PromptField::Tokens(_) => None,
         };
-        start(&st, Kind::Text, req.model, tokens, stops, &req.fields)
+        let job = match (route, text) {
+            (Route::Local(engine), Some(t)) => {
+                submit_local(engine, engine.tokenize(t)?, stops, &req.fields)?
+            }
+            (Route::Local(engine), None) => {
+                let PromptField::Tokens(tokens) = &req.prompt else {
+                    unreachable!("only token prompts have no text")
+                };
+                submit_local(engine, tokens.clone(), stops, &req.fields)?
+            }
+            (Route::Remote(peers), Some(t)) => {
+                submit_remote(peers, &req.model, Prompt::Text(t.clone()), stops, &req.fields)
+                    .await?
+            }
+            (Route::Remote(_), None) => {
+                return Err(ApiError::invalid(
+                    "token-id prompts depend on the model's vocabulary; send text to a model served by a peer",
+                )
+                .param("prompt"))
+            }
+        };
+        start(&st, Kind::Text, req.model, job, &req.fields, received)
     }
     .await;
     reply(&st, Kind::Text, prepared).await
@@ -388,21 +528,83 @@ struct Reply {
     state: Arc<AppState>,
 }
 
-fn start(
-    st: &Arc<AppState>,
-    kind: Kind,
-    model: String,
+/// A running generation, here or on a peer.
+enum Job {
+    Local(Generation),
+    Remote(Box<RemoteGeneration>),
+}
+
+/// One event of a job.
+enum Out {
+    Token(String),
+    Done(String, Finish),
+    Failed(String),
+}
+
+impl Job {
+    async fn next(&mut self) -> Option<Out> {
+        match self {
+            Job::Local(g) => g.next().await.map(|e| match e {
+                Event::Token { text, .. } => Out::Token(text),
+                Event::Done { text, finish } => Out::Done(text, finish),
+                Event::Failed(e) => Out::Failed(e.to_string()),
+            }),
+            Job::Remote(g) => g.next().await.map(|e| match e {
+                RemoteEvent::Token(text) => Out::Token(text),
+                RemoteEvent::Done { text, finish } => Out::Done(text, finish),
+                RemoteEvent::Failed(m) => Out::Failed(m),
+            }),
+        }
+    }
+
+    fn peer(&self) -> Option<NodeId> {
+        match self {
+            Job::Local(_) => None,
+            Job::Remote(g) => Some(g.peer()),
+        }
+    }
+}
+
+fn submit_local(
+    engine: &Engine,
     prompt: Vec<hypha_engine::Token>,
     stop: Vec<String>,
     fields: &SamplingFields,
-) -> Result<Started, ApiError> {
-    let received = Instant::now();
-    let generation = st.engine.submit(GenerateRequest {
+) -> Result<Job, ApiError> {
+    Ok(Job::Local(engine.submit(GenerateRequest {
         prompt,
         sampling: fields.sampling(),
         max_tokens: fields.max_tokens(),
         stop,
-    })?;
+    })?))
+}
+
+async fn submit_remote(
+    peers: &Peers,
+    model: &str,
+    prompt: Prompt,
+    stop: Vec<String>,
+    fields: &SamplingFields,
+) -> Result<Job, ApiError> {
+    let req = InferenceRequest {
+        request_id: peers.next_request_id(),
+        model: model.to_owned(),
+        prompt,
+        sampling: crate::seeder::sampling_to_wire(&fields.sampling()),
+        stop,
+        max_tokens: fields.max_tokens(),
+    };
+    Ok(Job::Remote(Box::new(peers.start(req).await?)))
+}
+
+fn start(
+    st: &Arc<AppState>,
+    kind: Kind,
+    model: String,
+    job: Job,
+    fields: &SamplingFields,
+    received: Instant,
+) -> Result<Started, ApiError> {
     let reply = Reply {
         kind,
         id: new_id(if kind == Kind::Chat {
@@ -417,15 +619,15 @@ fn start(
         state: st.clone(),
     };
     if fields.stream {
-        Ok(Started::Stream(stream_response(reply, generation)))
+        Ok(Started::Stream(stream_response(reply, job)))
     } else {
-        Ok(Started::Whole(reply, generation))
+        Ok(Started::Whole(reply, job))
     }
 }
 
 enum Started {
     Stream(Response),
-    Whole(Reply, Generation),
+    Whole(Reply, Job),
 }
 
 /// Produces the response. A non-streaming reply is awaited here: when the
@@ -433,7 +635,7 @@ enum Started {
 async fn respond(started: Started) -> Result<Response, ApiError> {
     match started {
         Started::Stream(resp) => Ok(resp),
-        Started::Whole(reply, generation) => collect(reply, generation).await,
+        Started::Whole(reply, job) => collect(reply, job).await,
     }
 }
 
@@ -496,21 +698,21 @@ fn server_error_json(message: &str) -> serde_json::Value {
     json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}})
 }
 
-async fn collect(reply: Reply, mut generation: Generation) -> Result<Response, ApiError> {
+async fn collect(reply: Reply, mut job: Job) -> Result<Response, ApiError> {
     let mut tracker = Tracker::new(reply.state.clone(), reply.received);
     let mut text = String::new();
     let outcome = loop {
-        match generation.next().await {
-            Some(Event::Token { text: t, .. }) => {
+        match job.next().await {
+            Some(Out::Token(t)) => {
                 tracker.token();
                 text.push_str(&t);
             }
-            Some(Event::Done { text: t, finish }) => {
+            Some(Out::Done(t, finish)) => {
                 text.push_str(&t);
                 tracker.finished(&finish);
                 break Ok(finish);
             }
-            Some(Event::Failed(e)) => break Err(e.to_string()),
+            Some(Out::Failed(e)) => break Err(e),
             None => break Err("the engine stopped".to_owned()),
         }
     };
@@ -548,7 +750,15 @@ async fn collect(reply: Reply, mut generation: Generation) -> Result<Response, A
             "usage": usage,
         }),
     };
-    Ok(Json(body).into_response())
+    let mut resp = Json(body).into_response();
+    add_peer_header(&mut resp, job.peer());
+    Ok(resp)
+}
+
+fn add_peer_header(resp: &mut Response, peer: Option<NodeId>) {
+    if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&p.to_string()).ok()) {
+        resp.headers_mut().insert(PEER_HEADER, v);
+    }
 }
 
 fn chunk(reply: &Reply, text: Option<&str>, role: bool, finish: Option<FinishReason>) -> String {
@@ -605,21 +815,24 @@ enum Phase {
 
 struct StreamState {
     reply: Reply,
-    generation: Generation,
+    job: Job,
     tracker: Tracker,
     phase: Phase,
     pending: std::collections::VecDeque<String>,
 }
 
-fn stream_response(reply: Reply, generation: Generation) -> Response {
+fn stream_response(reply: Reply, job: Job) -> Response {
+    let peer = job.peer();
     let state = StreamState {
         tracker: Tracker::new(reply.state.clone(), reply.received),
         reply,
-        generation,
+        job,
         phase: Phase::Start,
         pending: std::collections::VecDeque::with_capacity(4),
     };
-    Sse::new(sse_events(state)).into_response()
+    let mut resp = Sse::new(sse_events(state)).into_response();
+    add_peer_header(&mut resp, peer);
+    resp
 }
 
 fn sse_events(
@@ -639,15 +852,15 @@ fn sse_events(
                         s.pending.push_back(c);
                     }
                 }
-                Phase::Running => match s.generation.next().await {
-                    Some(Event::Token { text, .. }) => {
+                Phase::Running => match s.job.next().await {
+                    Some(Out::Token(text)) => {
                         s.tracker.token();
                         if !text.is_empty() {
                             let c = chunk(&s.reply, Some(&text), false, None);
                             s.pending.push_back(c);
                         }
                     }
-                    Some(Event::Done { text, finish }) => {
+                    Some(Out::Done(text, finish)) => {
                         s.tracker.finished(&finish);
                         if !text.is_empty() {
                             let c = chunk(&s.reply, Some(&text), false, None);
@@ -663,10 +876,10 @@ fn sse_events(
                         s.pending.push_back("[DONE]".to_owned());
                         s.phase = Phase::Ended;
                     }
-                    ended @ (Some(Event::Failed(_)) | None) => {
+                    ended @ (Some(Out::Failed(_)) | None) => {
                         s.tracker.failed();
                         let message = match ended {
-                            Some(Event::Failed(e)) => e.to_string(),
+                            Some(Out::Failed(e)) => e,
                             _ => "the engine stopped".to_owned(),
                         };
                         s.pending.push_back(server_error_json(&message).to_string());

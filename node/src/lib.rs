@@ -1,7 +1,9 @@
 //! The hypha node: everything around the engine that a user runs.
 //!
-//! [`Node::start`] loads a model into an [`hypha_engine::Engine`] and serves
-//! the OpenAI-compatible API on a TCP address; the `hypha` binary is a thin
+//! [`Node::start`] optionally loads a model into an [`hypha_engine::Engine`],
+//! optionally serves it to peers over QUIC (`seeder`), optionally sends
+//! requests for other models to configured peers (`peers`), and serves the
+//! OpenAI-compatible API on a TCP address. The `hypha` binary is a thin
 //! command line over this library, so another Rust program can embed a node
 //! in-process.
 
@@ -12,63 +14,179 @@ pub mod identity;
 pub mod metrics;
 pub mod models;
 pub mod openai;
+pub mod peers;
+pub mod proto;
+pub mod seeder;
 pub mod transport;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use hypha_engine::{Engine, EngineConfig};
+use hypha_wire::{NodeId, CAP_SEEDER};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::identity::Identity;
+use crate::peers::{PeerAddr, Peers};
+use crate::transport::Endpoint;
+
 /// The address `hypha up` listens on when not told otherwise.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8420";
+/// Where a node that only dials peers binds its QUIC socket.
+const DIAL_ONLY_ADDR: &str = "0.0.0.0:0";
+/// How long a stopping node waits for its peer connections to close.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Everything [`Node::start`] needs.
 pub struct NodeConfig {
-    pub engine: EngineConfig,
+    /// The model to run here; `None` for a node that only consumes.
+    pub engine: Option<EngineConfig>,
     pub http_addr: SocketAddr,
     pub api_key: Option<String>,
     /// Other names the model answers to in requests (e.g. `default`).
     pub model_aliases: Vec<String>,
+    /// Serve the local model to peers on this UDP address.
+    pub quic_addr: Option<SocketAddr>,
+    /// Peers to send requests for models this node does not run.
+    pub peers: Vec<PeerAddr>,
+    /// Where the node keeps its key (`None`: `$HYPHA_HOME` or XDG).
+    pub data_dir: Option<PathBuf>,
+    /// How long a dial may take before the peer counts as down.
+    pub dial_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// A node on `127.0.0.1:0` with no peers, running `engine` if given.
+    pub fn new(engine: Option<EngineConfig>) -> Self {
+        Self {
+            engine,
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_key: None,
+            model_aliases: Vec::new(),
+            quic_addr: None,
+            peers: Vec::new(),
+            data_dir: None,
+            dial_timeout: peers::DIAL_TIMEOUT,
+        }
+    }
 }
 
 /// A running node.
 pub struct Node {
     http_addr: SocketAddr,
-    engine: Engine,
+    engine: Option<Engine>,
+    identity: Option<NodeId>,
+    endpoint: Option<Arc<Endpoint>>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    seeder: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
-    /// Loads the model (on a blocking thread) and starts serving HTTP.
+    /// Loads the model (on a blocking thread), opens the QUIC endpoint when
+    /// peers are involved, and starts serving HTTP.
     pub async fn start(cfg: NodeConfig) -> anyhow::Result<Self> {
-        let engine_cfg = cfg.engine.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::start(engine_cfg))
-            .await
-            .context("engine start-up panicked")??;
+        let engine = match cfg.engine.clone() {
+            Some(engine_cfg) => Some(
+                tokio::task::spawn_blocking(move || Engine::start(engine_cfg))
+                    .await
+                    .context("engine start-up panicked")??,
+            ),
+            None => None,
+        };
         let listener = TcpListener::bind(cfg.http_addr)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.http_addr))?;
         let http_addr = listener.local_addr()?;
+        let metrics = Arc::new(metrics::Metrics::default());
+        let (shutdown, rx) = watch::channel(false);
+
+        let local = engine.as_ref().map(|e| http::LocalModel {
+            engine: e.clone(),
+            model_id: e.info().name.clone(),
+            aliases: cfg.model_aliases.clone(),
+        });
+        let served: Vec<String> = local
+            .as_ref()
+            .map(|l| {
+                std::iter::once(l.model_id.clone())
+                    .chain(l.aliases.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        let mut endpoint = None;
+        let mut identity_id = None;
+        let mut seeder_task = None;
+        let mut peers = None;
+        if cfg.quic_addr.is_some() || !cfg.peers.is_empty() {
+            let dir = identity::data_dir(cfg.data_dir.as_deref())?;
+            let ident = Identity::load_or_create(&dir)?;
+            identity_id = Some(ident.id());
+            let bind = match cfg.quic_addr {
+                Some(a) => a,
+                None => DIAL_ONLY_ADDR.parse()?,
+            };
+            let ep = Arc::new(Endpoint::bind(&ident, bind)?);
+            let caps = if engine.is_some() && cfg.quic_addr.is_some() {
+                CAP_SEEDER
+            } else {
+                0
+            };
+            let advertised = if caps == CAP_SEEDER {
+                served.clone()
+            } else {
+                Vec::new()
+            };
+            let hello = proto::hello_message(&ident, caps, advertised.clone());
+            if let (Some(engine), Some(_)) = (&engine, cfg.quic_addr) {
+                let state = Arc::new(seeder::SeederState {
+                    engine: engine.clone(),
+                    models: advertised,
+                    hello: hello.clone(),
+                    metrics: metrics.clone(),
+                    max_peers: seeder::MAX_PEERS,
+                });
+                seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), state, rx.clone())));
+                tracing::info!(id = %ident.id(), "serving peers on QUIC {}", ep.local_addr()?);
+            }
+            if !cfg.peers.is_empty() {
+                let p = Arc::new(
+                    Peers::new(
+                        ep.clone(),
+                        hello,
+                        cfg.peers.clone(),
+                        metrics.clone(),
+                        cfg.dial_timeout,
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                );
+                let probe = p.clone();
+                tokio::spawn(async move {
+                    probe.connect_all().await;
+                });
+                peers = Some(p);
+            }
+            endpoint = Some(ep);
+        }
+
         let state = Arc::new(http::AppState {
-            engine: engine.clone(),
-            model_id: engine.info().name.clone(),
-            aliases: cfg.model_aliases,
+            local,
+            peers,
             api_key: cfg.api_key,
-            metrics: metrics::Metrics::default(),
+            metrics,
             started: SystemTime::now(),
         });
-        let (shutdown, mut rx) = watch::channel(false);
         let app = http::router(state);
+        let mut rx_http = rx;
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
+                    let _ = rx_http.wait_for(|stop| *stop).await;
                 })
                 .await
         });
@@ -76,8 +194,11 @@ impl Node {
         Ok(Self {
             http_addr,
             engine,
+            identity: identity_id,
+            endpoint,
             shutdown,
             server,
+            seeder: seeder_task,
         })
     }
 
@@ -85,32 +206,65 @@ impl Node {
         self.http_addr
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The local engine, when this node runs a model.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref()
+    }
+
+    /// This node's id, when it talks to peers.
+    pub fn id(&self) -> Option<NodeId> {
+        self.identity
+    }
+
+    /// The UDP address of the QUIC endpoint, when there is one.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
+    /// How peers reach this node: `NodeId@addr`.
+    pub fn peer_addr(&self) -> Option<PeerAddr> {
+        Some(PeerAddr {
+            id: self.identity?,
+            addr: self.quic_addr()?,
+        })
     }
 
     /// Stops accepting requests and waits for open ones to finish.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        self.server.await.context("server task panicked")??;
+        let served = (&mut self.server).await.context("server task panicked");
+        self.close_peers().await;
+        served??;
         Ok(())
     }
 
     /// Serves until `stop` resolves (then shuts down gracefully) or the
     /// server fails.
     pub async fn run_until(
-        self,
+        mut self,
         stop: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let mut server = self.server;
-        tokio::select! {
-            r = &mut server => { r.context("server task panicked")??; }
+        let served = tokio::select! {
+            r = &mut self.server => r,
             () = stop => {
                 let _ = self.shutdown.send(true);
-                server.await.context("server task panicked")??;
+                (&mut self.server).await
             }
-        }
+        };
+        let _ = self.shutdown.send(true);
+        self.close_peers().await;
+        served.context("server task panicked")??;
         Ok(())
+    }
+
+    async fn close_peers(&mut self) {
+        if let Some(task) = self.seeder.take() {
+            let _ = tokio::time::timeout(CLOSE_GRACE, task).await;
+        }
+        if let Some(ep) = &self.endpoint {
+            ep.close();
+            let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
+        }
     }
 }
 

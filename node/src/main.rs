@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hypha_engine::{DeviceChoice, EngineConfig, GpuLayers};
+use hypha_node::peers::PeerAddr;
 use hypha_node::{chat, models, Node, NodeConfig, DEFAULT_HTTP_ADDR};
 
 #[derive(Parser)]
@@ -21,10 +22,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a node: load a model and serve the OpenAI API.
+    /// Run a node: load a model and serve the OpenAI API; with --quic, serve
+    /// it to peers; with --peer, send requests for other models to peers.
     Up(UpArgs),
-    /// Start a node on the default model, stream one chat completion through
-    /// its API, then keep serving (or exit with --exit).
+    /// Start a two-node network on this machine (a seeder running the
+    /// default model and a consumer without one, linked over QUIC), stream
+    /// one chat completion through the consumer's API, then keep serving
+    /// (or exit with --exit).
     Demo {
         #[command(flatten)]
         up: UpArgs,
@@ -85,12 +89,23 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct UpArgs {
-    /// `default`, a cached model's name, or a path to a GGUF file.
-    #[arg(long, default_value = "default")]
-    model: String,
+    /// `default`, a cached model's name, or a path to a GGUF file. Without
+    /// it a node with --peer runs no model and only consumes; any other node
+    /// runs `default`.
+    #[arg(long)]
+    model: Option<String>,
     /// Address for the HTTP API.
     #[arg(long, default_value = DEFAULT_HTTP_ADDR)]
     http: SocketAddr,
+    /// Serve the model to peers over QUIC on this UDP address.
+    #[arg(long)]
+    quic: Option<SocketAddr>,
+    /// A peer to send requests to, as NODE_ID@HOST:PORT (repeatable).
+    #[arg(long = "peer")]
+    peers: Vec<PeerAddr>,
+    /// Where the node keeps its key (default: $HYPHA_HOME or the XDG data directory).
+    #[arg(long, env = "HYPHA_HOME")]
+    data_dir: Option<PathBuf>,
     /// Concurrent sequences (slots) in the engine.
     #[arg(long, default_value_t = hypha_engine::DEFAULT_PARALLEL)]
     parallel: u32,
@@ -180,16 +195,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(node).await
         }
         Cmd::Demo { up, ask, exit } => {
-            let node = start_node(up).await?;
-            demo(&node, &ask).await?;
-            if exit {
-                return node.stop().await;
+            let (seeder, consumer) = start_demo_network(up).await?;
+            let shown = demo(&seeder, &consumer, &ask).await;
+            if exit || shown.is_err() {
+                consumer.stop().await?;
+                seeder.stop().await?;
+                return shown;
             }
             eprintln!(
-                "\nhypha: the node keeps serving; point any OpenAI client at http://{}/v1 (Ctrl-C stops it)",
-                node.http_addr()
+                "\nhypha: both nodes keep serving; point any OpenAI client at http://{}/v1 (Ctrl-C stops them)",
+                consumer.http_addr()
             );
-            serve(node).await
+            let served = serve(consumer).await;
+            seeder.stop().await?;
+            served
         }
         Cmd::Model { cmd } => match cmd {
             ModelCmd::Pull {
@@ -279,10 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
-    let model_path: PathBuf = hypha_node::resolve_model(&a.model)
-        .await
-        .with_context(|| format!("cannot find model {:?}", a.model))?;
+fn engine_config(a: &UpArgs, model_path: PathBuf) -> EngineConfig {
     let mut engine = EngineConfig::new(model_path);
     engine.parallel = a.parallel;
     engine.ctx_per_slot = a.ctx_size;
@@ -294,26 +310,120 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     engine.queue_max = a.queue;
     engine.batch_tokens = a.batch_size;
     engine.prompt_chunk_tokens = a.prompt_chunk;
-    let aliases = if a.model == "default" {
+    engine
+}
+
+async fn load_model(spec: &str, a: &UpArgs) -> anyhow::Result<(EngineConfig, Vec<String>)> {
+    let model_path: PathBuf = hypha_node::resolve_model(spec)
+        .await
+        .with_context(|| format!("cannot find model {spec:?}"))?;
+    let aliases = if spec == "default" {
         vec!["default".to_owned()]
     } else {
         Vec::new()
+    };
+    Ok((engine_config(a, model_path), aliases))
+}
+
+async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
+    let spec = match (&a.model, a.peers.is_empty()) {
+        (Some(m), _) => Some(m.clone()),
+        (None, true) => Some("default".to_owned()),
+        (None, false) => None,
+    };
+    let (engine, aliases) = match &spec {
+        Some(spec) => {
+            let (e, al) = load_model(spec, &a).await?;
+            (Some(e), al)
+        }
+        None => (None, Vec::new()),
     };
     let node = Node::start(NodeConfig {
         engine,
         http_addr: a.http,
         api_key: a.api_key,
         model_aliases: aliases,
+        quic_addr: a.quic,
+        peers: a.peers,
+        data_dir: a.data_dir,
+        dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
     })
     .await?;
-    let info = node.engine().info();
-    eprintln!(
-        "hypha: serving {} on {} at http://{}/v1",
-        info.name,
-        info.device,
-        node.http_addr()
-    );
+    match node.engine() {
+        Some(engine) => {
+            let info = engine.info();
+            eprintln!(
+                "hypha: serving {} on {} at http://{}/v1",
+                info.name,
+                info.device,
+                node.http_addr()
+            );
+        }
+        None => eprintln!(
+            "hypha: no local model; requests go to peers; API at http://{}/v1",
+            node.http_addr()
+        ),
+    }
+    if let Some(p) = node.peer_addr() {
+        if a.quic.is_some() {
+            eprintln!("hypha: peers reach this node as {p}");
+        }
+    }
     Ok(node)
+}
+
+/// A seeder running the model with its own identity in a subfolder of the
+/// data directory, and a consumer on the requested HTTP address that has no
+/// model and reaches the seeder over QUIC on loopback.
+async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
+    let spec = a.model.clone().unwrap_or_else(|| "default".to_owned());
+    let (engine, aliases) = load_model(&spec, &a).await?;
+    let data = hypha_node::identity::data_dir(a.data_dir.as_deref())?;
+    let seeder = Node::start(NodeConfig {
+        engine: Some(engine),
+        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        api_key: a.api_key.clone(),
+        model_aliases: aliases,
+        quic_addr: Some(
+            a.quic
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        ),
+        peers: Vec::new(),
+        data_dir: Some(data.join("demo-seeder")),
+        dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
+    })
+    .await?;
+    let seeder_addr = seeder
+        .peer_addr()
+        .context("the seeder has no QUIC address")?;
+    let consumer = Node::start(NodeConfig {
+        engine: None,
+        http_addr: a.http,
+        api_key: a.api_key,
+        model_aliases: Vec::new(),
+        quic_addr: None,
+        peers: vec![seeder_addr.clone()],
+        data_dir: Some(data),
+        dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
+    })
+    .await?;
+    let info = seeder.engine().map(|e| e.info().clone());
+    if let Some(info) = info {
+        eprintln!(
+            "hypha: seeder {} serves {} on {} (QUIC {}, its own API at http://{}/v1)",
+            seeder_addr.id,
+            info.name,
+            info.device,
+            seeder_addr.addr,
+            seeder.http_addr()
+        );
+    }
+    eprintln!(
+        "hypha: consumer {} has no model; its API at http://{}/v1 sends requests to the seeder",
+        consumer.id().map(|i| i.to_string()).unwrap_or_default(),
+        consumer.http_addr()
+    );
+    Ok((seeder, consumer))
 }
 
 async fn serve(node: Node) -> anyhow::Result<()> {
@@ -324,12 +434,15 @@ async fn serve(node: Node) -> anyhow::Result<()> {
     .await
 }
 
-/// Sends one streaming chat completion to the node's own HTTP API, the way
-/// any OpenAI client would, and reports what it measured.
-async fn demo(node: &Node, ask: &str) -> anyhow::Result<()> {
+/// Sends one streaming chat completion to the consumer's HTTP API, the way
+/// any OpenAI client would; the seeder runs it. Reports what it measured.
+async fn demo(seeder: &Node, consumer: &Node, ask: &str) -> anyhow::Result<()> {
     let client = models::http_client()?;
-    let base = format!("http://{}", node.http_addr());
-    let model = node.engine().info().name.clone();
+    let base = format!("http://{}", consumer.http_addr());
+    let model = seeder
+        .engine()
+        .map(|e| e.info().name.clone())
+        .context("the seeder runs no model")?;
     let body = serde_json::json!({
         "model": model,
         "messages": [{"role": "user", "content": ask}],
@@ -363,6 +476,10 @@ async fn demo(node: &Node, ask: &str) -> anyhow::Result<()> {
             "usage: {prompt} prompt + {completion} completion tokens; first token after {:.0} ms; decode {rate}",
             (first - started).as_secs_f64() * 1e3
         );
+    }
+    match &reply.served_by {
+        Some(peer) => println!("served by seeder {peer} over QUIC"),
+        None => anyhow::bail!("the consumer did not say which peer served the request"),
     }
     Ok(())
 }

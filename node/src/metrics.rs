@@ -70,6 +70,10 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Peer connections open now (both directions).
+    pub peers_connected: AtomicU64,
+    /// Peers disconnected for breaking the protocol.
+    pub peer_violations: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
 }
@@ -81,6 +85,8 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            peers_connected: AtomicU64::new(0),
+            peer_violations: AtomicU64::new(0),
             ttft: Histogram::new(&TTFT_BUCKETS_S),
             inter_token: Histogram::new(&ITL_BUCKETS_S),
         }
@@ -103,7 +109,9 @@ impl Metrics {
 
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        out.push_str("# HELP hypha_requests_total HTTP API requests by endpoint and status.\n");
+        out.push_str(
+            "# HELP hypha_requests_total Requests by endpoint (HTTP, or peer for remote requests served) and status.\n",
+        );
         out.push_str("# TYPE hypha_requests_total counter\n");
         {
             let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
@@ -144,6 +152,12 @@ impl Metrics {
             "Generations cancelled because the client went away.",
             self.cancelled.load(Ordering::Relaxed),
         );
+        counter(
+            &mut out,
+            "hypha_peer_violations_total",
+            "Peers disconnected for breaking the protocol.",
+            self.peer_violations.load(Ordering::Relaxed),
+        );
         self.ttft.render(
             &mut out,
             "hypha_time_to_first_token_seconds",
@@ -174,6 +188,12 @@ impl Metrics {
             "hypha_slots_total",
             "Sequence slots in the engine.",
             u64::from(g.slots_total),
+        );
+        gauge(
+            &mut out,
+            "hypha_peers_connected",
+            "Peer connections open.",
+            self.peers_connected.load(Ordering::Relaxed),
         );
         out
     }

@@ -228,7 +228,12 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
-    pub meta: ModelMeta,
+    /// Details of a model this node runs itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<ModelMeta>,
+    /// Node ids of the peers serving a model this node does not run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]

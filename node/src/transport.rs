@@ -128,11 +128,26 @@ impl Endpoint {
     }
 
     /// The next incoming connection that completes its handshake, with the
-    /// peer's id; `None` once the endpoint is closed.
+    /// peer's id; `None` once the endpoint is closed. Handshakes run one at
+    /// a time here; a server takes [`Endpoint::accept_incoming`] and runs
+    /// [`Endpoint::handshake`] in a task per peer instead.
     pub async fn accept(&self) -> Option<Result<(quinn::Connection, NodeId), TransportError>> {
-        let incoming = self.endpoint.accept().await?;
+        let incoming = self.accept_incoming().await?;
+        Some(Self::handshake(incoming).await)
+    }
+
+    /// The next connection attempt, before its handshake; `None` once the
+    /// endpoint is closed.
+    pub async fn accept_incoming(&self) -> Option<quinn::Incoming> {
+        self.endpoint.accept().await
+    }
+
+    /// Completes an incoming connection's handshake and names the peer.
+    pub async fn handshake(
+        incoming: quinn::Incoming,
+    ) -> Result<(quinn::Connection, NodeId), TransportError> {
         let addr = incoming.remote_address();
-        Some(match incoming.await {
+        match incoming.await {
             Ok(conn) => match peer_id(&conn) {
                 Some(id) => Ok((conn, id)),
                 None => Err(TransportError::Connect {
@@ -144,7 +159,7 @@ impl Endpoint {
                 addr,
                 reason: e.to_string(),
             }),
-        })
+        }
     }
 
     /// Dials `addr`, expecting the node `expected`; anyone else fails the
@@ -183,6 +198,11 @@ impl Endpoint {
 
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"bye");
+    }
+
+    /// Waits until every connection has finished closing.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
     }
 }
 

@@ -18,14 +18,10 @@ async fn node(parallel: u32, queue: usize, api_key: Option<&str>) -> Node {
     engine.ctx_per_slot = 512;
     engine.threads = 1;
     engine.queue_max = queue;
-    Node::start(NodeConfig {
-        engine,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        api_key: api_key.map(str::to_owned),
-        model_aliases: vec!["default".into()],
-    })
-    .await
-    .expect("node starts")
+    let mut cfg = NodeConfig::new(Some(engine));
+    cfg.api_key = api_key.map(str::to_owned);
+    cfg.model_aliases = vec!["default".into()];
+    Node::start(cfg).await.expect("node starts")
 }
 
 fn client() -> reqwest::Client {

@@ -173,16 +173,9 @@ async fn chat_streams_replies_and_keeps_the_conversation() {
     engine.parallel = 2;
     engine.ctx_per_slot = 1024;
     engine.threads = 1;
-    let node = Node::start(NodeConfig {
-        engine,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        api_key: None,
-        model_aliases: vec![],
-    })
-    .await
-    .unwrap();
+    let node = Node::start(NodeConfig::new(Some(engine))).await.unwrap();
     let base = format!("http://{}", node.http_addr());
-    let model = node.engine().info().name.clone();
+    let model = node.engine().unwrap().info().name.clone();
     let c = hypha_node::models::http_client().unwrap();
     // Prompt tokens of one message sent as a fresh conversation.
     let cost = |content: &'static str| {

@@ -59,3 +59,10 @@ impl WireError {
         matches!(self, Self::Incomplete { .. })
     }
 }
+
+/// An owned copy of a checked archived request (a request is read once per
+/// stream, so copying it is off the per-token path).
+pub fn owned_request(r: &ArchivedInferenceRequest) -> Result<InferenceRequest, WireError> {
+    rkyv::deserialize::<InferenceRequest, rkyv::rancor::Error>(r)
+        .map_err(|e| WireError::Invalid(e.to_string()))
+}

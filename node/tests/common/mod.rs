@@ -55,3 +55,124 @@ pub async fn metrics(c: &reqwest::Client, base: &str) -> String {
         .await
         .unwrap()
 }
+
+/// An HTTP client for tests.
+pub fn client() -> reqwest::Client {
+    hypha_node::models::http_client().unwrap()
+}
+
+/// A seeder running the test model (one decode thread, 512 tokens per
+/// slot) with its identity in `dir`, serving peers on `quic`.
+pub async fn seeder(
+    parallel: u32,
+    queue: usize,
+    dir: &std::path::Path,
+    quic: std::net::SocketAddr,
+) -> hypha_node::Node {
+    let mut engine = hypha_engine::EngineConfig::new(test_model());
+    engine.parallel = parallel;
+    engine.ctx_per_slot = 512;
+    engine.threads = 1;
+    engine.queue_max = queue;
+    let mut cfg = hypha_node::NodeConfig::new(Some(engine));
+    cfg.model_aliases = vec!["default".into()];
+    cfg.quic_addr = Some(quic);
+    cfg.data_dir = Some(dir.to_owned());
+    hypha_node::Node::start(cfg).await.expect("seeder starts")
+}
+
+/// A node without a model that sends requests to `peers`; its identity
+/// lives in the returned folder.
+pub async fn consumer(
+    peers: Vec<hypha_node::peers::PeerAddr>,
+    dial_timeout: Duration,
+) -> (hypha_node::Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = hypha_node::NodeConfig::new(None);
+    cfg.peers = peers;
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.dial_timeout = dial_timeout;
+    let node = hypha_node::Node::start(cfg).await.expect("consumer starts");
+    (node, dir)
+}
+
+/// A seeder and a consumer that knows it.
+pub struct Net {
+    pub seeder: hypha_node::Node,
+    pub consumer: hypha_node::Node,
+    pub _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Net {
+    pub async fn start(parallel: u32, queue: usize) -> Self {
+        let sdir = tempfile::tempdir().unwrap();
+        let seeder = seeder(parallel, queue, sdir.path(), "127.0.0.1:0".parse().unwrap()).await;
+        let (consumer, cdir) =
+            consumer(vec![seeder.peer_addr().unwrap()], Duration::from_secs(2)).await;
+        Self {
+            seeder,
+            consumer,
+            _dirs: (sdir, cdir),
+        }
+    }
+
+    pub fn seeder_base(&self) -> String {
+        format!("http://{}", self.seeder.http_addr())
+    }
+
+    pub fn consumer_base(&self) -> String {
+        format!("http://{}", self.consumer.http_addr())
+    }
+}
+
+/// What a streamed chat completion delivered.
+#[derive(Debug)]
+pub struct StreamedChat {
+    pub text: String,
+    /// Chunks that carried text.
+    pub pieces: usize,
+    pub finish: Option<String>,
+    pub usage: Value,
+}
+
+/// Sends a streaming chat completion and reads it to `[DONE]`.
+pub async fn stream_chat(c: &reqwest::Client, base: &str, body: &Value) -> StreamedChat {
+    use futures_util::StreamExt;
+    let resp = c
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut reader = hypha_bench::sse::SseReader::default();
+    let mut out = StreamedChat {
+        text: String::new(),
+        pieces: 0,
+        finish: None,
+        usage: Value::Null,
+    };
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        for data in reader.push(&chunk.unwrap()).unwrap() {
+            if data == "[DONE]" {
+                return out;
+            }
+            let v: Value = serde_json::from_str(&data).unwrap();
+            assert!(v.get("error").is_none(), "stream failed: {v}");
+            if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                if !t.is_empty() {
+                    out.pieces += 1;
+                    out.text.push_str(t);
+                }
+            }
+            if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+                out.finish = Some(f.to_owned());
+            }
+            if !v["usage"].is_null() {
+                out.usage = v["usage"].clone();
+            }
+        }
+    }
+    panic!("stream ended without [DONE]");
+}

@@ -1,0 +1,488 @@
+//! The consumer side of remote inference: connections to known seeders,
+//! reused across requests, and one request stream per remote generation.
+//!
+//! Each configured peer has one connection slot. The first request (or the
+//! start-up probe) dials it under a lock, so concurrent requests share one
+//! handshake; later requests reuse the connection while it is open, and a
+//! closed one is redialed. A request goes to a peer whose hello lists the
+//! model; if opening the stream or getting the first frame fails on a
+//! connection that may have gone stale, it is redialed once, then the next
+//! provider is tried, so a client only sees an error when no provider could
+//! start its request.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypha_engine::{Finish, FinishReason};
+use hypha_wire::{ArchivedMessage, InferenceRequest, Message, NodeId};
+
+use crate::hello::VerifiedHello;
+use crate::metrics::Metrics;
+use crate::proto::{
+    close_for_violation, hello_as_dialer, kind_of, FramedRecv, FramedSend, PeerError,
+    STREAM_CANCELLED,
+};
+use crate::transport::Endpoint;
+
+/// How long a dial may take before the peer counts as down. A QUIC
+/// handshake is one or two round trips; a silent address would otherwise
+/// hold a request until the idle timeout.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Peers one node may be configured with.
+pub const MAX_CONFIGURED_PEERS: usize = crate::seeder::MAX_PEERS;
+
+/// A peer to dial: `NodeId@host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    pub id: NodeId,
+    pub addr: SocketAddr,
+}
+
+impl FromStr for PeerAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, addr) = s
+            .split_once('@')
+            .ok_or_else(|| format!("{s:?} is not NODE_ID@HOST:PORT"))?;
+        let id: NodeId = id
+            .parse()
+            .map_err(|e| format!("bad node id in {s:?}: {e}"))?;
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{addr:?} resolves to no address"))?;
+        Ok(Self { id, addr })
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.id, self.addr)
+    }
+}
+
+/// Why a remote request could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    /// The seeder answered with an error (HTTP-like code).
+    #[error("seeder {peer} refused: {message}")]
+    Refused {
+        peer: NodeId,
+        code: u16,
+        message: String,
+    },
+    /// No known peer serves the model.
+    #[error("no peer serves the model {model:?}; the network offers {available:?}")]
+    NoProvider {
+        model: String,
+        available: Vec<String>,
+    },
+    /// No reachable peer serves the model, and some peers could not be
+    /// reached to ask.
+    #[error("no reachable peer serves the model {model:?}; unreachable: {failures}")]
+    Unreachable { model: String, failures: String },
+    /// Every provider failed (down, unreachable, broken).
+    #[error("seeder {peer} failed: {source}")]
+    Failed { peer: NodeId, source: PeerError },
+}
+
+/// One event of a remote generation, as the HTTP layer consumes it.
+#[derive(Debug)]
+pub enum RemoteEvent {
+    Token(String),
+    Done { text: String, finish: Finish },
+    Failed(String),
+}
+
+struct Entry {
+    addr: PeerAddr,
+    /// The open connection; the lock is held while dialing.
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// Models from the peer's last hello; kept across reconnects.
+    models: std::sync::Mutex<Vec<String>>,
+}
+
+/// The peers this node sends requests to.
+pub struct Peers {
+    endpoint: Arc<Endpoint>,
+    hello: Message,
+    entries: Vec<Entry>,
+    metrics: Arc<Metrics>,
+    next_request_id: AtomicU64,
+    dial_timeout: Duration,
+}
+
+impl Peers {
+    pub fn new(
+        endpoint: Arc<Endpoint>,
+        hello: Message,
+        addrs: Vec<PeerAddr>,
+        metrics: Arc<Metrics>,
+        dial_timeout: Duration,
+    ) -> Result<Self, String> {
+        if addrs.len() > MAX_CONFIGURED_PEERS {
+            return Err(format!("at most {MAX_CONFIGURED_PEERS} peers"));
+        }
+        let mut seed = [0u8; 8];
+        // Request ids only need to differ between this node's requests; a
+        // random start keeps them apart across restarts.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+        Ok(Self {
+            endpoint,
+            hello,
+            entries: addrs
+                .into_iter()
+                .map(|addr| Entry {
+                    addr,
+                    conn: tokio::sync::Mutex::new(None),
+                    models: std::sync::Mutex::new(Vec::new()),
+                })
+                .collect(),
+            metrics,
+            next_request_id: AtomicU64::new(u64::from_le_bytes(seed) >> 1),
+            dial_timeout,
+        })
+    }
+
+    /// A fresh request id.
+    pub fn next_request_id(&self) -> u64 {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Every model a known peer serves, with the peers that serve it.
+    pub fn models(&self) -> Vec<(String, Vec<NodeId>)> {
+        let mut out: Vec<(String, Vec<NodeId>)> = Vec::new();
+        for e in &self.entries {
+            for m in lock(&e.models).iter() {
+                match out.iter_mut().find(|(name, _)| name == m) {
+                    Some((_, ids)) => ids.push(e.addr.id),
+                    None => out.push((m.clone(), vec![e.addr.id])),
+                }
+            }
+        }
+        out
+    }
+
+    /// The configured peers and whether each is connected now.
+    pub fn status(&self) -> Vec<(PeerAddr, bool)> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let up = e
+                    .conn
+                    .try_lock()
+                    .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+                    .unwrap_or(false);
+                (e.addr.clone(), up)
+            })
+            .collect()
+    }
+
+    /// Dials every peer not yet connected, to learn what they serve; the
+    /// peers that could not be reached, and why.
+    pub async fn connect_all(&self) -> Vec<(PeerAddr, PeerError)> {
+        let dials = self.entries.iter().map(|e| async move {
+            match self.connection(e, false).await {
+                Ok(_) => None,
+                Err(err) => {
+                    tracing::warn!(peer = %e.addr, "cannot connect: {err}");
+                    Some((e.addr.clone(), err))
+                }
+            }
+        });
+        futures_util::future::join_all(dials)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// The open connection to `e`, dialing when there is none (or when
+    /// `fresh` asks to replace the current one).
+    async fn connection(&self, e: &Entry, fresh: bool) -> Result<quinn::Connection, PeerError> {
+        let mut slot = e.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !fresh && c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        if let Some(old) = slot.take() {
+            old.close(crate::proto::CLOSE_NORMAL, b"replaced");
+        }
+        let peer = e.addr.id;
+        let conn = tokio::time::timeout(self.dial_timeout, self.endpoint.dial(e.addr.addr, peer))
+            .await
+            .map_err(|_| {
+                PeerError::Unreachable(format!(
+                    "no answer from {} within {:?}",
+                    e.addr.addr, self.dial_timeout
+                ))
+            })?
+            .map_err(|err| PeerError::Unreachable(err.to_string()))?;
+        let hello: VerifiedHello = match hello_as_dialer(&conn, peer, &self.hello).await {
+            Ok(h) => h,
+            Err(err) => {
+                if err.is_violation() {
+                    self.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
+                    close_for_violation(&conn, peer, &err);
+                }
+                return Err(err);
+            }
+        };
+        tracing::info!(%peer, addr = %e.addr.addr, models = ?hello.models, "connected to peer");
+        *lock(&e.models) = hello.models;
+        self.metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
+        let watched = conn.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let why = watched.closed().await;
+            metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
+            tracing::info!(%peer, "peer connection closed: {why}");
+        });
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn providers(&self, model: &str) -> Vec<&Entry> {
+        self.entries
+            .iter()
+            .filter(|e| lock(&e.models).iter().any(|m| m == model))
+            .collect()
+    }
+
+    /// Starts `req` on a peer serving its model and waits for the first
+    /// event, so that a refusal or an unreachable seeder is an error here,
+    /// before any response is committed.
+    pub async fn start(&self, req: InferenceRequest) -> Result<RemoteGeneration, RemoteError> {
+        let mut providers = self.providers(&req.model);
+        if providers.is_empty() {
+            // Peers not reached yet may serve it: ask them first.
+            let failures = self.connect_all().await;
+            providers = self.providers(&req.model);
+            if providers.is_empty() && !failures.is_empty() {
+                let failures = failures
+                    .iter()
+                    .map(|(p, e)| format!("{p} ({e})"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(RemoteError::Unreachable {
+                    model: req.model.clone(),
+                    failures,
+                });
+            }
+        }
+        if providers.is_empty() {
+            return Err(RemoteError::NoProvider {
+                model: req.model.clone(),
+                available: self.models().into_iter().map(|(m, _)| m).collect(),
+            });
+        }
+        let mut last = None;
+        for e in providers {
+            let peer = e.addr.id;
+            for fresh in [false, true] {
+                let conn = match self.connection(e, fresh).await {
+                    Ok(c) => c,
+                    Err(source) => {
+                        last = Some(RemoteError::Failed { peer, source });
+                        break;
+                    }
+                };
+                match RemoteGeneration::open(conn, peer, &req, &self.metrics).await {
+                    Ok(g) => return Ok(g),
+                    Err(err @ RemoteError::Refused { .. }) => return Err(err),
+                    Err(err) => {
+                        tracing::info!(%peer, fresh, "request could not start: {err}");
+                        last = Some(err);
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or(RemoteError::NoProvider {
+            model: req.model.clone(),
+            available: Vec::new(),
+        }))
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One generation running on a seeder. Dropping it before it ended resets
+/// the stream, which cancels the generation on the seeder.
+pub struct RemoteGeneration {
+    conn: quinn::Connection,
+    peer: NodeId,
+    send: FramedSend,
+    recv: FramedRecv,
+    request_id: u64,
+    next_seq: u32,
+    first: Option<RemoteEvent>,
+    ended: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl RemoteGeneration {
+    async fn open(
+        conn: quinn::Connection,
+        peer: NodeId,
+        req: &InferenceRequest,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, RemoteError> {
+        let failed = |source: PeerError| RemoteError::Failed { peer, source };
+        let (send, recv) = conn.open_bi().await.map_err(|e| failed(e.into()))?;
+        let mut g = Self {
+            conn,
+            peer,
+            send: FramedSend::new(send),
+            recv: FramedRecv::new(recv),
+            request_id: req.request_id,
+            next_seq: 0,
+            first: None,
+            ended: false,
+            metrics: metrics.clone(),
+        };
+        g.send
+            .send(&Message::Request(req.clone()))
+            .await
+            .map_err(failed)?;
+        match g.read().await {
+            Ok(ev) => {
+                g.first = Some(ev);
+                Ok(g)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    /// The next event; `None` after the generation ended.
+    pub async fn next(&mut self) -> Option<RemoteEvent> {
+        if let Some(ev) = self.first.take() {
+            return Some(ev);
+        }
+        if self.ended {
+            return None;
+        }
+        Some(match self.read().await {
+            Ok(ev) => ev,
+            Err(e) => RemoteEvent::Failed(e.to_string()),
+        })
+    }
+
+    async fn read(&mut self) -> Result<RemoteEvent, RemoteError> {
+        let (request_id, seq) = (self.request_id, self.next_seq);
+        let frame = self
+            .recv
+            .next(|m| reply_event(m, request_id, seq))
+            .await
+            .and_then(|r| r.ok_or_else(|| PeerError::Protocol("stream ended before done".into())));
+        let peer = self.peer;
+        match frame {
+            Ok(Reply::Token(text)) => {
+                self.next_seq = self.next_seq.wrapping_add(1);
+                Ok(RemoteEvent::Token(text))
+            }
+            Ok(Reply::Done(text, finish)) => {
+                self.ended = true;
+                self.send.finish();
+                Ok(RemoteEvent::Done { text, finish })
+            }
+            Ok(Reply::Error(code, message)) => {
+                self.ended = true;
+                self.send.finish();
+                Err(RemoteError::Refused {
+                    peer,
+                    code,
+                    message,
+                })
+            }
+            Err(source) => {
+                self.ended = true;
+                if source.is_violation() {
+                    self.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
+                    close_for_violation(&self.conn, peer, &source);
+                }
+                Err(RemoteError::Failed { peer, source })
+            }
+        }
+    }
+}
+
+impl Drop for RemoteGeneration {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Reset our side and stop theirs: the seeder sees it on its next
+            // read or write and drops the generation.
+            let _ = self.send.stream.reset(STREAM_CANCELLED);
+            let _ = self.recv.stream.stop(STREAM_CANCELLED);
+        }
+    }
+}
+
+enum Reply {
+    Token(String),
+    Done(String, Finish),
+    Error(u16, String),
+}
+
+/// Checks one frame from a seeder against the request it answers.
+fn reply_event(msg: &ArchivedMessage, request_id: u64, seq: u32) -> Result<Reply, PeerError> {
+    let check_id = |got: u64| {
+        if got == request_id {
+            Ok(())
+        } else {
+            Err(PeerError::Protocol(format!(
+                "reply for request {got} on the stream of request {request_id}"
+            )))
+        }
+    };
+    match msg {
+        ArchivedMessage::Chunk(c) => {
+            check_id(c.request_id.to_native())?;
+            let got = c.seq.to_native();
+            if got != seq {
+                return Err(PeerError::Protocol(format!(
+                    "chunk {got} arrived where chunk {seq} was due"
+                )));
+            }
+            Ok(Reply::Token(c.text.as_str().to_owned()))
+        }
+        ArchivedMessage::Done(d) => {
+            check_id(d.request_id.to_native())?;
+            let reason = match d.finish_reason {
+                hypha_wire::ArchivedFinishReason::Stop => FinishReason::Stop,
+                hypha_wire::ArchivedFinishReason::Length => FinishReason::Length,
+            };
+            Ok(Reply::Done(
+                d.text.as_str().to_owned(),
+                Finish {
+                    reason,
+                    prompt_tokens: d.prompt_tokens.to_native(),
+                    completion_tokens: d.completion_tokens.to_native(),
+                },
+            ))
+        }
+        ArchivedMessage::Error(e) => {
+            check_id(e.request_id.to_native())?;
+            Ok(Reply::Error(
+                e.code.to_native(),
+                e.message.as_str().to_owned(),
+            ))
+        }
+        other => Err(PeerError::Protocol(format!(
+            "a seeder sent a {} on a request stream",
+            kind_of(other)
+        ))),
+    }
+}

@@ -1,0 +1,260 @@
+//! Frames on QUIC streams, and the rules both ends of a peer connection
+//! follow: the hello exchange that opens a connection, close codes, and the
+//! errors that end a stream or a whole connection.
+//!
+//! A connection starts with one bidirectional stream on which the dialer
+//! sends its `Hello` and the acceptor answers with its own; only then are
+//! request streams opened, one per request. Anything else (garbage, a frame
+//! over the size cap, a frame cut short, a wrong protocol version, a message
+//! where another was due) is a protocol violation: the connection is closed
+//! with [`CLOSE_PROTOCOL`] and the reason, and logged.
+
+use std::time::Duration;
+
+use hypha_wire::{ArchivedMessage, FrameDecoder, FrameEncoder, Message, NodeId, WireError};
+use quinn::VarInt;
+
+use crate::hello::{sign_hello, verify_hello, HelloError, VerifiedHello};
+use crate::identity::Identity;
+
+/// Connection closed normally (a node shutting down).
+pub const CLOSE_NORMAL: VarInt = VarInt::from_u32(0);
+/// Connection closed because the peer broke the protocol.
+pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(1);
+/// A request stream reset or stopped because its consumer cancelled it.
+pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(1);
+
+/// A peer has this long after the handshake to send its hello (and the
+/// acceptor to answer it); a silent peer is dropped.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes asked of QUIC per read: big enough for a whole token chunk frame,
+/// small enough to bound each read.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Why a peer stream or connection failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("hello refused: {0}")]
+    Hello(#[from] HelloError),
+    #[error("connection lost: {0}")]
+    Connection(String),
+    #[error("stream reset by the peer (code {0})")]
+    Reset(u64),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+}
+
+impl PeerError {
+    /// True when the peer broke the protocol and its connection must close.
+    pub fn is_violation(&self) -> bool {
+        matches!(self, Self::Protocol(_) | Self::Hello(_))
+    }
+
+    fn wire(e: WireError) -> Self {
+        Self::Protocol(e.to_string())
+    }
+}
+
+impl From<quinn::ConnectionError> for PeerError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        Self::Connection(e.to_string())
+    }
+}
+
+impl From<quinn::ReadError> for PeerError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::Reset(code) => Self::Reset(code.into_inner()),
+            quinn::ReadError::ConnectionLost(c) => c.into(),
+            other => Self::Connection(other.to_string()),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for PeerError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::Stopped(code) => Self::Reset(code.into_inner()),
+            quinn::WriteError::ConnectionLost(c) => c.into(),
+            other => Self::Connection(other.to_string()),
+        }
+    }
+}
+
+/// Closes `conn` for a protocol violation, saying why, and logs it.
+pub fn close_for_violation(conn: &quinn::Connection, peer: NodeId, err: &PeerError) {
+    let reason = err.to_string();
+    tracing::warn!(%peer, remote = %conn.remote_address(), %reason, "disconnecting peer");
+    // QUIC carries the reason in one packet; keep it well inside that.
+    let cut = floor_char_boundary(&reason, 512);
+    conn.close(CLOSE_PROTOCOL, &reason.as_bytes()[..cut]);
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    let mut i = s.len().min(max);
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// The sending half of a stream, encoding frames into one reused buffer.
+pub struct FramedSend {
+    pub stream: quinn::SendStream,
+    enc: FrameEncoder,
+}
+
+impl FramedSend {
+    pub fn new(stream: quinn::SendStream) -> Self {
+        Self {
+            stream,
+            enc: FrameEncoder::new(),
+        }
+    }
+
+    /// Encodes and writes one frame.
+    pub async fn send(&mut self, msg: &Message) -> Result<(), PeerError> {
+        let bytes = self
+            .enc
+            .encode(msg)
+            .map_err(|e| PeerError::Protocol(e.to_string()))?;
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Ends the stream after what was written.
+    pub fn finish(&mut self) {
+        let _ = self.stream.finish();
+    }
+}
+
+/// The receiving half of a stream, yielding checked frames read in place.
+pub struct FramedRecv {
+    pub stream: quinn::RecvStream,
+    dec: FrameDecoder,
+    ended: bool,
+}
+
+impl FramedRecv {
+    pub fn new(stream: quinn::RecvStream) -> Self {
+        Self {
+            stream,
+            dec: FrameDecoder::default(),
+            ended: false,
+        }
+    }
+
+    /// Reads the next frame and hands it to `f` while it still lies in the
+    /// receive buffer. `Ok(None)`: the peer finished the stream cleanly.
+    /// A stream that ends inside a frame is a protocol violation. Cancel-safe:
+    /// bytes read so far stay buffered.
+    pub async fn next<R>(
+        &mut self,
+        f: impl FnOnce(&ArchivedMessage) -> Result<R, PeerError>,
+    ) -> Result<Option<R>, PeerError> {
+        loop {
+            match self.dec.next_frame() {
+                Ok(Some(msg)) => return f(msg).map(Some),
+                Ok(None) => {}
+                Err(e) => return Err(PeerError::wire(e)),
+            }
+            if self.ended {
+                return if self.dec.buffered() == 0 {
+                    Ok(None)
+                } else {
+                    Err(PeerError::Protocol(format!(
+                        "stream ended inside a frame ({} bytes left over)",
+                        self.dec.buffered()
+                    )))
+                };
+            }
+            match self.stream.read_chunk(READ_CHUNK_BYTES, true).await? {
+                Some(chunk) => self.dec.push(&chunk.bytes),
+                None => self.ended = true,
+            }
+        }
+    }
+
+    /// True once the peer finished its side and every frame was read.
+    pub fn is_finished(&self) -> bool {
+        self.ended && self.dec.buffered() == 0
+    }
+}
+
+/// A short name of a message kind for errors.
+pub fn kind_of(msg: &ArchivedMessage) -> &'static str {
+    match msg {
+        ArchivedMessage::Hello(_) => "hello",
+        ArchivedMessage::Request(_) => "request",
+        ArchivedMessage::Chunk(_) => "chunk",
+        ArchivedMessage::Done(_) => "done",
+        ArchivedMessage::Error(_) => "error",
+        ArchivedMessage::Cancel(_) => "cancel",
+    }
+}
+
+fn expect_hello(msg: &ArchivedMessage, peer: NodeId) -> Result<VerifiedHello, PeerError> {
+    match msg {
+        ArchivedMessage::Hello(h) => Ok(verify_hello(h, peer)?),
+        other => Err(PeerError::Protocol(format!(
+            "expected hello, got {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+/// Dialer side of the hello exchange: open the hello stream, send ours,
+/// read and check theirs.
+pub async fn hello_as_dialer(
+    conn: &quinn::Connection,
+    peer: NodeId,
+    ours: &Message,
+) -> Result<VerifiedHello, PeerError> {
+    let exchange = async {
+        let (send, recv) = conn.open_bi().await?;
+        let mut send = FramedSend::new(send);
+        send.send(ours).await?;
+        send.finish();
+        let mut recv = FramedRecv::new(recv);
+        recv.next(|m| expect_hello(m, peer))
+            .await?
+            .ok_or_else(|| PeerError::Protocol("stream ended before the hello".into()))
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| PeerError::Timeout("waiting for the peer's hello"))?
+}
+
+/// Acceptor side: the first stream must carry the peer's hello; answer it
+/// with ours.
+pub async fn hello_as_acceptor(
+    conn: &quinn::Connection,
+    peer: NodeId,
+    ours: &Message,
+) -> Result<VerifiedHello, PeerError> {
+    let exchange = async {
+        let (send, recv) = conn.accept_bi().await?;
+        let mut recv = FramedRecv::new(recv);
+        let hello = recv
+            .next(|m| expect_hello(m, peer))
+            .await?
+            .ok_or_else(|| PeerError::Protocol("stream ended before the hello".into()))?;
+        let mut send = FramedSend::new(send);
+        send.send(ours).await?;
+        send.finish();
+        Ok(hello)
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| PeerError::Timeout("waiting for the peer's hello"))?
+}
+
+/// This node's hello as a message, built once per node.
+pub fn hello_message(identity: &Identity, capabilities: u64, models: Vec<String>) -> Message {
+    Message::Hello(sign_hello(identity, capabilities, models))
+}
