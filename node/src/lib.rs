@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub data_dir: Option<PathBuf>,
     /// How long a dial may take before the peer counts as down.
     pub dial_timeout: Duration,
+    /// Peers a seeder accepts at once.
+    pub max_peers: usize,
 }
 
 impl NodeConfig {
@@ -71,6 +73,7 @@ impl NodeConfig {
             peers: Vec::new(),
             data_dir: None,
             dial_timeout: peers::DIAL_TIMEOUT,
+            max_peers: seeder::MAX_PEERS,
         }
     }
 }
@@ -149,7 +152,7 @@ impl Node {
                     models: advertised,
                     hello: hello.clone(),
                     metrics: metrics.clone(),
-                    max_peers: seeder::MAX_PEERS,
+                    max_peers: cfg.max_peers.clamp(1, seeder::MAX_PEERS),
                 });
                 seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), state, rx.clone())));
                 tracing::info!(id = %ident.id(), "serving peers on QUIC {}", ep.local_addr()?);

@@ -106,6 +106,9 @@ struct UpArgs {
     /// Where the node keeps its key (default: $HYPHA_HOME or the XDG data directory).
     #[arg(long, env = "HYPHA_HOME")]
     data_dir: Option<PathBuf>,
+    /// Peers served at once; more are refused.
+    #[arg(long, default_value_t = hypha_node::seeder::MAX_PEERS)]
+    max_peers: usize,
     /// Concurrent sequences (slots) in the engine.
     #[arg(long, default_value_t = hypha_engine::DEFAULT_PARALLEL)]
     parallel: u32,
@@ -347,6 +350,7 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
         peers: a.peers,
         data_dir: a.data_dir,
         dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
+        max_peers: a.max_peers,
     })
     .await?;
     match node.engine() {
@@ -391,6 +395,7 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         peers: Vec::new(),
         data_dir: Some(data.join("demo-seeder")),
         dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
+        max_peers: hypha_node::seeder::MAX_PEERS,
     })
     .await?;
     let seeder_addr = seeder
@@ -405,6 +410,7 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         peers: vec![seeder_addr.clone()],
         data_dir: Some(data),
         dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
+        max_peers: hypha_node::seeder::MAX_PEERS,
     })
     .await?;
     let info = seeder.engine().map(|e| e.info().clone());

@@ -1,6 +1,7 @@
 //! The `hypha` binary as a user runs it: `model pull` against a local HTTP
 //! server (interrupted download resumed, bad hash refused), `model list`,
-//! and `hypha chat` against a running node.
+//! `hypha chat` against a running node, a seeder and a consumer as two
+//! `hypha up` processes, and `hypha demo`.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -312,4 +313,144 @@ fn id_is_created_once_private_and_reused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a hypha key"));
+}
+
+/// A `hypha` process whose stderr is scanned for start-up lines.
+struct Proc {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(HYPHA)
+            .args(args)
+            .env("HYPHA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The text after `marker` on the first stderr line holding it.
+    fn wait_for(&self, marker: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {marker:?}"));
+            if let Some((_, rest)) = line.split_once(marker) {
+                return rest.trim().to_owned();
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_serve_a_completion_over_quic() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let model = test_model();
+    let seeder = Proc::spawn(&[
+        "up",
+        "--model",
+        model.to_str().unwrap(),
+        "--quic",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--parallel",
+        "2",
+        "--ctx-size",
+        "512",
+        "--data-dir",
+        dirs.0.path().to_str().unwrap(),
+    ]);
+    let peer = seeder.wait_for("peers reach this node as");
+    let consumer = Proc::spawn(&[
+        "up",
+        "--peer",
+        &peer,
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        dirs.1.path().to_str().unwrap(),
+    ]);
+    let api = consumer.wait_for("API at");
+    let model_name = model.file_stem().unwrap().to_str().unwrap();
+    let c = hypha_node::models::http_client().unwrap();
+    let resp = c
+        .post(format!("{api}/chat/completions"))
+        .json(&json!({"model": model_name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let served_by = resp.headers()[hypha_node::http::PEER_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(Some(served_by.as_str()), peer.split('@').next());
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        !v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{v}"
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+}
+
+#[test]
+fn demo_streams_a_completion_across_a_local_network() {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(HYPHA);
+    cmd.args([
+        "demo",
+        "--exit",
+        "--http",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--parallel",
+        "2",
+    ])
+    .env("HYPHA_HOME", home.path())
+    .env("HYPHA_LOG", "warn");
+    if let Some(m) = std::env::var_os("HYPHA_TEST_MODEL") {
+        cmd.arg("--model").arg(m);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("served by seeder"), "{stdout}");
+    assert!(stdout.contains("completion tokens"), "{stdout}");
+    assert!(
+        stderr.contains("consumer") && stderr.contains("has no model"),
+        "{stderr}"
+    );
 }

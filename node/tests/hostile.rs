@@ -1,0 +1,439 @@
+//! Hostile peers over real QUIC sockets. A raw client that speaks the
+//! transport but breaks the protocol (garbage, an oversized or truncated
+//! frame, a wrong protocol version, a frame out of order) is disconnected
+//! with the reason, and the seeder keeps serving a well-behaved consumer.
+//! A fake seeder that breaks the protocol gets the consumer's request an
+//! error, never a hang or a panic.
+
+use std::time::Duration;
+
+use hypha_node::identity::Identity;
+use hypha_node::proto::{self, FramedRecv, FramedSend, CLOSE_PROTOCOL};
+use hypha_node::transport::Endpoint;
+use hypha_wire::{
+    ChatMessage, Hello, InferenceRequest, Message, Prompt, Sampling, TokenChunk, CAP_SEEDER,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use serde_json::{json, Value};
+
+mod common;
+use common::{metrics, Net};
+
+fn endpoint(seed: u8) -> (Identity, Endpoint) {
+    let ident = Identity::from_seed([seed; 32]);
+    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    (ident, ep)
+}
+
+async fn dial(net: &Net, seed: u8) -> (Identity, Endpoint, quinn::Connection) {
+    let (ident, ep) = endpoint(seed);
+    let to = net.seeder.peer_addr().unwrap();
+    let conn = ep.dial(to.addr, to.id).await.expect("transport connects");
+    (ident, ep, conn)
+}
+
+/// Dials and completes a correct hello exchange.
+async fn dial_with_hello(net: &Net, seed: u8) -> (Endpoint, quinn::Connection) {
+    let (ident, ep, conn) = dial(net, seed).await;
+    let to = net.seeder.id().unwrap();
+    let hello = proto::hello_message(&ident, 0, Vec::new());
+    let theirs = proto::hello_as_dialer(&conn, to, &hello).await.unwrap();
+    assert_eq!(theirs.capabilities, CAP_SEEDER);
+    (ep, conn)
+}
+
+/// The reason the node gave when it closed the connection.
+async fn closed_reason(conn: &quinn::Connection) -> String {
+    let err = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the node closes the connection");
+    match err {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code, CLOSE_PROTOCOL,
+                "closed as a protocol violation"
+            );
+            String::from_utf8_lossy(&c.reason).into_owned()
+        }
+        other => panic!("expected a close with a reason, got {other}"),
+    }
+}
+
+fn request(id: u64, max_tokens: u32) -> Message {
+    Message::Request(InferenceRequest {
+        request_id: id,
+        model: "default".into(),
+        prompt: Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: "Tell me a long story about a fox.".into(),
+        }]),
+        sampling: Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+        },
+        stop: Vec::new(),
+        max_tokens: Some(max_tokens),
+    })
+}
+
+/// Sends raw bytes on a new request stream.
+async fn raw_stream(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> quinn::RecvStream {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    if finish {
+        send.finish().unwrap();
+    }
+    // Keep the send side alive until the node reacts.
+    std::mem::forget(send);
+    recv
+}
+
+async fn assert_still_serves(net: &Net) {
+    let c = common::client();
+    let resp = c
+        .post(format!("{}/v1/chat/completions", net.consumer_base()))
+        .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the seeder keeps serving others");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_disconnect_the_peer_and_nothing_else() {
+    let net = Net::start(2, 64).await;
+    assert_still_serves(&net).await;
+    let mut cases = 0;
+
+    // Garbage where the hello belongs: a plausible length, junk payload.
+    let (_i, _ep, conn) = dial(&net, 11).await;
+    let mut junk = 24u32.to_le_bytes().to_vec();
+    junk.extend_from_slice(&[0xA5; 24]);
+    let _r = raw_stream(&conn, &junk, true).await;
+    let why = closed_reason(&conn).await;
+    assert!(why.contains("invalid message"), "{why}");
+    cases += 1;
+
+    // A request before any hello.
+    let (_i, _ep, conn) = dial(&net, 12).await;
+    let mut enc = hypha_wire::FrameEncoder::new();
+    let _r = raw_stream(&conn, enc.encode(&request(1, 4)).unwrap(), false).await;
+    let why = closed_reason(&conn).await;
+    assert!(why.contains("expected hello, got request"), "{why}");
+    cases += 1;
+
+    // A hello for another protocol version, correctly signed.
+    let (ident, _ep, conn) = dial(&net, 13).await;
+    let mut hello = Hello {
+        protocol_version: PROTOCOL_VERSION + 1,
+        public_key: ident.public_key(),
+        capabilities: 0,
+        models: Vec::new(),
+        signature: [0; 64],
+    };
+    use ed25519_dalek::Signer as _;
+    hello.signature = ident.signing_key().sign(&hello.signed_bytes()).to_bytes();
+    let _r = raw_stream(&conn, enc.encode(&Message::Hello(hello)).unwrap(), true).await;
+    let why = closed_reason(&conn).await;
+    assert!(why.contains("protocol version 2"), "{why}");
+    cases += 1;
+
+    // A hello carrying somebody else's key.
+    let (_ident, _ep, conn) = dial(&net, 14).await;
+    let other = proto::hello_message(&Identity::from_seed([15; 32]), 0, Vec::new());
+    let _r = raw_stream(&conn, enc.encode(&other).unwrap(), true).await;
+    let why = closed_reason(&conn).await;
+    assert!(why.contains("hello key belongs to"), "{why}");
+    cases += 1;
+
+    // After a good hello: a frame announcing more than the cap.
+    let (_ep, conn) = dial_with_hello(&net, 16).await;
+    let header = (MAX_FRAME_BYTES as u32 + 1).to_le_bytes();
+    let _r = raw_stream(&conn, &header, false).await;
+    let why = closed_reason(&conn).await;
+    assert!(why.contains("over the"), "{why}");
+    cases += 1;
+
+    // A frame cut short by the end of its stream.
+    let (_ep, conn) = dial_with_hello(&net, 17).await;
+    let mut cut = 100u32.to_le_bytes().to_vec();
+    cut.extend_from_slice(&[0; 10]);
+    let _r = raw_stream(&conn, &cut, true).await;
+    let why = closed_reason(&conn).await;
+    assert!(why.contains("ended inside a frame"), "{why}");
+    cases += 1;
+
+    // A request stream that opens with a chunk.
+    let (_ep, conn) = dial_with_hello(&net, 18).await;
+    let chunk = Message::Chunk(TokenChunk {
+        request_id: 1,
+        seq: 0,
+        token_ids: vec![1],
+        text: "x".into(),
+    });
+    let _r = raw_stream(&conn, enc.encode(&chunk).unwrap(), false).await;
+    let why = closed_reason(&conn).await;
+    assert!(why.contains("must start with a request"), "{why}");
+    cases += 1;
+
+    // A second request on a stream whose request is running.
+    let (_ep, conn) = dial_with_hello(&net, 19).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&request(7, 200)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    recv.next(|_| Ok(())).await.unwrap().expect("a first chunk");
+    send.send(&request(8, 4)).await.unwrap();
+    let why = closed_reason(&conn).await;
+    assert!(
+        why.contains("request sent while a request was running"),
+        "{why}"
+    );
+    cases += 1;
+
+    assert_still_serves(&net).await;
+    let c = common::client();
+    let m = metrics(&c, &net.seeder_base()).await;
+    assert!(
+        m.contains(&format!("hypha_peer_violations_total {cases}\n")),
+        "{m}"
+    );
+    // Only the consumer's connection is left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = metrics(&c, &net.seeder_base()).await;
+        if m.contains("hypha_peers_connected 1\n") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_frame_stops_the_generation() {
+    let net = Net::start(2, 64).await;
+    let (_ep, conn) = dial_with_hello(&net, 21).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&request(5, 400)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    for want in 0..3u32 {
+        let seq = recv
+            .next(|m| match m {
+                hypha_wire::ArchivedMessage::Chunk(c) => Ok(c.seq.to_native()),
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seq, want);
+    }
+    send.send(&Message::Cancel(hypha_wire::Cancel { request_id: 5 }))
+        .await
+        .unwrap();
+    // The seeder stops: its side of the stream ends without a done, well
+    // before 400 tokens.
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut chunks = 0;
+        while let Some(done) = recv
+            .next(|m| Ok(matches!(m, hypha_wire::ArchivedMessage::Done(_))))
+            .await
+            .unwrap()
+        {
+            assert!(!done, "a cancelled request does not finish");
+            chunks += 1;
+        }
+        chunks
+    })
+    .await
+    .expect("the stream ends");
+    assert!(ended < 50, "{ended} chunks after the cancel");
+    // The engine frees the slot at its next step.
+    let engine = net.seeder.engine().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while engine
+        .stats()
+        .slots_busy
+        .load(std::sync::atomic::Ordering::Relaxed)
+        != 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the slot stays busy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        conn.close_reason().is_none(),
+        "cancelling is not a violation"
+    );
+}
+
+/// How the fake seeder misbehaves.
+#[derive(Clone, Copy)]
+enum Fake {
+    /// The first chunk carries sequence number 3.
+    SkipsAhead,
+    /// Two good chunks, then bytes that are no frame.
+    GarbageMidStream,
+}
+
+/// A seeder that completes the handshake and hello correctly, then answers
+/// every request wrongly.
+async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::JoinHandle<()>) {
+    let (ident, ep) = endpoint(31);
+    let addr = hypha_node::peers::PeerAddr {
+        id: ident.id(),
+        addr: ep.local_addr().unwrap(),
+    };
+    let task = tokio::spawn(async move {
+        let hello = proto::hello_message(&ident, CAP_SEEDER, vec!["default".into()]);
+        while let Some(Ok((conn, peer))) = ep.accept().await {
+            let hello = hello.clone();
+            tokio::spawn(async move {
+                proto::hello_as_acceptor(&conn, peer, &hello).await.unwrap();
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let mut recv = FramedRecv::new(recv);
+                    let Ok(Some(id)) = recv
+                        .next(|m| match m {
+                            hypha_wire::ArchivedMessage::Request(r) => Ok(r.request_id.to_native()),
+                            _ => Ok(0),
+                        })
+                        .await
+                    else {
+                        return;
+                    };
+                    let mut send = FramedSend::new(send);
+                    let chunk = |seq| {
+                        Message::Chunk(TokenChunk {
+                            request_id: id,
+                            seq,
+                            token_ids: vec![1],
+                            text: "ok".into(),
+                        })
+                    };
+                    match mode {
+                        Fake::SkipsAhead => {
+                            let _ = send.send(&chunk(3)).await;
+                        }
+                        Fake::GarbageMidStream => {
+                            let _ = send.send(&chunk(0)).await;
+                            let _ = send.send(&chunk(1)).await;
+                            let _ = send
+                                .stream
+                                .write_all(&[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+                                .await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_refuses_a_seeder_that_breaks_the_protocol() {
+    let c = common::client();
+    let body = json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8});
+
+    // Before the first token: a 502 naming the violation.
+    let (addr, fake) = fake_seeder(Fake::SkipsAhead).await;
+    let (consumer, _dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
+    let base = format!("http://{}", consumer.http_addr());
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.post(format!("{base}/v1/chat/completions"))
+            .json(&body)
+            .send(),
+    )
+    .await
+    .expect("no hang")
+    .unwrap();
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("chunk 3 arrived where chunk 0 was due"),
+        "{msg}"
+    );
+    let m = metrics(&c, &base).await;
+    assert!(!m.contains("hypha_peer_violations_total 0\n"), "{m}");
+    fake.abort();
+    consumer.stop().await.unwrap();
+
+    // Mid-stream: the SSE stream ends with an error event.
+    let (addr, fake) = fake_seeder(Fake::GarbageMidStream).await;
+    let (consumer, _dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
+    let base = format!("http://{}", consumer.http_addr());
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let text = tokio::time::timeout(Duration::from_secs(10), async {
+        c.post(format!("{base}/v1/chat/completions"))
+            .json(&sbody)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
+    .await
+    .expect("no hang");
+    assert!(text.contains("\"content\":\"ok\""), "{text}");
+    assert!(
+        text.contains("server_error") && text.contains("invalid message"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("[DONE]"),
+        "a broken stream is not reported as complete"
+    );
+    fake.abort();
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_beyond_the_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = hypha_engine::EngineConfig::new(common::test_model());
+    engine.parallel = 1;
+    engine.ctx_per_slot = 256;
+    engine.threads = 1;
+    let mut cfg = hypha_node::NodeConfig::new(Some(engine));
+    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.max_peers = 1;
+    let seeder = hypha_node::Node::start(cfg).await.unwrap();
+    let to = seeder.peer_addr().unwrap();
+    let hello_to = |ident: &Identity| proto::hello_message(ident, 0, Vec::new());
+
+    let (a, ep_a) = endpoint(41);
+    let first = ep_a.dial(to.addr, to.id).await.unwrap();
+    proto::hello_as_dialer(&first, to.id, &hello_to(&a))
+        .await
+        .unwrap();
+
+    let (_b, ep_b) = endpoint(42);
+    let refused = ep_b.dial(to.addr, to.id).await;
+    let err = refused.expect_err("a second peer is refused");
+    assert!(err.to_string().contains("refused"), "{err}");
+
+    // The first peer leaves; its place is free again.
+    first.close(0u32.into(), b"bye");
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match ep_b.dial(to.addr, to.id).await {
+            Ok(_) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seeder.stop().await.unwrap();
+}
