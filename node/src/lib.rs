@@ -186,6 +186,14 @@ impl Node {
         });
         let app = http::router(state);
         let mut rx_http = rx;
+        // Token events are small writes a few milliseconds apart: without
+        // TCP_NODELAY, Nagle holds each one until the client's delayed ACK
+        // (up to 40 ms) arrives.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY: {e}");
+            }
+        });
         let server = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
