@@ -29,21 +29,35 @@ pub enum HelloError {
     TooLarge,
 }
 
+/// What a node offers in its hello.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offer {
+    pub capabilities: u64,
+    /// The served model's names (its id and aliases).
+    pub models: Vec<String>,
+    pub model_sha256: [u8; 32],
+    pub price_prompt_micro: u64,
+    pub price_completion_micro: u64,
+}
+
 /// A hello whose signature and key were checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedHello {
     pub node_id: NodeId,
-    pub capabilities: u64,
-    pub models: Vec<String>,
+    pub public_key: [u8; 32],
+    pub offer: Offer,
 }
 
 /// Builds this node's signed hello.
-pub fn sign_hello(identity: &Identity, capabilities: u64, models: Vec<String>) -> Hello {
+pub fn sign_hello(identity: &Identity, offer: Offer) -> Hello {
     let mut hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         public_key: identity.public_key(),
-        capabilities,
-        models,
+        capabilities: offer.capabilities,
+        models: offer.models,
+        model_sha256: offer.model_sha256,
+        price_prompt_micro: offer.price_prompt_micro,
+        price_completion_micro: offer.price_completion_micro,
         signature: [0; 64],
     };
     hello.signature = identity
@@ -76,6 +90,9 @@ pub fn verify_hello(hello: &ArchivedHello, peer: NodeId) -> Result<VerifiedHello
         public_key: hello.public_key,
         capabilities: hello.capabilities.to_native(),
         models: hello.models.iter().map(|m| m.as_str().to_owned()).collect(),
+        model_sha256: hello.model_sha256,
+        price_prompt_micro: hello.price_prompt_micro.to_native(),
+        price_completion_micro: hello.price_completion_micro.to_native(),
         signature: hello.signature,
     };
     let key = VerifyingKey::from_bytes(&owned.public_key).map_err(|_| HelloError::BadSignature)?;
@@ -86,8 +103,14 @@ pub fn verify_hello(hello: &ArchivedHello, peer: NodeId) -> Result<VerifiedHello
     .map_err(|_| HelloError::BadSignature)?;
     Ok(VerifiedHello {
         node_id: claimed,
-        capabilities: owned.capabilities,
-        models: owned.models,
+        public_key: owned.public_key,
+        offer: Offer {
+            capabilities: owned.capabilities,
+            models: owned.models,
+            model_sha256: owned.model_sha256,
+            price_prompt_micro: owned.price_prompt_micro,
+            price_completion_micro: owned.price_completion_micro,
+        },
     })
 }
 
@@ -110,14 +133,24 @@ mod tests {
     #[test]
     fn signed_hello_verifies_and_tampering_is_caught() {
         let me = Identity::from_seed([7; 32]);
-        let hello = sign_hello(&me, CAP_SEEDER, vec!["m".into()]);
+        let offer = Offer {
+            capabilities: CAP_SEEDER,
+            models: vec!["m".into()],
+            model_sha256: [3; 32],
+            price_prompt_micro: 1,
+            price_completion_micro: 4,
+        };
+        let hello = sign_hello(&me, offer.clone());
         let ok = roundtrip(&hello, me.id()).unwrap();
-        assert_eq!(ok.models, vec!["m".to_owned()]);
-        assert_eq!(ok.capabilities, CAP_SEEDER);
+        assert_eq!(ok.offer, offer);
+        assert_eq!(ok.public_key, me.public_key());
 
         let mut forged = hello.clone();
         forged.models.push("claimed-but-not-signed".into());
         assert_eq!(roundtrip(&forged, me.id()), Err(HelloError::BadSignature));
+        let mut cheaper = hello.clone();
+        cheaper.price_completion_micro = 0;
+        assert_eq!(roundtrip(&cheaper, me.id()), Err(HelloError::BadSignature));
 
         let other = Identity::from_seed([8; 32]);
         assert!(matches!(
@@ -132,7 +165,13 @@ mod tests {
             Err(HelloError::Version { got: 0 })
         );
 
-        let many = sign_hello(&me, 0, vec!["x".into(); MAX_HELLO_MODELS + 1]);
+        let many = sign_hello(
+            &me,
+            Offer {
+                models: vec!["x".into(); MAX_HELLO_MODELS + 1],
+                ..Offer::default()
+            },
+        );
         assert_eq!(roundtrip(&many, me.id()), Err(HelloError::TooLarge));
     }
 }

@@ -41,6 +41,9 @@ const RETRY_AFTER_S: u64 = 1;
 
 /// Header naming the peer that served a remote request.
 pub const PEER_HEADER: &str = "x-hypha-peer";
+/// Header with the micro-credits a remote request was charged (whole
+/// responses; a stream carries them in its usage chunk).
+pub const CREDITS_HEADER: &str = "x-hypha-credits";
 
 /// A model this node runs itself.
 pub struct LocalModel {
@@ -537,7 +540,9 @@ enum Job {
 /// One event of a job.
 enum Out {
     Token(String),
-    Done(String, Finish),
+    /// Text held to the end, the summary, and the micro-credits charged
+    /// (remote requests with a recorded receipt).
+    Done(String, Finish, Option<u64>),
     Failed(String),
 }
 
@@ -546,12 +551,16 @@ impl Job {
         match self {
             Job::Local(g) => g.next().await.map(|e| match e {
                 Event::Token { text, .. } => Out::Token(text),
-                Event::Done { text, finish } => Out::Done(text, finish),
+                Event::Done { text, finish } => Out::Done(text, finish, None),
                 Event::Failed(e) => Out::Failed(e.to_string()),
             }),
             Job::Remote(g) => g.next().await.map(|e| match e {
                 RemoteEvent::Token(text) => Out::Token(text),
-                RemoteEvent::Done { text, finish } => Out::Done(text, finish),
+                RemoteEvent::Done {
+                    text,
+                    finish,
+                    credits,
+                } => Out::Done(text, finish, credits),
                 RemoteEvent::Failed(m) => Out::Failed(m),
             }),
         }
@@ -707,20 +716,20 @@ async fn collect(reply: Reply, mut job: Job) -> Result<Response, ApiError> {
                 tracker.token();
                 text.push_str(&t);
             }
-            Some(Out::Done(t, finish)) => {
+            Some(Out::Done(t, finish, credits)) => {
                 text.push_str(&t);
                 tracker.finished(&finish);
-                break Ok(finish);
+                break Ok((finish, credits));
             }
             Some(Out::Failed(e)) => break Err(e),
             None => break Err("the engine stopped".to_owned()),
         }
     };
-    let finish = outcome.map_err(|m| {
+    let (finish, credits) = outcome.map_err(|m| {
         tracker.failed();
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
     })?;
-    let usage = Usage::new(finish.prompt_tokens, finish.completion_tokens);
+    let usage = Usage::new(finish.prompt_tokens, finish.completion_tokens, credits);
     let reason = finish.reason.as_str();
     let body = match reply.kind {
         Kind::Chat => json!({
@@ -752,6 +761,10 @@ async fn collect(reply: Reply, mut job: Job) -> Result<Response, ApiError> {
     };
     let mut resp = Json(body).into_response();
     add_peer_header(&mut resp, job.peer());
+    if let Some(c) = credits {
+        resp.headers_mut()
+            .insert(CREDITS_HEADER, HeaderValue::from(c));
+    }
     Ok(resp)
 }
 
@@ -860,7 +873,7 @@ fn sse_events(
                             s.pending.push_back(c);
                         }
                     }
-                    Some(Out::Done(text, finish)) => {
+                    Some(Out::Done(text, finish, credits)) => {
                         s.tracker.finished(&finish);
                         if !text.is_empty() {
                             let c = chunk(&s.reply, Some(&text), false, None);
@@ -869,7 +882,8 @@ fn sse_events(
                         let c = chunk(&s.reply, None, false, Some(finish.reason));
                         s.pending.push_back(c);
                         if s.reply.include_usage {
-                            let usage = Usage::new(finish.prompt_tokens, finish.completion_tokens);
+                            let usage =
+                                Usage::new(finish.prompt_tokens, finish.completion_tokens, credits);
                             let c = usage_chunk(&s.reply, usage);
                             s.pending.push_back(c);
                         }

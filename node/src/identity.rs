@@ -98,10 +98,7 @@ impl Identity {
 
 /// SHA-256 of an Ed25519 public key.
 pub fn node_id_of(public_key: &[u8; 32]) -> NodeId {
-    let digest = ring::digest::digest(&ring::digest::SHA256, public_key);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest.as_ref());
-    NodeId(out)
+    hypha_ledger::node_id_of(public_key)
 }
 
 /// The data directory: `explicit`, else `$HYPHA_HOME`, else the XDG data

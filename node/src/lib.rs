@@ -59,7 +59,18 @@ pub struct NodeConfig {
     pub dial_timeout: Duration,
     /// Peers a seeder accepts at once.
     pub max_peers: usize,
+    /// A seeder's published prices, micro-credits per token.
+    pub price_prompt_micro: u64,
+    pub price_completion_micro: u64,
+    /// Tokens between two cumulative receipts.
+    pub receipt_interval: u32,
 }
+
+/// Micro-credits per prompt token a seeder charges by default.
+pub const DEFAULT_PRICE_PROMPT_MICRO: u64 = 1;
+/// Micro-credits per generated token by default: generating costs a full
+/// decode step per token, a prompt token a fraction of one.
+pub const DEFAULT_PRICE_COMPLETION_MICRO: u64 = 4;
 
 impl NodeConfig {
     /// A node on `127.0.0.1:0` with no peers, running `engine` if given.
@@ -74,6 +85,9 @@ impl NodeConfig {
             data_dir: None,
             dial_timeout: peers::DIAL_TIMEOUT,
             max_peers: seeder::MAX_PEERS,
+            price_prompt_micro: DEFAULT_PRICE_PROMPT_MICRO,
+            price_completion_micro: DEFAULT_PRICE_COMPLETION_MICRO,
+            receipt_interval: seeder::DEFAULT_RECEIPT_INTERVAL,
         }
     }
 }
@@ -84,6 +98,7 @@ pub struct Node {
     engine: Option<Engine>,
     identity: Option<NodeId>,
     endpoint: Option<Arc<Endpoint>>,
+    ledger: Option<hypha_ledger::Ledger>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     seeder: Option<tokio::task::JoinHandle<()>>,
@@ -126,44 +141,65 @@ impl Node {
         let mut identity_id = None;
         let mut seeder_task = None;
         let mut peers = None;
+        let mut ledger = None;
         if cfg.quic_addr.is_some() || !cfg.peers.is_empty() {
             let dir = identity::data_dir(cfg.data_dir.as_deref())?;
-            let ident = Identity::load_or_create(&dir)?;
+            let ident = Arc::new(Identity::load_or_create(&dir)?);
             identity_id = Some(ident.id());
+            let (log, recovery) = hypha_ledger::Ledger::open(&dir)
+                .with_context(|| format!("cannot open the ledger in {}", dir.display()))?;
+            if recovery.truncated_bytes > 0 {
+                tracing::warn!(
+                    bytes = recovery.truncated_bytes,
+                    "ledger: cut a torn final write from the log"
+                );
+            }
+            tracing::info!(receipts = recovery.receipts, "ledger opened");
             let bind = match cfg.quic_addr {
                 Some(a) => a,
                 None => DIAL_ONLY_ADDR.parse()?,
             };
             let ep = Arc::new(Endpoint::bind(&ident, bind)?);
-            let caps = if engine.is_some() && cfg.quic_addr.is_some() {
-                CAP_SEEDER
-            } else {
-                0
+            let serving = engine.is_some() && cfg.quic_addr.is_some();
+            let offer = match (&engine, serving) {
+                (Some(e), true) => hello::Offer {
+                    capabilities: CAP_SEEDER,
+                    models: served.clone(),
+                    model_sha256: file_sha256(e.info().path.clone()).await?,
+                    price_prompt_micro: cfg.price_prompt_micro,
+                    price_completion_micro: cfg.price_completion_micro,
+                },
+                _ => hello::Offer::default(),
             };
-            let advertised = if caps == CAP_SEEDER {
-                served.clone()
-            } else {
-                Vec::new()
-            };
-            let hello = proto::hello_message(&ident, caps, advertised.clone());
-            if let (Some(engine), Some(_)) = (&engine, cfg.quic_addr) {
+            let hello = proto::hello_message(&ident, offer.clone());
+            if let (Some(engine), true) = (&engine, serving) {
                 let state = Arc::new(seeder::SeederState {
                     engine: engine.clone(),
-                    models: advertised,
+                    models: offer.models.clone(),
+                    identity: ident.clone(),
+                    offer,
                     hello: hello.clone(),
                     metrics: metrics.clone(),
+                    ledger: log.clone(),
                     max_peers: cfg.max_peers.clamp(1, seeder::MAX_PEERS),
+                    receipt_interval: cfg.receipt_interval.max(1),
+                    running: std::sync::Mutex::new(std::collections::HashSet::new()),
                 });
                 seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), state, rx.clone())));
                 tracing::info!(id = %ident.id(), "serving peers on QUIC {}", ep.local_addr()?);
             }
             if !cfg.peers.is_empty() {
+                let party = Arc::new(peers::Party {
+                    identity: ident.clone(),
+                    ledger: log.clone(),
+                });
                 let p = Arc::new(
                     Peers::new(
                         ep.clone(),
                         hello,
                         cfg.peers.clone(),
                         metrics.clone(),
+                        party,
                         cfg.dial_timeout,
                     )
                     .map_err(anyhow::Error::msg)?,
@@ -175,6 +211,7 @@ impl Node {
                 peers = Some(p);
             }
             endpoint = Some(ep);
+            ledger = Some(log);
         }
 
         let state = Arc::new(http::AppState {
@@ -207,6 +244,7 @@ impl Node {
             engine,
             identity: identity_id,
             endpoint,
+            ledger,
             shutdown,
             server,
             seeder: seeder_task,
@@ -225,6 +263,11 @@ impl Node {
     /// This node's id, when it talks to peers.
     pub fn id(&self) -> Option<NodeId> {
         self.identity
+    }
+
+    /// The node's receipt log, when it talks to peers.
+    pub fn ledger(&self) -> Option<&hypha_ledger::Ledger> {
+        self.ledger.as_ref()
     }
 
     /// The UDP address of the QUIC endpoint, when there is one.
@@ -277,6 +320,29 @@ impl Node {
             let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
         }
     }
+}
+
+/// SHA-256 of a file, read on a blocking thread.
+pub async fn file_sha256(path: PathBuf) -> anyhow::Result<[u8; 32]> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read as _;
+        let mut f = std::fs::File::open(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(buf.get(..n).unwrap_or_default());
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        Ok(out)
+    })
+    .await
+    .context("hashing task panicked")?
 }
 
 /// Installs ring as rustls's crypto provider, once per process.

@@ -109,6 +109,15 @@ struct UpArgs {
     /// Peers served at once; more are refused.
     #[arg(long, default_value_t = hypha_node::seeder::MAX_PEERS)]
     max_peers: usize,
+    /// Price a seeder publishes: micro-credits per prompt token.
+    #[arg(long, default_value_t = hypha_node::DEFAULT_PRICE_PROMPT_MICRO)]
+    price_prompt: u64,
+    /// Price a seeder publishes: micro-credits per generated token.
+    #[arg(long, default_value_t = hypha_node::DEFAULT_PRICE_COMPLETION_MICRO)]
+    price_completion: u64,
+    /// Generated tokens between two cumulative receipts.
+    #[arg(long, default_value_t = hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL)]
+    receipt_interval: u32,
     /// Concurrent sequences (slots) in the engine.
     #[arg(long, default_value_t = hypha_engine::DEFAULT_PARALLEL)]
     parallel: u32,
@@ -351,6 +360,9 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
         data_dir: a.data_dir,
         dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
         max_peers: a.max_peers,
+        price_prompt_micro: a.price_prompt,
+        price_completion_micro: a.price_completion,
+        receipt_interval: a.receipt_interval,
     })
     .await?;
     match node.engine() {
@@ -396,6 +408,9 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         data_dir: Some(data.join("demo-seeder")),
         dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
         max_peers: hypha_node::seeder::MAX_PEERS,
+        price_prompt_micro: hypha_node::DEFAULT_PRICE_PROMPT_MICRO,
+        price_completion_micro: hypha_node::DEFAULT_PRICE_COMPLETION_MICRO,
+        receipt_interval: hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
     })
     .await?;
     let seeder_addr = seeder
@@ -411,6 +426,9 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         data_dir: Some(data),
         dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
         max_peers: hypha_node::seeder::MAX_PEERS,
+        price_prompt_micro: hypha_node::DEFAULT_PRICE_PROMPT_MICRO,
+        price_completion_micro: hypha_node::DEFAULT_PRICE_COMPLETION_MICRO,
+        receipt_interval: hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
     })
     .await?;
     let info = seeder.engine().map(|e| e.info().clone());

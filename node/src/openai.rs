@@ -210,14 +210,19 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// hypha extension: micro-credits charged for a request a peer served,
+    /// as recorded in the ledger's receipt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<u64>,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32, credits: Option<u64>) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            credits,
         }
     }
 }

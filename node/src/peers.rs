@@ -9,6 +9,15 @@
 //! connection that may have gone stale, it is redialed once, then the next
 //! provider is tried, so a client only sees an error when no provider could
 //! start its request.
+//!
+//! Receipts: every `Chunk`'s token ids feed a running digest. Each receipt
+//! the seeder offers is checked against what actually arrived (request,
+//! both ids, model hash, token count and digest, price from the seeder's
+//! hello, its signature) and only then countersigned; a receipt that
+//! claims anything else is a protocol violation. The last receipt (after
+//! `Done`) is appended to this node's ledger before the client hears that
+//! the request finished; a request cut short records the last receipt
+//! both signed.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::str::FromStr;
@@ -16,10 +25,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use hypha_engine::{Finish, FinishReason};
-use hypha_wire::{ArchivedMessage, InferenceRequest, Message, NodeId};
+use hypha_ledger::{Ledger, Receipt, SignedReceipt, TokenDigest};
+use hypha_wire::{ArchivedMessage, Countersign, InferenceRequest, Message, NodeId};
 
 use crate::hello::VerifiedHello;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::proto::{
     close_for_violation, hello_as_dialer, kind_of, FramedRecv, FramedSend, PeerError,
@@ -27,6 +39,8 @@ use crate::proto::{
 };
 use crate::transport::Endpoint;
 
+/// How long a consumer waits for the last receipt after `Done`.
+pub const LAST_RECEIPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a dial may take before the peer counts as down. A QUIC
 /// handshake is one or two round trips; a silent address would otherwise
 /// hold a request until the idle timeout.
@@ -96,14 +110,26 @@ pub enum RemoteError {
 #[derive(Debug)]
 pub enum RemoteEvent {
     Token(String),
-    Done { text: String, finish: Finish },
+    Done {
+        text: String,
+        finish: Finish,
+        /// Micro-credits of the receipt recorded for the request.
+        credits: Option<u64>,
+    },
     Failed(String),
+}
+
+/// This node as a party to receipts.
+pub struct Party {
+    pub identity: Arc<Identity>,
+    pub ledger: Ledger,
 }
 
 struct Entry {
     addr: PeerAddr,
-    /// The open connection; the lock is held while dialing.
-    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// The open connection and the peer's hello; the lock is held while
+    /// dialing.
+    conn: tokio::sync::Mutex<Option<(quinn::Connection, Arc<VerifiedHello>)>>,
     /// Models from the peer's last hello; kept across reconnects.
     models: std::sync::Mutex<Vec<String>>,
 }
@@ -114,6 +140,7 @@ pub struct Peers {
     hello: Message,
     entries: Vec<Entry>,
     metrics: Arc<Metrics>,
+    party: Arc<Party>,
     next_request_id: AtomicU64,
     dial_timeout: Duration,
 }
@@ -124,6 +151,7 @@ impl Peers {
         hello: Message,
         addrs: Vec<PeerAddr>,
         metrics: Arc<Metrics>,
+        party: Arc<Party>,
         dial_timeout: Duration,
     ) -> Result<Self, String> {
         if addrs.len() > MAX_CONFIGURED_PEERS {
@@ -145,6 +173,7 @@ impl Peers {
                 })
                 .collect(),
             metrics,
+            party,
             next_request_id: AtomicU64::new(u64::from_le_bytes(seed) >> 1),
             dial_timeout,
         })
@@ -177,7 +206,7 @@ impl Peers {
                 let up = e
                     .conn
                     .try_lock()
-                    .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+                    .map(|c| c.as_ref().is_some_and(|(c, _)| c.close_reason().is_none()))
                     .unwrap_or(false);
                 (e.addr.clone(), up)
             })
@@ -205,14 +234,18 @@ impl Peers {
 
     /// The open connection to `e`, dialing when there is none (or when
     /// `fresh` asks to replace the current one).
-    async fn connection(&self, e: &Entry, fresh: bool) -> Result<quinn::Connection, PeerError> {
+    async fn connection(
+        &self,
+        e: &Entry,
+        fresh: bool,
+    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
         let mut slot = e.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
+        if let Some((c, h)) = slot.as_ref() {
             if !fresh && c.close_reason().is_none() {
-                return Ok(c.clone());
+                return Ok((c.clone(), h.clone()));
             }
         }
-        if let Some(old) = slot.take() {
+        if let Some((old, _)) = slot.take() {
             old.close(crate::proto::CLOSE_NORMAL, b"replaced");
         }
         let peer = e.addr.id;
@@ -235,8 +268,9 @@ impl Peers {
                 return Err(err);
             }
         };
-        tracing::info!(%peer, addr = %e.addr.addr, models = ?hello.models, "connected to peer");
-        *lock(&e.models) = hello.models;
+        tracing::info!(%peer, addr = %e.addr.addr, models = ?hello.offer.models, "connected to peer");
+        *lock(&e.models) = hello.offer.models.clone();
+        let hello = Arc::new(hello);
         self.metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
         let watched = conn.clone();
         let metrics = self.metrics.clone();
@@ -245,8 +279,8 @@ impl Peers {
             metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
             tracing::info!(%peer, "peer connection closed: {why}");
         });
-        *slot = Some(conn.clone());
-        Ok(conn)
+        *slot = Some((conn.clone(), hello.clone()));
+        Ok((conn, hello))
     }
 
     fn providers(&self, model: &str) -> Vec<&Entry> {
@@ -287,14 +321,14 @@ impl Peers {
         for e in providers {
             let peer = e.addr.id;
             for fresh in [false, true] {
-                let conn = match self.connection(e, fresh).await {
+                let (conn, terms) = match self.connection(e, fresh).await {
                     Ok(c) => c,
                     Err(source) => {
                         last = Some(RemoteError::Failed { peer, source });
                         break;
                     }
                 };
-                match RemoteGeneration::open(conn, peer, &req, &self.metrics).await {
+                match RemoteGeneration::open(conn, terms, &req, &self.metrics, &self.party).await {
                     Ok(g) => return Ok(g),
                     Err(err @ RemoteError::Refused { .. }) => return Err(err),
                     Err(err) => {
@@ -320,6 +354,9 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct RemoteGeneration {
     conn: quinn::Connection,
     peer: NodeId,
+    /// The seeder's hello: its key, model hash and prices.
+    terms: Arc<VerifiedHello>,
+    party: Arc<Party>,
     send: FramedSend,
     recv: FramedRecv,
     request_id: u64,
@@ -327,20 +364,31 @@ pub struct RemoteGeneration {
     first: Option<RemoteEvent>,
     ended: bool,
     metrics: Arc<Metrics>,
+    /// Every token id received, in order.
+    digest: TokenDigest,
+    /// `Done` arrived; the last receipt is due.
+    done: Option<(String, Finish)>,
+    /// The latest receipt both signed, and whether the ledger has it.
+    signed: Option<SignedReceipt>,
+    recorded: bool,
 }
 
 impl RemoteGeneration {
     async fn open(
         conn: quinn::Connection,
-        peer: NodeId,
+        terms: Arc<VerifiedHello>,
         req: &InferenceRequest,
         metrics: &Arc<Metrics>,
+        party: &Arc<Party>,
     ) -> Result<Self, RemoteError> {
+        let peer = terms.node_id;
         let failed = |source: PeerError| RemoteError::Failed { peer, source };
         let (send, recv) = conn.open_bi().await.map_err(|e| failed(e.into()))?;
         let mut g = Self {
             conn,
             peer,
+            terms,
+            party: party.clone(),
             send: FramedSend::new(send),
             recv: FramedRecv::new(recv),
             request_id: req.request_id,
@@ -348,6 +396,10 @@ impl RemoteGeneration {
             first: None,
             ended: false,
             metrics: metrics.clone(),
+            digest: TokenDigest::default(),
+            done: None,
+            signed: None,
+            recorded: false,
         };
         g.send
             .send(&Message::Request(req.clone()))
@@ -381,24 +433,107 @@ impl RemoteGeneration {
     }
 
     async fn read(&mut self) -> Result<RemoteEvent, RemoteError> {
-        let (request_id, seq) = (self.request_id, self.next_seq);
-        let frame = self
-            .recv
-            .next(|m| reply_event(m, request_id, seq))
-            .await
-            .and_then(|r| r.ok_or_else(|| PeerError::Protocol("stream ended before done".into())));
         let peer = self.peer;
-        match frame {
-            Ok(Reply::Token(text)) => {
-                self.next_seq = self.next_seq.wrapping_add(1);
-                Ok(RemoteEvent::Token(text))
+        loop {
+            match self.read_frame().await {
+                Ok(Some(ev)) => return Ok(ev),
+                Ok(None) => {}
+                Err(RemoteError::Failed { source, .. }) => {
+                    self.ended = true;
+                    if source.is_violation() {
+                        self.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
+                        close_for_violation(&self.conn, peer, &source);
+                    }
+                    self.record().await;
+                    return Err(RemoteError::Failed { peer, source });
+                }
+                Err(e) => {
+                    self.ended = true;
+                    self.record().await;
+                    return Err(e);
+                }
             }
-            Ok(Reply::Done(text, finish)) => {
+        }
+    }
+
+    /// Handles one frame: an event for the client, or `None` for a receipt
+    /// exchanged along the way.
+    async fn read_frame(&mut self) -> Result<Option<RemoteEvent>, RemoteError> {
+        let peer = self.peer;
+        let failed = |source: PeerError| RemoteError::Failed { peer, source };
+        let (request_id, seq) = (self.request_id, self.next_seq);
+        let digest = &mut self.digest;
+        let next = self.recv.next(|m| reply_event(m, request_id, seq, digest));
+        let frame = if self.done.is_some() {
+            match tokio::time::timeout(LAST_RECEIPT_TIMEOUT, next).await {
+                Ok(f) => f,
+                Err(_) => {
+                    // No last receipt: the request is over all the same.
+                    tracing::warn!(%peer, request_id, "no last receipt after done");
+                    self.ended = true;
+                    self.send.finish();
+                    let credits = self.record().await;
+                    let (text, finish) = self.done.take().unwrap_or_else(empty_done);
+                    return Ok(Some(RemoteEvent::Done {
+                        text,
+                        finish,
+                        credits,
+                    }));
+                }
+            }
+        } else {
+            next.await
+        };
+        let frame = frame
+            .and_then(|r| r.ok_or_else(|| PeerError::Protocol("stream ended before done".into())))
+            .map_err(failed)?;
+        match frame {
+            Reply::Token(text) => {
+                if self.done.is_some() {
+                    return Err(failed(PeerError::Protocol("a chunk after done".into())));
+                }
+                self.next_seq = self.next_seq.wrapping_add(1);
+                Ok(Some(RemoteEvent::Token(text)))
+            }
+            Reply::Done(text, finish) => {
+                if self.done.is_some() {
+                    return Err(failed(PeerError::Protocol("a second done".into())));
+                }
+                self.done = Some((text, finish));
+                Ok(None)
+            }
+            Reply::Offer {
+                receipt,
+                seeder_sig,
+                last,
+            } => {
+                let signed = self
+                    .check_offer(&receipt, seeder_sig, last)
+                    .map_err(failed)?;
+                let countersign = Message::Countersign(Countersign {
+                    request_id: self.request_id,
+                    consumer_sig: signed.consumer_sig,
+                });
+                self.signed = Some(signed);
+                self.send.send(&countersign).await.map_err(failed)?;
+                if !last {
+                    return Ok(None);
+                }
+                let Some((text, finish)) = self.done.take() else {
+                    return Err(failed(PeerError::Protocol(
+                        "a last receipt before done".into(),
+                    )));
+                };
                 self.ended = true;
                 self.send.finish();
-                Ok(RemoteEvent::Done { text, finish })
+                let credits = self.record().await;
+                Ok(Some(RemoteEvent::Done {
+                    text,
+                    finish,
+                    credits,
+                }))
             }
-            Ok(Reply::Error(code, message)) => {
+            Reply::Error(code, message) => {
                 self.ended = true;
                 self.send.finish();
                 Err(RemoteError::Refused {
@@ -407,20 +542,134 @@ impl RemoteGeneration {
                     message,
                 })
             }
-            Err(source) => {
-                self.ended = true;
-                if source.is_violation() {
-                    self.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
-                    close_for_violation(&self.conn, peer, &source);
-                }
-                Err(RemoteError::Failed { peer, source })
+        }
+    }
+
+    /// Checks an offered receipt against what arrived and countersigns it.
+    fn check_offer(
+        &self,
+        bytes: &[u8],
+        seeder_sig: [u8; 64],
+        last: bool,
+    ) -> Result<SignedReceipt, PeerError> {
+        let bad = |what: String| PeerError::Protocol(format!("receipt refused: {what}"));
+        let r = Receipt::from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
+        let me = self.party.identity.id();
+        let offer = &self.terms.offer;
+        if r.request_id != self.request_id || r.consumer != me || r.seeder != self.peer {
+            return Err(bad("it names another request or other parties".into()));
+        }
+        if r.model_sha256 != offer.model_sha256 {
+            return Err(bad("it names another model than the seeder's hello".into()));
+        }
+        if r.completion_tokens != self.digest.count() {
+            return Err(bad(format!(
+                "it claims {} tokens, {} arrived",
+                r.completion_tokens,
+                self.digest.count()
+            )));
+        }
+        if r.tokens_digest != self.digest.digest() {
+            return Err(bad(
+                "its token digest differs from the tokens that arrived".into()
+            ));
+        }
+        let want = hypha_ledger::price(
+            r.prompt_tokens,
+            r.completion_tokens,
+            offer.price_prompt_micro,
+            offer.price_completion_micro,
+        );
+        if r.credits != want {
+            return Err(bad(format!(
+                "it charges {} micro-credits, the published price gives {want}",
+                r.credits
+            )));
+        }
+        if let Some(prev) = &self.signed {
+            if prev.receipt.prompt_tokens != r.prompt_tokens
+                || prev.receipt.started_ms != r.started_ms
+            {
+                return Err(bad(
+                    "it changes the prompt or start of an earlier receipt".into()
+                ));
+            }
+        }
+        if last {
+            match &self.done {
+                Some((_, f)) if f.prompt_tokens == r.prompt_tokens => {}
+                Some(_) => return Err(bad("its prompt tokens differ from done".into())),
+                None => return Err(bad("a last receipt before done".into())),
+            }
+        }
+        let key = VerifyingKey::from_bytes(&self.terms.public_key)
+            .map_err(|_| bad("the seeder's key is invalid".into()))?;
+        key.verify(bytes, &Signature::from_bytes(&seeder_sig))
+            .map_err(|_| bad("the seeder's signature does not verify".into()))?;
+        let consumer_sig = r.sign(self.party.identity.signing_key());
+        Ok(SignedReceipt {
+            receipt: r,
+            seeder_key: self.terms.public_key,
+            seeder_sig,
+            consumer_key: self.party.identity.public_key(),
+            consumer_sig,
+        })
+    }
+
+    /// Appends the latest receipt both signed to the ledger (once); its
+    /// credits.
+    async fn record(&mut self) -> Option<u64> {
+        if self.recorded {
+            return None;
+        }
+        let signed = self.signed.clone()?;
+        self.recorded = true;
+        let credits = signed.receipt.credits;
+        let ledger = self.party.ledger.clone();
+        let appended = tokio::task::spawn_blocking(move || {
+            let verified = signed.verify()?;
+            ledger.append(verified)
+        })
+        .await;
+        match appended {
+            Ok(Ok(())) => Some(credits),
+            Ok(Err(e)) => {
+                tracing::warn!(request_id = self.request_id, "cannot record receipt: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("ledger task failed: {e}");
+                None
             }
         }
     }
 }
 
+/// What a request that never got its `Done` details reports.
+fn empty_done() -> (String, Finish) {
+    (
+        String::new(),
+        Finish {
+            reason: FinishReason::Stop,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        },
+    )
+}
+
 impl Drop for RemoteGeneration {
     fn drop(&mut self) {
+        if let (false, Some(signed)) = (self.recorded, self.signed.take()) {
+            // Cut short: keep the last receipt both signed.
+            let ledger = self.party.ledger.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn_blocking(move || {
+                    if let Err(e) = signed.verify().and_then(|v| ledger.append(v)) {
+                        tracing::warn!("cannot record receipt: {e}");
+                    }
+                });
+            }
+        }
         if !self.ended {
             // Reset our side and stop theirs: the seeder sees it on its next
             // read or write and drops the generation.
@@ -433,11 +682,21 @@ impl Drop for RemoteGeneration {
 enum Reply {
     Token(String),
     Done(String, Finish),
+    Offer {
+        receipt: Vec<u8>,
+        seeder_sig: [u8; 64],
+        last: bool,
+    },
     Error(u16, String),
 }
 
 /// Checks one frame from a seeder against the request it answers.
-fn reply_event(msg: &ArchivedMessage, request_id: u64, seq: u32) -> Result<Reply, PeerError> {
+fn reply_event(
+    msg: &ArchivedMessage,
+    request_id: u64,
+    seq: u32,
+    digest: &mut TokenDigest,
+) -> Result<Reply, PeerError> {
     let check_id = |got: u64| {
         if got == request_id {
             Ok(())
@@ -456,6 +715,9 @@ fn reply_event(msg: &ArchivedMessage, request_id: u64, seq: u32) -> Result<Reply
                     "chunk {got} arrived where chunk {seq} was due"
                 )));
             }
+            for t in c.token_ids.iter() {
+                digest.push(t.to_native());
+            }
             Ok(Reply::Token(c.text.as_str().to_owned()))
         }
         ArchivedMessage::Done(d) => {
@@ -472,6 +734,14 @@ fn reply_event(msg: &ArchivedMessage, request_id: u64, seq: u32) -> Result<Reply
                     completion_tokens: d.completion_tokens.to_native(),
                 },
             ))
+        }
+        ArchivedMessage::Receipt(r) => {
+            check_id(r.request_id.to_native())?;
+            Ok(Reply::Offer {
+                receipt: r.receipt.as_slice().to_vec(),
+                seeder_sig: r.seeder_sig,
+                last: r.last,
+            })
         }
         ArchivedMessage::Error(e) => {
             check_id(e.request_id.to_native())?;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use hypha_wire::{ArchivedMessage, FrameDecoder, FrameEncoder, Message, NodeId, WireError};
 use quinn::VarInt;
 
-use crate::hello::{sign_hello, verify_hello, HelloError, VerifiedHello};
+use crate::hello::{sign_hello, verify_hello, HelloError, Offer, VerifiedHello};
 use crate::identity::Identity;
 
 /// Connection closed normally (a node shutting down).
@@ -195,6 +195,8 @@ pub fn kind_of(msg: &ArchivedMessage) -> &'static str {
         ArchivedMessage::Done(_) => "done",
         ArchivedMessage::Error(_) => "error",
         ArchivedMessage::Cancel(_) => "cancel",
+        ArchivedMessage::Receipt(_) => "receipt",
+        ArchivedMessage::Countersign(_) => "countersign",
     }
 }
 
@@ -255,6 +257,6 @@ pub async fn hello_as_acceptor(
 }
 
 /// This node's hello as a message, built once per node.
-pub fn hello_message(identity: &Identity, capabilities: u64, models: Vec<String>) -> Message {
-    Message::Hello(sign_hello(identity, capabilities, models))
+pub fn hello_message(identity: &Identity, offer: Offer) -> Message {
+    Message::Hello(sign_hello(identity, offer))
 }

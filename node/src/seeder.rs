@@ -11,16 +11,22 @@
 //! decode step. A protocol violation on any stream closes the whole
 //! connection with the reason; other peers are unaffected.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hypha_engine::{ChatMessage, Engine, Event, GenerateRequest, SamplingParams};
+use hypha_ledger::{Ledger, Receipt, ReceiptKey, SignedReceipt, TokenDigest};
 use hypha_wire::{
-    ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, NodeId, TokenChunk,
+    ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, NodeId,
+    ReceiptOffer, TokenChunk,
 };
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument as _;
 
+use crate::hello::{Offer, VerifiedHello};
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::openai::{MAX_MESSAGES, MAX_STOP_BYTES, MAX_STOP_STRINGS};
 use crate::proto::{
@@ -33,14 +39,28 @@ use crate::transport::Endpoint;
 /// `MAX_STREAMS_PER_PEER` streams, so this bounds a seeder's peer memory.
 pub const MAX_PEERS: usize = 256;
 
+/// How long the seeder waits for a consumer's countersignature when one is
+/// due (before more tokens, or after the last receipt).
+pub const COUNTERSIGN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tokens between two cumulative receipts by default.
+pub const DEFAULT_RECEIPT_INTERVAL: u32 = 64;
+
 /// What a seeder serves and how it counts.
 pub struct SeederState {
     pub engine: Engine,
     /// Names a request may use for the model (its id and aliases).
     pub models: Vec<String>,
+    pub identity: Arc<Identity>,
+    /// What the hello offers: prices and the model's hash.
+    pub offer: Offer,
     pub hello: Message,
     pub metrics: Arc<Metrics>,
+    pub ledger: Ledger,
     pub max_peers: usize,
+    /// Tokens between two cumulative receipts.
+    pub receipt_interval: u32,
+    /// Requests running now, by (consumer, request id).
+    pub running: std::sync::Mutex<HashSet<ReceiptKey>>,
 }
 
 /// Accepts peers until `shutdown` turns true, then closes every connection.
@@ -113,7 +133,8 @@ async fn serve_connection(
             return;
         }
     };
-    tracing::info!(remote = %conn.remote_address(), capabilities = hello.capabilities, "peer connected");
+    tracing::info!(remote = %conn.remote_address(), capabilities = hello.offer.capabilities, "peer connected");
+    let hello = Arc::new(hello);
     state
         .metrics
         .peers_connected
@@ -136,9 +157,10 @@ async fn serve_connection(
         };
         let state = state.clone();
         let conn = conn.clone();
+        let hello = hello.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = serve_stream(send, recv, &state).await {
+                if let Err(e) = serve_stream(send, recv, &state, &hello).await {
                     if e.is_violation() {
                         state
                             .metrics
@@ -164,6 +186,7 @@ async fn serve_stream(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     state: &SeederState,
+    consumer: &VerifiedHello,
 ) -> Result<(), PeerError> {
     let mut recv = FramedRecv::new(recv);
     let mut send = FramedSend::new(send);
@@ -172,12 +195,28 @@ async fn serve_stream(
         .map_err(|_| PeerError::Protocol("request stream carried no request".into()))??
         .ok_or_else(|| PeerError::Protocol("request stream ended before its request".into()))?;
     let request_id = req.request_id;
-    let generation = match prepare(&req, state).and_then(|r| {
-        state
-            .engine
-            .submit(r)
-            .map_err(|e| reply_for(request_id, &e))
-    }) {
+    let key = ReceiptKey {
+        consumer: consumer.node_id,
+        request_id,
+    };
+    // One request per (consumer, request id), ever: the ledger holds the
+    // finished ones, `running` the ones in flight.
+    let claim = RunningClaim::take(&state.running, key);
+    let prepared = if state.ledger.contains(&key) || claim.is_none() {
+        Err(ErrorReply {
+            request_id,
+            code: 409,
+            message: format!("request id {request_id} was already used"),
+        })
+    } else {
+        prepare(&req, state).and_then(|r| {
+            state
+                .engine
+                .submit(r)
+                .map_err(|e| reply_for(request_id, &e))
+        })
+    };
+    let generation = match prepared {
         Ok(g) => g,
         Err(reply) => {
             state.metrics.count_request("peer", reply.code);
@@ -186,28 +225,224 @@ async fn serve_stream(
             return Ok(());
         }
     };
-    let outcome = stream_generation(generation, &mut send, &mut recv, request_id).await;
+    let mut billing = Billing::new(state, consumer, request_id, generation.prompt_tokens);
+    let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing).await;
+    // The receipt is durable before the consumer sees the stream end.
+    billing.settle().await;
+    send.finish();
+    drop(claim);
     let status = match &outcome {
-        Ok(true) => 200,
-        Ok(false) => 499,
+        Ok(Outcome::Done) => 200,
+        Ok(Outcome::Unpaid) => 402,
+        Ok(Outcome::Cancelled) => 499,
         Err(e) if e.is_violation() => 400,
         Err(_) => 499,
     };
     state.metrics.count_request("peer", status);
-    if matches!(outcome, Ok(false) | Err(PeerError::Reset(_))) {
+    if matches!(outcome, Ok(Outcome::Cancelled) | Err(PeerError::Reset(_))) {
         state.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
         return Ok(());
     }
     outcome.map(|_| ())
 }
 
-/// Streams the generation out; `Ok(false)` when the consumer cancelled.
+/// A (consumer, request id) marked as running until dropped.
+struct RunningClaim<'a> {
+    running: &'a std::sync::Mutex<HashSet<ReceiptKey>>,
+    key: ReceiptKey,
+}
+
+impl<'a> RunningClaim<'a> {
+    /// `None` when the key is already running.
+    fn take(running: &'a std::sync::Mutex<HashSet<ReceiptKey>>, key: ReceiptKey) -> Option<Self> {
+        let mut set = running.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(key).then_some(Self { running, key })
+    }
+}
+
+impl Drop for RunningClaim<'_> {
+    fn drop(&mut self) {
+        let mut set = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.key);
+    }
+}
+
+/// How a served request ended.
+enum Outcome {
+    Done,
+    Cancelled,
+    /// The consumer stopped countersigning receipts.
+    Unpaid,
+}
+
+/// What the consumer may send while its request runs.
+enum FromConsumer {
+    Cancel,
+    Countersign([u8; 64]),
+}
+
+/// While a request runs, the consumer may only cancel it or countersign.
+fn consumer_frame(msg: &ArchivedMessage, request_id: u64) -> Result<FromConsumer, PeerError> {
+    match msg {
+        ArchivedMessage::Cancel(_) => Ok(FromConsumer::Cancel),
+        ArchivedMessage::Countersign(c) if c.request_id.to_native() == request_id => {
+            Ok(FromConsumer::Countersign(c.consumer_sig))
+        }
+        other => Err(PeerError::Protocol(format!(
+            "{} sent while a request was running",
+            kind_of(other)
+        ))),
+    }
+}
+
+/// The receipts of one request: what was offered, what came back signed.
+struct Billing<'a> {
+    state: &'a SeederState,
+    consumer: &'a VerifiedHello,
+    request_id: u64,
+    prompt_tokens: u32,
+    started_ms: u64,
+    digest: TokenDigest,
+    /// Offered and not yet countersigned.
+    pending: Option<(Receipt, [u8; 64])>,
+    /// The latest receipt both signed.
+    signed: Option<SignedReceipt>,
+}
+
+impl<'a> Billing<'a> {
+    fn new(
+        state: &'a SeederState,
+        consumer: &'a VerifiedHello,
+        request_id: u64,
+        prompt_tokens: u32,
+    ) -> Self {
+        Self {
+            state,
+            consumer,
+            request_id,
+            prompt_tokens,
+            started_ms: unix_ms(),
+            digest: TokenDigest::default(),
+            pending: None,
+            signed: None,
+        }
+    }
+
+    /// A cumulative receipt for every token sent so far, signed.
+    fn offer(&mut self, last: bool) -> Message {
+        let offer = &self.state.offer;
+        let completion = self.digest.count();
+        let receipt = Receipt {
+            request_id: self.request_id,
+            consumer: self.consumer.node_id,
+            seeder: self.state.identity.id(),
+            model_sha256: offer.model_sha256,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion,
+            credits: hypha_ledger::price(
+                self.prompt_tokens,
+                completion,
+                offer.price_prompt_micro,
+                offer.price_completion_micro,
+            ),
+            started_ms: self.started_ms,
+            finished_ms: unix_ms().max(self.started_ms),
+            tokens_digest: self.digest.digest(),
+        };
+        let sig = receipt.sign(self.state.identity.signing_key());
+        let msg = Message::Receipt(ReceiptOffer {
+            request_id: self.request_id,
+            receipt: receipt.to_bytes().to_vec(),
+            seeder_sig: sig,
+            last,
+        });
+        self.pending = Some((receipt, sig));
+        msg
+    }
+
+    /// Takes the consumer's signature over the pending receipt.
+    fn countersigned(&mut self, consumer_sig: [u8; 64]) -> Result<(), PeerError> {
+        let (receipt, seeder_sig) = self.pending.take().ok_or_else(|| {
+            PeerError::Protocol("countersignature with no receipt offered".into())
+        })?;
+        let signed = SignedReceipt {
+            receipt,
+            seeder_key: self.state.identity.public_key(),
+            seeder_sig,
+            consumer_key: self.consumer.public_key,
+            consumer_sig,
+        };
+        let checked = signed
+            .verify()
+            .map_err(|e| PeerError::Protocol(format!("bad countersignature: {e}")))?;
+        self.signed = Some(checked.signed().clone());
+        Ok(())
+    }
+
+    /// Appends the latest receipt both parties signed to the ledger.
+    async fn settle(self) {
+        let Some(signed) = self.signed else {
+            return;
+        };
+        let Ok(verified) = signed.verify() else {
+            return;
+        };
+        let credits = verified.receipt().credits;
+        let ledger = self.state.ledger.clone();
+        match tokio::task::spawn_blocking(move || ledger.append(verified)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(request_id = self.request_id, credits, "receipt recorded");
+            }
+            Ok(Err(e)) => tracing::warn!("cannot record receipt {}: {e}", self.request_id),
+            Err(e) => tracing::warn!("ledger task failed: {e}"),
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads the consumer until its countersignature for the pending receipt
+/// arrives: `Some(true)`; `Some(false)` when it does not come within
+/// [`COUNTERSIGN_TIMEOUT`] or the consumer stopped sending; `None` when the
+/// consumer cancelled.
+async fn await_countersign(
+    recv: &mut FramedRecv,
+    billing: &mut Billing<'_>,
+) -> Result<Option<bool>, PeerError> {
+    let request_id = billing.request_id;
+    let wait = async {
+        while billing.pending.is_some() {
+            if recv.is_finished() {
+                return Ok(Some(false));
+            }
+            match recv.next(|m| consumer_frame(m, request_id)).await? {
+                None => return Ok(Some(false)),
+                Some(FromConsumer::Cancel) => return Ok(None),
+                Some(FromConsumer::Countersign(sig)) => billing.countersigned(sig)?,
+            }
+        }
+        Ok(Some(true))
+    };
+    match tokio::time::timeout(COUNTERSIGN_TIMEOUT, wait).await {
+        Ok(r) => r,
+        Err(_) => Ok(Some(false)),
+    }
+}
+
+/// Streams the generation out with a receipt every `receipt_interval`
+/// tokens and a last one after `Done`.
 async fn stream_generation(
     mut generation: hypha_engine::Generation,
     send: &mut FramedSend,
     recv: &mut FramedRecv,
-    request_id: u64,
-) -> Result<bool, PeerError> {
+    billing: &mut Billing<'_>,
+) -> Result<Outcome, PeerError> {
+    let request_id = billing.request_id;
+    let interval = billing.state.receipt_interval.max(1);
     // One chunk message reused for every token: no allocation per token on
     // the wire path.
     let mut chunk = Message::Chunk(TokenChunk {
@@ -220,11 +455,15 @@ async fn stream_generation(
     loop {
         let event = tokio::select! {
             biased;
-            m = recv.next(cancel_or_violation), if !recv.is_finished() => {
+            m = recv.next(|m| consumer_frame(m, request_id)), if !recv.is_finished() => {
                 match m? {
                     // The consumer finished its side: nothing more to read.
                     None => continue,
-                    Some(()) => return Ok(false),
+                    Some(FromConsumer::Cancel) => return Ok(Outcome::Cancelled),
+                    Some(FromConsumer::Countersign(sig)) => {
+                        billing.countersigned(sig)?;
+                        continue;
+                    }
                 }
             }
             e = generation.next() => e,
@@ -239,7 +478,30 @@ async fn stream_generation(
                     c.text.push_str(&text);
                 }
                 seq = seq.wrapping_add(1);
+                billing.digest.push(id);
                 send.send(&chunk).await?;
+                if billing.digest.count().is_multiple_of(interval) {
+                    // The previous receipt must be signed before more
+                    // tokens go out: a consumer that stops paying gets at
+                    // most one interval for free.
+                    if billing.pending.is_some() {
+                        match await_countersign(recv, billing).await? {
+                            None => return Ok(Outcome::Cancelled),
+                            Some(false) => {
+                                send.send(&Message::Error(ErrorReply {
+                                    request_id,
+                                    code: 402,
+                                    message: "the last receipt was not countersigned".into(),
+                                }))
+                                .await?;
+                                return Ok(Outcome::Unpaid);
+                            }
+                            Some(true) => {}
+                        }
+                    }
+                    let offer = billing.offer(false);
+                    send.send(&offer).await?;
+                }
             }
             Some(Event::Done { text, finish }) => {
                 let done = Message::Done(Done {
@@ -253,14 +515,17 @@ async fn stream_generation(
                     text,
                 });
                 send.send(&done).await?;
-                send.finish();
-                return Ok(true);
+                // The last receipt covers everything; it replaces one still
+                // waiting for its countersignature.
+                let last = billing.offer(true);
+                send.send(&last).await?;
+                let _ = await_countersign(recv, billing).await?;
+                return Ok(Outcome::Done);
             }
             Some(Event::Failed(e)) => {
                 send.send(&Message::Error(reply_for(request_id, &e)))
                     .await?;
-                send.finish();
-                return Ok(true);
+                return Ok(Outcome::Done);
             }
             None => {
                 send.send(&Message::Error(ErrorReply {
@@ -269,21 +534,9 @@ async fn stream_generation(
                     message: "the engine stopped".into(),
                 }))
                 .await?;
-                send.finish();
-                return Ok(true);
+                return Ok(Outcome::Done);
             }
         }
-    }
-}
-
-/// While a request runs, the consumer may only cancel it.
-fn cancel_or_violation(msg: &ArchivedMessage) -> Result<(), PeerError> {
-    match msg {
-        ArchivedMessage::Cancel(_) => Ok(()),
-        other => Err(PeerError::Protocol(format!(
-            "{} sent while a request was running",
-            kind_of(other)
-        ))),
     }
 }
 

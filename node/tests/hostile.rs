@@ -36,9 +36,9 @@ async fn dial(net: &Net, seed: u8) -> (Identity, Endpoint, quinn::Connection) {
 async fn dial_with_hello(net: &Net, seed: u8) -> (Endpoint, quinn::Connection) {
     let (ident, ep, conn) = dial(net, seed).await;
     let to = net.seeder.id().unwrap();
-    let hello = proto::hello_message(&ident, 0, Vec::new());
+    let hello = proto::hello_message(&ident, Default::default());
     let theirs = proto::hello_as_dialer(&conn, to, &hello).await.unwrap();
-    assert_eq!(theirs.capabilities, CAP_SEEDER);
+    assert_eq!(theirs.offer.capabilities, CAP_SEEDER);
     (ep, conn)
 }
 
@@ -135,6 +135,9 @@ async fn protocol_violations_disconnect_the_peer_and_nothing_else() {
         public_key: ident.public_key(),
         capabilities: 0,
         models: Vec::new(),
+        model_sha256: [0; 32],
+        price_prompt_micro: 0,
+        price_completion_micro: 0,
         signature: [0; 64],
     };
     use ed25519_dalek::Signer as _;
@@ -146,7 +149,7 @@ async fn protocol_violations_disconnect_the_peer_and_nothing_else() {
 
     // A hello carrying somebody else's key.
     let (_ident, _ep, conn) = dial(&net, 14).await;
-    let other = proto::hello_message(&Identity::from_seed([15; 32]), 0, Vec::new());
+    let other = proto::hello_message(&Identity::from_seed([15; 32]), Default::default());
     let _r = raw_stream(&conn, enc.encode(&other).unwrap(), true).await;
     let why = closed_reason(&conn).await;
     assert!(why.contains("hello key belongs to"), "{why}");
@@ -280,6 +283,8 @@ enum Fake {
     SkipsAhead,
     /// Two good chunks, then bytes that are no frame.
     GarbageMidStream,
+    /// One token, done, and a receipt that bills two.
+    Overcharges,
 }
 
 /// A seeder that completes the handshake and hello correctly, then answers
@@ -291,9 +296,20 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::J
         addr: ep.local_addr().unwrap(),
     };
     let task = tokio::spawn(async move {
-        let hello = proto::hello_message(&ident, CAP_SEEDER, vec!["default".into()]);
+        let hello = proto::hello_message(
+            &ident,
+            hypha_node::hello::Offer {
+                capabilities: CAP_SEEDER,
+                models: vec!["default".into()],
+                model_sha256: [1; 32],
+                price_prompt_micro: 1,
+                price_completion_micro: 4,
+            },
+        );
+        let seeder_key = ident.signing_key().clone();
         while let Some(Ok((conn, peer))) = ep.accept().await {
             let hello = hello.clone();
+            let seeder_key = seeder_key.clone();
             tokio::spawn(async move {
                 proto::hello_as_acceptor(&conn, peer, &hello).await.unwrap();
                 while let Ok((send, recv)) = conn.accept_bi().await {
@@ -326,6 +342,43 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::J
                             let _ = send
                                 .stream
                                 .write_all(&[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+                                .await;
+                        }
+                        Fake::Overcharges => {
+                            let _ = send.send(&chunk(0)).await;
+                            let _ = send
+                                .send(&Message::Done(hypha_wire::Done {
+                                    request_id: id,
+                                    prompt_tokens: 5,
+                                    completion_tokens: 1,
+                                    finish_reason: hypha_wire::FinishReason::Length,
+                                    text: String::new(),
+                                }))
+                                .await;
+                            let mut digest = hypha_ledger::TokenDigest::default();
+                            digest.push(1);
+                            digest.push(1);
+                            let receipt = hypha_ledger::Receipt {
+                                request_id: id,
+                                consumer: peer,
+                                seeder: hypha_ledger::node_id_of(
+                                    &seeder_key.verifying_key().to_bytes(),
+                                ),
+                                model_sha256: [1; 32],
+                                prompt_tokens: 5,
+                                completion_tokens: 2,
+                                credits: 5 + 2 * 4,
+                                started_ms: 1,
+                                finished_ms: 2,
+                                tokens_digest: digest.digest(),
+                            };
+                            let _ = send
+                                .send(&Message::Receipt(hypha_wire::ReceiptOffer {
+                                    request_id: id,
+                                    receipt: receipt.to_bytes().to_vec(),
+                                    seeder_sig: receipt.sign(&seeder_key),
+                                    last: true,
+                                }))
                                 .await;
                         }
                     }
@@ -396,6 +449,27 @@ async fn a_consumer_refuses_a_seeder_that_breaks_the_protocol() {
     );
     fake.abort();
     consumer.stop().await.unwrap();
+
+    // A receipt for more tokens than arrived is refused, never signed.
+    let (addr, fake) = fake_seeder(Fake::Overcharges).await;
+    let (consumer, _dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
+    let base = format!("http://{}", consumer.http_addr());
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.post(format!("{base}/v1/chat/completions"))
+            .json(&body)
+            .send(),
+    )
+    .await
+    .expect("no hang")
+    .unwrap();
+    assert_eq!(resp.status(), 500);
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("it claims 2 tokens, 1 arrived"), "{msg}");
+    assert_eq!(consumer.ledger().unwrap().receipts(), 0);
+    fake.abort();
+    consumer.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +485,7 @@ async fn peers_beyond_the_limit_are_refused() {
     cfg.max_peers = 1;
     let seeder = hypha_node::Node::start(cfg).await.unwrap();
     let to = seeder.peer_addr().unwrap();
-    let hello_to = |ident: &Identity| proto::hello_message(ident, 0, Vec::new());
+    let hello_to = |ident: &Identity| proto::hello_message(ident, Default::default());
 
     let (a, ep_a) = endpoint(41);
     let first = ep_a.dial(to.addr, to.id).await.unwrap();

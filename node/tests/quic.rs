@@ -48,6 +48,9 @@ async fn authenticated_peers_connect_and_exchange_frames() {
         public_key: a_id.public_key(),
         capabilities: 0,
         models: vec!["m".into()],
+        model_sha256: [0; 32],
+        price_prompt_micro: 0,
+        price_completion_micro: 0,
         signature: [0; 64],
     });
     send.write_all(FrameEncoder::new().encode(&hello).unwrap())

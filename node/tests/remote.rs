@@ -66,7 +66,22 @@ async fn greedy_output_through_the_network_equals_the_seeders_own() {
     };
     assert!(!text(&local).is_empty());
     assert_eq!(text(&remote), text(&local));
-    assert_eq!(remote["usage"], local["usage"]);
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(remote["usage"][field], local["usage"][field], "{field}");
+    }
+    // The remote request was paid for at the seeder's published prices
+    // (1 per prompt token, 4 per generated token), every token delivered.
+    let billed = |u: &Value| {
+        u["prompt_tokens"].as_u64().unwrap() + 4 * u["completion_tokens"].as_u64().unwrap()
+    };
+    assert_eq!(
+        remote["usage"]["credits"].as_u64(),
+        Some(billed(&remote["usage"]))
+    );
+    assert!(
+        local["usage"].get("credits").is_none(),
+        "local requests cost nothing"
+    );
     assert_eq!(
         remote["choices"][0]["finish_reason"],
         local["choices"][0]["finish_reason"]
@@ -83,7 +98,14 @@ async fn greedy_output_through_the_network_equals_the_seeders_own() {
         streamed.pieces
     );
     assert_eq!(streamed.text, text(&local));
-    assert_eq!(streamed.usage, local["usage"]);
+    assert_eq!(
+        streamed.usage["completion_tokens"],
+        local["usage"]["completion_tokens"]
+    );
+    assert_eq!(
+        streamed.usage["credits"].as_u64(),
+        Some(billed(&streamed.usage))
+    );
 
     // Text completion with a stop string.
     let tbody = json!({"model": "default", "prompt": "The capital of France is", "max_tokens": 24, "temperature": 0, "stop": ["."]});
@@ -91,7 +113,11 @@ async fn greedy_output_through_the_network_equals_the_seeders_own() {
     let (st, r, _) = post(&c, &net.consumer_base(), "/v1/completions", &tbody).await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["choices"][0]["text"], l["choices"][0]["text"]);
-    assert_eq!(r["usage"], l["usage"]);
+    assert_eq!(
+        r["usage"]["completion_tokens"],
+        l["usage"]["completion_tokens"]
+    );
+    assert!(r["usage"]["credits"].as_u64().unwrap() > 0);
 
     // The consumer lists the seeder's model with its provider.
     let models: Value = c
@@ -109,6 +135,17 @@ async fn greedy_output_through_the_network_equals_the_seeders_own() {
         .find(|m| m["id"] == "default")
         .expect("default listed");
     assert_eq!(card["providers"], json!([seeder_id]));
+
+    // Both ledgers hold the same three receipts, signed by both sides; what
+    // the seeder earned is what the consumer spent.
+    let (sl, cl) = (net.seeder.ledger().unwrap(), net.consumer.ledger().unwrap());
+    let (sid, cid) = (net.seeder.id().unwrap(), net.consumer.id().unwrap());
+    assert_eq!((sl.receipts(), cl.receipts()), (3, 3));
+    let earned = sl.totals(&sid).earned;
+    assert!(earned > 0);
+    assert_eq!(sl.totals(&cid).spent, earned);
+    assert_eq!(cl.totals(&cid).spent, earned);
+    assert_eq!(cl.totals(&sid).earned, earned);
 
     // Every request above shared one connection.
     let m = metrics(&c, &net.seeder_base()).await;

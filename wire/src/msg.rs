@@ -13,6 +13,8 @@ pub enum Message {
     Done(Done),
     Error(ErrorReply),
     Cancel(Cancel),
+    Receipt(ReceiptOffer),
+    Countersign(Countersign),
 }
 
 /// Opens a connection: who the sender is and what it can do. The signature
@@ -25,8 +27,13 @@ pub struct Hello {
     pub public_key: [u8; 32],
     /// Bit set of `CAP_*` flags.
     pub capabilities: u64,
-    /// Models this node serves, by name.
+    /// Models this node serves, by name (one model and its aliases).
     pub models: Vec<String>,
+    /// SHA-256 of the served GGUF file; zeros when the node serves none.
+    pub model_sha256: [u8; 32],
+    /// Micro-credits per prompt token and per generated token.
+    pub price_prompt_micro: u64,
+    pub price_completion_micro: u64,
     pub signature: [u8; 64],
 }
 
@@ -43,10 +50,14 @@ impl Hello {
         out.extend_from_slice(&self.protocol_version.to_le_bytes());
         out.extend_from_slice(&self.public_key);
         out.extend_from_slice(&self.capabilities.to_le_bytes());
+        out.extend_from_slice(&(self.models.len() as u32).to_le_bytes());
         for m in &self.models {
             out.extend_from_slice(&(m.len() as u32).to_le_bytes());
             out.extend_from_slice(m.as_bytes());
         }
+        out.extend_from_slice(&self.model_sha256);
+        out.extend_from_slice(&self.price_prompt_micro.to_le_bytes());
+        out.extend_from_slice(&self.price_completion_micro.to_le_bytes());
         out
     }
 }
@@ -134,4 +145,24 @@ pub struct ErrorReply {
 #[rkyv(derive(Debug))]
 pub struct Cancel {
     pub request_id: u64,
+}
+
+/// A cumulative receipt the seeder signed: sent every few tokens while a
+/// request runs and once more (`last`) after `Done`. `receipt` holds the
+/// ledger's canonical receipt bytes.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct ReceiptOffer {
+    pub request_id: u64,
+    pub receipt: Vec<u8>,
+    pub seeder_sig: [u8; 64],
+    pub last: bool,
+}
+
+/// The consumer's signature over the receipt it was last offered.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Countersign {
+    pub request_id: u64,
+    pub consumer_sig: [u8; 64],
 }

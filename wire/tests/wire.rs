@@ -13,6 +13,9 @@ fn samples() -> Vec<Message> {
             public_key: [7; 32],
             capabilities: CAP_SEEDER,
             models: vec!["SmolLM2-135M-Instruct.Q4_1".into()],
+            model_sha256: [5; 32],
+            price_prompt_micro: 1,
+            price_completion_micro: 4,
             signature: [9; 64],
         }),
         Message::Request(InferenceRequest {
@@ -54,6 +57,16 @@ fn samples() -> Vec<Message> {
             message: "busy".into(),
         }),
         Message::Cancel(Cancel { request_id: 3 }),
+        Message::Receipt(ReceiptOffer {
+            request_id: 4,
+            receipt: vec![1; 200],
+            seeder_sig: [2; 64],
+            last: true,
+        }),
+        Message::Countersign(Countersign {
+            request_id: 4,
+            consumer_sig: [3; 64],
+        }),
     ]
 }
 

@@ -69,6 +69,17 @@ pub async fn seeder(
     dir: &std::path::Path,
     quic: std::net::SocketAddr,
 ) -> hypha_node::Node {
+    let cfg = seeder_config(parallel, queue, dir, quic);
+    hypha_node::Node::start(cfg).await.expect("seeder starts")
+}
+
+/// The configuration [`seeder`] starts.
+pub fn seeder_config(
+    parallel: u32,
+    queue: usize,
+    dir: &std::path::Path,
+    quic: std::net::SocketAddr,
+) -> hypha_node::NodeConfig {
     let mut engine = hypha_engine::EngineConfig::new(test_model());
     engine.parallel = parallel;
     engine.ctx_per_slot = 512;
@@ -78,7 +89,7 @@ pub async fn seeder(
     cfg.model_aliases = vec!["default".into()];
     cfg.quic_addr = Some(quic);
     cfg.data_dir = Some(dir.to_owned());
-    hypha_node::Node::start(cfg).await.expect("seeder starts")
+    cfg
 }
 
 /// A node without a model that sends requests to `peers`; its identity
@@ -105,8 +116,21 @@ pub struct Net {
 
 impl Net {
     pub async fn start(parallel: u32, queue: usize) -> Self {
+        Self::start_with(
+            parallel,
+            queue,
+            hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
+        )
+        .await
+    }
+
+    /// A network whose seeder offers a receipt every `receipt_interval`
+    /// tokens.
+    pub async fn start_with(parallel: u32, queue: usize, receipt_interval: u32) -> Self {
         let sdir = tempfile::tempdir().unwrap();
-        let seeder = seeder(parallel, queue, sdir.path(), "127.0.0.1:0".parse().unwrap()).await;
+        let mut cfg = seeder_config(parallel, queue, sdir.path(), "127.0.0.1:0".parse().unwrap());
+        cfg.receipt_interval = receipt_interval;
+        let seeder = hypha_node::Node::start(cfg).await.expect("seeder starts");
         let (consumer, cdir) =
             consumer(vec![seeder.peer_addr().unwrap()], Duration::from_secs(2)).await;
         Self {

@@ -1,0 +1,520 @@
+//! The append-only receipt log.
+//!
+//! File layout: an 8-byte magic, then records:
+//!
+//! ```text
+//! len: u32 LE | checksum: u64 LE | prev: [u8; 32] | payload: [u8; len]
+//! ```
+//!
+//! `digest = SHA-256(len || prev || payload)`; `checksum` is its first 8
+//! bytes and `prev` of the next record is the whole digest (zeros for the
+//! first). A payload is a kind byte (1: signed receipt) and its bytes.
+//!
+//! One writer thread owns the file. Appenders queue receipts (bounded) and
+//! wait; the writer takes every queued receipt up to [`MAX_BATCH`], checks
+//! each against the replay index, writes the batch in one write, calls
+//! `fdatasync`, and only then acknowledges. A failed write or sync poisons
+//! the ledger: every later append fails, since what reached the disk is
+//! unknown until the next recovery.
+//!
+//! Recovery reads every record, checking checksums and the chain. A record
+//! cut short or failing its checksum within the last batch's worth of bytes,
+//! with no valid record after it, is a torn write: the tail is truncated and
+//! reported. Anything else is corruption, and the log is refused with the
+//! byte offset, never skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hypha_wire::NodeId;
+
+use crate::receipt::{ReceiptKey, SignedReceipt, VerifiedReceipt, SIGNED_RECEIPT_BYTES};
+use crate::LedgerError;
+
+/// The log's file name in a node's data directory.
+pub const LOG_FILE: &str = "ledger.log";
+const MAGIC: &[u8; 8] = b"HYLEDG01";
+const HEADER_BYTES: usize = 4 + 8 + 32;
+const KIND_RECEIPT: u8 = 1;
+/// The largest payload a record may hold; receipts are far smaller, so a
+/// length above this is damage, not data.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// Receipts written and synced together at most.
+pub const MAX_BATCH: usize = 1024;
+/// Receipts waiting for the writer before appenders block.
+pub const MAX_QUEUED: usize = 8 * MAX_BATCH;
+/// A torn write can only affect the last batch, one batch of receipt
+/// records; damage further from the end is corruption.
+const MAX_TORN_BYTES: u64 = (MAX_BATCH * (HEADER_BYTES + 1 + SIGNED_RECEIPT_BYTES)) as u64;
+const _: () = assert!(SIGNED_RECEIPT_BYTES < MAX_RECORD_BYTES);
+
+/// What a node's receipts add up to for one id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Micro-credits earned as a seeder.
+    pub earned: u64,
+    /// Micro-credits spent as a consumer.
+    pub spent: u64,
+    pub receipts_as_seeder: u64,
+    pub receipts_as_consumer: u64,
+}
+
+/// What opening the log found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    pub receipts: u64,
+    /// Bytes of a torn final write that were cut off.
+    pub truncated_bytes: u64,
+}
+
+struct State {
+    index: HashSet<ReceiptKey>,
+    totals: HashMap<NodeId, Totals>,
+    receipts: u64,
+    poisoned: Option<String>,
+}
+
+impl State {
+    fn add(&mut self, signed: &SignedReceipt) {
+        let r = &signed.receipt;
+        self.index.insert(r.key());
+        let s = self.totals.entry(r.seeder).or_default();
+        s.earned = s.earned.saturating_add(r.credits);
+        s.receipts_as_seeder += 1;
+        let c = self.totals.entry(r.consumer).or_default();
+        c.spent = c.spent.saturating_add(r.credits);
+        c.receipts_as_consumer += 1;
+        self.receipts += 1;
+    }
+}
+
+struct Job {
+    receipt: VerifiedReceipt,
+    done: SyncSender<Result<(), LedgerError>>,
+}
+
+/// An open log. Cheap to clone; the writer stops when the last clone goes.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    state: Arc<Mutex<State>>,
+    jobs: Mutex<Option<SyncSender<Job>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what it holds and exit.
+        lock(&self.jobs).take();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io(e: std::io::Error) -> LedgerError {
+    LedgerError::Io(e.to_string())
+}
+
+impl Ledger {
+    /// Opens (or creates) the log in `dir`, recovering it first.
+    pub fn open(dir: &Path) -> Result<(Self, Recovery), LedgerError> {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join(LOG_FILE);
+        let created = !path.exists();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        if created || file.metadata().map_err(io)?.len() == 0 {
+            file.write_all(MAGIC).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            // Make the new file's name durable too.
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        let mut state = State {
+            index: HashSet::new(),
+            totals: HashMap::new(),
+            receipts: 0,
+            poisoned: None,
+        };
+        let scan = scan_file(&mut file, &mut |r| {
+            state.add(&r);
+            Ok(())
+        })?;
+        let mut recovery = Recovery {
+            receipts: state.receipts,
+            truncated_bytes: 0,
+        };
+        if let Some(torn) = scan.torn {
+            recovery.truncated_bytes = torn.dropped;
+            file.set_len(scan.end).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        file.seek(SeekFrom::Start(scan.end)).map_err(io)?;
+        let state = Arc::new(Mutex::new(state));
+        let (tx, rx) = std::sync::mpsc::sync_channel(MAX_QUEUED);
+        let writer = Writer {
+            file,
+            prev: scan.last_digest,
+            state: state.clone(),
+            buf: Vec::with_capacity(64 * 1024),
+        };
+        std::thread::Builder::new()
+            .name("hypha-ledger".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io)?;
+        Ok((
+            Self {
+                inner: Arc::new(Inner {
+                    path,
+                    state,
+                    jobs: Mutex::new(Some(tx)),
+                }),
+            },
+            recovery,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Appends a receipt and returns once it is on disk. A receipt for a
+    /// (consumer, request id) already in the log is refused.
+    pub fn append(&self, receipt: VerifiedReceipt) -> Result<(), LedgerError> {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let jobs = lock(&self.inner.jobs).clone().ok_or(LedgerError::Closed)?;
+        let job = Job { receipt, done };
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => jobs.send(job).map_err(|_| LedgerError::Closed)?,
+            Err(TrySendError::Disconnected(_)) => return Err(LedgerError::Closed),
+        }
+        wait.recv().map_err(|_| LedgerError::Closed)?
+    }
+
+    /// True when a receipt for this key is in the log.
+    pub fn contains(&self, key: &ReceiptKey) -> bool {
+        lock(&self.inner.state).index.contains(key)
+    }
+
+    /// What the log's receipts add up to for `id`.
+    pub fn totals(&self, id: &NodeId) -> Totals {
+        lock(&self.inner.state)
+            .totals
+            .get(id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Every id the log names, with its totals.
+    pub fn all_totals(&self) -> Vec<(NodeId, Totals)> {
+        let mut v: Vec<_> = lock(&self.inner.state)
+            .totals
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    pub fn receipts(&self) -> u64 {
+        lock(&self.inner.state).receipts
+    }
+}
+
+/// Reads every receipt of a log file in order, checking checksums and the
+/// chain (not signatures: see [`crate::verify_batch`]). A torn tail is
+/// reported, not an error.
+pub fn read(
+    path: &Path,
+    each: &mut dyn FnMut(SignedReceipt) -> Result<(), LedgerError>,
+) -> Result<Recovery, LedgerError> {
+    let mut file = File::open(path).map_err(io)?;
+    let mut n = 0;
+    let scan = scan_file(&mut file, &mut |r| {
+        n += 1;
+        each(r)
+    })?;
+    Ok(Recovery {
+        receipts: n,
+        truncated_bytes: scan.torn.map_or(0, |t| t.dropped),
+    })
+}
+
+struct Torn {
+    dropped: u64,
+}
+
+struct Scan {
+    /// Offset after the last good record.
+    end: u64,
+    last_digest: [u8; 32],
+    torn: Option<Torn>,
+}
+
+/// Why a record could not be read at some offset.
+enum Bad {
+    /// The file ends inside the record.
+    Short,
+    /// Its bytes are there but wrong.
+    Damaged(String),
+}
+
+fn digest_of(len: u32, prev: &[u8; 32], payload: &[u8]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&len.to_le_bytes());
+    ctx.update(prev);
+    ctx.update(payload);
+    let d = ctx.finish();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn checksum_of(digest: &[u8; 32]) -> u64 {
+    let mut c = [0u8; 8];
+    c.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
+    u64::from_le_bytes(c)
+}
+
+fn scan_file(
+    file: &mut File,
+    each: &mut dyn FnMut(SignedReceipt) -> Result<(), LedgerError>,
+) -> Result<Scan, LedgerError> {
+    let file_len = file.metadata().map_err(io)?.len();
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut r = BufReader::with_capacity(1 << 20, &mut *file);
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).map_err(|_| LedgerError::Corrupt {
+        offset: 0,
+        reason: "no ledger header".into(),
+    })?;
+    if &magic != MAGIC {
+        return Err(LedgerError::Corrupt {
+            offset: 0,
+            reason: "not a hypha ledger".into(),
+        });
+    }
+    let mut offset = MAGIC.len() as u64;
+    let mut prev = [0u8; 32];
+    let mut payload = Vec::with_capacity(1024);
+    loop {
+        if offset == file_len {
+            return Ok(Scan {
+                end: offset,
+                last_digest: prev,
+                torn: None,
+            });
+        }
+        let bad = match read_record(&mut r, file_len - offset, &mut payload) {
+            Ok((len, stored_prev, checksum)) => {
+                let digest = digest_of(len, &stored_prev, &payload);
+                if checksum_of(&digest) != checksum {
+                    Bad::Damaged("checksum mismatch".into())
+                } else if stored_prev != prev {
+                    return Err(LedgerError::Corrupt {
+                        offset,
+                        reason:
+                            "the hash chain is broken (a record was removed, reordered or replaced)"
+                                .into(),
+                    });
+                } else {
+                    let receipt = decode_payload(&payload)
+                        .map_err(|reason| LedgerError::Corrupt { offset, reason })?;
+                    each(receipt)?;
+                    prev = digest;
+                    offset += (HEADER_BYTES + payload.len()) as u64;
+                    continue;
+                }
+            }
+            Err(b) => b,
+        };
+        // A record at `offset` is unreadable: a torn final write, or damage.
+        let left = file_len - offset;
+        drop(r);
+        if left <= MAX_TORN_BYTES && !valid_record_after(file, offset, file_len)? {
+            return Ok(Scan {
+                end: offset,
+                last_digest: prev,
+                torn: Some(Torn { dropped: left }),
+            });
+        }
+        let reason = match bad {
+            Bad::Short => "record cut short with valid records after it".to_owned(),
+            Bad::Damaged(why) => why,
+        };
+        return Err(LedgerError::Corrupt { offset, reason });
+    }
+}
+
+/// Reads one record's header and payload; `Short` when the file ends first.
+fn read_record(
+    r: &mut impl Read,
+    left: u64,
+    payload: &mut Vec<u8>,
+) -> Result<(u32, [u8; 32], u64), Bad> {
+    if left < HEADER_BYTES as u64 {
+        return Err(Bad::Short);
+    }
+    let mut h = [0u8; HEADER_BYTES];
+    r.read_exact(&mut h).map_err(|_| Bad::Short)?;
+    let (len_b, rest) = h.split_at(4);
+    let (sum_b, prev_b) = rest.split_at(8);
+    let len = u32::from_le_bytes(len_b.try_into().map_err(|_| Bad::Short)?);
+    let checksum = u64::from_le_bytes(sum_b.try_into().map_err(|_| Bad::Short)?);
+    let prev: [u8; 32] = prev_b.try_into().map_err(|_| Bad::Short)?;
+    if len as usize > MAX_RECORD_BYTES || len == 0 {
+        return Err(Bad::Damaged(format!("record length {len} is out of range")));
+    }
+    if left < (HEADER_BYTES + len as usize) as u64 {
+        return Err(Bad::Short);
+    }
+    payload.resize(len as usize, 0);
+    r.read_exact(payload).map_err(|_| Bad::Short)?;
+    Ok((len, prev, checksum))
+}
+
+/// True when some offset after `from` starts a record whose checksum holds:
+/// then the damage at `from` is not a torn tail.
+fn valid_record_after(file: &mut File, from: u64, file_len: u64) -> Result<bool, LedgerError> {
+    file.seek(SeekFrom::Start(from + 1)).map_err(io)?;
+    let mut tail = Vec::new();
+    file.take(file_len - from - 1)
+        .read_to_end(&mut tail)
+        .map_err(io)?;
+    let mut payload = Vec::new();
+    for start in 0..tail.len() {
+        let Some(rest) = tail.get(start..) else {
+            break;
+        };
+        let mut cur = std::io::Cursor::new(rest);
+        if let Ok((len, prev, checksum)) = read_record(&mut cur, rest.len() as u64, &mut payload) {
+            if checksum_of(&digest_of(len, &prev, &payload)) == checksum {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+fn encode_payload(r: &SignedReceipt, out: &mut Vec<u8>) {
+    out.push(KIND_RECEIPT);
+    out.extend_from_slice(&r.to_bytes());
+}
+
+fn decode_payload(payload: &[u8]) -> Result<SignedReceipt, String> {
+    match payload.split_first() {
+        Some((&KIND_RECEIPT, body)) => SignedReceipt::from_bytes(body).map_err(|e| e.to_string()),
+        Some((kind, _)) => Err(format!("unknown record kind {kind}")),
+        None => Err("empty record".into()),
+    }
+}
+
+struct Writer {
+    file: File,
+    prev: [u8; 32],
+    state: Arc<Mutex<State>>,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self, jobs: Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        while let Ok(first) = jobs.recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+    }
+
+    /// Writes and syncs one batch, then answers every job in it.
+    fn commit(&mut self, batch: &mut Vec<Job>) {
+        let poisoned = lock(&self.state).poisoned.clone();
+        if let Some(why) = poisoned {
+            for j in batch.drain(..) {
+                let _ = j.done.send(Err(LedgerError::Poisoned(why.clone())));
+            }
+            return;
+        }
+        // Refuse replays: against the log and within this batch.
+        let mut accepted = Vec::with_capacity(batch.len());
+        {
+            let state = lock(&self.state);
+            let mut in_batch = HashSet::new();
+            for j in batch.drain(..) {
+                let key = j.receipt.receipt().key();
+                if state.index.contains(&key) || !in_batch.insert(key) {
+                    let _ = j.done.send(Err(LedgerError::Replay {
+                        consumer: key.consumer,
+                        request_id: key.request_id,
+                    }));
+                } else {
+                    accepted.push(j);
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        self.buf.clear();
+        let mut prev = self.prev;
+        let mut payload = Vec::with_capacity(1 + SIGNED_RECEIPT_BYTES);
+        for j in &accepted {
+            payload.clear();
+            encode_payload(j.receipt.signed(), &mut payload);
+            let len = payload.len() as u32;
+            let digest = digest_of(len, &prev, &payload);
+            self.buf.extend_from_slice(&len.to_le_bytes());
+            self.buf
+                .extend_from_slice(&checksum_of(&digest).to_le_bytes());
+            self.buf.extend_from_slice(&prev);
+            self.buf.extend_from_slice(&payload);
+            prev = digest;
+        }
+        let written = self
+            .file
+            .write_all(&self.buf)
+            .and_then(|()| self.file.sync_data());
+        let mut state = lock(&self.state);
+        match written {
+            Ok(()) => {
+                self.prev = prev;
+                for j in &accepted {
+                    state.add(j.receipt.signed());
+                }
+                drop(state);
+                for j in accepted {
+                    let _ = j.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                state.poisoned = Some(why.clone());
+                drop(state);
+                for j in accepted {
+                    let _ = j.done.send(Err(LedgerError::Poisoned(why.clone())));
+                }
+            }
+        }
+    }
+}

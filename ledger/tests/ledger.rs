@@ -1,0 +1,221 @@
+//! Receipts and the log on real files: signatures, replays, balances,
+//! recovery from torn writes, and detection of every other kind of damage.
+
+use hypha_ledger::{
+    balance, node_id_of, pow_bits, verify_batch, Ledger, LedgerError, ReceiptKey, SignedReceipt,
+    LOG_FILE,
+};
+use proptest::prelude::*;
+
+mod common;
+use common::{key, signed, verified};
+
+#[test]
+fn signatures_bind_both_parties_to_every_field() {
+    let (s, c) = (key(1), key(2));
+    let good = signed(&s, &c, 1, 500);
+    assert!(good.clone().verify().is_ok());
+    let bytes = good.to_bytes();
+    assert_eq!(SignedReceipt::from_bytes(&bytes).unwrap(), good);
+
+    // Inflated token counts after signing.
+    let mut inflated = good.clone();
+    inflated.receipt.completion_tokens += 1;
+    assert_eq!(
+        inflated.verify(),
+        Err(LedgerError::BadSignature { request_id: 1 })
+    );
+    // More credits than agreed.
+    let mut richer = good.clone();
+    richer.receipt.credits *= 2;
+    assert!(matches!(
+        richer.verify(),
+        Err(LedgerError::BadSignature { .. })
+    ));
+    // A forged countersignature: the seeder signs in the consumer's place.
+    let mut forged = good.clone();
+    forged.consumer_sig = good.receipt.sign(&s);
+    assert!(matches!(
+        forged.verify(),
+        Err(LedgerError::BadSignature { .. })
+    ));
+    // Someone else's key under the consumer's id.
+    let mut swapped = good.clone();
+    swapped.consumer_key = key(3).verifying_key().to_bytes();
+    swapped.consumer_sig = good.receipt.sign(&key(3));
+    assert_eq!(
+        swapped.verify(),
+        Err(LedgerError::WrongKey { role: "consumer" })
+    );
+    // A receipt that finishes before it starts is malformed.
+    let mut backwards = good.receipt.clone();
+    backwards.started_ms = backwards.finished_ms + 1;
+    let backwards = backwards.to_bytes();
+    assert!(matches!(
+        hypha_ledger::Receipt::from_bytes(&backwards),
+        Err(LedgerError::Malformed(_))
+    ));
+}
+
+#[test]
+fn batch_verification_accepts_good_batches_and_names_a_bad_receipt() {
+    let (s, c) = (key(1), key(2));
+    let batch: Vec<_> = (0..64).map(|i| signed(&s, &c, i, 10)).collect();
+    assert_eq!(verify_batch(batch.clone()).unwrap().len(), 64);
+    let mut bad = batch;
+    bad[40].receipt.prompt_tokens += 1;
+    assert_eq!(
+        verify_batch(bad),
+        Err(LedgerError::BadSignature { request_id: 40 })
+    );
+}
+
+#[test]
+fn appends_survive_a_restart_and_replays_are_refused_before_and_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, c, other) = (key(1), key(2), key(3));
+    let (sid, cid) = (
+        node_id_of(&s.verifying_key().to_bytes()),
+        node_id_of(&c.verifying_key().to_bytes()),
+    );
+    {
+        let (ledger, rec) = Ledger::open(dir.path()).unwrap();
+        assert_eq!(rec.receipts, 0);
+        for i in 0..100 {
+            ledger.append(verified(&s, &c, i, 1000)).unwrap();
+        }
+        // `other` consumed from `c`: c earns back some.
+        ledger.append(verified(&c, &other, 1, 250)).unwrap();
+        assert!(matches!(
+            ledger.append(verified(&s, &c, 5, 1)),
+            Err(LedgerError::Replay { request_id: 5, .. })
+        ));
+        assert_eq!(ledger.totals(&sid).earned, 100_000);
+    }
+    let (ledger, rec) = Ledger::open(dir.path()).unwrap();
+    assert_eq!(rec.receipts, 101);
+    assert_eq!(rec.truncated_bytes, 0);
+    assert!(ledger.contains(&ReceiptKey {
+        consumer: cid,
+        request_id: 99
+    }));
+    assert!(matches!(
+        ledger.append(verified(&s, &c, 99, 1000)),
+        Err(LedgerError::Replay { request_id: 99, .. })
+    ));
+    // The same request id from another consumer is another request.
+    ledger.append(verified(&s, &other, 99, 1000)).unwrap();
+
+    let t_s = ledger.totals(&sid);
+    let t_c = ledger.totals(&cid);
+    assert_eq!((t_s.earned, t_s.spent), (101_000, 0));
+    assert_eq!((t_c.earned, t_c.spent), (250, 100_000));
+    assert_eq!(balance(1_000_000, &t_c), 1_000_000 + 250 - 100_000);
+    // Credits are conserved: everything earned was spent by someone.
+    let all = ledger.all_totals();
+    let earned: u64 = all.iter().map(|(_, t)| t.earned).sum();
+    let spent: u64 = all.iter().map(|(_, t)| t.spent).sum();
+    assert_eq!(earned, spent);
+}
+
+fn log_with(n: u64) -> (tempfile::TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, c) = (key(1), key(2));
+    let (ledger, _) = Ledger::open(dir.path()).unwrap();
+    for i in 0..n {
+        ledger.append(verified(&s, &c, i, 7)).unwrap();
+    }
+    drop(ledger);
+    let bytes = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+    (dir, bytes)
+}
+
+fn reopen(dir: &tempfile::TempDir, bytes: &[u8]) -> Result<hypha_ledger::Recovery, LedgerError> {
+    std::fs::write(dir.path().join(LOG_FILE), bytes).unwrap();
+    Ledger::open(dir.path()).map(|(_, r)| r)
+}
+
+#[test]
+fn a_torn_tail_is_truncated_and_reported_and_the_log_goes_on() {
+    let (dir, bytes) = log_with(20);
+    let record = (bytes.len() - 8) / 20;
+    // Cut inside the last record.
+    let cut = &bytes[..bytes.len() - record / 2];
+    let rec = reopen(&dir, cut).unwrap();
+    assert_eq!(rec.receipts, 19);
+    assert_eq!(rec.truncated_bytes, (record - record / 2) as u64);
+    // The truncated log accepts appends and chains them correctly.
+    let (ledger, _) = Ledger::open(dir.path()).unwrap();
+    ledger.append(verified(&key(1), &key(2), 19, 7)).unwrap();
+    drop(ledger);
+    let (_, rec) = Ledger::open(dir.path()).unwrap();
+    assert_eq!((rec.receipts, rec.truncated_bytes), (20, 0));
+}
+
+#[test]
+fn damage_before_the_tail_is_refused_with_its_offset() {
+    let (dir, bytes) = log_with(20);
+    let record = (bytes.len() - 8) / 20;
+    // A byte flipped in the fifth record's payload.
+    let mut flipped = bytes.clone();
+    let at = 8 + 4 * record + 100;
+    flipped[at] ^= 0x40;
+    match reopen(&dir, &flipped) {
+        Err(LedgerError::Corrupt { offset, .. }) => assert_eq!(offset, (8 + 4 * record) as u64),
+        other => panic!("{other:?}"),
+    }
+    // A record taken out of the middle: the chain no longer holds.
+    let mut removed = bytes[..8 + 3 * record].to_vec();
+    removed.extend_from_slice(&bytes[8 + 4 * record..]);
+    match reopen(&dir, &removed) {
+        Err(LedgerError::Corrupt { reason, .. }) => assert!(reason.contains("chain"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // Bytes cut out of the middle of a record.
+    let mut cut = bytes[..8 + 2 * record + 50].to_vec();
+    cut.extend_from_slice(&bytes[8 + 2 * record + 90..]);
+    assert!(matches!(
+        reopen(&dir, &cut),
+        Err(LedgerError::Corrupt { .. })
+    ));
+    // Not a ledger at all.
+    assert!(matches!(
+        reopen(&dir, b"hello world"),
+        Err(LedgerError::Corrupt { offset: 0, .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    /// Every single flipped bit after the header is noticed: the log is
+    /// refused, or its damaged tail is cut and reported. Never a log that
+    /// opens clean with different contents.
+    #[test]
+    fn every_flipped_bit_is_detected(pos in 8usize..(8 + 12 * 450), bit in 0u8..8) {
+        static LOG: std::sync::OnceLock<(tempfile::TempDir, Vec<u8>)> = std::sync::OnceLock::new();
+        let (_, bytes) = LOG.get_or_init(|| log_with(12));
+        let pos = pos % bytes.len().max(9);
+        prop_assume!(pos >= 8);
+        let mut damaged = bytes.clone();
+        damaged[pos] ^= 1 << bit;
+        let dir = tempfile::tempdir().unwrap();
+        match reopen(&dir, &damaged) {
+            Err(LedgerError::Corrupt { .. }) => {}
+            Ok(rec) => prop_assert!(rec.truncated_bytes > 0, "flip at {pos} went unnoticed"),
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
+    }
+}
+
+#[test]
+fn proof_of_work_counts_leading_zero_bits() {
+    // Grind a few keys: the counts follow the hash, and about half of all
+    // ids have at least one zero bit.
+    let ids: Vec<_> = (0..=255u8)
+        .map(|i| node_id_of(&key(i).verifying_key().to_bytes()))
+        .collect();
+    let with_one = ids.iter().filter(|id| pow_bits(id) >= 1).count();
+    assert!((90..=166).contains(&with_one), "{with_one} of 256");
+    let best = ids.iter().map(pow_bits).max().unwrap();
+    assert!(best >= 4, "the best of 256 has {best} zero bits");
+}

@@ -1,0 +1,254 @@
+//! Receipts between a real seeder and consumer: cumulative receipts while a
+//! stream runs, a consumer that stops countersigning is cut off after one
+//! interval, a cancelled request keeps its last signed receipt on both
+//! sides, and a seeder that overcharges is refused.
+
+use std::time::Duration;
+
+use hypha_ledger::{node_id_of, Receipt};
+use hypha_node::identity::Identity;
+use hypha_node::proto::{self, FramedRecv, FramedSend};
+use hypha_node::transport::Endpoint;
+use hypha_wire::{ArchivedMessage, ChatMessage, InferenceRequest, Message, Prompt, Sampling};
+use serde_json::{json, Value};
+
+mod common;
+use common::{metrics, Net};
+
+fn request(id: u64, max_tokens: u32) -> Message {
+    Message::Request(InferenceRequest {
+        request_id: id,
+        model: "default".into(),
+        prompt: Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: "Tell me a long story about a fox.".into(),
+        }]),
+        sampling: Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+        },
+        stop: Vec::new(),
+        max_tokens: Some(max_tokens),
+    })
+}
+
+/// What a raw client saw on one request stream.
+#[derive(Default, Debug)]
+struct Seen {
+    chunks: u32,
+    receipts: Vec<(u32, bool)>,
+    error: Option<u16>,
+    done: bool,
+}
+
+/// A consumer that reads a request's frames and never countersigns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_countersigning_is_cut_off() {
+    let net = Net::start_with(2, 64, 8).await;
+    let ident = Identity::from_seed([51; 32]);
+    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let to = net.seeder.peer_addr().unwrap();
+    let conn = ep.dial(to.addr, to.id).await.unwrap();
+    proto::hello_as_dialer(
+        &conn,
+        to.id,
+        &proto::hello_message(&ident, Default::default()),
+    )
+    .await
+    .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&request(1, 200)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    let mut seen = Seen::default();
+    let read = async {
+        while let Some(()) = recv
+            .next(|m| {
+                match m {
+                    ArchivedMessage::Chunk(_) => seen.chunks += 1,
+                    ArchivedMessage::Receipt(r) => {
+                        let receipt = Receipt::from_bytes(r.receipt.as_slice()).unwrap();
+                        seen.receipts.push((receipt.completion_tokens, r.last));
+                    }
+                    ArchivedMessage::Error(e) => seen.error = Some(e.code.to_native()),
+                    ArchivedMessage::Done(_) => seen.done = true,
+                    other => panic!("{other:?}"),
+                }
+                Ok(())
+            })
+            .await
+            .unwrap()
+        {}
+    };
+    // The seeder waits COUNTERSIGN_TIMEOUT for the first receipt's
+    // signature, then gives up.
+    tokio::time::timeout(Duration::from_secs(15), read)
+        .await
+        .expect("the seeder ends the stream");
+    assert_eq!(seen.error, Some(402), "{seen:?}");
+    assert!(!seen.done);
+    assert_eq!(seen.receipts, vec![(8, false)], "{seen:?}");
+    assert_eq!(
+        seen.chunks, 16,
+        "one interval beyond the unsigned receipt: {seen:?}"
+    );
+    let c = common::client();
+    let m = metrics(&c, &net.seeder_base()).await;
+    assert!(
+        m.contains("hypha_requests_total{endpoint=\"peer\",status=\"402\"} 1"),
+        "{m}"
+    );
+    // Nothing signed, nothing recorded.
+    assert_eq!(net.seeder.ledger().unwrap().receipts(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_streams_exchange_receipts_and_a_cancelled_one_keeps_the_last() {
+    let net = Net::start_with(2, 64, 8).await;
+    let c = common::client();
+    let sid = net.seeder.id().unwrap();
+    let cid = net.consumer.id().unwrap();
+
+    // A whole request: credits in the header, the same receipt on both sides.
+    let resp = c
+        .post(format!("{}/v1/chat/completions", net.consumer_base()))
+        .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 30, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let header: u64 = resp.headers()[hypha_node::http::CREDITS_HEADER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["usage"]["credits"].as_u64(), Some(header));
+    let (sl, cl) = (net.seeder.ledger().unwrap(), net.consumer.ledger().unwrap());
+    assert_eq!(sl.totals(&sid).earned, header);
+    assert_eq!(cl.totals(&cid).spent, header);
+
+    // A stream cut after about 20 tokens: both keep the last receipt both
+    // signed, which covers 8 or 16 tokens.
+    let resp = c
+        .post(format!("{}/v1/chat/completions", net.consumer_base()))
+        .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 300, "temperature": 0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    let mut pieces = 0;
+    while pieces < 22 {
+        let chunk = futures_util::StreamExt::next(&mut stream)
+            .await
+            .unwrap()
+            .unwrap();
+        pieces += String::from_utf8_lossy(&chunk)
+            .matches("\"content\"")
+            .count();
+    }
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sl.receipts() < 2 || cl.receipts() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receipts {} {}",
+            sl.receipts(),
+            cl.receipts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let paid = sl.totals(&sid).earned - header;
+    assert_eq!(
+        cl.totals(&cid).spent - header,
+        paid,
+        "both record the same receipt"
+    );
+    // The prompt is billed at 1 per token, each delivered token at 4; the
+    // cut receipt covers whole 8-token intervals, at least the two the
+    // consumer had countersigned before its client saw the 22nd piece.
+    let probe: Value = c
+        .post(format!("{}/v1/chat/completions", net.seeder_base()))
+        .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let prompt = probe["usage"]["prompt_tokens"].as_u64().unwrap();
+    let tokens_paid = (paid - prompt) / 4;
+    assert_eq!(paid, prompt + 4 * tokens_paid, "{paid}");
+    assert!(
+        tokens_paid.is_multiple_of(8) && tokens_paid >= 16,
+        "{tokens_paid} tokens paid"
+    );
+    assert_eq!(
+        sl.totals(&node_id_of(&[0; 32])).spent,
+        0,
+        "strangers are charged nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_cannot_be_paid_for_twice() {
+    let net = Net::start_with(2, 64, 8).await;
+    let ident = Identity::from_seed([52; 32]);
+    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let to = net.seeder.peer_addr().unwrap();
+    let conn = ep.dial(to.addr, to.id).await.unwrap();
+    let terms = proto::hello_as_dialer(
+        &conn,
+        to.id,
+        &proto::hello_message(&ident, Default::default()),
+    )
+    .await
+    .unwrap();
+    // Run request 7 to the end, countersigning like a consumer does.
+    for round in 0..2 {
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut send = FramedSend::new(send);
+        send.send(&request(7, 4)).await.unwrap();
+        let mut recv = FramedRecv::new(recv);
+        let mut error = None;
+        while let Some(offer) = recv
+            .next(|m| {
+                Ok(match m {
+                    ArchivedMessage::Receipt(r) => Some(r.receipt.as_slice().to_vec()),
+                    ArchivedMessage::Error(e) => {
+                        error = Some(e.code.to_native());
+                        None
+                    }
+                    _ => None,
+                })
+            })
+            .await
+            .unwrap()
+        {
+            if let Some(bytes) = offer {
+                let r = Receipt::from_bytes(&bytes).unwrap();
+                let sig = r.sign(ident.signing_key());
+                send.send(&Message::Countersign(hypha_wire::Countersign {
+                    request_id: 7,
+                    consumer_sig: sig,
+                }))
+                .await
+                .unwrap();
+            }
+        }
+        if round == 0 {
+            assert_eq!(error, None);
+        } else {
+            assert_eq!(error, Some(409), "the same request id again is refused");
+        }
+    }
+    let ledger = net.seeder.ledger().unwrap();
+    assert_eq!(ledger.receipts(), 1);
+    assert!(ledger.totals(&terms.node_id).earned > 0);
+}
