@@ -71,15 +71,24 @@ pub struct Recovery {
     pub truncated_bytes: u64,
 }
 
+/// Receipts kept in memory for a quick look at recent activity.
+pub const RECENT_RECEIPTS: usize = 100;
+
 struct State {
     index: HashSet<ReceiptKey>,
     totals: HashMap<NodeId, Totals>,
     receipts: u64,
+    /// The newest receipts, oldest first, at most [`RECENT_RECEIPTS`].
+    recent: std::collections::VecDeque<SignedReceipt>,
     poisoned: Option<String>,
 }
 
 impl State {
     fn add(&mut self, signed: &SignedReceipt) {
+        if self.recent.len() == RECENT_RECEIPTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(signed.clone());
         let r = &signed.receipt;
         self.index.insert(r.key());
         let s = self.totals.entry(r.seeder).or_default();
@@ -149,6 +158,7 @@ impl Ledger {
             index: HashSet::new(),
             totals: HashMap::new(),
             receipts: 0,
+            recent: std::collections::VecDeque::with_capacity(RECENT_RECEIPTS),
             poisoned: None,
         };
         let scan = scan_file(&mut file, &mut |r| {
@@ -234,6 +244,18 @@ impl Ledger {
 
     pub fn receipts(&self) -> u64 {
         lock(&self.inner.state).receipts
+    }
+
+    /// The newest receipts, newest first, at most `n` (and at most
+    /// [`RECENT_RECEIPTS`]).
+    pub fn recent(&self, n: usize) -> Vec<SignedReceipt> {
+        lock(&self.inner.state)
+            .recent
+            .iter()
+            .rev()
+            .take(n)
+            .cloned()
+            .collect()
     }
 }
 

@@ -27,6 +27,8 @@ pub enum HelloError {
     BadSignature,
     #[error("hello lists too many or too long model names")]
     TooLarge,
+    #[error("the peer's identity carries {bits} bits of proof of work; {required} are required")]
+    NoProofOfWork { bits: u32, required: u32 },
 }
 
 /// What a node offers in its hello.
@@ -65,6 +67,16 @@ pub fn sign_hello(identity: &Identity, offer: Offer) -> Hello {
         .sign(&hello.signed_bytes())
         .to_bytes();
     hello
+}
+
+/// Checks that a peer's identity cost at least `required` bits of work.
+pub fn check_pow(peer: &NodeId, required: u32) -> Result<(), HelloError> {
+    let bits = hypha_ledger::pow_bits(peer);
+    if bits >= required {
+        Ok(())
+    } else {
+        Err(HelloError::NoProofOfWork { bits, required })
+    }
 }
 
 /// Checks a received hello against the peer the connection authenticated.

@@ -45,8 +45,47 @@ impl Identity {
         Self { key, id }
     }
 
+    /// The first key derived from `seed` whose id carries `bits` of proof
+    /// of work (deterministic: for tests and reproducible set-ups).
+    pub fn from_seed_with_pow(seed: [u8; 32], bits: u32) -> Self {
+        let mut candidate = seed;
+        loop {
+            let ident = Self::from_seed(candidate);
+            if ident.pow_bits() >= bits {
+                return ident;
+            }
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(b"hypha-pow-seed");
+            ctx.update(&candidate);
+            candidate.copy_from_slice(ctx.finish().as_ref());
+        }
+    }
+
+    /// A fresh random key whose id carries `bits` of proof of work.
+    pub fn generate(bits: u32) -> Result<Self, IdentityError> {
+        let rng = ring::rand::SystemRandom::new();
+        loop {
+            let mut seed = [0u8; 32];
+            ring::rand::SecureRandom::fill(&rng, &mut seed).map_err(|_| IdentityError::Random)?;
+            let ident = Self::from_seed(seed);
+            if ident.pow_bits() >= bits {
+                return Ok(ident);
+            }
+        }
+    }
+
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// Leading zero bits of SHA-256("hypha-pow" || id): what creating this
+    /// key cost (see `hypha_ledger::pow_bits`).
+    pub fn pow_bits(&self) -> u32 {
+        hypha_ledger::pow_bits(&self.id)
+    }
+
+    fn seed(&self) -> [u8; 32] {
+        self.key.to_bytes()
     }
 
     pub fn public_key(&self) -> [u8; 32] {
@@ -59,7 +98,14 @@ impl Identity {
 
     /// Loads the key in `dir`, creating the directory and a new key (mode
     /// 0600) on first use.
+    /// [`Identity::load_or_create_with_pow`] at the default difficulty.
     pub fn load_or_create(dir: &Path) -> Result<Self, IdentityError> {
+        Self::load_or_create_with_pow(dir, hypha_ledger::DEFAULT_POW_BITS)
+    }
+
+    /// Loads the key in `dir`, or creates one whose id carries `pow_bits`
+    /// of proof of work (about 2^pow_bits key generations).
+    pub fn load_or_create_with_pow(dir: &Path, pow_bits: u32) -> Result<Self, IdentityError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| IdentityError::Io { path, source }
@@ -72,9 +118,13 @@ impl Identity {
                 Ok(Self::from_seed(seed))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut seed = [0u8; 32];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
-                    .map_err(|_| IdentityError::Random)?;
+                let started = std::time::Instant::now();
+                let seed = Self::generate(pow_bits)?.seed();
+                tracing::info!(
+                    pow_bits,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "proof of work for a new identity"
+                );
                 // Write to a private temporary file, then rename: a crash
                 // never leaves a half-written key behind.
                 let tmp = dir.join(format!("{KEY_FILE}.tmp"));

@@ -64,6 +64,9 @@ pub struct NodeConfig {
     pub price_completion_micro: u64,
     /// Tokens between two cumulative receipts.
     pub receipt_interval: u32,
+    /// Proof of work (bits) a new identity is created with, and required of
+    /// every peer at hello; identities with it get the ledger's grant.
+    pub pow_bits: u32,
 }
 
 /// Micro-credits per prompt token a seeder charges by default.
@@ -88,6 +91,7 @@ impl NodeConfig {
             price_prompt_micro: DEFAULT_PRICE_PROMPT_MICRO,
             price_completion_micro: DEFAULT_PRICE_COMPLETION_MICRO,
             receipt_interval: seeder::DEFAULT_RECEIPT_INTERVAL,
+            pow_bits: hypha_ledger::DEFAULT_POW_BITS,
         }
     }
 }
@@ -144,7 +148,14 @@ impl Node {
         let mut ledger = None;
         if cfg.quic_addr.is_some() || !cfg.peers.is_empty() {
             let dir = identity::data_dir(cfg.data_dir.as_deref())?;
-            let ident = Arc::new(Identity::load_or_create(&dir)?);
+            let ident = Arc::new(Identity::load_or_create_with_pow(&dir, cfg.pow_bits)?);
+            if ident.pow_bits() < cfg.pow_bits {
+                tracing::warn!(
+                    have = ident.pow_bits(),
+                    need = cfg.pow_bits,
+                    "this node's key has too little proof of work: peers will refuse it"
+                );
+            }
             identity_id = Some(ident.id());
             let (log, recovery) = hypha_ledger::Ledger::open(&dir)
                 .with_context(|| format!("cannot open the ledger in {}", dir.display()))?;
@@ -183,6 +194,7 @@ impl Node {
                     ledger: log.clone(),
                     max_peers: cfg.max_peers.clamp(1, seeder::MAX_PEERS),
                     receipt_interval: cfg.receipt_interval.max(1),
+                    pow_bits: cfg.pow_bits,
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),
                 });
                 seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), state, rx.clone())));
@@ -192,6 +204,7 @@ impl Node {
                 let party = Arc::new(peers::Party {
                     identity: ident.clone(),
                     ledger: log.clone(),
+                    pow_bits: cfg.pow_bits,
                 });
                 let p = Arc::new(
                     Peers::new(

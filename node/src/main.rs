@@ -363,6 +363,7 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
         price_prompt_micro: a.price_prompt,
         price_completion_micro: a.price_completion,
         receipt_interval: a.receipt_interval,
+        pow_bits: hypha_ledger::DEFAULT_POW_BITS,
     })
     .await?;
     match node.engine() {
@@ -411,6 +412,7 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         price_prompt_micro: hypha_node::DEFAULT_PRICE_PROMPT_MICRO,
         price_completion_micro: hypha_node::DEFAULT_PRICE_COMPLETION_MICRO,
         receipt_interval: hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
+        pow_bits: hypha_ledger::DEFAULT_POW_BITS,
     })
     .await?;
     let seeder_addr = seeder
@@ -429,6 +431,7 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         price_prompt_micro: hypha_node::DEFAULT_PRICE_PROMPT_MICRO,
         price_completion_micro: hypha_node::DEFAULT_PRICE_COMPLETION_MICRO,
         receipt_interval: hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
+        pow_bits: hypha_ledger::DEFAULT_POW_BITS,
     })
     .await?;
     let info = seeder.engine().map(|e| e.info().clone());

@@ -123,6 +123,8 @@ pub enum RemoteEvent {
 pub struct Party {
     pub identity: Arc<Identity>,
     pub ledger: Ledger,
+    /// Proof of work required of a peer's identity.
+    pub pow_bits: u32,
 }
 
 struct Entry {
@@ -258,16 +260,17 @@ impl Peers {
                 ))
             })?
             .map_err(|err| PeerError::Unreachable(err.to_string()))?;
-        let hello: VerifiedHello = match hello_as_dialer(&conn, peer, &self.hello).await {
-            Ok(h) => h,
-            Err(err) => {
-                if err.is_violation() {
-                    self.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
-                    close_for_violation(&conn, peer, &err);
+        let hello: VerifiedHello =
+            match hello_as_dialer(&conn, peer, &self.hello, self.party.pow_bits).await {
+                Ok(h) => h,
+                Err(err) => {
+                    if err.is_violation() {
+                        self.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
+                        close_for_violation(&conn, peer, &err);
+                    }
+                    return Err(err);
                 }
-                return Err(err);
-            }
-        };
+            };
         tracing::info!(%peer, addr = %e.addr.addr, models = ?hello.offer.models, "connected to peer");
         *lock(&e.models) = hello.offer.models.clone();
         let hello = Arc::new(hello);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use hypha_wire::{ArchivedMessage, FrameDecoder, FrameEncoder, Message, NodeId, WireError};
 use quinn::VarInt;
 
-use crate::hello::{sign_hello, verify_hello, HelloError, Offer, VerifiedHello};
+use crate::hello::{check_pow, sign_hello, verify_hello, HelloError, Offer, VerifiedHello};
 use crate::identity::Identity;
 
 /// Connection closed normally (a node shutting down).
@@ -200,9 +200,17 @@ pub fn kind_of(msg: &ArchivedMessage) -> &'static str {
     }
 }
 
-fn expect_hello(msg: &ArchivedMessage, peer: NodeId) -> Result<VerifiedHello, PeerError> {
+fn expect_hello(
+    msg: &ArchivedMessage,
+    peer: NodeId,
+    pow_required: u32,
+) -> Result<VerifiedHello, PeerError> {
     match msg {
-        ArchivedMessage::Hello(h) => Ok(verify_hello(h, peer)?),
+        ArchivedMessage::Hello(h) => {
+            let hello = verify_hello(h, peer)?;
+            check_pow(&peer, pow_required)?;
+            Ok(hello)
+        }
         other => Err(PeerError::Protocol(format!(
             "expected hello, got {}",
             kind_of(other)
@@ -211,11 +219,13 @@ fn expect_hello(msg: &ArchivedMessage, peer: NodeId) -> Result<VerifiedHello, Pe
 }
 
 /// Dialer side of the hello exchange: open the hello stream, send ours,
-/// read and check theirs.
+/// read and check theirs (including `pow_required` bits of proof of work
+/// on the peer's id).
 pub async fn hello_as_dialer(
     conn: &quinn::Connection,
     peer: NodeId,
     ours: &Message,
+    pow_required: u32,
 ) -> Result<VerifiedHello, PeerError> {
     let exchange = async {
         let (send, recv) = conn.open_bi().await?;
@@ -223,7 +233,7 @@ pub async fn hello_as_dialer(
         send.send(ours).await?;
         send.finish();
         let mut recv = FramedRecv::new(recv);
-        recv.next(|m| expect_hello(m, peer))
+        recv.next(|m| expect_hello(m, peer, pow_required))
             .await?
             .ok_or_else(|| PeerError::Protocol("stream ended before the hello".into()))
     };
@@ -238,12 +248,13 @@ pub async fn hello_as_acceptor(
     conn: &quinn::Connection,
     peer: NodeId,
     ours: &Message,
+    pow_required: u32,
 ) -> Result<VerifiedHello, PeerError> {
     let exchange = async {
         let (send, recv) = conn.accept_bi().await?;
         let mut recv = FramedRecv::new(recv);
         let hello = recv
-            .next(|m| expect_hello(m, peer))
+            .next(|m| expect_hello(m, peer, pow_required))
             .await?
             .ok_or_else(|| PeerError::Protocol("stream ended before the hello".into()))?;
         let mut send = FramedSend::new(send);

@@ -59,6 +59,8 @@ pub struct SeederState {
     pub max_peers: usize,
     /// Tokens between two cumulative receipts.
     pub receipt_interval: u32,
+    /// Proof of work required of a peer's identity.
+    pub pow_bits: u32,
     /// Requests running now, by (consumer, request id).
     pub running: std::sync::Mutex<HashSet<ReceiptKey>>,
 }
@@ -118,7 +120,7 @@ async fn serve_connection(
     state: Arc<SeederState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let hello = match hello_as_acceptor(&conn, peer, &state.hello).await {
+    let hello = match hello_as_acceptor(&conn, peer, &state.hello, state.pow_bits).await {
         Ok(h) => h,
         Err(e) => {
             if e.is_violation() || matches!(e, PeerError::Timeout(_)) {

@@ -34,10 +34,14 @@ async fn dial(net: &Net, seed: u8) -> (Identity, Endpoint, quinn::Connection) {
 
 /// Dials and completes a correct hello exchange.
 async fn dial_with_hello(net: &Net, seed: u8) -> (Endpoint, quinn::Connection) {
-    let (ident, ep, conn) = dial(net, seed).await;
-    let to = net.seeder.id().unwrap();
+    let ident = common::peer_identity(seed);
+    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let to = net.seeder.peer_addr().unwrap();
+    let conn = ep.dial(to.addr, to.id).await.expect("transport connects");
     let hello = proto::hello_message(&ident, Default::default());
-    let theirs = proto::hello_as_dialer(&conn, to, &hello).await.unwrap();
+    let theirs = proto::hello_as_dialer(&conn, to.id, &hello, common::TEST_POW_BITS)
+        .await
+        .unwrap();
     assert_eq!(theirs.offer.capabilities, CAP_SEEDER);
     (ep, conn)
 }
@@ -153,6 +157,25 @@ async fn protocol_violations_disconnect_the_peer_and_nothing_else() {
     let _r = raw_stream(&conn, enc.encode(&other).unwrap(), true).await;
     let why = closed_reason(&conn).await;
     assert!(why.contains("hello key belongs to"), "{why}");
+    cases += 1;
+
+    // A correct hello from an identity that skipped its proof of work.
+    let lazy = (60..=255u8)
+        .map(|s| Identity::from_seed([s; 32]))
+        .find(|i| i.pow_bits() < common::TEST_POW_BITS)
+        .unwrap();
+    let ep = Endpoint::bind(&lazy, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let to = net.seeder.peer_addr().unwrap();
+    let conn = ep.dial(to.addr, to.id).await.unwrap();
+    let _r = raw_stream(
+        &conn,
+        enc.encode(&proto::hello_message(&lazy, Default::default()))
+            .unwrap(),
+        true,
+    )
+    .await;
+    let why = closed_reason(&conn).await;
+    assert!(why.contains("bits of proof of work"), "{why}");
     cases += 1;
 
     // After a good hello: a frame announcing more than the cap.
@@ -290,7 +313,8 @@ enum Fake {
 /// A seeder that completes the handshake and hello correctly, then answers
 /// every request wrongly.
 async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::JoinHandle<()>) {
-    let (ident, ep) = endpoint(31);
+    let ident = common::peer_identity(31);
+    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = hypha_node::peers::PeerAddr {
         id: ident.id(),
         addr: ep.local_addr().unwrap(),
@@ -311,7 +335,9 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::J
             let hello = hello.clone();
             let seeder_key = seeder_key.clone();
             tokio::spawn(async move {
-                proto::hello_as_acceptor(&conn, peer, &hello).await.unwrap();
+                proto::hello_as_acceptor(&conn, peer, &hello, 0)
+                    .await
+                    .unwrap();
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let mut recv = FramedRecv::new(recv);
                     let Ok(Some(id)) = recv
@@ -483,13 +509,15 @@ async fn peers_beyond_the_limit_are_refused() {
     cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
     cfg.data_dir = Some(dir.path().to_owned());
     cfg.max_peers = 1;
+    cfg.pow_bits = common::TEST_POW_BITS;
     let seeder = hypha_node::Node::start(cfg).await.unwrap();
     let to = seeder.peer_addr().unwrap();
     let hello_to = |ident: &Identity| proto::hello_message(ident, Default::default());
 
-    let (a, ep_a) = endpoint(41);
+    let a = common::peer_identity(41);
+    let ep_a = Endpoint::bind(&a, "127.0.0.1:0".parse().unwrap()).unwrap();
     let first = ep_a.dial(to.addr, to.id).await.unwrap();
-    proto::hello_as_dialer(&first, to.id, &hello_to(&a))
+    proto::hello_as_dialer(&first, to.id, &hello_to(&a), 0)
         .await
         .unwrap();
 

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use hypha_ledger::{node_id_of, Receipt};
-use hypha_node::identity::Identity;
 use hypha_node::proto::{self, FramedRecv, FramedSend};
 use hypha_node::transport::Endpoint;
 use hypha_wire::{ArchivedMessage, ChatMessage, InferenceRequest, Message, Prompt, Sampling};
@@ -51,7 +50,7 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_stops_countersigning_is_cut_off() {
     let net = Net::start_with(2, 64, 8).await;
-    let ident = Identity::from_seed([51; 32]);
+    let ident = common::peer_identity(51);
     let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
     let to = net.seeder.peer_addr().unwrap();
     let conn = ep.dial(to.addr, to.id).await.unwrap();
@@ -59,6 +58,7 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
         &conn,
         to.id,
         &proto::hello_message(&ident, Default::default()),
+        0,
     )
     .await
     .unwrap();
@@ -131,6 +131,8 @@ async fn long_streams_exchange_receipts_and_a_cancelled_one_keeps_the_last() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["usage"]["credits"].as_u64(), Some(header));
     let (sl, cl) = (net.seeder.ledger().unwrap(), net.consumer.ledger().unwrap());
+    assert_eq!(cl.receipts(), 1, "the consumer records before it answers");
+    common::wait_receipts(sl, 1).await;
     assert_eq!(sl.totals(&sid).earned, header);
     assert_eq!(cl.totals(&cid).spent, header);
 
@@ -199,7 +201,7 @@ async fn long_streams_exchange_receipts_and_a_cancelled_one_keeps_the_last() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_cannot_be_paid_for_twice() {
     let net = Net::start_with(2, 64, 8).await;
-    let ident = Identity::from_seed([52; 32]);
+    let ident = common::peer_identity(52);
     let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
     let to = net.seeder.peer_addr().unwrap();
     let conn = ep.dial(to.addr, to.id).await.unwrap();
@@ -207,6 +209,7 @@ async fn a_request_id_cannot_be_paid_for_twice() {
         &conn,
         to.id,
         &proto::hello_message(&ident, Default::default()),
+        0,
     )
     .await
     .unwrap();

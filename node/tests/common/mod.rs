@@ -89,7 +89,17 @@ pub fn seeder_config(
     cfg.model_aliases = vec!["default".into()];
     cfg.quic_addr = Some(quic);
     cfg.data_dir = Some(dir.to_owned());
+    cfg.pow_bits = TEST_POW_BITS;
     cfg
+}
+
+/// Proof of work the tests' nodes create and require: enough to exercise
+/// the check, cheap enough to grind dozens of identities.
+pub const TEST_POW_BITS: u32 = 8;
+
+/// A deterministic identity that passes the tests' proof-of-work check.
+pub fn peer_identity(seed: u8) -> hypha_node::identity::Identity {
+    hypha_node::identity::Identity::from_seed_with_pow([seed; 32], TEST_POW_BITS)
 }
 
 /// A node without a model that sends requests to `peers`; its identity
@@ -103,6 +113,7 @@ pub async fn consumer(
     cfg.peers = peers;
     cfg.data_dir = Some(dir.path().to_owned());
     cfg.dial_timeout = dial_timeout;
+    cfg.pow_bits = TEST_POW_BITS;
     let node = hypha_node::Node::start(cfg).await.expect("consumer starts");
     (node, dir)
 }
@@ -199,4 +210,19 @@ pub async fn stream_chat(c: &reqwest::Client, base: &str, body: &Value) -> Strea
         }
     }
     panic!("stream ended without [DONE]");
+}
+
+/// Waits (5 s at most) until `ledger` holds `n` receipts: the seeder
+/// records a receipt when the countersignature reaches it, which may be
+/// just after the consumer's client got its response.
+pub async fn wait_receipts(ledger: &hypha_ledger::Ledger, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ledger.receipts() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} receipts recorded",
+            ledger.receipts()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
