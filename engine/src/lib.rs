@@ -296,6 +296,9 @@ pub struct GenerateRequest {
     /// `None`: until an end token, a stop string or the slot's context is full.
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
+    /// Waiting requests are admitted highest priority first, in arrival
+    /// order among equals.
+    pub priority: i64,
 }
 
 /// Why a generation ended.

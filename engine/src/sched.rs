@@ -218,13 +218,23 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while !self.waiting.is_empty() {
-            let Some(job) = self.waiting.front() else {
+            // Highest priority first; the earliest among equals.
+            let Some(next) = self
+                .waiting
+                .iter()
+                .enumerate()
+                .max_by_key(|(i, j)| (j.req.priority, std::cmp::Reverse(*i)))
+                .map(|(i, _)| i)
+            else {
+                return;
+            };
+            let Some(job) = self.waiting.get(next) else {
                 return;
             };
             let Some((free, reuse)) = self.pick_slot(&job.req.prompt) else {
                 return;
             };
-            let Some(job) = self.waiting.pop_front() else {
+            let Some(job) = self.waiting.remove(next) else {
                 return;
             };
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);

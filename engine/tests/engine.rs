@@ -92,6 +92,7 @@ fn req(prompt: Vec<i32>, max_tokens: u32) -> GenerateRequest {
         sampling: greedy(),
         max_tokens: Some(max_tokens),
         stop: Vec::new(),
+        priority: 0,
     }
 }
 
@@ -393,6 +394,45 @@ fn full_queue_is_refused_and_waiting_requests_run_later() {
         }
     }
     assert_eq!(tokens, 4);
+}
+
+#[test]
+fn waiting_requests_are_admitted_by_priority() {
+    let e = engine(1, 512, 4);
+    let p = chat_prompt(&e, "Count from one to one hundred.");
+    let mut first = e.submit(req(p.clone(), 64)).unwrap();
+    assert!(matches!(first.blocking_next(), Some(Event::Token { .. })));
+    // Queued in this order: low, high, low2 (same priority as low).
+    let low = e.submit(req(p.clone(), 4)).unwrap();
+    let high = e
+        .submit(GenerateRequest {
+            priority: 10,
+            ..req(p.clone(), 4)
+        })
+        .unwrap();
+    let low2 = e.submit(req(p.clone(), 4)).unwrap();
+    let first_token_at = |mut g: hypha_engine::Generation| {
+        std::thread::spawn(move || loop {
+            match g.blocking_next() {
+                Some(Event::Token { .. }) => return Instant::now(),
+                Some(Event::Failed(e)) => panic!("{e}"),
+                _ => {}
+            }
+        })
+    };
+    let (low, high, low2) = (
+        first_token_at(low),
+        first_token_at(high),
+        first_token_at(low2),
+    );
+    drop(first);
+    let (low, high, low2) = (
+        low.join().unwrap(),
+        high.join().unwrap(),
+        low2.join().unwrap(),
+    );
+    assert!(high < low, "the higher priority runs first");
+    assert!(low < low2, "equals keep their arrival order");
 }
 
 #[test]

@@ -63,6 +63,8 @@ impl LocalModel {
 pub struct AppState {
     pub local: Option<LocalModel>,
     pub peers: Option<Arc<Peers>>,
+    /// The node's identity and receipts, when it talks to peers.
+    pub account: Option<crate::account::Account>,
     pub api_key: Option<String>,
     pub metrics: Arc<Metrics>,
     pub started: SystemTime,
@@ -79,6 +81,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/ledger", get(ledger))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -153,6 +156,12 @@ impl From<RemoteError> for ApiError {
                     .code("model_not_found")
                     .param("model")
             }
+            RemoteError::Refused { code: 429, .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                message,
+            )
+            .code("free_tier_exhausted"),
             RemoteError::Refused { code: 503, .. } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", message).code("peer_busy")
             }
@@ -344,6 +353,31 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// Receipts shown by `GET /v1/ledger`.
+const LEDGER_RECENT: usize = 20;
+
+async fn ledger(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = st.authorize(&headers) {
+        return e.into_response();
+    }
+    match &st.account {
+        Some(a) => Json(crate::account::ledger_json(
+            a.id,
+            a.grant,
+            &a.ledger,
+            LEDGER_RECENT,
+        ))
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "this node has no ledger: it neither serves peers (--quic) nor uses them (--peer)",
+        )
+        .code("no_ledger")
+        .into_response(),
+    }
 }
 
 async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -585,6 +619,8 @@ fn submit_local(
         sampling: fields.sampling(),
         max_tokens: fields.max_tokens(),
         stop,
+        // The node's own users come before the peers it serves.
+        priority: i64::MAX,
     })?))
 }
 

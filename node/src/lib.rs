@@ -7,6 +7,7 @@
 //! command line over this library, so another Rust program can embed a node
 //! in-process.
 
+pub mod account;
 pub mod chat;
 pub mod hello;
 pub mod http;
@@ -67,6 +68,8 @@ pub struct NodeConfig {
     /// Proof of work (bits) a new identity is created with, and required of
     /// every peer at hello; identities with it get the ledger's grant.
     pub pow_bits: u32,
+    /// Requests per minute a consumer with no credits left may make.
+    pub free_tier_per_minute: u32,
 }
 
 /// Micro-credits per prompt token a seeder charges by default.
@@ -92,6 +95,7 @@ impl NodeConfig {
             price_completion_micro: DEFAULT_PRICE_COMPLETION_MICRO,
             receipt_interval: seeder::DEFAULT_RECEIPT_INTERVAL,
             pow_bits: hypha_ledger::DEFAULT_POW_BITS,
+            free_tier_per_minute: seeder::DEFAULT_FREE_TIER_PER_MINUTE,
         }
     }
 }
@@ -146,6 +150,7 @@ impl Node {
         let mut seeder_task = None;
         let mut peers = None;
         let mut ledger = None;
+        let mut account = None;
         if cfg.quic_addr.is_some() || !cfg.peers.is_empty() {
             let dir = identity::data_dir(cfg.data_dir.as_deref())?;
             let ident = Arc::new(Identity::load_or_create_with_pow(&dir, cfg.pow_bits)?);
@@ -195,6 +200,7 @@ impl Node {
                     max_peers: cfg.max_peers.clamp(1, seeder::MAX_PEERS),
                     receipt_interval: cfg.receipt_interval.max(1),
                     pow_bits: cfg.pow_bits,
+                    free_tier: seeder::FreeTier::new(cfg.free_tier_per_minute),
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),
                 });
                 seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), state, rx.clone())));
@@ -224,12 +230,18 @@ impl Node {
                 peers = Some(p);
             }
             endpoint = Some(ep);
+            account = Some(account::Account {
+                id: ident.id(),
+                ledger: log.clone(),
+                grant: account::grant_for(&ident.id(), cfg.pow_bits),
+            });
             ledger = Some(log);
         }
 
         let state = Arc::new(http::AppState {
             local,
             peers,
+            account,
             api_key: cfg.api_key,
             metrics,
             started: SystemTime::now(),

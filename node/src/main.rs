@@ -51,6 +51,14 @@ enum Cmd {
     Chat(ChatArgs),
     /// List the compute devices ggml can use.
     Devices,
+    /// This node's credits and receipts, from its ledger.
+    Ledger {
+        #[command(subcommand)]
+        cmd: LedgerCmd,
+        /// Where the node keeps its key and ledger (default: $HYPHA_HOME or the XDG data directory).
+        #[arg(long, env = "HYPHA_HOME", global = true)]
+        data_dir: Option<PathBuf>,
+    },
     /// Print this node's id (creating its key on first use).
     Id {
         /// Where the node keeps its key (default: $HYPHA_HOME or the XDG data directory).
@@ -145,6 +153,21 @@ struct UpArgs {
     /// Require `Authorization: Bearer KEY` on /v1 requests.
     #[arg(long, env = "HYPHA_API_KEY")]
     api_key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum LedgerCmd {
+    /// grant + earned - spent, in micro-credits.
+    Balance,
+    /// The newest receipts, newest first.
+    Receipts {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Check the whole log: checksums, the hash chain and every signature.
+    Verify,
+    /// Every receipt as one JSON object per line.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -288,6 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", hypha_bench::format_table(&reports));
             Ok(())
         }
+        Cmd::Ledger { cmd, data_dir } => ledger_cmd(cmd, data_dir.as_deref()),
         Cmd::Id { data_dir } => {
             let dir = hypha_node::identity::data_dir(data_dir.as_deref())?;
             let ident = hypha_node::identity::Identity::load_or_create(&dir)?;
@@ -364,6 +388,7 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
         price_completion_micro: a.price_completion,
         receipt_interval: a.receipt_interval,
         pow_bits: hypha_ledger::DEFAULT_POW_BITS,
+        free_tier_per_minute: hypha_node::seeder::DEFAULT_FREE_TIER_PER_MINUTE,
     })
     .await?;
     match node.engine() {
@@ -413,6 +438,7 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         price_completion_micro: hypha_node::DEFAULT_PRICE_COMPLETION_MICRO,
         receipt_interval: hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
         pow_bits: hypha_ledger::DEFAULT_POW_BITS,
+        free_tier_per_minute: hypha_node::seeder::DEFAULT_FREE_TIER_PER_MINUTE,
     })
     .await?;
     let seeder_addr = seeder
@@ -432,6 +458,7 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         price_completion_micro: hypha_node::DEFAULT_PRICE_COMPLETION_MICRO,
         receipt_interval: hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
         pow_bits: hypha_ledger::DEFAULT_POW_BITS,
+        free_tier_per_minute: hypha_node::seeder::DEFAULT_FREE_TIER_PER_MINUTE,
     })
     .await?;
     let info = seeder.engine().map(|e| e.info().clone());
@@ -507,6 +534,101 @@ async fn demo(seeder: &Node, consumer: &Node, ask: &str) -> anyhow::Result<()> {
     match &reply.served_by {
         Some(peer) => println!("served by seeder {peer} over QUIC"),
         None => anyhow::bail!("the consumer did not say which peer served the request"),
+    }
+    Ok(())
+}
+
+/// Reads the node's ledger (read-only: a running node may be appending).
+fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use hypha_node::account;
+    let dir = hypha_node::identity::data_dir(data_dir)?;
+    let key = dir.join(hypha_node::identity::KEY_FILE);
+    anyhow::ensure!(
+        key.exists(),
+        "no node identity in {} (run `hypha up` or `hypha id` first)",
+        dir.display()
+    );
+    let me = hypha_node::identity::Identity::load_or_create(&dir)?.id();
+    let path = dir.join(hypha_ledger::LOG_FILE);
+    let mut receipts = Vec::new();
+    let recovery = if path.exists() {
+        hypha_ledger::log::read(&path, &mut |r| {
+            receipts.push(r);
+            Ok(())
+        })
+        .with_context(|| format!("cannot read {}", path.display()))?
+    } else {
+        hypha_ledger::Recovery::default()
+    };
+    if recovery.truncated_bytes > 0 {
+        eprintln!(
+            "hypha: the log ends in {} bytes of a torn write (cut at the node's next start)",
+            recovery.truncated_bytes
+        );
+    }
+    match cmd {
+        LedgerCmd::Balance => {
+            let mut t = hypha_ledger::Totals::default();
+            for r in &receipts {
+                let rc = &r.receipt;
+                if rc.seeder == me {
+                    t.earned += rc.credits;
+                    t.receipts_as_seeder += 1;
+                }
+                if rc.consumer == me {
+                    t.spent += rc.credits;
+                    t.receipts_as_consumer += 1;
+                }
+            }
+            let grant = account::grant_for(&me, hypha_ledger::DEFAULT_POW_BITS);
+            println!("node     {me}");
+            println!("grant    {grant:>14} micro-credits");
+            println!(
+                "earned   {:>14} ({} requests served)",
+                t.earned, t.receipts_as_seeder
+            );
+            println!(
+                "spent    {:>14} ({} requests consumed)",
+                t.spent, t.receipts_as_consumer
+            );
+            println!("balance  {:>14}", hypha_ledger::balance(grant, &t));
+        }
+        LedgerCmd::Receipts { limit } => {
+            println!(
+                "{:<24} {:<9} {:<16} {:>7} {:>7} {:>9}",
+                "finished (unix ms)", "role", "peer", "prompt", "tokens", "credits"
+            );
+            for r in receipts.iter().rev().take(limit) {
+                let rc = &r.receipt;
+                let (role, peer) = if rc.seeder == me {
+                    ("served", rc.consumer)
+                } else {
+                    ("consumed", rc.seeder)
+                };
+                let peer = peer.to_string();
+                println!(
+                    "{:<24} {:<9} {:<16} {:>7} {:>7} {:>9}",
+                    rc.finished_ms,
+                    role,
+                    peer.get(..16).unwrap_or(&peer),
+                    rc.prompt_tokens,
+                    rc.completion_tokens,
+                    rc.credits
+                );
+            }
+        }
+        LedgerCmd::Verify => {
+            let n = receipts.len();
+            for chunk in receipts.chunks(256) {
+                hypha_ledger::verify_batch(chunk.to_vec())?;
+            }
+            println!("{n} receipts: checksums, hash chain and both signatures on each verify");
+        }
+        LedgerCmd::Export => {
+            for r in &receipts {
+                println!("{}", account::receipt_json(r, Some(me)));
+            }
+        }
     }
     Ok(())
 }

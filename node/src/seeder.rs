@@ -44,6 +44,47 @@ pub const MAX_PEERS: usize = 256;
 pub const COUNTERSIGN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tokens between two cumulative receipts by default.
 pub const DEFAULT_RECEIPT_INTERVAL: u32 = 64;
+/// Requests per minute a consumer with no credits left may make.
+pub const DEFAULT_FREE_TIER_PER_MINUTE: u32 = 30;
+/// Identities the free-tier limiter remembers; beyond this, new free-tier
+/// requests are refused until old windows expire.
+pub const MAX_FREE_TIER_IDS: usize = 4096;
+const FREE_TIER_WINDOW: Duration = Duration::from_secs(60);
+
+/// Counts free-tier requests per identity in one-minute windows.
+pub struct FreeTier {
+    per_minute: u32,
+    windows: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, u32)>>,
+}
+
+impl FreeTier {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            windows: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Counts one request by `id`; false when it is over the limit.
+    fn allow(&self, id: NodeId, now: std::time::Instant) -> bool {
+        let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if w.len() >= MAX_FREE_TIER_IDS && !w.contains_key(&id) {
+            w.retain(|_, (start, _)| now.duration_since(*start) < FREE_TIER_WINDOW);
+            if w.len() >= MAX_FREE_TIER_IDS {
+                return false;
+            }
+        }
+        let entry = w.entry(id).or_insert((now, 0));
+        if now.duration_since(entry.0) >= FREE_TIER_WINDOW {
+            *entry = (now, 0);
+        }
+        if entry.1 >= self.per_minute {
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+}
 
 /// What a seeder serves and how it counts.
 pub struct SeederState {
@@ -61,6 +102,8 @@ pub struct SeederState {
     pub receipt_interval: u32,
     /// Proof of work required of a peer's identity.
     pub pow_bits: u32,
+    /// Limits consumers whose balance is used up.
+    pub free_tier: FreeTier,
     /// Requests running now, by (consumer, request id).
     pub running: std::sync::Mutex<HashSet<ReceiptKey>>,
 }
@@ -204,14 +247,35 @@ async fn serve_stream(
     // One request per (consumer, request id), ever: the ledger holds the
     // finished ones, `running` the ones in flight.
     let claim = RunningClaim::take(&state.running, key);
+    // Admission order follows the consumer's balance as this node's signed
+    // receipts show it; with nothing left it is served only behind everyone
+    // else and at the free tier's rate.
+    let totals = state.ledger.totals(&consumer.node_id);
+    let grant = crate::account::grant_for(&consumer.node_id, state.pow_bits);
+    let balance = hypha_ledger::balance(grant, &totals);
     let prepared = if state.ledger.contains(&key) || claim.is_none() {
         Err(ErrorReply {
             request_id,
             code: 409,
             message: format!("request id {request_id} was already used"),
         })
+    } else if balance <= 0
+        && !state
+            .free_tier
+            .allow(consumer.node_id, std::time::Instant::now())
+    {
+        Err(ErrorReply {
+            request_id,
+            code: 429,
+            message: format!(
+                "no credits left (balance {balance} micro-credits) and the free tier's {} requests per minute are used",
+                state.free_tier.per_minute
+            ),
+        })
     } else {
-        prepare(&req, state).and_then(|r| {
+        prepare(&req, state).and_then(|mut r| {
+            r.priority =
+                i64::try_from(balance).unwrap_or(if balance < 0 { i64::MIN } else { i64::MAX - 1 });
             state
                 .engine
                 .submit(r)
@@ -607,6 +671,7 @@ fn prepare(req: &InferenceRequest, state: &SeederState) -> Result<GenerateReques
         sampling: sampling_from_wire(&req.sampling),
         max_tokens: req.max_tokens,
         stop: req.stop.clone(),
+        priority: 0,
     })
 }
 

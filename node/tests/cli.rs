@@ -388,6 +388,7 @@ async fn two_processes_serve_a_completion_over_quic() {
         "--data-dir",
         dirs.0.path().to_str().unwrap(),
     ]);
+    let seeder_api = format!("http://{}", seeder.wait_for("at http://"));
     let peer = seeder.wait_for("peers reach this node as");
     let consumer = Proc::spawn(&[
         "up",
@@ -422,6 +423,71 @@ async fn two_processes_serve_a_completion_over_quic() {
         "{v}"
     );
     assert_eq!(v["usage"]["completion_tokens"], 8);
+    let credits = v["usage"]["credits"].as_u64().expect("a paid request");
+
+    // Both ledgers hold the receipt: over HTTP ...
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let seeder_view = loop {
+        let l: Value = c
+            .get(format!("{seeder_api}/ledger"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if l["receipts"] == 1 || std::time::Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(seeder_view["earned"], credits, "{seeder_view}");
+    assert_eq!(seeder_view["recent"][0]["role"], "served");
+    let consumer_view: Value = c
+        .get(format!("{api}/ledger"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(consumer_view["spent"], credits, "{consumer_view}");
+    assert_eq!(consumer_view["grant"], hypha_ledger::GRANT_MICRO);
+    assert_eq!(
+        consumer_view["balance"].as_i64().unwrap(),
+        (hypha_ledger::GRANT_MICRO - credits) as i64
+    );
+
+    // ... and through `hypha ledger`.
+    let ledger = |dir: &std::path::Path, args: &[&str]| {
+        let out = Command::new(HYPHA)
+            .arg("ledger")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let balance = ledger(dirs.1.path(), &["balance"]);
+    assert!(
+        balance.contains(&format!("spent    {credits:>14} (1 requests consumed)")),
+        "{balance}"
+    );
+    let verify = ledger(dirs.0.path(), &["verify"]);
+    assert!(verify.starts_with("1 receipts"), "{verify}");
+    let export = ledger(dirs.0.path(), &["export"]);
+    let line: Value = serde_json::from_str(export.trim()).unwrap();
+    assert_eq!(line["role"], "served");
+    assert_eq!(line["credits"], credits);
+    assert_eq!(line["completion_tokens"], 8);
+    let receipts = ledger(dirs.1.path(), &["receipts"]);
+    assert!(receipts.contains("consumed"), "{receipts}");
 }
 
 #[test]

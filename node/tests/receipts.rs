@@ -12,7 +12,7 @@ use hypha_wire::{ArchivedMessage, ChatMessage, InferenceRequest, Message, Prompt
 use serde_json::{json, Value};
 
 mod common;
-use common::{metrics, Net};
+use common::Net;
 
 fn request(id: u64, max_tokens: u32) -> Message {
     Message::Request(InferenceRequest {
@@ -99,11 +99,12 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
         "one interval beyond the unsigned receipt: {seen:?}"
     );
     let c = common::client();
-    let m = metrics(&c, &net.seeder_base()).await;
-    assert!(
-        m.contains("hypha_requests_total{endpoint=\"peer\",status=\"402\"} 1"),
-        "{m}"
-    );
+    common::wait_metric(
+        &c,
+        &net.seeder_base(),
+        "hypha_requests_total{endpoint=\"peer\",status=\"402\"} 1",
+    )
+    .await;
     // Nothing signed, nothing recorded.
     assert_eq!(net.seeder.ledger().unwrap().receipts(), 0);
 }
@@ -254,4 +255,42 @@ async fn a_request_id_cannot_be_paid_for_twice() {
     let ledger = net.seeder.ledger().unwrap();
     assert_eq!(ledger.receipts(), 1);
     assert!(ledger.totals(&terms.node_id).earned > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_with_no_credits_left_gets_the_rate_limited_free_tier() {
+    // A seeder so expensive that one request spends the whole grant.
+    let net = Net::start_config(2, 64, |cfg| {
+        cfg.price_completion_micro = hypha_ledger::GRANT_MICRO;
+        cfg.free_tier_per_minute = 2;
+    })
+    .await;
+    let c = common::client();
+    let ask = || {
+        c.post(format!("{}/v1/chat/completions", net.consumer_base()))
+            .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}))
+            .send()
+    };
+    let first = ask().await.unwrap();
+    assert_eq!(first.status(), 200);
+    common::wait_receipts(net.seeder.ledger().unwrap(), 1).await;
+    let cid = net.consumer.id().unwrap();
+    let spent = net.seeder.ledger().unwrap().totals(&cid).spent;
+    assert!(spent > hypha_ledger::GRANT_MICRO, "{spent}");
+    // Balance below zero: two free requests a minute, then 429.
+    for _ in 0..2 {
+        assert_eq!(ask().await.unwrap().status(), 200);
+    }
+    let refused = ask().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "free_tier_exhausted", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no credits left"),
+        "{v}"
+    );
 }

@@ -149,12 +149,14 @@ async fn greedy_output_through_the_network_equals_the_seeders_own() {
     assert_eq!(cl.totals(&sid).earned, earned);
 
     // Every request above shared one connection.
+    common::wait_metric(
+        &c,
+        &net.seeder_base(),
+        "hypha_requests_total{endpoint=\"peer\",status=\"200\"} 3",
+    )
+    .await;
     let m = metrics(&c, &net.seeder_base()).await;
     assert!(m.contains("hypha_peers_connected 1\n"), "{m}");
-    assert!(
-        m.contains("hypha_requests_total{endpoint=\"peer\",status=\"200\"} 3"),
-        "{m}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,11 +179,12 @@ async fn eight_concurrent_remote_streams_complete() {
         assert_eq!(r.finish.as_deref(), Some("length"), "{:?}", r.finish);
         assert_eq!(r.usage["completion_tokens"], 24);
     }
-    let m = metrics(&c, &net.seeder_base()).await;
-    assert!(
-        m.contains("hypha_requests_total{endpoint=\"peer\",status=\"200\"} 8"),
-        "{m}"
-    );
+    common::wait_metric(
+        &c,
+        &net.seeder_base(),
+        "hypha_requests_total{endpoint=\"peer\",status=\"200\"} 8",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,12 +225,13 @@ async fn a_client_leaving_cancels_the_generation_on_the_seeder() {
     }
     // 400 tokens take seconds at this speed; the slot was freed long before.
     let freed_after = left.elapsed();
-    let m = metrics(&c, &net.seeder_base()).await;
-    assert!(m.contains("hypha_requests_cancelled_total 1\n"), "{m}");
-    assert!(
-        m.contains("hypha_requests_total{endpoint=\"peer\",status=\"499\"} 1"),
-        "{m}"
-    );
+    common::wait_metric(&c, &net.seeder_base(), "hypha_requests_cancelled_total 1").await;
+    common::wait_metric(
+        &c,
+        &net.seeder_base(),
+        "hypha_requests_total{endpoint=\"peer\",status=\"499\"} 1",
+    )
+    .await;
     eprintln!("seeder freed the slot {freed_after:?} after the client left");
 }
 

@@ -138,9 +138,21 @@ impl Net {
     /// A network whose seeder offers a receipt every `receipt_interval`
     /// tokens.
     pub async fn start_with(parallel: u32, queue: usize, receipt_interval: u32) -> Self {
+        Self::start_config(parallel, queue, |cfg| {
+            cfg.receipt_interval = receipt_interval
+        })
+        .await
+    }
+
+    /// A network whose seeder's configuration `tweak` adjusts.
+    pub async fn start_config(
+        parallel: u32,
+        queue: usize,
+        tweak: impl FnOnce(&mut hypha_node::NodeConfig),
+    ) -> Self {
         let sdir = tempfile::tempdir().unwrap();
         let mut cfg = seeder_config(parallel, queue, sdir.path(), "127.0.0.1:0".parse().unwrap());
-        cfg.receipt_interval = receipt_interval;
+        tweak(&mut cfg);
         let seeder = hypha_node::Node::start(cfg).await.expect("seeder starts");
         let (consumer, cdir) =
             consumer(vec![seeder.peer_addr().unwrap()], Duration::from_secs(2)).await;
@@ -223,6 +235,21 @@ pub async fn wait_receipts(ledger: &hypha_ledger::Ledger, n: u64) {
             "{} of {n} receipts recorded",
             ledger.receipts()
         );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits (5 s at most) until the node's metrics hold `line`: a seeder
+/// counts a request once its receipt is settled, just after the consumer's
+/// client got its response.
+pub async fn wait_metric(c: &reqwest::Client, base: &str, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = metrics(c, base).await;
+        if m.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in\n{m}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
