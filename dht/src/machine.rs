@@ -1,0 +1,708 @@
+//! The DHT state machine: answers peers' requests, runs iterative lookups,
+//! keeps the routing table fresh.
+//!
+//! A lookup keeps candidates ordered by distance to its target. It asks the
+//! closest ones it has not asked yet, at most `alpha` at a time, adds the
+//! closer contacts each answer names, and ends when the `k` closest live
+//! candidates have all answered (or nobody is left to ask). A request that
+//! times out counts as a failure: the contact is marked failed in the
+//! lookup, and after `MAX_FAILURES` in a row it leaves the routing table.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use hypha_wire::NodeId;
+
+use crate::record::{ProviderRecord, RecordStore};
+use crate::table::{bucket_index, Contact, RoutingTable, Update};
+use crate::{DhtError, Distance, Rng, ALPHA, K};
+
+/// How long a request may go unanswered before it counts as failed.
+pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// Buckets nobody touched for this long are refreshed with a lookup.
+pub const REFRESH_INTERVAL_MS: u64 = 15 * 60 * 1000;
+/// Lookups running at once.
+pub const MAX_QUERIES: usize = 256;
+/// Requests in flight at once (lookups and eviction pings).
+pub const MAX_INFLIGHT: usize = MAX_QUERIES * ALPHA + 256;
+/// Refresh lookups started per timer tick.
+const REFRESHES_PER_TICK: usize = 4;
+
+/// Tunables; `Config::default()` is what nodes run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub k: usize,
+    pub alpha: usize,
+    pub request_timeout_ms: u64,
+    pub refresh_interval_ms: u64,
+    /// Seeds the random ids of refresh lookups.
+    pub seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            k: K,
+            alpha: ALPHA,
+            request_timeout_ms: REQUEST_TIMEOUT_MS,
+            refresh_interval_ms: REFRESH_INTERVAL_MS,
+            seed: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueryId(pub u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+/// What one node asks another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Ping,
+    FindNode {
+        target: NodeId,
+    },
+    GetProviders {
+        key: NodeId,
+    },
+    AddProvider {
+        key: NodeId,
+        record: Box<ProviderRecord>,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Pong,
+    Nodes {
+        closer: Vec<Contact>,
+    },
+    Providers {
+        records: Vec<ProviderRecord>,
+        closer: Vec<Contact>,
+    },
+    Stored,
+    Refused,
+}
+
+/// A request for the driver to send; its response (or failure) comes back
+/// with the same id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: Contact,
+    pub id: RequestId,
+    pub request: Request,
+}
+
+/// A finished query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    QueryDone { id: QueryId, result: QueryResult },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryResult {
+    /// The `k` closest live nodes to `target`, closest first.
+    FindNode {
+        target: NodeId,
+        closest: Vec<Contact>,
+        hops: u32,
+        requests: u32,
+    },
+    /// Verified, unexpired provider records found for `key`.
+    GetProviders {
+        key: NodeId,
+        records: Vec<ProviderRecord>,
+        hops: u32,
+        requests: u32,
+    },
+    /// The record was offered to the closest nodes; `stored` accepted it.
+    AddProvider { key: NodeId, stored: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CandState {
+    New,
+    Waiting,
+    Answered,
+    Failed,
+}
+
+/// Times a lookup asks one contact before counting it as failed: a lost
+/// datagram or a brief stall should not drop a live node from a result.
+const ATTEMPTS_PER_CONTACT: u8 = 2;
+
+#[derive(Debug, Clone)]
+struct Cand {
+    contact: Contact,
+    state: CandState,
+    /// Requests it took to learn of this contact (0: known locally).
+    depth: u32,
+    attempts: u8,
+}
+
+#[derive(Debug)]
+enum Purpose {
+    FindNode,
+    GetProviders {
+        records: Vec<ProviderRecord>,
+    },
+    AddProvider {
+        record: Box<ProviderRecord>,
+    },
+    Refresh,
+    /// The self-lookup of a joining node; when it ends, every bucket
+    /// farther than the nearest neighbour is refreshed.
+    Bootstrap,
+}
+
+#[derive(Debug)]
+struct Query {
+    target: NodeId,
+    purpose: Purpose,
+    cands: BTreeMap<Distance, Cand>,
+    inflight: usize,
+    requests: u32,
+    /// While storing: acknowledgements still awaited, and how many stored.
+    storing: Option<(usize, u32)>,
+}
+
+#[derive(Debug, Clone)]
+enum Pending {
+    Lookup(QueryId),
+    Store(QueryId),
+    Eviction { oldest: NodeId },
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    to: Contact,
+    deadline_ms: u64,
+    pending: Pending,
+}
+
+/// One node's Kademlia.
+#[derive(Debug)]
+pub struct Dht {
+    local: Contact,
+    cfg: Config,
+    table: RoutingTable,
+    store: RecordStore,
+    queries: HashMap<QueryId, Query>,
+    inflight: HashMap<RequestId, InFlight>,
+    outbox: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    rng: Rng,
+    next_id: u64,
+    next_refresh_ms: u64,
+}
+
+impl Dht {
+    pub fn new(local: Contact, cfg: Config, now_ms: u64) -> Self {
+        Self {
+            table: RoutingTable::new(local.id),
+            rng: Rng::new(cfg.seed),
+            next_refresh_ms: now_ms.saturating_add(cfg.refresh_interval_ms),
+            local,
+            cfg,
+            store: RecordStore::default(),
+            queries: HashMap::new(),
+            inflight: HashMap::new(),
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            next_id: 1,
+        }
+    }
+
+    pub fn local(&self) -> Contact {
+        self.local
+    }
+
+    pub fn table(&self) -> &RoutingTable {
+        &self.table
+    }
+
+    pub fn store(&self) -> &RecordStore {
+        &self.store
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Records a contact that proved itself alive; a full bucket pings its
+    /// oldest entry before anything changes.
+    fn saw(&mut self, contact: Contact, now_ms: u64) {
+        if contact.id == self.local.id {
+            return;
+        }
+        if let Update::Full { oldest } = self.table.update(contact, now_ms) {
+            if self.inflight.len() < MAX_INFLIGHT {
+                self.send(
+                    oldest,
+                    Request::Ping,
+                    Pending::Eviction { oldest: oldest.id },
+                    now_ms,
+                );
+            }
+        }
+    }
+
+    fn send(&mut self, to: Contact, request: Request, pending: Pending, now_ms: u64) {
+        let id = RequestId(self.fresh_id());
+        self.inflight.insert(
+            id,
+            InFlight {
+                to,
+                deadline_ms: now_ms.saturating_add(self.cfg.request_timeout_ms),
+                pending,
+            },
+        );
+        self.outbox.push_back(Transmit { to, id, request });
+    }
+
+    /// Seeds the table with known nodes and looks up our own id, which
+    /// fills the buckets near us and announces us to our neighbours.
+    pub fn bootstrap(&mut self, contacts: &[Contact], now_ms: u64) -> Result<QueryId, DhtError> {
+        for c in contacts {
+            self.saw(*c, now_ms);
+        }
+        self.start(self.local.id, Purpose::Bootstrap, now_ms)
+    }
+
+    /// Finds the `k` closest nodes to `target`.
+    pub fn find_node(&mut self, target: NodeId, now_ms: u64) -> Result<QueryId, DhtError> {
+        self.start(target, Purpose::FindNode, now_ms)
+    }
+
+    /// Finds provider records stored under `key`.
+    pub fn get_providers(&mut self, key: NodeId, now_ms: u64) -> Result<QueryId, DhtError> {
+        self.start(
+            key,
+            Purpose::GetProviders {
+                records: Vec::new(),
+            },
+            now_ms,
+        )
+    }
+
+    /// Stores our own record at the `k` nodes closest to its key (and here).
+    pub fn add_provider(
+        &mut self,
+        key: NodeId,
+        record: ProviderRecord,
+        now_ms: u64,
+    ) -> Result<QueryId, DhtError> {
+        record.verify(now_ms)?;
+        // Keep it locally too: we are one of the providers' holders.
+        let _ = self.store.put(key, record.clone(), now_ms);
+        self.start(
+            key,
+            Purpose::AddProvider {
+                record: Box::new(record),
+            },
+            now_ms,
+        )
+    }
+
+    fn start(
+        &mut self,
+        target: NodeId,
+        purpose: Purpose,
+        now_ms: u64,
+    ) -> Result<QueryId, DhtError> {
+        if self.queries.len() >= MAX_QUERIES {
+            return Err(DhtError::TooManyQueries);
+        }
+        if let Some(i) = bucket_index(&Distance::between(&self.local.id, &target)) {
+            self.table.touch_bucket(i, now_ms);
+        }
+        let id = QueryId(self.fresh_id());
+        let mut cands = BTreeMap::new();
+        for c in self.table.closest(&target, self.cfg.k) {
+            cands.insert(
+                Distance::between(&c.id, &target),
+                Cand {
+                    contact: c,
+                    state: CandState::New,
+                    depth: 0,
+                    attempts: 0,
+                },
+            );
+        }
+        self.queries.insert(
+            id,
+            Query {
+                target,
+                purpose,
+                cands,
+                inflight: 0,
+                requests: 0,
+                storing: None,
+            },
+        );
+        self.advance(id, now_ms);
+        Ok(id)
+    }
+
+    /// Sends the next requests of a lookup, or finishes it.
+    fn advance(&mut self, qid: QueryId, now_ms: u64) {
+        let (k, alpha) = (self.cfg.k, self.cfg.alpha);
+        let Some(q) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        if q.storing.is_some() {
+            return;
+        }
+        let mut to_ask = Vec::new();
+        let mut live = 0;
+        for cand in q.cands.values_mut() {
+            if cand.state == CandState::Failed {
+                continue;
+            }
+            live += 1;
+            if live > k {
+                break;
+            }
+            if cand.state == CandState::New && q.inflight + to_ask.len() < alpha {
+                cand.state = CandState::Waiting;
+                cand.attempts += 1;
+                to_ask.push(cand.contact);
+            }
+        }
+        q.inflight += to_ask.len();
+        q.requests += to_ask.len() as u32;
+        let target = q.target;
+        let done = to_ask.is_empty() && q.inflight == 0;
+        let request = match &q.purpose {
+            Purpose::GetProviders { .. } => Request::GetProviders { key: target },
+            _ => Request::FindNode { target },
+        };
+        for c in to_ask {
+            self.send(c, request.clone(), Pending::Lookup(qid), now_ms);
+        }
+        if done {
+            self.finish_lookup(qid, now_ms);
+        }
+    }
+
+    fn finish_lookup(&mut self, qid: QueryId, now_ms: u64) {
+        let k = self.cfg.k;
+        let Some(q) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        let answered: Vec<&Cand> = q
+            .cands
+            .values()
+            .filter(|c| c.state == CandState::Answered)
+            .take(k)
+            .collect();
+        let hops = answered.first().map_or(0, |c| c.depth);
+        let closest: Vec<Contact> = answered.iter().map(|c| c.contact).collect();
+        let (target, requests) = (q.target, q.requests);
+        match std::mem::replace(&mut q.purpose, Purpose::Refresh) {
+            Purpose::FindNode => {
+                self.queries.remove(&qid);
+                self.events.push_back(Event::QueryDone {
+                    id: qid,
+                    result: QueryResult::FindNode {
+                        target,
+                        closest,
+                        hops,
+                        requests,
+                    },
+                });
+            }
+            Purpose::Refresh => {
+                self.queries.remove(&qid);
+            }
+            Purpose::Bootstrap => {
+                self.queries.remove(&qid);
+                // Fill the far buckets, as a joining node learns only its
+                // neighbourhood from the self-lookup.
+                let nearest = closest
+                    .first()
+                    .and_then(|c| bucket_index(&Distance::between(&self.local.id, &c.id)))
+                    .unwrap_or(0);
+                for i in (nearest + 1..256).rev() {
+                    let target = self.random_id_in_bucket(i);
+                    if self.start(target, Purpose::Refresh, now_ms).is_err() {
+                        break;
+                    }
+                }
+            }
+            Purpose::GetProviders { mut records } => {
+                self.queries.remove(&qid);
+                // Ours too: this node may hold the key itself.
+                for r in self.store.get(&target, now_ms) {
+                    if !records.iter().any(|x| x.publisher == r.publisher) {
+                        records.push(r);
+                    }
+                }
+                self.events.push_back(Event::QueryDone {
+                    id: qid,
+                    result: QueryResult::GetProviders {
+                        key: target,
+                        records,
+                        hops,
+                        requests,
+                    },
+                });
+            }
+            Purpose::AddProvider { record } => {
+                q.purpose = Purpose::AddProvider {
+                    record: record.clone(),
+                };
+                q.storing = Some((closest.len(), 0));
+                if closest.is_empty() {
+                    self.queries.remove(&qid);
+                    self.events.push_back(Event::QueryDone {
+                        id: qid,
+                        result: QueryResult::AddProvider {
+                            key: target,
+                            stored: 0,
+                        },
+                    });
+                    return;
+                }
+                for c in closest {
+                    self.send(
+                        c,
+                        Request::AddProvider {
+                            key: target,
+                            record: record.clone(),
+                        },
+                        Pending::Store(qid),
+                        now_ms,
+                    );
+                }
+            }
+        }
+    }
+
+    fn store_settled(&mut self, qid: QueryId, stored: bool) {
+        let Some(q) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        let Some((waiting, count)) = q.storing.as_mut() else {
+            return;
+        };
+        *waiting = waiting.saturating_sub(1);
+        if stored {
+            *count += 1;
+        }
+        if *waiting == 0 {
+            let (key, stored) = (q.target, *count);
+            self.queries.remove(&qid);
+            self.events.push_back(Event::QueryDone {
+                id: qid,
+                result: QueryResult::AddProvider { key, stored },
+            });
+        }
+    }
+
+    /// Answers a peer's request at once. `from` is who the transport
+    /// authenticated; it goes into the routing table.
+    pub fn handle_request(&mut self, now_ms: u64, from: Contact, request: Request) -> Response {
+        self.saw(from, now_ms);
+        match request {
+            Request::Ping => Response::Pong,
+            Request::FindNode { target } => Response::Nodes {
+                closer: self.closer_than_asker(&target, &from),
+            },
+            Request::GetProviders { key } => Response::Providers {
+                records: self.store.get(&key, now_ms),
+                closer: self.closer_than_asker(&key, &from),
+            },
+            Request::AddProvider { key, record } => {
+                // Only a publisher stores its own record.
+                if record.publisher != from.id {
+                    return Response::Refused;
+                }
+                match self.store.put(key, *record, now_ms) {
+                    Ok(()) => Response::Stored,
+                    Err(_) => Response::Refused,
+                }
+            }
+        }
+    }
+
+    fn closer_than_asker(&self, target: &NodeId, from: &Contact) -> Vec<Contact> {
+        let mut v = self.table.closest(target, self.cfg.k + 1);
+        v.retain(|c| c.id != from.id);
+        v.truncate(self.cfg.k);
+        v
+    }
+
+    /// A response to one of our requests. Late or unknown ones are ignored.
+    pub fn handle_response(&mut self, now_ms: u64, id: RequestId, response: Response) {
+        let Some(f) = self.inflight.remove(&id) else {
+            return;
+        };
+        self.saw(f.to, now_ms);
+        match f.pending {
+            Pending::Eviction { oldest } => self.table.ping_answered(&oldest, now_ms),
+            Pending::Store(qid) => self.store_settled(qid, response == Response::Stored),
+            Pending::Lookup(qid) => {
+                let (closer, records) = match response {
+                    Response::Nodes { closer } => (closer, Vec::new()),
+                    Response::Providers { records, closer } => (closer, records),
+                    _ => (Vec::new(), Vec::new()),
+                };
+                self.lookup_answered(qid, f.to, closer, records, now_ms);
+            }
+        }
+    }
+
+    fn lookup_answered(
+        &mut self,
+        qid: QueryId,
+        from: Contact,
+        closer: Vec<Contact>,
+        records: Vec<ProviderRecord>,
+        now_ms: u64,
+    ) {
+        let local = self.local.id;
+        let k = self.cfg.k;
+        let Some(q) = self.queries.get_mut(&qid) else {
+            return;
+        };
+        q.inflight = q.inflight.saturating_sub(1);
+        let target = q.target;
+        let depth = match q.cands.get_mut(&Distance::between(&from.id, &target)) {
+            Some(c) => {
+                c.state = CandState::Answered;
+                c.depth
+            }
+            None => 0,
+        };
+        for c in closer.into_iter().take(k) {
+            if c.id == local {
+                continue;
+            }
+            q.cands
+                .entry(Distance::between(&c.id, &target))
+                .and_modify(|e| e.depth = e.depth.min(depth + 1))
+                .or_insert(Cand {
+                    contact: c,
+                    state: CandState::New,
+                    depth: depth + 1,
+                    attempts: 0,
+                });
+        }
+        if let Purpose::GetProviders { records: found } = &mut q.purpose {
+            for r in records {
+                if r.verify(now_ms).is_ok()
+                    && crate::record::model_key(&r.model) == target
+                    && !found.iter().any(|x| x.publisher == r.publisher)
+                {
+                    found.push(r);
+                }
+            }
+        }
+        self.advance(qid, now_ms);
+    }
+
+    /// A request of ours failed (unreachable, refused, broken).
+    pub fn handle_failure(&mut self, now_ms: u64, id: RequestId) {
+        let Some(f) = self.inflight.remove(&id) else {
+            return;
+        };
+        match f.pending {
+            Pending::Eviction { oldest } => self.table.ping_failed(&oldest, now_ms),
+            Pending::Store(qid) => self.store_settled(qid, false),
+            Pending::Lookup(qid) => {
+                self.table.failed(&f.to.id);
+                if let Some(q) = self.queries.get_mut(&qid) {
+                    q.inflight = q.inflight.saturating_sub(1);
+                    if let Some(c) = q.cands.get_mut(&Distance::between(&f.to.id, &q.target)) {
+                        c.state = if c.attempts < ATTEMPTS_PER_CONTACT {
+                            CandState::New
+                        } else {
+                            CandState::Failed
+                        };
+                    }
+                }
+                self.advance(qid, now_ms);
+            }
+        }
+    }
+
+    /// Expires overdue requests and runs periodic work; call when
+    /// [`Dht::poll_timeout`] says.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let overdue: Vec<RequestId> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.deadline_ms <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            self.handle_failure(now_ms, id);
+        }
+        if now_ms >= self.next_refresh_ms {
+            self.next_refresh_ms = now_ms.saturating_add(self.cfg.refresh_interval_ms);
+            self.store.expire(now_ms);
+            let before = now_ms.saturating_sub(self.cfg.refresh_interval_ms);
+            let stale = self.table.stale_buckets(before);
+            for i in stale.into_iter().take(REFRESHES_PER_TICK) {
+                let target = self.random_id_in_bucket(i);
+                let _ = self.start(target, Purpose::Refresh, now_ms);
+            }
+        }
+    }
+
+    /// A random id whose distance from us falls in bucket `i`.
+    fn random_id_in_bucket(&mut self, i: usize) -> NodeId {
+        let mut d = self.rng.id().0;
+        // Bit i (from the least significant) is the highest set bit.
+        let byte = 31 - i / 8;
+        let bit = (i % 8) as u32;
+        for (j, b) in d.iter_mut().enumerate() {
+            if j < byte {
+                *b = 0;
+            } else if j == byte {
+                let mask = ((1u16 << (bit + 1)) - 1) as u8;
+                *b = (*b & mask) | (1u8 << bit);
+            }
+        }
+        let mut id = [0u8; 32];
+        for ((o, x), y) in id.iter_mut().zip(d.iter()).zip(self.local.id.0.iter()) {
+            *o = x ^ y;
+        }
+        NodeId(id)
+    }
+
+    /// The next request to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.pop_front()
+    }
+
+    /// The next finished query.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Dht::handle_timeout`] is next due.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.inflight
+            .values()
+            .map(|f| f.deadline_ms)
+            .min()
+            .map_or(Some(self.next_refresh_ms), |d| {
+                Some(d.min(self.next_refresh_ms))
+            })
+    }
+
+    /// Queries running now.
+    pub fn queries(&self) -> usize {
+        self.queries.len()
+    }
+}

@@ -1,0 +1,216 @@
+//! Provider records: a seeder's signed claim that it serves a model, and
+//! the bounded store of other nodes' records.
+//!
+//! A record is checked before it is stored or used: the publisher's key
+//! must hash to the publisher id, the signature must cover every field, it
+//! must not have expired, and it may not claim to live longer than
+//! [`MAX_RECORD_TTL_MS`]. Records are stored under the model's key
+//! ([`model_key`]), at most [`MAX_PROVIDERS_PER_KEY`] per key and
+//! [`MAX_RECORDS`] in all; a publisher's newer record replaces its older one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use hypha_wire::NodeId;
+
+use crate::DhtError;
+
+/// A record may claim at most this lifetime; publishers republish at half.
+pub const MAX_RECORD_TTL_MS: u64 = 60 * 60 * 1000;
+/// Records a node stores for others, in all.
+pub const MAX_RECORDS: usize = 20_000;
+/// Providers kept per model key: more than a consumer needs to choose from.
+pub const MAX_PROVIDERS_PER_KEY: usize = 32;
+/// Addresses one record may list.
+pub const MAX_RECORD_ADDRS: usize = 4;
+/// Longest model name or backend name in a record.
+pub const MAX_RECORD_NAME_BYTES: usize = 256;
+
+/// A seeder's signed offer of one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderRecord {
+    pub publisher: NodeId,
+    pub public_key: [u8; 32],
+    pub addrs: Vec<SocketAddr>,
+    pub model: String,
+    pub model_sha256: [u8; 32],
+    pub context_length: u32,
+    pub backend: String,
+    /// Measured single-stream decode speed.
+    pub decode_tokens_per_s: u32,
+    pub free_slots: u32,
+    pub price_prompt_micro: u64,
+    pub price_completion_micro: u64,
+    /// Unix milliseconds after which the record is void.
+    pub expires_ms: u64,
+    pub signature: [u8; 64],
+}
+
+/// The DHT key a model's providers are stored under.
+pub fn model_key(model: &str) -> NodeId {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"hypha-model\0");
+    ctx.update(model.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    NodeId(out)
+}
+
+fn node_id_of(key: &[u8; 32]) -> NodeId {
+    let d = ring::digest::digest(&ring::digest::SHA256, key);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    NodeId(out)
+}
+
+impl ProviderRecord {
+    /// The bytes the signature covers: every field but the signature, in a
+    /// fixed layout.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(192 + self.model.len() + self.backend.len());
+        out.extend_from_slice(b"hypha-provider-1\0");
+        out.extend_from_slice(&self.publisher.0);
+        out.extend_from_slice(&self.public_key);
+        out.extend_from_slice(&(self.addrs.len() as u32).to_le_bytes());
+        for a in &self.addrs {
+            let s = a.to_string();
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        for s in [&self.model, &self.backend] {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        out.extend_from_slice(&self.model_sha256);
+        out.extend_from_slice(&self.context_length.to_le_bytes());
+        out.extend_from_slice(&self.decode_tokens_per_s.to_le_bytes());
+        out.extend_from_slice(&self.free_slots.to_le_bytes());
+        out.extend_from_slice(&self.price_prompt_micro.to_le_bytes());
+        out.extend_from_slice(&self.price_completion_micro.to_le_bytes());
+        out.extend_from_slice(&self.expires_ms.to_le_bytes());
+        out
+    }
+
+    /// Signs the record with the publisher's key (which also sets the
+    /// publisher id and public key).
+    pub fn sign(mut self, key: &SigningKey) -> Self {
+        self.public_key = key.verifying_key().to_bytes();
+        self.publisher = node_id_of(&self.public_key);
+        self.signature = key.sign(&self.signed_bytes()).to_bytes();
+        self
+    }
+
+    /// Checks the record at `now_ms`: key, signature, bounds, expiry.
+    pub fn verify(&self, now_ms: u64) -> Result<(), DhtError> {
+        if self.addrs.len() > MAX_RECORD_ADDRS
+            || self.model.len() > MAX_RECORD_NAME_BYTES
+            || self.backend.len() > MAX_RECORD_NAME_BYTES
+        {
+            return Err(DhtError::BadRecord("record fields over their limits"));
+        }
+        if node_id_of(&self.public_key) != self.publisher {
+            return Err(DhtError::BadRecord("key does not match the publisher id"));
+        }
+        if self.expires_ms <= now_ms {
+            return Err(DhtError::BadRecord("record expired"));
+        }
+        if self.expires_ms > now_ms.saturating_add(MAX_RECORD_TTL_MS) {
+            return Err(DhtError::BadRecord("record claims too long a life"));
+        }
+        let key = VerifyingKey::from_bytes(&self.public_key)
+            .map_err(|_| DhtError::BadRecord("invalid public key"))?;
+        key.verify(
+            &self.signed_bytes(),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| DhtError::BadRecord("signature does not verify"))
+    }
+}
+
+/// Records this node holds for others.
+#[derive(Debug, Default)]
+pub struct RecordStore {
+    by_key: HashMap<NodeId, Vec<ProviderRecord>>,
+    count: usize,
+}
+
+impl RecordStore {
+    /// Stores a record after checking it; a publisher's record replaces its
+    /// older one for the same key.
+    pub fn put(
+        &mut self,
+        key: NodeId,
+        record: ProviderRecord,
+        now_ms: u64,
+    ) -> Result<(), DhtError> {
+        record.verify(now_ms)?;
+        if model_key(&record.model) != key {
+            return Err(DhtError::BadRecord(
+                "record stored under another model's key",
+            ));
+        }
+        self.expire(now_ms);
+        let list = self.by_key.entry(key).or_default();
+        if let Some(old) = list.iter_mut().find(|r| r.publisher == record.publisher) {
+            if old.expires_ms <= record.expires_ms {
+                *old = record;
+            }
+            return Ok(());
+        }
+        if list.len() >= MAX_PROVIDERS_PER_KEY {
+            // Keep the longest-lived records.
+            let Some((i, soonest)) = list
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, r)| r.expires_ms)
+                .map(|(i, r)| (i, r.expires_ms))
+            else {
+                return Err(DhtError::StoreFull);
+            };
+            if soonest >= record.expires_ms {
+                return Err(DhtError::StoreFull);
+            }
+            list.swap_remove(i);
+            self.count -= 1;
+        }
+        if self.count >= MAX_RECORDS {
+            return Err(DhtError::StoreFull);
+        }
+        list.push(record);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The live records under `key`.
+    pub fn get(&self, key: &NodeId, now_ms: u64) -> Vec<ProviderRecord> {
+        self.by_key
+            .get(key)
+            .map(|l| {
+                l.iter()
+                    .filter(|r| r.expires_ms > now_ms)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Drops expired records.
+    pub fn expire(&mut self, now_ms: u64) {
+        let mut count = 0;
+        self.by_key.retain(|_, l| {
+            l.retain(|r| r.expires_ms > now_ms);
+            count += l.len();
+            !l.is_empty()
+        });
+        self.count = count;
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
