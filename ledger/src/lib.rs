@@ -52,6 +52,8 @@ pub enum LedgerError {
     Corrupt { offset: u64, reason: String },
     #[error("ledger i/o: {0}")]
     Io(String),
+    #[error("{0} is in use by another node (one data directory per node)")]
+    InUse(String),
     #[error("the ledger stopped accepting writes after a failed write: {0}")]
     Poisoned(String),
     #[error("the ledger is closed")]

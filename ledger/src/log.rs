@@ -8,20 +8,22 @@
 //!
 //! `digest = SHA-256(len || prev || payload)`; `checksum` is its first 8
 //! bytes and `prev` of the next record is the whole digest (zeros for the
-//! first). A payload is a kind byte (1: signed receipt) and its bytes.
+//! first). A payload is a kind byte and its bytes: 1, a signed receipt; 2,
+//! a commit record closing a batch (its receipt count).
 //!
 //! One writer thread owns the file. Appenders queue receipts (bounded) and
 //! wait; the writer takes every queued receipt up to [`MAX_BATCH`], checks
-//! each against the replay index, writes the batch in one write, calls
-//! `fdatasync`, and only then acknowledges. A failed write or sync poisons
+//! each against the replay index, writes the batch and its commit record in
+//! one write, calls `fdatasync`, and only then acknowledges. A failed write or sync poisons
 //! the ledger: every later append fails, since what reached the disk is
 //! unknown until the next recovery.
 //!
-//! Recovery reads every record, checking checksums and the chain. A record
-//! cut short or failing its checksum within the last batch's worth of bytes,
-//! with no valid record after it, is a torn write: the tail is truncated and
-//! reported. Anything else is corruption, and the log is refused with the
-//! byte offset, never skipped.
+//! Recovery reads every record, checking checksums and the chain, and
+//! counts a batch's receipts only when its commit record is read. What
+//! follows the last commit record was never acknowledged: a torn write,
+//! truncated and reported. Damage with a valid commit record after it hit
+//! acknowledged receipts: the log is refused with the byte offset, never
+//! skipped. The file is locked while a node has it open.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -40,6 +42,7 @@ pub const LOG_FILE: &str = "ledger.log";
 const MAGIC: &[u8; 8] = b"HYLEDG01";
 const HEADER_BYTES: usize = 4 + 8 + 32;
 const KIND_RECEIPT: u8 = 1;
+const KIND_COMMIT: u8 = 2;
 /// The largest payload a record may hold; receipts are far smaller, so a
 /// length above this is damage, not data.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -49,7 +52,8 @@ pub const MAX_BATCH: usize = 1024;
 pub const MAX_QUEUED: usize = 8 * MAX_BATCH;
 /// A torn write can only affect the last batch, one batch of receipt
 /// records; damage further from the end is corruption.
-const MAX_TORN_BYTES: u64 = (MAX_BATCH * (HEADER_BYTES + 1 + SIGNED_RECEIPT_BYTES)) as u64;
+const MAX_TORN_BYTES: u64 =
+    (MAX_BATCH * (HEADER_BYTES + 1 + SIGNED_RECEIPT_BYTES) + HEADER_BYTES + 5) as u64;
 const _: () = assert!(SIGNED_RECEIPT_BYTES < MAX_RECORD_BYTES);
 
 /// What a node's receipts add up to for one id.
@@ -116,12 +120,18 @@ struct Inner {
     path: PathBuf,
     state: Arc<Mutex<State>>,
     jobs: Mutex<Option<SyncSender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the queue lets the writer finish what it holds and exit.
+        // Closing the queue lets the writer finish what it holds and exit;
+        // waiting for it releases the file (and its lock) before the last
+        // handle is gone, so the log can be opened again at once.
         lock(&self.jobs).take();
+        if let Some(w) = lock(&self.writer).take() {
+            let _ = w.join();
+        }
     }
 }
 
@@ -146,6 +156,10 @@ impl Ledger {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => LedgerError::InUse(path.display().to_string()),
+            std::fs::TryLockError::Error(e) => io(e),
+        })?;
         if created || file.metadata().map_err(io)?.len() == 0 {
             file.write_all(MAGIC).map_err(io)?;
             file.sync_all().map_err(io)?;
@@ -183,7 +197,7 @@ impl Ledger {
             state: state.clone(),
             buf: Vec::with_capacity(64 * 1024),
         };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("hypha-ledger".into())
             .spawn(move || writer.run(rx))
             .map_err(io)?;
@@ -193,6 +207,7 @@ impl Ledger {
                     path,
                     state,
                     jobs: Mutex::new(Some(tx)),
+                    writer: Mutex::new(Some(writer)),
                 }),
             },
             recovery,
@@ -334,13 +349,20 @@ fn scan_file(
     }
     let mut offset = MAGIC.len() as u64;
     let mut prev = [0u8; 32];
+    // Receipts of the batch being read, counted at its commit record.
+    let mut staged: Vec<SignedReceipt> = Vec::new();
+    let mut committed_end = offset;
+    let mut committed_digest = prev;
     let mut payload = Vec::with_capacity(1024);
     loop {
         if offset == file_len {
+            let torn = (committed_end < offset).then_some(Torn {
+                dropped: offset - committed_end,
+            });
             return Ok(Scan {
-                end: offset,
-                last_digest: prev,
-                torn: None,
+                end: committed_end,
+                last_digest: committed_digest,
+                torn,
             });
         }
         let bad = match read_record(&mut r, file_len - offset, &mut payload) {
@@ -356,24 +378,46 @@ fn scan_file(
                                 .into(),
                     });
                 } else {
-                    let receipt = decode_payload(&payload)
+                    let record = decode_payload(&payload)
                         .map_err(|reason| LedgerError::Corrupt { offset, reason })?;
-                    each(receipt)?;
                     prev = digest;
                     offset += (HEADER_BYTES + payload.len()) as u64;
+                    match record {
+                        Record::Receipt(r) => staged.push(*r),
+                        Record::Commit(n) => {
+                            if n as usize != staged.len() {
+                                return Err(LedgerError::Corrupt {
+                                    offset,
+                                    reason: format!(
+                                        "a commit record counts {n} receipts, its batch has {}",
+                                        staged.len()
+                                    ),
+                                });
+                            }
+                            for r in staged.drain(..) {
+                                each(r)?;
+                            }
+                            committed_end = offset;
+                            committed_digest = digest;
+                        }
+                    }
                     continue;
                 }
             }
             Err(b) => b,
         };
-        // A record at `offset` is unreadable: a torn final write, or damage.
+        // A record at `offset` is unreadable. With a valid commit record
+        // after it, acknowledged receipts are damaged; without, everything
+        // after the last commit was never acknowledged: a torn write.
         let left = file_len - offset;
         drop(r);
-        if left <= MAX_TORN_BYTES && !valid_record_after(file, offset, file_len)? {
+        if left <= MAX_TORN_BYTES && !valid_commit_after(file, offset, file_len)? {
             return Ok(Scan {
-                end: offset,
-                last_digest: prev,
-                torn: Some(Torn { dropped: left }),
+                end: committed_end,
+                last_digest: committed_digest,
+                torn: Some(Torn {
+                    dropped: file_len - committed_end,
+                }),
             });
         }
         let reason = match bad {
@@ -411,9 +455,9 @@ fn read_record(
     Ok((len, prev, checksum))
 }
 
-/// True when some offset after `from` starts a record whose checksum holds:
-/// then the damage at `from` is not a torn tail.
-fn valid_record_after(file: &mut File, from: u64, file_len: u64) -> Result<bool, LedgerError> {
+/// True when some offset after `from` starts a commit record whose checksum
+/// holds: then the damage at `from` is in acknowledged receipts.
+fn valid_commit_after(file: &mut File, from: u64, file_len: u64) -> Result<bool, LedgerError> {
     file.seek(SeekFrom::Start(from + 1)).map_err(io)?;
     let mut tail = Vec::new();
     file.take(file_len - from - 1)
@@ -426,7 +470,9 @@ fn valid_record_after(file: &mut File, from: u64, file_len: u64) -> Result<bool,
         };
         let mut cur = std::io::Cursor::new(rest);
         if let Ok((len, prev, checksum)) = read_record(&mut cur, rest.len() as u64, &mut payload) {
-            if checksum_of(&digest_of(len, &prev, &payload)) == checksum {
+            if payload.first() == Some(&KIND_COMMIT)
+                && checksum_of(&digest_of(len, &prev, &payload)) == checksum
+            {
                 return Ok(true);
             }
         }
@@ -439,9 +485,20 @@ fn encode_payload(r: &SignedReceipt, out: &mut Vec<u8>) {
     out.extend_from_slice(&r.to_bytes());
 }
 
-fn decode_payload(payload: &[u8]) -> Result<SignedReceipt, String> {
+enum Record {
+    Receipt(Box<SignedReceipt>),
+    Commit(u32),
+}
+
+fn decode_payload(payload: &[u8]) -> Result<Record, String> {
     match payload.split_first() {
-        Some((&KIND_RECEIPT, body)) => SignedReceipt::from_bytes(body).map_err(|e| e.to_string()),
+        Some((&KIND_RECEIPT, body)) => SignedReceipt::from_bytes(body)
+            .map(|r| Record::Receipt(Box::new(r)))
+            .map_err(|e| e.to_string()),
+        Some((&KIND_COMMIT, body)) => body
+            .try_into()
+            .map(|b| Record::Commit(u32::from_le_bytes(b)))
+            .map_err(|_| "malformed commit record".to_owned()),
         Some((kind, _)) => Err(format!("unknown record kind {kind}")),
         None => Err("empty record".into()),
     }
@@ -513,6 +570,18 @@ impl Writer {
             self.buf.extend_from_slice(&payload);
             prev = digest;
         }
+        // The commit record: the batch counts only if it reached the disk.
+        payload.clear();
+        payload.push(KIND_COMMIT);
+        payload.extend_from_slice(&(accepted.len() as u32).to_le_bytes());
+        let len = payload.len() as u32;
+        let digest = digest_of(len, &prev, &payload);
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf
+            .extend_from_slice(&checksum_of(&digest).to_le_bytes());
+        self.buf.extend_from_slice(&prev);
+        self.buf.extend_from_slice(&payload);
+        prev = digest;
         let written = self
             .file
             .write_all(&self.buf)

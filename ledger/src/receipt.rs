@@ -8,7 +8,7 @@
 //! checking that each key hashes to the id the receipt names and that both
 //! signatures hold.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use hypha_wire::NodeId;
 
 use crate::LedgerError;
@@ -175,15 +175,23 @@ impl SignedReceipt {
     pub fn verify(self) -> Result<VerifiedReceipt, LedgerError> {
         let (msgs, sigs, keys) = self.parts()?;
         for ((m, s), k) in msgs.iter().zip(&sigs).zip(&keys) {
-            k.verify(m, s).map_err(|_| LedgerError::BadSignature {
-                request_id: self.receipt.request_id,
-            })?;
+            // Strict: no small-order keys or malleable signatures.
+            k.verify_strict(m, s)
+                .map_err(|_| LedgerError::BadSignature {
+                    request_id: self.receipt.request_id,
+                })?;
         }
         Ok(VerifiedReceipt(self))
     }
 
     fn parts(&self) -> Result<Parts, LedgerError> {
         let r = &self.receipt;
+        // The same rules as decoding, so whatever verifies can be read back.
+        if r.finished_ms < r.started_ms {
+            return Err(LedgerError::Malformed(
+                "a receipt cannot finish before it starts".into(),
+            ));
+        }
         check_id(&self.seeder_key, r.seeder, "seeder")?;
         check_id(&self.consumer_key, r.consumer, "consumer")?;
         let bad = || LedgerError::BadSignature {

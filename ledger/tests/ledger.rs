@@ -219,3 +219,15 @@ fn proof_of_work_counts_leading_zero_bits() {
     let best = ids.iter().map(pow_bits).max().unwrap();
     assert!(best >= 4, "the best of 256 has {best} zero bits");
 }
+
+#[test]
+fn one_node_at_a_time_holds_a_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = Ledger::open(dir.path()).unwrap();
+    assert!(matches!(
+        Ledger::open(dir.path()),
+        Err(LedgerError::InUse(_))
+    ));
+    drop(first);
+    Ledger::open(dir.path()).expect("released when the last handle goes");
+}

@@ -162,8 +162,7 @@ impl Node {
                 );
             }
             identity_id = Some(ident.id());
-            let (log, recovery) = hypha_ledger::Ledger::open(&dir)
-                .with_context(|| format!("cannot open the ledger in {}", dir.display()))?;
+            let (log, recovery) = open_ledger(&dir).await?;
             if recovery.truncated_bytes > 0 {
                 tracing::warn!(
                     bytes = recovery.truncated_bytes,
@@ -201,6 +200,7 @@ impl Node {
                     receipt_interval: cfg.receipt_interval.max(1),
                     pow_bits: cfg.pow_bits,
                     free_tier: seeder::FreeTier::new(cfg.free_tier_per_minute),
+                    unpaid: seeder::Unpaid::default(),
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),
                 });
                 seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), state, rx.clone())));
@@ -343,6 +343,27 @@ impl Node {
         if let Some(ep) = &self.endpoint {
             ep.close();
             let _ = tokio::time::timeout(CLOSE_GRACE, ep.wait_idle()).await;
+        }
+    }
+}
+
+/// How long a starting node waits for a previous node in the same process
+/// to release the ledger it is closing.
+const LEDGER_RELEASE_WAIT: Duration = Duration::from_secs(3);
+
+async fn open_ledger(
+    dir: &std::path::Path,
+) -> anyhow::Result<(hypha_ledger::Ledger, hypha_ledger::Recovery)> {
+    let started = std::time::Instant::now();
+    loop {
+        match hypha_ledger::Ledger::open(dir) {
+            Err(hypha_ledger::LedgerError::InUse(_)) if started.elapsed() < LEDGER_RELEASE_WAIT => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => {
+                return other
+                    .with_context(|| format!("cannot open the ledger in {}", dir.display()))
+            }
         }
     }
 }

@@ -572,11 +572,11 @@ fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Res
             for r in &receipts {
                 let rc = &r.receipt;
                 if rc.seeder == me {
-                    t.earned += rc.credits;
+                    t.earned = t.earned.saturating_add(rc.credits);
                     t.receipts_as_seeder += 1;
                 }
                 if rc.consumer == me {
-                    t.spent += rc.credits;
+                    t.spent = t.spent.saturating_add(rc.credits);
                     t.receipts_as_consumer += 1;
                 }
             }

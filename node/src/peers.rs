@@ -374,6 +374,27 @@ pub struct RemoteGeneration {
     /// The latest receipt both signed, and whether the ledger has it.
     signed: Option<SignedReceipt>,
     recorded: bool,
+    /// The most prompt tokens this request's prompt can honestly take.
+    prompt_bound: u32,
+}
+
+/// Template tokens a chat template may add around a conversation (a
+/// default system prompt, role markers) beyond the messages' own text.
+const TEMPLATE_TOKENS_MAX: usize = 256;
+/// Template tokens per message (its role and markers) beyond its text.
+const TEMPLATE_TOKENS_PER_MESSAGE: usize = 16;
+
+/// The most tokens a prompt can honestly cost: a token covers at least one
+/// byte of text, and the template adds a bounded number of its own.
+fn prompt_token_bound(p: &hypha_wire::Prompt) -> u32 {
+    let n = match p {
+        hypha_wire::Prompt::Chat(ms) => ms
+            .iter()
+            .map(|m| m.content.len() + m.role.len() + TEMPLATE_TOKENS_PER_MESSAGE)
+            .sum::<usize>(),
+        hypha_wire::Prompt::Text(t) => t.len(),
+    };
+    u32::try_from(n.saturating_add(TEMPLATE_TOKENS_MAX)).unwrap_or(u32::MAX)
 }
 
 impl RemoteGeneration {
@@ -403,6 +424,7 @@ impl RemoteGeneration {
             done: None,
             signed: None,
             recorded: false,
+            prompt_bound: prompt_token_bound(&req.prompt),
         };
         g.send
             .send(&Message::Request(req.clone()))
@@ -485,7 +507,10 @@ impl RemoteGeneration {
                 }
             }
         } else {
-            next.await
+            match tokio::time::timeout(crate::proto::RECV_STALL_TIMEOUT, next).await {
+                Ok(f) => f,
+                Err(_) => Err(PeerError::Timeout("the seeder went silent")),
+            }
         };
         let frame = frame
             .and_then(|r| r.ok_or_else(|| PeerError::Protocol("stream ended before done".into())))
@@ -564,6 +589,12 @@ impl RemoteGeneration {
         }
         if r.model_sha256 != offer.model_sha256 {
             return Err(bad("it names another model than the seeder's hello".into()));
+        }
+        if r.prompt_tokens > self.prompt_bound {
+            return Err(bad(format!(
+                "it bills {} prompt tokens for a prompt of at most {}",
+                r.prompt_tokens, self.prompt_bound
+            )));
         }
         if r.completion_tokens != self.digest.count() {
             return Err(bad(format!(

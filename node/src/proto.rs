@@ -27,6 +27,12 @@ pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(1);
 /// A peer has this long after the handshake to send its hello (and the
 /// acceptor to answer it); a silent peer is dropped.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A write that makes no progress for this long fails: a peer that stops
+/// reading must not hold a generation (and its engine slot) forever.
+pub const SEND_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A stream that brings no frame for this long fails: a peer that goes
+/// silent while keeping its connection alive must not hang a request.
+pub const RECV_STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes asked of QUIC per read: big enough for a whole token chunk frame,
 /// small enough to bound each read.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -123,7 +129,9 @@ impl FramedSend {
             .enc
             .encode(msg)
             .map_err(|e| PeerError::Protocol(e.to_string()))?;
-        self.stream.write_all(bytes).await?;
+        tokio::time::timeout(SEND_STALL_TIMEOUT, self.stream.write_all(bytes))
+            .await
+            .map_err(|_| PeerError::Timeout("the peer stopped reading"))??;
         Ok(())
     }
 

@@ -51,6 +51,41 @@ pub const DEFAULT_FREE_TIER_PER_MINUTE: u32 = 30;
 pub const MAX_FREE_TIER_IDS: usize = 4096;
 const FREE_TIER_WINDOW: Duration = Duration::from_secs(60);
 
+/// Consumers that finished a request without countersigning its receipt;
+/// they are refused until the entry ages out.
+pub struct Unpaid {
+    until: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
+}
+
+/// How long a consumer that did not pay is refused.
+pub const UNPAID_BAN: Duration = Duration::from_secs(10 * 60);
+
+impl Default for Unpaid {
+    fn default() -> Self {
+        Self {
+            until: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl Unpaid {
+    fn note(&self, id: NodeId) {
+        let now = std::time::Instant::now();
+        let mut m = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX_FREE_TIER_IDS {
+            m.retain(|_, t| *t > now);
+        }
+        if m.len() < MAX_FREE_TIER_IDS {
+            m.insert(id, now + UNPAID_BAN);
+        }
+    }
+
+    fn owes(&self, id: &NodeId) -> bool {
+        let m = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(id).is_some_and(|t| *t > std::time::Instant::now())
+    }
+}
+
 /// Counts free-tier requests per identity in one-minute windows.
 pub struct FreeTier {
     per_minute: u32,
@@ -104,6 +139,8 @@ pub struct SeederState {
     pub pow_bits: u32,
     /// Limits consumers whose balance is used up.
     pub free_tier: FreeTier,
+    /// Consumers that left receipts unsigned.
+    pub unpaid: Unpaid,
     /// Requests running now, by (consumer, request id).
     pub running: std::sync::Mutex<HashSet<ReceiptKey>>,
 }
@@ -259,6 +296,12 @@ async fn serve_stream(
             code: 409,
             message: format!("request id {request_id} was already used"),
         })
+    } else if state.unpaid.owes(&consumer.node_id) {
+        Err(ErrorReply {
+            request_id,
+            code: 402,
+            message: "an earlier request's receipt was never countersigned".into(),
+        })
     } else if balance <= 0
         && !state
             .free_tier
@@ -294,7 +337,9 @@ async fn serve_stream(
     let mut billing = Billing::new(state, consumer, request_id, generation.prompt_tokens);
     let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing).await;
     // The receipt is durable before the consumer sees the stream end.
-    billing.settle().await;
+    billing
+        .settle(matches!(outcome, Ok(Outcome::Done | Outcome::Unpaid)))
+        .await;
     send.finish();
     drop(claim);
     let status = match &outcome {
@@ -369,8 +414,9 @@ struct Billing<'a> {
     prompt_tokens: u32,
     started_ms: u64,
     digest: TokenDigest,
-    /// Offered and not yet countersigned.
-    pending: Option<(Receipt, [u8; 64])>,
+    /// Offered and not yet countersigned, oldest first (at most two: an
+    /// interval's receipt still travelling when the last one is offered).
+    pending: Vec<(Receipt, [u8; 64])>,
     /// The latest receipt both signed.
     signed: Option<SignedReceipt>,
 }
@@ -389,7 +435,7 @@ impl<'a> Billing<'a> {
             prompt_tokens,
             started_ms: unix_ms(),
             digest: TokenDigest::default(),
-            pending: None,
+            pending: Vec::with_capacity(2),
             signed: None,
         }
     }
@@ -422,31 +468,48 @@ impl<'a> Billing<'a> {
             seeder_sig: sig,
             last,
         });
-        self.pending = Some((receipt, sig));
+        self.pending.push((receipt, sig));
         msg
     }
 
-    /// Takes the consumer's signature over the pending receipt.
+    /// Takes the consumer's signature over one of the pending receipts
+    /// (countersignatures arrive in offer order; one for an older receipt
+    /// may cross the offer of a newer one).
     fn countersigned(&mut self, consumer_sig: [u8; 64]) -> Result<(), PeerError> {
-        let (receipt, seeder_sig) = self.pending.take().ok_or_else(|| {
-            PeerError::Protocol("countersignature with no receipt offered".into())
-        })?;
-        let signed = SignedReceipt {
-            receipt,
-            seeder_key: self.state.identity.public_key(),
-            seeder_sig,
-            consumer_key: self.consumer.public_key,
-            consumer_sig,
-        };
-        let checked = signed
-            .verify()
-            .map_err(|e| PeerError::Protocol(format!("bad countersignature: {e}")))?;
-        self.signed = Some(checked.signed().clone());
-        Ok(())
+        for (i, (receipt, seeder_sig)) in self.pending.iter().enumerate() {
+            let signed = SignedReceipt {
+                receipt: receipt.clone(),
+                seeder_key: self.state.identity.public_key(),
+                seeder_sig: *seeder_sig,
+                consumer_key: self.consumer.public_key,
+                consumer_sig,
+            };
+            if let Ok(checked) = signed.verify() {
+                self.signed = Some(checked.signed().clone());
+                // It and every older offer are settled.
+                self.pending.drain(..=i);
+                return Ok(());
+            }
+        }
+        Err(PeerError::Protocol(if self.pending.is_empty() {
+            "countersignature with no receipt offered".into()
+        } else {
+            "countersignature matches no offered receipt".into()
+        }))
     }
 
-    /// Appends the latest receipt both parties signed to the ledger.
-    async fn settle(self) {
+    /// True when every offered receipt came back signed.
+    fn settled(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Appends the latest receipt both parties signed to the ledger, and
+    /// remembers a consumer that left a finished request's receipts
+    /// unsigned.
+    async fn settle(self, finished: bool) {
+        if finished && !self.settled() {
+            self.state.unpaid.note(self.consumer.node_id);
+        }
         let Some(signed) = self.signed else {
             return;
         };
@@ -481,7 +544,7 @@ async fn await_countersign(
 ) -> Result<Option<bool>, PeerError> {
     let request_id = billing.request_id;
     let wait = async {
-        while billing.pending.is_some() {
+        while !billing.settled() {
             if recv.is_finished() {
                 return Ok(Some(false));
             }
@@ -550,7 +613,7 @@ async fn stream_generation(
                     // The previous receipt must be signed before more
                     // tokens go out: a consumer that stops paying gets at
                     // most one interval for free.
-                    if billing.pending.is_some() {
+                    if !billing.settled() {
                         match await_countersign(recv, billing).await? {
                             None => return Ok(Outcome::Cancelled),
                             Some(false) => {

@@ -308,6 +308,8 @@ enum Fake {
     GarbageMidStream,
     /// One token, done, and a receipt that bills two.
     Overcharges,
+    /// One token, done, and a receipt billing a million prompt tokens.
+    BillsPrompt,
 }
 
 /// A seeder that completes the handshake and hello correctly, then answers
@@ -370,20 +372,25 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::J
                                 .write_all(&[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
                                 .await;
                         }
-                        Fake::Overcharges => {
+                        Fake::Overcharges | Fake::BillsPrompt => {
+                            let (prompt, completion) = match mode {
+                                Fake::BillsPrompt => (1_000_000u32, 1u32),
+                                _ => (5, 2),
+                            };
                             let _ = send.send(&chunk(0)).await;
                             let _ = send
                                 .send(&Message::Done(hypha_wire::Done {
                                     request_id: id,
-                                    prompt_tokens: 5,
+                                    prompt_tokens: prompt,
                                     completion_tokens: 1,
                                     finish_reason: hypha_wire::FinishReason::Length,
                                     text: String::new(),
                                 }))
                                 .await;
                             let mut digest = hypha_ledger::TokenDigest::default();
-                            digest.push(1);
-                            digest.push(1);
+                            for _ in 0..completion {
+                                digest.push(1);
+                            }
                             let receipt = hypha_ledger::Receipt {
                                 request_id: id,
                                 consumer: peer,
@@ -391,9 +398,9 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::J
                                     &seeder_key.verifying_key().to_bytes(),
                                 ),
                                 model_sha256: [1; 32],
-                                prompt_tokens: 5,
-                                completion_tokens: 2,
-                                credits: 5 + 2 * 4,
+                                prompt_tokens: prompt,
+                                completion_tokens: completion,
+                                credits: u64::from(prompt) + u64::from(completion) * 4,
                                 started_ms: 1,
                                 finished_ms: 2,
                                 tokens_digest: digest.digest(),
@@ -493,6 +500,24 @@ async fn a_consumer_refuses_a_seeder_that_breaks_the_protocol() {
     let v: Value = resp.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("it claims 2 tokens, 1 arrived"), "{msg}");
+    assert_eq!(consumer.ledger().unwrap().receipts(), 0);
+    fake.abort();
+    consumer.stop().await.unwrap();
+
+    // A receipt billing far more prompt tokens than the prompt could take.
+    let (addr, fake) = fake_seeder(Fake::BillsPrompt).await;
+    let (consumer, _dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
+    let base = format!("http://{}", consumer.http_addr());
+    let resp = c
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 500);
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("bills 1000000 prompt tokens"), "{msg}");
     assert_eq!(consumer.ledger().unwrap().receipts(), 0);
     fake.abort();
     consumer.stop().await.unwrap();

@@ -107,6 +107,24 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     .await;
     // Nothing signed, nothing recorded.
     assert_eq!(net.seeder.ledger().unwrap().receipts(), 0);
+    // And the next request of the consumer that did not pay is refused.
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&request(2, 8)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    let refused = recv
+        .next(|m| match m {
+            ArchivedMessage::Error(e) => {
+                Ok(Some((e.code.to_native(), e.message.as_str().to_owned())))
+            }
+            _ => Ok(None),
+        })
+        .await
+        .unwrap()
+        .flatten();
+    let (code, message) = refused.expect("an error first");
+    assert_eq!(code, 402);
+    assert!(message.contains("never countersigned"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,4 +311,34 @@ async fn a_consumer_with_no_credits_left_gets_the_rate_limited_free_tier() {
             .contains("no credits left"),
         "{v}"
     );
+}
+
+/// Completions ending exactly on a receipt boundary, where the interval's
+/// receipt and the last one are offered back to back, settle on both sides
+/// without a violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_ending_on_a_receipt_boundary_settles_cleanly() {
+    let net = Net::start_with(2, 64, 8).await;
+    let c = common::client();
+    for max_tokens in [8, 16, 24] {
+        let resp = c
+            .post(format!("{}/v1/chat/completions", net.consumer_base()))
+            .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": max_tokens, "temperature": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], max_tokens);
+    }
+    common::wait_receipts(net.seeder.ledger().unwrap(), 3).await;
+    common::wait_metric(
+        &c,
+        &net.seeder_base(),
+        "hypha_requests_total{endpoint=\"peer\",status=\"200\"} 3",
+    )
+    .await;
+    let m = common::metrics(&c, &net.seeder_base()).await;
+    assert!(m.contains("hypha_peer_violations_total 0\n"), "{m}");
+    assert_eq!(net.consumer.ledger().unwrap().receipts(), 3);
 }
