@@ -10,10 +10,7 @@ use std::time::Duration;
 use hypha_node::identity::Identity;
 use hypha_node::proto::{self, FramedRecv, FramedSend, CLOSE_PROTOCOL};
 use hypha_node::transport::Endpoint;
-use hypha_wire::{
-    ChatMessage, Hello, InferenceRequest, Message, Prompt, Sampling, TokenChunk, CAP_SEEDER,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
-};
+use hypha_wire::{Hello, Message, TokenChunk, CAP_SEEDER, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use serde_json::{json, Value};
 
 mod common;
@@ -63,29 +60,6 @@ async fn closed_reason(conn: &quinn::Connection) -> String {
     }
 }
 
-fn request(id: u64, max_tokens: u32) -> Message {
-    Message::Request(InferenceRequest {
-        request_id: id,
-        model: "default".into(),
-        prompt: Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: "Tell me a long story about a fox.".into(),
-        }]),
-        sampling: Sampling {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            seed: None,
-        },
-        stop: Vec::new(),
-        max_tokens: Some(max_tokens),
-    })
-}
-
 /// Sends raw bytes on a new request stream.
 async fn raw_stream(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> quinn::RecvStream {
     let (mut send, recv) = conn.open_bi().await.unwrap();
@@ -127,7 +101,7 @@ async fn protocol_violations_disconnect_the_peer_and_nothing_else() {
     // A request before any hello.
     let (_i, _ep, conn) = dial(&net, 12).await;
     let mut enc = hypha_wire::FrameEncoder::new();
-    let _r = raw_stream(&conn, enc.encode(&request(1, 4)).unwrap(), false).await;
+    let _r = raw_stream(&conn, enc.encode(&common::request(1, 4)).unwrap(), false).await;
     let why = closed_reason(&conn).await;
     assert!(why.contains("expected hello, got request"), "{why}");
     cases += 1;
@@ -212,10 +186,10 @@ async fn protocol_violations_disconnect_the_peer_and_nothing_else() {
     let (_ep, conn) = dial_with_hello(&net, 19).await;
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut send = FramedSend::new(send);
-    send.send(&request(7, 200)).await.unwrap();
+    send.send(&common::request(7, 200)).await.unwrap();
     let mut recv = FramedRecv::new(recv);
     recv.next(|_| Ok(())).await.unwrap().expect("a first chunk");
-    send.send(&request(8, 4)).await.unwrap();
+    send.send(&common::request(8, 4)).await.unwrap();
     let why = closed_reason(&conn).await;
     assert!(
         why.contains("request sent while a request was running"),
@@ -248,7 +222,7 @@ async fn a_cancel_frame_stops_the_generation() {
     let (_ep, conn) = dial_with_hello(&net, 21).await;
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut send = FramedSend::new(send);
-    send.send(&request(5, 400)).await.unwrap();
+    send.send(&common::request(5, 400)).await.unwrap();
     let mut recv = FramedRecv::new(recv);
     for want in 0..3u32 {
         let seq = recv

@@ -8,34 +8,11 @@ use std::time::Duration;
 use hypha_ledger::{node_id_of, Receipt};
 use hypha_node::proto::{self, FramedRecv, FramedSend};
 use hypha_node::transport::Endpoint;
-use hypha_wire::{ArchivedMessage, ChatMessage, InferenceRequest, Message, Prompt, Sampling};
+use hypha_wire::{ArchivedMessage, Message};
 use serde_json::{json, Value};
 
 mod common;
 use common::Net;
-
-fn request(id: u64, max_tokens: u32) -> Message {
-    Message::Request(InferenceRequest {
-        request_id: id,
-        model: "default".into(),
-        prompt: Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: "Tell me a long story about a fox.".into(),
-        }]),
-        sampling: Sampling {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            seed: None,
-        },
-        stop: Vec::new(),
-        max_tokens: Some(max_tokens),
-    })
-}
 
 /// What a raw client saw on one request stream.
 #[derive(Default, Debug)]
@@ -64,7 +41,7 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     .unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut send = FramedSend::new(send);
-    send.send(&request(1, 200)).await.unwrap();
+    send.send(&common::request(1, 200)).await.unwrap();
     let mut recv = FramedRecv::new(recv);
     let mut seen = Seen::default();
     let read = async {
@@ -110,7 +87,7 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     // And the next request of the consumer that did not pay is refused.
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut send = FramedSend::new(send);
-    send.send(&request(2, 8)).await.unwrap();
+    send.send(&common::request(2, 8)).await.unwrap();
     let mut recv = FramedRecv::new(recv);
     let refused = recv
         .next(|m| match m {
@@ -236,7 +213,7 @@ async fn a_request_id_cannot_be_paid_for_twice() {
     for round in 0..2 {
         let (send, recv) = conn.open_bi().await.unwrap();
         let mut send = FramedSend::new(send);
-        send.send(&request(7, 4)).await.unwrap();
+        send.send(&common::request(7, 4)).await.unwrap();
         let mut recv = FramedRecv::new(recv);
         let mut error = None;
         while let Some(offer) = recv

@@ -253,3 +253,27 @@ pub async fn wait_metric(c: &reqwest::Client, base: &str, line: &str) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A greedy chat request frame for `default`, as a consumer sends it.
+pub fn request(id: u64, max_tokens: u32) -> hypha_wire::Message {
+    hypha_wire::Message::Request(hypha_wire::InferenceRequest {
+        request_id: id,
+        model: "default".into(),
+        prompt: hypha_wire::Prompt::Chat(vec![hypha_wire::ChatMessage {
+            role: "user".into(),
+            content: "Tell me a long story about a fox.".into(),
+        }]),
+        sampling: hypha_wire::Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+        },
+        stop: Vec::new(),
+        max_tokens: Some(max_tokens),
+    })
+}
