@@ -535,6 +535,47 @@ async fn demo(seeder: &Node, consumer: &Node, ask: &str) -> anyhow::Result<()> {
         Some(peer) => println!("served by seeder {peer} over QUIC"),
         None => anyhow::bail!("the consumer did not say which peer served the request"),
     }
+    show_receipt(seeder, consumer).await
+}
+
+/// Prints the request's receipt as both ledgers hold it.
+async fn show_receipt(seeder: &Node, consumer: &Node) -> anyhow::Result<()> {
+    let (Some(cl), Some(sl)) = (consumer.ledger(), seeder.ledger()) else {
+        anyhow::bail!("the demo nodes have no ledgers");
+    };
+    let receipt = cl
+        .recent(1)
+        .into_iter()
+        .next()
+        .context("the consumer recorded no receipt")?;
+    // The seeder records it when the countersignature reaches it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while sl.recent(1).first() != Some(&receipt) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the seeder did not record the receipt"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = &receipt.receipt;
+    let short = |id: hypha_wire::NodeId| id.to_string()[..12].to_owned();
+    println!(
+        "receipt: request {} of consumer {}.. served by {}..: {} prompt + {} completion tokens = {} micro-credits; signed by both, in both ledgers",
+        r.request_id,
+        short(r.consumer),
+        short(r.seeder),
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.credits
+    );
+    let me = r.consumer;
+    let grant = hypha_node::account::grant_for(&me, hypha_ledger::DEFAULT_POW_BITS);
+    println!(
+        "consumer balance: {} micro-credits (grant {grant}, spent {}); seeder earned {}",
+        hypha_ledger::balance(grant, &cl.totals(&me)),
+        cl.totals(&me).spent,
+        sl.totals(&r.seeder).earned
+    );
     Ok(())
 }
 

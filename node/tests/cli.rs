@@ -514,6 +514,10 @@ fn demo_streams_a_completion_across_a_local_network() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("served by seeder"), "{stdout}");
+    assert!(
+        stdout.contains("signed by both, in both ledgers"),
+        "{stdout}"
+    );
     assert!(stdout.contains("completion tokens"), "{stdout}");
     assert!(
         stderr.contains("consumer") && stderr.contains("has no model"),
