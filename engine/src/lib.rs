@@ -332,7 +332,9 @@ pub struct Finish {
 pub enum Event {
     /// One sampled token and the text it completes. `text` may be empty when
     /// the token ends in the middle of a character or of a possible stop
-    /// string; held text comes out with a later token or with `Done`.
+    /// string (held text comes out with a later token or with `Done`), and
+    /// is empty for the end-of-generation token, which is reported too: the
+    /// `Token` events of a generation number `completion_tokens`.
     Token { id: Token, text: String },
     /// The generation ended; `text` is any held text released at the end.
     Done { text: String, finish: Finish },

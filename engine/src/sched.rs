@@ -455,6 +455,13 @@ impl Scheduler {
             })
         };
         if self.model.is_eog(tok) {
+            // Every generated token is one event, the end token included
+            // (with no text): what a client or a peer counts is what was
+            // generated.
+            let _ = slot.tx.try_send(Event::Token {
+                id: tok,
+                text: String::new(),
+            });
             return done(slot, FinishReason::Stop);
         }
         slot.piece.clear();

@@ -518,6 +518,18 @@ fn demo_streams_a_completion_across_a_local_network() {
         stdout.contains("signed by both, in both ledgers"),
         "{stdout}"
     );
+    // The receipt bills exactly the tokens usage reports, the end token
+    // included (the answer ends with it).
+    let usage = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("usage: "))
+        .and_then(|l| l.split(" completion tokens").next())
+        .expect("a usage line");
+    let receipt = stdout
+        .lines()
+        .find(|l| l.starts_with("receipt: "))
+        .expect("a receipt line");
+    assert!(receipt.contains(usage), "{usage:?} vs {receipt:?}");
     assert!(stdout.contains("completion tokens"), "{stdout}");
     assert!(
         stderr.contains("consumer") && stderr.contains("has no model"),
