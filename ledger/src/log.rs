@@ -480,6 +480,18 @@ fn valid_commit_after(file: &mut File, from: u64, file_len: u64) -> Result<bool,
     Ok(false)
 }
 
+/// Appends one framed record to `buf`; its digest (the next record's
+/// `prev`).
+fn push_record(buf: &mut Vec<u8>, prev: &[u8; 32], payload: &[u8]) -> [u8; 32] {
+    let len = payload.len() as u32;
+    let digest = digest_of(len, prev, payload);
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&checksum_of(&digest).to_le_bytes());
+    buf.extend_from_slice(prev);
+    buf.extend_from_slice(payload);
+    digest
+}
+
 fn encode_payload(r: &SignedReceipt, out: &mut Vec<u8>) {
     out.push(KIND_RECEIPT);
     out.extend_from_slice(&r.to_bytes());
@@ -561,27 +573,13 @@ impl Writer {
         for j in &accepted {
             payload.clear();
             encode_payload(j.receipt.signed(), &mut payload);
-            let len = payload.len() as u32;
-            let digest = digest_of(len, &prev, &payload);
-            self.buf.extend_from_slice(&len.to_le_bytes());
-            self.buf
-                .extend_from_slice(&checksum_of(&digest).to_le_bytes());
-            self.buf.extend_from_slice(&prev);
-            self.buf.extend_from_slice(&payload);
-            prev = digest;
+            prev = push_record(&mut self.buf, &prev, &payload);
         }
         // The commit record: the batch counts only if it reached the disk.
         payload.clear();
         payload.push(KIND_COMMIT);
         payload.extend_from_slice(&(accepted.len() as u32).to_le_bytes());
-        let len = payload.len() as u32;
-        let digest = digest_of(len, &prev, &payload);
-        self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf
-            .extend_from_slice(&checksum_of(&digest).to_le_bytes());
-        self.buf.extend_from_slice(&prev);
-        self.buf.extend_from_slice(&payload);
-        prev = digest;
+        prev = push_record(&mut self.buf, &prev, &payload);
         let written = self
             .file
             .write_all(&self.buf)

@@ -25,9 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use hypha_engine::{Finish, FinishReason};
-use hypha_ledger::{Ledger, Receipt, SignedReceipt, TokenDigest};
+use hypha_ledger::{Ledger, Receipt, SignedReceipt, TokenDigest, VerifiedReceipt};
 use hypha_wire::{ArchivedMessage, Countersign, InferenceRequest, Message, NodeId};
 
 use crate::hello::VerifiedHello;
@@ -372,7 +371,7 @@ pub struct RemoteGeneration {
     /// `Done` arrived; the last receipt is due.
     done: Option<(String, Finish)>,
     /// The latest receipt both signed, and whether the ledger has it.
-    signed: Option<SignedReceipt>,
+    signed: Option<VerifiedReceipt>,
     recorded: bool,
     /// The most prompt tokens this request's prompt can honestly take.
     prompt_bound: u32,
@@ -540,7 +539,7 @@ impl RemoteGeneration {
                     .map_err(failed)?;
                 let countersign = Message::Countersign(Countersign {
                     request_id: self.request_id,
-                    consumer_sig: signed.consumer_sig,
+                    consumer_sig: signed.signed().consumer_sig,
                 });
                 self.signed = Some(signed);
                 self.send.send(&countersign).await.map_err(failed)?;
@@ -579,7 +578,7 @@ impl RemoteGeneration {
         bytes: &[u8],
         seeder_sig: [u8; 64],
         last: bool,
-    ) -> Result<SignedReceipt, PeerError> {
+    ) -> Result<VerifiedReceipt, PeerError> {
         let bad = |what: String| PeerError::Protocol(format!("receipt refused: {what}"));
         let r = Receipt::from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
         let me = self.party.identity.id();
@@ -621,9 +620,8 @@ impl RemoteGeneration {
             )));
         }
         if let Some(prev) = &self.signed {
-            if prev.receipt.prompt_tokens != r.prompt_tokens
-                || prev.receipt.started_ms != r.started_ms
-            {
+            let prev = prev.receipt();
+            if prev.prompt_tokens != r.prompt_tokens || prev.started_ms != r.started_ms {
                 return Err(bad(
                     "it changes the prompt or start of an earlier receipt".into()
                 ));
@@ -636,18 +634,18 @@ impl RemoteGeneration {
                 None => return Err(bad("a last receipt before done".into())),
             }
         }
-        let key = VerifyingKey::from_bytes(&self.terms.public_key)
-            .map_err(|_| bad("the seeder's key is invalid".into()))?;
-        key.verify(bytes, &Signature::from_bytes(&seeder_sig))
-            .map_err(|_| bad("the seeder's signature does not verify".into()))?;
         let consumer_sig = r.sign(self.party.identity.signing_key());
-        Ok(SignedReceipt {
+        // Checks the seeder's key against its id and its signature (ours
+        // holds by construction).
+        SignedReceipt {
             receipt: r,
             seeder_key: self.terms.public_key,
             seeder_sig,
             consumer_key: self.party.identity.public_key(),
             consumer_sig,
-        })
+        }
+        .verify()
+        .map_err(|e| bad(e.to_string()))
     }
 
     /// Appends the latest receipt both signed to the ledger (once); its
@@ -656,15 +654,11 @@ impl RemoteGeneration {
         if self.recorded {
             return None;
         }
-        let signed = self.signed.clone()?;
+        let verified = self.signed.clone()?;
         self.recorded = true;
-        let credits = signed.receipt.credits;
+        let credits = verified.receipt().credits;
         let ledger = self.party.ledger.clone();
-        let appended = tokio::task::spawn_blocking(move || {
-            let verified = signed.verify()?;
-            ledger.append(verified)
-        })
-        .await;
+        let appended = tokio::task::spawn_blocking(move || ledger.append(verified)).await;
         match appended {
             Ok(Ok(())) => Some(credits),
             Ok(Err(e)) => {
@@ -698,7 +692,7 @@ impl Drop for RemoteGeneration {
             let ledger = self.party.ledger.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn_blocking(move || {
-                    if let Err(e) = signed.verify().and_then(|v| ledger.append(v)) {
+                    if let Err(e) = ledger.append(signed) {
                         tracing::warn!("cannot record receipt: {e}");
                     }
                 });

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypha_engine::{ChatMessage, Engine, Event, GenerateRequest, SamplingParams};
-use hypha_ledger::{Ledger, Receipt, ReceiptKey, SignedReceipt, TokenDigest};
+use hypha_ledger::{Ledger, Receipt, ReceiptKey, SignedReceipt, TokenDigest, VerifiedReceipt};
 use hypha_wire::{
     ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, NodeId,
     ReceiptOffer, TokenChunk,
@@ -418,7 +418,7 @@ struct Billing<'a> {
     /// interval's receipt still travelling when the last one is offered).
     pending: Vec<(Receipt, [u8; 64])>,
     /// The latest receipt both signed.
-    signed: Option<SignedReceipt>,
+    signed: Option<VerifiedReceipt>,
 }
 
 impl<'a> Billing<'a> {
@@ -485,7 +485,7 @@ impl<'a> Billing<'a> {
                 consumer_sig,
             };
             if let Ok(checked) = signed.verify() {
-                self.signed = Some(checked.signed().clone());
+                self.signed = Some(checked);
                 // It and every older offer are settled.
                 self.pending.drain(..=i);
                 return Ok(());
@@ -510,10 +510,7 @@ impl<'a> Billing<'a> {
         if finished && !self.settled() {
             self.state.unpaid.note(self.consumer.node_id);
         }
-        let Some(signed) = self.signed else {
-            return;
-        };
-        let Ok(verified) = signed.verify() else {
+        let Some(verified) = self.signed else {
             return;
         };
         let credits = verified.receipt().credits;
