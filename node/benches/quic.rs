@@ -13,32 +13,16 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hypha_node::identity::Identity;
 use hypha_node::proto::{FramedRecv, FramedSend};
 use hypha_node::transport::Endpoint;
-use hypha_wire::{ChatMessage, InferenceRequest, Message, Prompt, Sampling, TokenChunk};
+use hypha_wire::{Message, TokenChunk};
 
-const CHUNKS: u32 = 256;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn request(max_tokens: u32) -> Message {
-    Message::Request(InferenceRequest {
-        request_id: 1,
-        model: "default".into(),
-        prompt: Prompt::Chat(vec![ChatMessage {
-            role: "user".into(),
-            content: "Write a short story about a lighthouse keeper.".into(),
-        }]),
-        sampling: Sampling {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            seed: None,
-        },
-        stop: Vec::new(),
-        max_tokens: Some(max_tokens),
-    })
+    common::request(1, max_tokens)
 }
+
+const CHUNKS: u32 = 256;
 
 /// A peer that answers each request stream with as many chunks as the
 /// request's max_tokens.

@@ -397,24 +397,44 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::J
     (addr, task)
 }
 
+/// A fake seeder in `mode` and a consumer that knows only it: the
+/// consumer, its data folder, the fake's task and the consumer's base URL.
+async fn consumer_of_fake(
+    mode: Fake,
+) -> (
+    hypha_node::Node,
+    tempfile::TempDir,
+    tokio::task::JoinHandle<()>,
+    String,
+) {
+    let (addr, fake) = fake_seeder(mode).await;
+    let (consumer, dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
+    let base = format!("http://{}", consumer.http_addr());
+    (consumer, dir, fake, base)
+}
+
+/// Posts a chat completion; a reply (or its headers) later than 10 s fails
+/// the test: a broken seeder must not hang a client.
+async fn post_in_time(c: &reqwest::Client, base: &str, body: &Value) -> reqwest::Response {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        c.post(format!("{base}/v1/chat/completions"))
+            .json(body)
+            .send(),
+    )
+    .await
+    .expect("no hang")
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_refuses_a_seeder_that_breaks_the_protocol() {
     let c = common::client();
     let body = json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8});
 
     // Before the first token: a 502 naming the violation.
-    let (addr, fake) = fake_seeder(Fake::SkipsAhead).await;
-    let (consumer, _dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
-    let base = format!("http://{}", consumer.http_addr());
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        c.post(format!("{base}/v1/chat/completions"))
-            .json(&body)
-            .send(),
-    )
-    .await
-    .expect("no hang")
-    .unwrap();
+    let (consumer, _dir, fake, base) = consumer_of_fake(Fake::SkipsAhead).await;
+    let resp = post_in_time(&c, &base, &body).await;
     assert_eq!(resp.status(), 502);
     let v: Value = resp.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
@@ -428,23 +448,14 @@ async fn a_consumer_refuses_a_seeder_that_breaks_the_protocol() {
     consumer.stop().await.unwrap();
 
     // Mid-stream: the SSE stream ends with an error event.
-    let (addr, fake) = fake_seeder(Fake::GarbageMidStream).await;
-    let (consumer, _dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
-    let base = format!("http://{}", consumer.http_addr());
+    let (consumer, _dir, fake, base) = consumer_of_fake(Fake::GarbageMidStream).await;
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
-    let text = tokio::time::timeout(Duration::from_secs(10), async {
-        c.post(format!("{base}/v1/chat/completions"))
-            .json(&sbody)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    })
-    .await
-    .expect("no hang");
+    let resp = post_in_time(&c, &base, &sbody).await;
+    let text = tokio::time::timeout(Duration::from_secs(10), resp.text())
+        .await
+        .expect("the broken stream ends")
+        .unwrap();
     assert!(text.contains("\"content\":\"ok\""), "{text}");
     assert!(
         text.contains("server_error") && text.contains("invalid message"),
@@ -458,18 +469,8 @@ async fn a_consumer_refuses_a_seeder_that_breaks_the_protocol() {
     consumer.stop().await.unwrap();
 
     // A receipt for more tokens than arrived is refused, never signed.
-    let (addr, fake) = fake_seeder(Fake::Overcharges).await;
-    let (consumer, _dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
-    let base = format!("http://{}", consumer.http_addr());
-    let resp = tokio::time::timeout(
-        Duration::from_secs(10),
-        c.post(format!("{base}/v1/chat/completions"))
-            .json(&body)
-            .send(),
-    )
-    .await
-    .expect("no hang")
-    .unwrap();
+    let (consumer, _dir, fake, base) = consumer_of_fake(Fake::Overcharges).await;
+    let resp = post_in_time(&c, &base, &body).await;
     assert_eq!(resp.status(), 500);
     let v: Value = resp.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
@@ -479,15 +480,8 @@ async fn a_consumer_refuses_a_seeder_that_breaks_the_protocol() {
     consumer.stop().await.unwrap();
 
     // A receipt billing far more prompt tokens than the prompt could take.
-    let (addr, fake) = fake_seeder(Fake::BillsPrompt).await;
-    let (consumer, _dir) = common::consumer(vec![addr], Duration::from_secs(2)).await;
-    let base = format!("http://{}", consumer.http_addr());
-    let resp = c
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let (consumer, _dir, fake, base) = consumer_of_fake(Fake::BillsPrompt).await;
+    let resp = post_in_time(&c, &base, &body).await;
     assert_eq!(resp.status(), 500);
     let v: Value = resp.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
