@@ -12,12 +12,14 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+pub mod codec;
 mod machine;
 pub mod record;
 pub mod table;
 
 pub use machine::{
     Config, Dht, Event, QueryId, QueryResult, Request, RequestId, Response, Transmit,
+    REQUEST_TIMEOUT_MS,
 };
 pub use record::{model_key, ProviderRecord, RecordStore};
 pub use table::{Contact, RoutingTable, Update};
@@ -40,6 +42,8 @@ pub enum DhtError {
     StoreFull,
     #[error("too many queries running")]
     TooManyQueries,
+    #[error("malformed DHT message: {0}")]
+    BadMessage(&'static str),
 }
 
 /// XOR distance between two ids, ordered as a 256-bit big-endian number.

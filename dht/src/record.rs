@@ -206,6 +206,16 @@ impl RecordStore {
         self.count = count;
     }
 
+    /// Every live record held, by key.
+    pub fn all(&self, now_ms: u64) -> Vec<ProviderRecord> {
+        self.by_key
+            .values()
+            .flatten()
+            .filter(|r| r.expires_ms > now_ms)
+            .cloned()
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.count
     }

@@ -82,6 +82,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/ledger", get(ledger))
+        .route("/v1/network", get(network))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -355,6 +356,100 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// The routing table, known peers and providers: `GET /v1/network`.
+async fn network(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = st.authorize(&headers) {
+        return e.into_response();
+    }
+    let Some(peers) = &st.peers else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "this node is not on a network: start it with --quic, --peer or --bootstrap",
+        )
+        .code("no_network")
+        .into_response();
+    };
+    let now = crate::discovery::unix_ms();
+    let view = match peers.discovery() {
+        Some(d) => d.view().await,
+        None => None,
+    };
+    let (local, table, held) = match view {
+        Some(v) => (
+            Some(v.local),
+            v.contacts
+                .into_iter()
+                .map(|(bucket, c, seen)| {
+                    json!({
+                        "id": c.id.to_string(),
+                        "addr": c.addr.to_string(),
+                        "bucket": bucket,
+                        "last_seen_s_ago": now.saturating_sub(seen) / 1000,
+                    })
+                })
+                .collect::<Vec<_>>(),
+            v.records,
+        ),
+        None => (None, Vec::new(), Vec::new()),
+    };
+    let connections: Vec<serde_json::Value> = peers
+        .connections()
+        .known()
+        .into_iter()
+        .map(|k| {
+            let h = peers.health(&k.addr.id);
+            json!({
+                "id": k.addr.id.to_string(),
+                "addr": k.addr.addr.to_string(),
+                "connected": k.connected,
+                "configured": k.configured,
+                "rtt_ms": k.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                "models": k.models,
+                "recent_failures": h.failures,
+            })
+        })
+        .collect();
+    let records: Vec<serde_json::Value> = held
+        .iter()
+        .map(|r| {
+            json!({
+                "model": r.model,
+                "publisher": r.publisher.to_string(),
+                "addrs": r.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "backend": r.backend,
+                "context_length": r.context_length,
+                "decode_tokens_per_s": r.decode_tokens_per_s,
+                "free_slots": r.free_slots,
+                "price_prompt_micro": r.price_prompt_micro,
+                "price_completion_micro": r.price_completion_micro,
+                "expires_in_s": r.expires_ms.saturating_sub(now) / 1000,
+            })
+        })
+        .collect();
+    let models: Vec<serde_json::Value> = peers
+        .models()
+        .await
+        .into_iter()
+        .map(|(m, ids)| {
+            json!({
+                "model": m,
+                "provider_count": ids.len(),
+                "providers": ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({
+        "id": local.map(|c| c.id.to_string()),
+        "quic_addr": local.map(|c| c.addr.to_string()),
+        "routing_table": table,
+        "connections": connections,
+        "provider_records": records,
+        "models": models,
+    }))
+    .into_response()
+}
+
 /// Receipts shown by `GET /v1/ledger`.
 const LEDGER_RECENT: usize = 20;
 
@@ -388,9 +483,21 @@ async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
         .started
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let network = match &st.peers {
+        Some(p) => p.models().await,
+        None => Vec::new(),
+    };
     let mut data = Vec::new();
     if let Some(local) = &st.local {
         let info = local.engine.info();
+        let mut providers: Vec<String> = st.account.iter().map(|a| a.id.to_string()).collect();
+        for (model, ids) in &network {
+            if *model == local.model_id {
+                providers.extend(ids.iter().map(ToString::to_string));
+            }
+        }
+        providers.sort();
+        providers.dedup();
         data.push(ModelCard {
             id: local.model_id.clone(),
             object: "model",
@@ -405,23 +512,23 @@ async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Res
                 device: info.device.clone(),
                 slots: info.parallel,
             }),
-            providers: Vec::new(),
+            provider_count: providers.len().max(1),
+            providers,
         });
     }
-    if let Some(peers) = &st.peers {
-        for (model, ids) in peers.models() {
-            if st.local.as_ref().is_some_and(|l| l.answers_to(&model)) {
-                continue;
-            }
-            data.push(ModelCard {
-                id: model,
-                object: "model",
-                created,
-                owned_by: "hypha",
-                meta: None,
-                providers: ids.iter().map(ToString::to_string).collect(),
-            });
+    for (model, ids) in network {
+        if st.local.as_ref().is_some_and(|l| l.answers_to(&model)) {
+            continue;
         }
+        data.push(ModelCard {
+            id: model,
+            object: "model",
+            created,
+            owned_by: "hypha",
+            meta: None,
+            provider_count: ids.len(),
+            providers: ids.iter().map(ToString::to_string).collect(),
+        });
     }
     Json(ModelList {
         object: "list",

@@ -9,6 +9,7 @@
 
 pub mod account;
 pub mod chat;
+pub mod discovery;
 pub mod hello;
 pub mod http;
 pub mod identity;
@@ -54,6 +55,13 @@ pub struct NodeConfig {
     pub quic_addr: Option<SocketAddr>,
     /// Peers to send requests for models this node does not run.
     pub peers: Vec<PeerAddr>,
+    /// Nodes to join the DHT through.
+    pub bootstrap: Vec<PeerAddr>,
+    /// Addresses a seeder's provider records give; by default its QUIC
+    /// address when that names a concrete IP.
+    pub advertise: Vec<SocketAddr>,
+    /// Lifetime of the provider records a seeder publishes.
+    pub record_ttl: Duration,
     /// Where the node keeps its key (`None`: `$HYPHA_HOME` or XDG).
     pub data_dir: Option<PathBuf>,
     /// How long a dial may take before the peer counts as down.
@@ -88,6 +96,9 @@ impl NodeConfig {
             model_aliases: Vec::new(),
             quic_addr: None,
             peers: Vec::new(),
+            bootstrap: Vec::new(),
+            advertise: Vec::new(),
+            record_ttl: discovery::DEFAULT_RECORD_TTL,
             data_dir: None,
             dial_timeout: peers::DIAL_TIMEOUT,
             max_peers: seeder::MAX_PEERS,
@@ -107,6 +118,7 @@ pub struct Node {
     identity: Option<NodeId>,
     endpoint: Option<Arc<Endpoint>>,
     ledger: Option<hypha_ledger::Ledger>,
+    peers: Option<Arc<Peers>>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     seeder: Option<tokio::task::JoinHandle<()>>,
@@ -151,7 +163,7 @@ impl Node {
         let mut peers = None;
         let mut ledger = None;
         let mut account = None;
-        if cfg.quic_addr.is_some() || !cfg.peers.is_empty() {
+        if cfg.quic_addr.is_some() || !cfg.peers.is_empty() || !cfg.bootstrap.is_empty() {
             let dir = identity::data_dir(cfg.data_dir.as_deref())?;
             let ident = Arc::new(Identity::load_or_create_with_pow(&dir, cfg.pow_bits)?);
             if ident.pow_bits() < cfg.pow_bits {
@@ -187,48 +199,102 @@ impl Node {
                 _ => hello::Offer::default(),
             };
             let hello = proto::hello_message(&ident, offer.clone());
-            if let (Some(engine), true) = (&engine, serving) {
-                let state = Arc::new(seeder::SeederState {
+            let conns = Arc::new(peers::Connections::new(
+                ep.clone(),
+                hello.clone(),
+                metrics.clone(),
+                cfg.pow_bits,
+                cfg.dial_timeout,
+                &cfg.peers,
+            ));
+            let local = hypha_dht::Contact {
+                id: ident.id(),
+                addr: ep.local_addr()?,
+            };
+            let disc = discovery::Discovery::start(
+                local,
+                conns.clone(),
+                cfg.bootstrap.clone(),
+                rx.clone(),
+            );
+            let seeder_state = match (&engine, serving) {
+                (Some(engine), true) => Some(Arc::new(seeder::SeederState {
                     engine: engine.clone(),
                     models: offer.models.clone(),
                     identity: ident.clone(),
-                    offer,
-                    hello: hello.clone(),
+                    offer: offer.clone(),
                     metrics: metrics.clone(),
                     ledger: log.clone(),
-                    max_peers: cfg.max_peers.clamp(1, seeder::MAX_PEERS),
                     receipt_interval: cfg.receipt_interval.max(1),
                     pow_bits: cfg.pow_bits,
                     free_tier: seeder::FreeTier::new(cfg.free_tier_per_minute),
                     unpaid: seeder::Unpaid::default(),
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),
-                });
-                seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), state, rx.clone())));
+                    decode_tps: std::sync::atomic::AtomicU32::new(0),
+                })),
+                _ => None,
+            };
+            if let (Some(state), Some(engine)) = (&seeder_state, &engine) {
+                let advertise = if cfg.advertise.is_empty() {
+                    let a = ep.local_addr()?;
+                    if a.ip().is_unspecified() {
+                        tracing::warn!(
+                            "QUIC bound to {a}: provider records carry no address; pass --advertise"
+                        );
+                        Vec::new()
+                    } else {
+                        vec![a]
+                    }
+                } else {
+                    cfg.advertise.clone()
+                };
+                let info = engine.info();
+                let announcement = discovery::Announcement {
+                    names: offer.models.clone(),
+                    addrs: advertise,
+                    model_sha256: offer.model_sha256,
+                    context_length: info.ctx_per_slot,
+                    backend: info.device.clone(),
+                    price_prompt_micro: offer.price_prompt_micro,
+                    price_completion_micro: offer.price_completion_micro,
+                    ttl: cfg
+                        .record_ttl
+                        .min(Duration::from_millis(hypha_dht::record::MAX_RECORD_TTL_MS)),
+                };
+                tokio::spawn(discovery::publish_loop(
+                    disc.clone(),
+                    ident.clone(),
+                    announcement,
+                    state.clone(),
+                    rx.clone(),
+                ));
                 tracing::info!(id = %ident.id(), "serving peers on QUIC {}", ep.local_addr()?);
             }
-            if !cfg.peers.is_empty() {
-                let party = Arc::new(peers::Party {
-                    identity: ident.clone(),
-                    ledger: log.clone(),
-                    pow_bits: cfg.pow_bits,
-                });
-                let p = Arc::new(
-                    Peers::new(
-                        ep.clone(),
-                        hello,
-                        cfg.peers.clone(),
-                        metrics.clone(),
-                        party,
-                        cfg.dial_timeout,
-                    )
+            let listener = Arc::new(seeder::Listener {
+                hello: hello.clone(),
+                metrics: metrics.clone(),
+                max_peers: cfg.max_peers.clamp(1, seeder::MAX_PEERS),
+                pow_bits: cfg.pow_bits,
+                seeder: seeder_state,
+                discovery: Some(disc.clone()),
+            });
+            seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), listener, rx.clone())));
+            let party = Arc::new(peers::Party {
+                identity: ident.clone(),
+                ledger: log.clone(),
+                pow_bits: cfg.pow_bits,
+            });
+            let p = Arc::new(
+                Peers::new(conns, cfg.peers.clone(), Some(disc), metrics.clone(), party)
                     .map_err(anyhow::Error::msg)?,
-                );
+            );
+            if !cfg.peers.is_empty() {
                 let probe = p.clone();
                 tokio::spawn(async move {
                     probe.connect_all().await;
                 });
-                peers = Some(p);
             }
+            peers = Some(p);
             endpoint = Some(ep);
             account = Some(account::Account {
                 id: ident.id(),
@@ -240,7 +306,7 @@ impl Node {
 
         let state = Arc::new(http::AppState {
             local,
-            peers,
+            peers: peers.clone(),
             account,
             api_key: cfg.api_key,
             metrics,
@@ -270,6 +336,7 @@ impl Node {
             identity: identity_id,
             endpoint,
             ledger,
+            peers,
             shutdown,
             server,
             seeder: seeder_task,
@@ -293,6 +360,11 @@ impl Node {
     /// The node's receipt log, when it talks to peers.
     pub fn ledger(&self) -> Option<&hypha_ledger::Ledger> {
         self.ledger.as_ref()
+    }
+
+    /// Routing to peers and the DHT, when the node talks to peers.
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
     }
 
     /// The UDP address of the QUIC endpoint, when there is one.

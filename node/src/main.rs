@@ -65,6 +65,18 @@ enum Cmd {
         #[arg(long, env = "HYPHA_HOME")]
         data_dir: Option<PathBuf>,
     },
+    /// Show a running node's view of the network: its DHT routing table,
+    /// connections, provider records and the models on offer.
+    Peers {
+        /// Base URL of the node's API.
+        #[arg(long, default_value = "http://127.0.0.1:8420")]
+        url: String,
+        #[arg(long, env = "HYPHA_API_KEY")]
+        api_key: Option<String>,
+        /// Print the raw JSON of GET /v1/network.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure time to first token, inter-token latency and tokens/s of any
     /// OpenAI-compatible server at several concurrencies.
     Bench(BenchArgs),
@@ -111,6 +123,14 @@ struct UpArgs {
     /// A peer to send requests to, as NODE_ID@HOST:PORT (repeatable).
     #[arg(long = "peer")]
     peers: Vec<PeerAddr>,
+    /// A node to join the network's DHT through, as NODE_ID@HOST:PORT
+    /// (repeatable). Models are then found on any seeder of the network.
+    #[arg(long = "bootstrap")]
+    bootstrap: Vec<PeerAddr>,
+    /// The UDP address provider records give for this seeder (repeatable;
+    /// default: the --quic address when it names an IP).
+    #[arg(long = "advertise")]
+    advertise: Vec<SocketAddr>,
     /// Where the node keeps its key (default: $HYPHA_HOME or the XDG data directory).
     #[arg(long, env = "HYPHA_HOME")]
     data_dir: Option<PathBuf>,
@@ -123,6 +143,11 @@ struct UpArgs {
     /// Price a seeder publishes: micro-credits per generated token.
     #[arg(long, default_value_t = hypha_node::DEFAULT_PRICE_COMPLETION_MICRO)]
     price_completion: u64,
+    /// Proof of work (leading zero bits) a new identity is ground with and
+    /// every peer's identity must carry; all nodes of a network use one
+    /// value.
+    #[arg(long, default_value_t = hypha_ledger::DEFAULT_POW_BITS)]
+    pow_bits: u32,
     /// Generated tokens between two cumulative receipts.
     #[arg(long, default_value_t = hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL)]
     receipt_interval: u32,
@@ -312,6 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Ledger { cmd, data_dir } => ledger_cmd(cmd, data_dir.as_deref()),
+        Cmd::Peers { url, api_key, json } => peers_cmd(&url, api_key, json).await,
         Cmd::Id { data_dir } => {
             let dir = hypha_node::identity::data_dir(data_dir.as_deref())?;
             let ident = hypha_node::identity::Identity::load_or_create(&dir)?;
@@ -362,7 +388,7 @@ async fn load_model(spec: &str, a: &UpArgs) -> anyhow::Result<(EngineConfig, Vec
 }
 
 async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
-    let spec = match (&a.model, a.peers.is_empty()) {
+    let spec = match (&a.model, a.peers.is_empty() && a.bootstrap.is_empty()) {
         (Some(m), _) => Some(m.clone()),
         (None, true) => Some("default".to_owned()),
         (None, false) => None,
@@ -374,23 +400,21 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
         }
         None => (None, Vec::new()),
     };
-    let node = Node::start(NodeConfig {
-        engine,
-        http_addr: a.http,
-        api_key: a.api_key,
-        model_aliases: aliases,
-        quic_addr: a.quic,
-        peers: a.peers,
-        data_dir: a.data_dir,
-        dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
-        max_peers: a.max_peers,
-        price_prompt_micro: a.price_prompt,
-        price_completion_micro: a.price_completion,
-        receipt_interval: a.receipt_interval,
-        pow_bits: hypha_ledger::DEFAULT_POW_BITS,
-        free_tier_per_minute: hypha_node::seeder::DEFAULT_FREE_TIER_PER_MINUTE,
-    })
-    .await?;
+    let mut cfg = NodeConfig::new(engine);
+    cfg.http_addr = a.http;
+    cfg.api_key = a.api_key;
+    cfg.model_aliases = aliases;
+    cfg.quic_addr = a.quic;
+    cfg.peers = a.peers;
+    cfg.bootstrap = a.bootstrap;
+    cfg.advertise = a.advertise;
+    cfg.data_dir = a.data_dir;
+    cfg.max_peers = a.max_peers;
+    cfg.price_prompt_micro = a.price_prompt;
+    cfg.price_completion_micro = a.price_completion;
+    cfg.receipt_interval = a.receipt_interval;
+    cfg.pow_bits = a.pow_bits;
+    let node = Node::start(cfg).await?;
     match node.engine() {
         Some(engine) => {
             let info = engine.info();
@@ -421,46 +445,26 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
     let spec = a.model.clone().unwrap_or_else(|| "default".to_owned());
     let (engine, aliases) = load_model(&spec, &a).await?;
     let data = hypha_node::identity::data_dir(a.data_dir.as_deref())?;
-    let seeder = Node::start(NodeConfig {
-        engine: Some(engine),
-        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        api_key: a.api_key.clone(),
-        model_aliases: aliases,
-        quic_addr: Some(
-            a.quic
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-        ),
-        peers: Vec::new(),
-        data_dir: Some(data.join("demo-seeder")),
-        dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
-        max_peers: hypha_node::seeder::MAX_PEERS,
-        price_prompt_micro: hypha_node::DEFAULT_PRICE_PROMPT_MICRO,
-        price_completion_micro: hypha_node::DEFAULT_PRICE_COMPLETION_MICRO,
-        receipt_interval: hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
-        pow_bits: hypha_ledger::DEFAULT_POW_BITS,
-        free_tier_per_minute: hypha_node::seeder::DEFAULT_FREE_TIER_PER_MINUTE,
-    })
-    .await?;
+    let mut cfg = NodeConfig::new(Some(engine));
+    cfg.api_key = a.api_key.clone();
+    cfg.model_aliases = aliases;
+    cfg.quic_addr = Some(
+        a.quic
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+    );
+    cfg.data_dir = Some(data.join("demo-seeder"));
+    let seeder = Node::start(cfg).await?;
     let seeder_addr = seeder
         .peer_addr()
         .context("the seeder has no QUIC address")?;
-    let consumer = Node::start(NodeConfig {
-        engine: None,
-        http_addr: a.http,
-        api_key: a.api_key,
-        model_aliases: Vec::new(),
-        quic_addr: None,
-        peers: vec![seeder_addr.clone()],
-        data_dir: Some(data),
-        dial_timeout: hypha_node::peers::DIAL_TIMEOUT,
-        max_peers: hypha_node::seeder::MAX_PEERS,
-        price_prompt_micro: hypha_node::DEFAULT_PRICE_PROMPT_MICRO,
-        price_completion_micro: hypha_node::DEFAULT_PRICE_COMPLETION_MICRO,
-        receipt_interval: hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
-        pow_bits: hypha_ledger::DEFAULT_POW_BITS,
-        free_tier_per_minute: hypha_node::seeder::DEFAULT_FREE_TIER_PER_MINUTE,
-    })
-    .await?;
+    // The consumer knows the seeder only as the node it joins the DHT
+    // through: it finds the model's provider by looking it up.
+    let mut cfg = NodeConfig::new(None);
+    cfg.http_addr = a.http;
+    cfg.api_key = a.api_key;
+    cfg.bootstrap = vec![seeder_addr.clone()];
+    cfg.data_dir = Some(data);
+    let consumer = Node::start(cfg).await?;
     let info = seeder.engine().map(|e| e.info().clone());
     if let Some(info) = info {
         eprintln!(
@@ -473,7 +477,7 @@ async fn start_demo_network(a: UpArgs) -> anyhow::Result<(Node, Node)> {
         );
     }
     eprintln!(
-        "hypha: consumer {} has no model; its API at http://{}/v1 sends requests to the seeder",
+        "hypha: consumer {} has no model; its API at http://{}/v1 finds the seeder through the DHT",
         consumer.id().map(|i| i.to_string()).unwrap_or_default(),
         consumer.http_addr()
     );
@@ -580,6 +584,108 @@ async fn show_receipt(seeder: &Node, consumer: &Node) -> anyhow::Result<()> {
 }
 
 /// Reads the node's ledger (read-only: a running node may be appending).
+/// `hypha peers`: prints `GET /v1/network` as tables.
+async fn peers_cmd(url: &str, api_key: Option<String>, raw: bool) -> anyhow::Result<()> {
+    hypha_node::install_crypto_provider();
+    let client = hypha_node::models::http_client()?;
+    let mut req = client.get(format!("{}/v1/network", url.trim_end_matches('/')));
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("no node answers at {url}"))?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.context("the node's answer is not JSON")?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{url} answered {status}: {}",
+        v["error"]["message"].as_str().unwrap_or("no reason given")
+    );
+    if raw {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s = |x: &serde_json::Value| match x {
+        serde_json::Value::String(t) => t.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    println!("node {} on QUIC {}", s(&v["id"]), s(&v["quic_addr"]));
+    let empty = Vec::new();
+    let table = v["routing_table"].as_array().unwrap_or(&empty);
+    println!(
+        "
+routing table: {} contacts",
+        table.len()
+    );
+    for c in table {
+        println!(
+            "  {}  {:<22} bucket {:>3}  seen {}s ago",
+            s(&c["id"]),
+            s(&c["addr"]),
+            s(&c["bucket"]),
+            s(&c["last_seen_s_ago"])
+        );
+    }
+    let conns = v["connections"].as_array().unwrap_or(&empty);
+    println!(
+        "
+connections: {}",
+        conns.len()
+    );
+    for c in conns {
+        let rtt = c["rtt_ms"]
+            .as_f64()
+            .map_or("-".to_owned(), |r| format!("{r:.1} ms"));
+        println!(
+            "  {}  {:<22} {:<12} rtt {:<9} failures {}  models {}",
+            s(&c["id"]),
+            s(&c["addr"]),
+            if c["connected"] == true {
+                "connected"
+            } else {
+                "idle"
+            },
+            rtt,
+            s(&c["recent_failures"]),
+            s(&c["models"])
+        );
+    }
+    let models = v["models"].as_array().unwrap_or(&empty);
+    println!(
+        "
+models on the network: {}",
+        models.len()
+    );
+    for m in models {
+        println!(
+            "  {:<40} {} providers",
+            s(&m["model"]),
+            s(&m["provider_count"])
+        );
+    }
+    let records = v["provider_records"].as_array().unwrap_or(&empty);
+    println!(
+        "
+provider records held here: {}",
+        records.len()
+    );
+    for r in records {
+        println!(
+            "  {:<32} {}  {}  {} tok/s  {} free slots  expires in {}s",
+            s(&r["model"]),
+            s(&r["publisher"]),
+            s(&r["addrs"]),
+            s(&r["decode_tokens_per_s"]),
+            s(&r["free_slots"]),
+            s(&r["expires_in_s"])
+        );
+    }
+    Ok(())
+}
+
 fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     use hypha_node::account;
     let dir = hypha_node::identity::data_dir(data_dir)?;

@@ -236,9 +236,12 @@ pub struct ModelCard {
     /// Details of a model this node runs itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<ModelMeta>,
-    /// Node ids of the peers serving a model this node does not run.
+    /// Node ids of the peers known to serve the model (this node
+    /// included when it runs it).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub providers: Vec<String>,
+    /// How many nodes are known to serve the model.
+    pub provider_count: usize,
 }
 
 #[derive(Debug, Serialize)]

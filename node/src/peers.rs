@@ -1,14 +1,24 @@
-//! The consumer side of remote inference: connections to known seeders,
-//! reused across requests, and one request stream per remote generation.
+//! The consumer side of remote inference: a bounded cache of connections
+//! to peers, providers found through configured peers and the DHT, and one
+//! request stream per remote generation.
 //!
-//! Each configured peer has one connection slot. The first request (or the
-//! start-up probe) dials it under a lock, so concurrent requests share one
-//! handshake; later requests reuse the connection while it is open, and a
-//! closed one is redialed. A request goes to a peer whose hello lists the
-//! model; if opening the stream or getting the first frame fails on a
-//! connection that may have gone stale, it is redialed once, then the next
-//! provider is tried, so a client only sees an error when no provider could
-//! start its request.
+//! [`Connections`] holds one slot per peer. The first user of a slot (a
+//! request, a DHT query, the start-up probe) dials it under a lock, so
+//! concurrent users share one handshake; later ones reuse the connection
+//! while it is open, and a closed one is redialed. Configured peers stay in
+//! the cache; others are evicted, least recently used first, when it is
+//! full.
+//!
+//! A request goes to a provider of its model: configured or connected peers
+//! whose hello lists it, and the providers the DHT names (cached for
+//! [`PROVIDER_CACHE`] or until their records expire). Providers are tried
+//! best first by [`score`]: recent failures, then measured round-trip time,
+//! advertised free slots and decode speed. A seeder that refuses (busy, out
+//! of free tier, unknown model) or fails before answering is skipped for
+//! the next one, so a client only sees an error when no provider could
+//! start its request. A seeder must answer a request (`Accepted`, or any
+//! frame) within [`START_TIMEOUT`]: a connection to a node that died
+//! without closing it looks open until QUIC's idle timeout.
 //!
 //! Receipts: every `Chunk`'s token ids feed a running digest. Each receipt
 //! the seeder offers is checked against what actually arrived (request,
@@ -19,16 +29,19 @@
 //! the request finished; a request cut short records the last receipt
 //! both signed.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use hypha_dht::ProviderRecord;
 use hypha_engine::{Finish, FinishReason};
 use hypha_ledger::{Ledger, Receipt, SignedReceipt, TokenDigest, VerifiedReceipt};
 use hypha_wire::{ArchivedMessage, Countersign, InferenceRequest, Message, NodeId};
 
+use crate::discovery::{unix_ms, Discovery};
 use crate::hello::VerifiedHello;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -44,8 +57,28 @@ pub const LAST_RECEIPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// handshake is one or two round trips; a silent address would otherwise
 /// hold a request until the idle timeout.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a seeder may take to answer a request with its first frame.
+/// Admission is a table lookup and a queue push: a live seeder answers in
+/// a round trip, while a dead one's connection would look open until QUIC's
+/// idle timeout.
+pub const START_TIMEOUT: Duration = Duration::from_secs(3);
 /// Peers one node may be configured with.
 pub const MAX_CONFIGURED_PEERS: usize = crate::seeder::MAX_PEERS;
+/// Connections cached at once (configured peers, providers, DHT contacts):
+/// a few buckets' worth of contacts plus the providers in use.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long providers found through the DHT are reused before asking
+/// again (sooner when their records expire): long enough to spare a lookup
+/// per request, short enough to notice new seeders.
+pub const PROVIDER_CACHE: Duration = Duration::from_secs(30);
+/// Providers tried for one request before giving up.
+pub const MAX_PROVIDER_ATTEMPTS: usize = 4;
+/// How long a failure counts against a provider in [`score`].
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(120);
+/// Models remembered with cached providers.
+const MAX_CACHED_MODELS: usize = 256;
+/// Health entries kept (one per provider tried).
+const MAX_HEALTH: usize = 4096;
 
 /// A peer to dial: `NodeId@host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,35 +160,266 @@ pub struct Party {
 }
 
 struct Entry {
-    addr: PeerAddr,
+    addr: SocketAddr,
     /// The open connection and the peer's hello; the lock is held while
     /// dialing.
     conn: tokio::sync::Mutex<Option<(quinn::Connection, Arc<VerifiedHello>)>>,
     /// Models from the peer's last hello; kept across reconnects.
     models: std::sync::Mutex<Vec<String>>,
+    last_used_ms: AtomicU64,
+}
+
+impl Entry {
+    fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            conn: tokio::sync::Mutex::new(None),
+            models: std::sync::Mutex::new(Vec::new()),
+            last_used_ms: AtomicU64::new(unix_ms()),
+        }
+    }
+
+    /// The open connection, if there is one and nobody is dialing.
+    fn live(&self) -> Option<quinn::Connection> {
+        self.conn.try_lock().ok().and_then(|c| {
+            c.as_ref()
+                .filter(|(c, _)| c.close_reason().is_none())
+                .map(|(c, _)| c.clone())
+        })
+    }
+}
+
+/// A peer in the connection cache, as `/v1/network` shows it.
+#[derive(Debug, Clone)]
+pub struct KnownPeer {
+    pub addr: PeerAddr,
+    pub connected: bool,
+    pub models: Vec<String>,
+    pub rtt: Option<Duration>,
+    pub configured: bool,
+}
+
+/// This node's outgoing connections, one slot per peer, bounded.
+pub struct Connections {
+    endpoint: Arc<Endpoint>,
+    hello: Message,
+    metrics: Arc<Metrics>,
+    pow_bits: u32,
+    dial_timeout: Duration,
+    entries: std::sync::Mutex<HashMap<NodeId, Arc<Entry>>>,
+    /// Configured peers: never evicted.
+    pinned: Vec<NodeId>,
+}
+
+impl Connections {
+    pub fn new(
+        endpoint: Arc<Endpoint>,
+        hello: Message,
+        metrics: Arc<Metrics>,
+        pow_bits: u32,
+        dial_timeout: Duration,
+        pinned: &[PeerAddr],
+    ) -> Self {
+        let entries = pinned
+            .iter()
+            .map(|p| (p.id, Arc::new(Entry::new(p.addr))))
+            .collect();
+        Self {
+            endpoint,
+            hello,
+            metrics,
+            pow_bits,
+            dial_timeout,
+            entries: std::sync::Mutex::new(entries),
+            pinned: pinned.iter().map(|p| p.id).collect(),
+        }
+    }
+
+    /// The slot for `peer`, made if needed. A peer seen at a new address
+    /// gets a fresh slot unless its connection is open.
+    fn entry(&self, peer: &PeerAddr) -> Arc<Entry> {
+        let mut entries = lock(&self.entries);
+        if let Some(e) = entries.get(&peer.id) {
+            if e.addr == peer.addr || e.live().is_some() || self.pinned.contains(&peer.id) {
+                e.last_used_ms.store(unix_ms(), Ordering::Relaxed);
+                return e.clone();
+            }
+        }
+        if entries.len() >= MAX_CONNECTIONS && !entries.contains_key(&peer.id) {
+            // Evict the least recently used slot that is not configured.
+            let victim = entries
+                .iter()
+                .filter(|(id, _)| !self.pinned.contains(id))
+                .min_by_key(|(_, e)| e.last_used_ms.load(Ordering::Relaxed))
+                .map(|(id, _)| *id);
+            if let Some(id) = victim {
+                if let Some(old) = entries.remove(&id) {
+                    if let Some(c) = old.live() {
+                        c.close(crate::proto::CLOSE_NORMAL, b"connection cache full");
+                    }
+                }
+            }
+        }
+        let e = Arc::new(Entry::new(peer.addr));
+        entries.insert(peer.id, e.clone());
+        e
+    }
+
+    /// Closes and forgets the connection to `id` (it stopped answering).
+    pub fn discard(&self, id: &NodeId) {
+        let e = lock(&self.entries).get(id).cloned();
+        if let Some(c) = e.and_then(|e| e.live()) {
+            c.close(crate::proto::CLOSE_NORMAL, b"not answering");
+        }
+    }
+
+    /// The open connection to `peer` and its hello, dialing when there is
+    /// none (or when `fresh` asks to replace the current one).
+    pub async fn get(
+        &self,
+        peer: &PeerAddr,
+        fresh: bool,
+    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
+        let e = self.entry(peer);
+        let mut slot = e.conn.lock().await;
+        if let Some((c, h)) = slot.as_ref() {
+            if !fresh && c.close_reason().is_none() {
+                return Ok((c.clone(), h.clone()));
+            }
+        }
+        if let Some((old, _)) = slot.take() {
+            old.close(crate::proto::CLOSE_NORMAL, b"replaced");
+        }
+        let id = peer.id;
+        let conn = tokio::time::timeout(self.dial_timeout, self.endpoint.dial(e.addr, id))
+            .await
+            .map_err(|_| {
+                PeerError::Unreachable(format!(
+                    "no answer from {} within {:?}",
+                    e.addr, self.dial_timeout
+                ))
+            })?
+            .map_err(|err| PeerError::Unreachable(err.to_string()))?;
+        let hello: VerifiedHello =
+            match hello_as_dialer(&conn, id, &self.hello, self.pow_bits).await {
+                Ok(h) => h,
+                Err(err) => {
+                    if err.is_violation() {
+                        self.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
+                        close_for_violation(&conn, id, &err);
+                    }
+                    return Err(err);
+                }
+            };
+        tracing::debug!(peer = %id, addr = %e.addr, models = ?hello.offer.models, "connected to peer");
+        *lock(&e.models) = hello.offer.models.clone();
+        let hello = Arc::new(hello);
+        self.metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
+        let watched = conn.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let why = watched.closed().await;
+            metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(peer = %id, "peer connection closed: {why}");
+        });
+        *slot = Some((conn.clone(), hello.clone()));
+        Ok((conn, hello))
+    }
+
+    /// Every peer in the cache.
+    pub fn known(&self) -> Vec<KnownPeer> {
+        let entries: Vec<(NodeId, Arc<Entry>)> = lock(&self.entries)
+            .iter()
+            .map(|(id, e)| (*id, e.clone()))
+            .collect();
+        entries
+            .into_iter()
+            .map(|(id, e)| {
+                let live = e.live();
+                KnownPeer {
+                    addr: PeerAddr { id, addr: e.addr },
+                    connected: live.is_some(),
+                    rtt: live.map(|c| c.rtt()),
+                    models: lock(&e.models).clone(),
+                    configured: self.pinned.contains(&id),
+                }
+            })
+            .collect()
+    }
+
+    /// The round-trip time of an open connection to `id`.
+    fn rtt(&self, id: &NodeId) -> Option<Duration> {
+        let e = lock(&self.entries).get(id).cloned()?;
+        e.live().map(|c| c.rtt())
+    }
+}
+
+/// A provider a request may go to.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub addr: PeerAddr,
+    /// From its provider record, when the DHT named it.
+    pub free_slots: Option<u32>,
+    pub decode_tokens_per_s: Option<u32>,
+}
+
+/// What this node saw of a provider lately.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Health {
+    /// Failures in a row.
+    pub failures: u32,
+    pub last_failure: Option<Instant>,
+}
+
+/// A provider's cost, lower is better, in rough milliseconds: recent
+/// failures dominate (a seeder that just failed is tried last), then the
+/// round trip, then whether it advertised a free slot, then how fast it
+/// decodes (a 100 tokens/s seeder adds 100).
+pub fn score(c: &Candidate, health: &Health, rtt: Option<Duration>, now: Instant) -> u64 {
+    let recent = health
+        .last_failure
+        .is_some_and(|t| now.saturating_duration_since(t) < FAILURE_MEMORY);
+    let failures = if recent {
+        u64::from(health.failures) * 100_000
+    } else {
+        0
+    };
+    // An unknown round trip costs about a dial on a distant link.
+    let rtt_ms = rtt.map_or(200, |d| d.as_millis() as u64);
+    let busy = if c.free_slots == Some(0) { 2_000 } else { 0 };
+    let speed = c
+        .decode_tokens_per_s
+        .filter(|&t| t > 0)
+        .map_or(200, |t| 10_000 / u64::from(t));
+    failures + rtt_ms + busy + speed
+}
+
+struct CachedProviders {
+    records: Vec<ProviderRecord>,
+    until: Instant,
 }
 
 /// The peers this node sends requests to.
 pub struct Peers {
-    endpoint: Arc<Endpoint>,
-    hello: Message,
-    entries: Vec<Entry>,
+    conns: Arc<Connections>,
+    configured: Vec<PeerAddr>,
+    discovery: Option<Discovery>,
     metrics: Arc<Metrics>,
     party: Arc<Party>,
     next_request_id: AtomicU64,
-    dial_timeout: Duration,
+    health: std::sync::Mutex<HashMap<NodeId, Health>>,
+    cache: std::sync::Mutex<HashMap<String, CachedProviders>>,
 }
 
 impl Peers {
     pub fn new(
-        endpoint: Arc<Endpoint>,
-        hello: Message,
-        addrs: Vec<PeerAddr>,
+        conns: Arc<Connections>,
+        configured: Vec<PeerAddr>,
+        discovery: Option<Discovery>,
         metrics: Arc<Metrics>,
         party: Arc<Party>,
-        dial_timeout: Duration,
     ) -> Result<Self, String> {
-        if addrs.len() > MAX_CONFIGURED_PEERS {
+        if configured.len() > MAX_CONFIGURED_PEERS {
             return Err(format!("at most {MAX_CONFIGURED_PEERS} peers"));
         }
         let mut seed = [0u8; 8];
@@ -163,20 +427,14 @@ impl Peers {
         // random start keeps them apart across restarts.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
         Ok(Self {
-            endpoint,
-            hello,
-            entries: addrs
-                .into_iter()
-                .map(|addr| Entry {
-                    addr,
-                    conn: tokio::sync::Mutex::new(None),
-                    models: std::sync::Mutex::new(Vec::new()),
-                })
-                .collect(),
+            conns,
+            configured,
+            discovery,
             metrics,
             party,
             next_request_id: AtomicU64::new(u64::from_le_bytes(seed) >> 1),
-            dial_timeout,
+            health: std::sync::Mutex::new(HashMap::new()),
+            cache: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -185,15 +443,43 @@ impl Peers {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Every model a known peer serves, with the peers that serve it.
-    pub fn models(&self) -> Vec<(String, Vec<NodeId>)> {
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.conns
+    }
+
+    pub fn discovery(&self) -> Option<&Discovery> {
+        self.discovery.as_ref()
+    }
+
+    /// Every model this node knows a provider of (peers' hellos, provider
+    /// records held here or looked up), with the providers' ids.
+    pub async fn models(&self) -> Vec<(String, Vec<NodeId>)> {
         let mut out: Vec<(String, Vec<NodeId>)> = Vec::new();
-        for e in &self.entries {
-            for m in lock(&e.models).iter() {
-                match out.iter_mut().find(|(name, _)| name == m) {
-                    Some((_, ids)) => ids.push(e.addr.id),
-                    None => out.push((m.clone(), vec![e.addr.id])),
+        let mut add = |model: &str, id: NodeId| match out.iter_mut().find(|(m, _)| m == model) {
+            Some((_, ids)) => {
+                if !ids.contains(&id) {
+                    ids.push(id);
                 }
+            }
+            None => out.push((model.to_owned(), vec![id])),
+        };
+        for p in self.conns.known() {
+            for m in &p.models {
+                add(m, p.addr.id);
+            }
+        }
+        let now = unix_ms();
+        let cached: Vec<ProviderRecord> = lock(&self.cache)
+            .values()
+            .flat_map(|c| c.records.iter().cloned())
+            .collect();
+        let held = match &self.discovery {
+            Some(d) => d.view().await.map(|v| v.records).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        for r in cached.iter().chain(held.iter()) {
+            if r.expires_ms > now {
+                add(&r.model, r.publisher);
             }
         }
         out
@@ -201,28 +487,25 @@ impl Peers {
 
     /// The configured peers and whether each is connected now.
     pub fn status(&self) -> Vec<(PeerAddr, bool)> {
-        self.entries
+        let known = self.conns.known();
+        self.configured
             .iter()
-            .map(|e| {
-                let up = e
-                    .conn
-                    .try_lock()
-                    .map(|c| c.as_ref().is_some_and(|(c, _)| c.close_reason().is_none()))
-                    .unwrap_or(false);
-                (e.addr.clone(), up)
+            .map(|p| {
+                let up = known.iter().any(|k| k.addr.id == p.id && k.connected);
+                (p.clone(), up)
             })
             .collect()
     }
 
-    /// Dials every peer not yet connected, to learn what they serve; the
-    /// peers that could not be reached, and why.
+    /// Dials every configured peer not yet connected, to learn what they
+    /// serve; the peers that could not be reached, and why.
     pub async fn connect_all(&self) -> Vec<(PeerAddr, PeerError)> {
-        let dials = self.entries.iter().map(|e| async move {
-            match self.connection(e, false).await {
+        let dials = self.configured.iter().map(|p| async move {
+            match self.conns.get(p, false).await {
                 Ok(_) => None,
                 Err(err) => {
-                    tracing::warn!(peer = %e.addr, "cannot connect: {err}");
-                    Some((e.addr.clone(), err))
+                    tracing::warn!(peer = %p, "cannot connect: {err}");
+                    Some((p.clone(), err))
                 }
             }
         });
@@ -233,74 +516,134 @@ impl Peers {
             .collect()
     }
 
-    /// The open connection to `e`, dialing when there is none (or when
-    /// `fresh` asks to replace the current one).
-    async fn connection(
-        &self,
-        e: &Entry,
-        fresh: bool,
-    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
-        let mut slot = e.conn.lock().await;
-        if let Some((c, h)) = slot.as_ref() {
-            if !fresh && c.close_reason().is_none() {
-                return Ok((c.clone(), h.clone()));
+    /// Health as this node saw it.
+    pub fn health(&self, id: &NodeId) -> Health {
+        lock(&self.health).get(id).copied().unwrap_or_default()
+    }
+
+    fn failed(&self, id: NodeId) {
+        let mut h = lock(&self.health);
+        if h.len() >= MAX_HEALTH && !h.contains_key(&id) {
+            h.retain(|_, v| v.failures > 0);
+            if h.len() >= MAX_HEALTH {
+                return;
             }
         }
-        if let Some((old, _)) = slot.take() {
-            old.close(crate::proto::CLOSE_NORMAL, b"replaced");
-        }
-        let peer = e.addr.id;
-        let conn = tokio::time::timeout(self.dial_timeout, self.endpoint.dial(e.addr.addr, peer))
-            .await
-            .map_err(|_| {
-                PeerError::Unreachable(format!(
-                    "no answer from {} within {:?}",
-                    e.addr.addr, self.dial_timeout
-                ))
-            })?
-            .map_err(|err| PeerError::Unreachable(err.to_string()))?;
-        let hello: VerifiedHello =
-            match hello_as_dialer(&conn, peer, &self.hello, self.party.pow_bits).await {
-                Ok(h) => h,
-                Err(err) => {
-                    if err.is_violation() {
-                        self.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
-                        close_for_violation(&conn, peer, &err);
-                    }
-                    return Err(err);
+        let e = h.entry(id).or_default();
+        e.failures = e.failures.saturating_add(1);
+        e.last_failure = Some(Instant::now());
+    }
+
+    fn succeeded(&self, id: &NodeId) {
+        lock(&self.health).remove(id);
+    }
+
+    /// Providers of `model` the DHT names, from the cache while fresh.
+    async fn discovered(&self, model: &str, refresh: bool) -> Vec<ProviderRecord> {
+        let Some(d) = &self.discovery else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        if !refresh {
+            if let Some(c) = lock(&self.cache).get(model) {
+                if c.until > now {
+                    return c.records.clone();
                 }
-            };
-        tracing::info!(%peer, addr = %e.addr.addr, models = ?hello.offer.models, "connected to peer");
-        *lock(&e.models) = hello.offer.models.clone();
-        let hello = Arc::new(hello);
-        self.metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
-        let watched = conn.clone();
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let why = watched.closed().await;
-            metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
-            tracing::info!(%peer, "peer connection closed: {why}");
+            }
+        }
+        let records = d.providers(model).await;
+        let soonest = records.iter().map(|r| r.expires_ms).min();
+        let life = soonest.map_or(PROVIDER_CACHE, |ms| {
+            Duration::from_millis(ms.saturating_sub(unix_ms())).min(PROVIDER_CACHE)
         });
-        *slot = Some((conn.clone(), hello.clone()));
-        Ok((conn, hello))
+        let mut cache = lock(&self.cache);
+        if cache.len() >= MAX_CACHED_MODELS {
+            cache.retain(|_, c| c.until > now);
+            if cache.len() >= MAX_CACHED_MODELS {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            model.to_owned(),
+            CachedProviders {
+                records: records.clone(),
+                until: now + life,
+            },
+        );
+        records
     }
 
-    fn providers(&self, model: &str) -> Vec<&Entry> {
-        self.entries
-            .iter()
-            .filter(|e| lock(&e.models).iter().any(|m| m == model))
-            .collect()
+    /// Every known provider of `model`, best first; `salt` orders
+    /// providers of equal score (a request's id spreads requests over
+    /// equally good seeders).
+    pub async fn candidates(&self, model: &str, refresh: bool, salt: u64) -> Vec<Candidate> {
+        let mut out: Vec<Candidate> = self
+            .conns
+            .known()
+            .into_iter()
+            .filter(|k| k.models.iter().any(|m| m == model))
+            .map(|k| Candidate {
+                addr: k.addr,
+                free_slots: None,
+                decode_tokens_per_s: None,
+            })
+            .collect();
+        let me = self.party.identity.id();
+        for r in self.discovered(model, refresh).await {
+            if r.publisher == me {
+                continue;
+            }
+            let Some(addr) = r.addrs.first() else {
+                continue;
+            };
+            let c = Candidate {
+                addr: PeerAddr {
+                    id: r.publisher,
+                    addr: *addr,
+                },
+                free_slots: Some(r.free_slots),
+                decode_tokens_per_s: Some(r.decode_tokens_per_s),
+            };
+            match out.iter_mut().find(|o| o.addr.id == r.publisher) {
+                Some(o) => {
+                    o.free_slots = c.free_slots;
+                    o.decode_tokens_per_s = c.decode_tokens_per_s;
+                }
+                None => out.push(c),
+            }
+        }
+        let now = Instant::now();
+        let mut scored: Vec<((u64, u64), Candidate)> = out
+            .into_iter()
+            .map(|c| {
+                let s = score(
+                    &c,
+                    &self.health(&c.addr.id),
+                    self.conns.rtt(&c.addr.id),
+                    now,
+                );
+                let mut id8 = [0u8; 8];
+                id8.copy_from_slice(c.addr.id.0.get(..8).unwrap_or(&[0; 8]));
+                let tie = (u64::from_le_bytes(id8) ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                ((s, tie), c)
+            })
+            .collect();
+        scored.sort_by_key(|(s, _)| *s);
+        scored.into_iter().map(|(_, c)| c).collect()
     }
 
-    /// Starts `req` on a peer serving its model and waits for the first
-    /// event, so that a refusal or an unreachable seeder is an error here,
-    /// before any response is committed.
+    /// Starts `req` on the best provider of its model and waits for the
+    /// first event, so that a refusal or an unreachable seeder is an error
+    /// here, before any response is committed; a provider that refuses or
+    /// fails is skipped for the next.
     pub async fn start(&self, req: InferenceRequest) -> Result<RemoteGeneration, RemoteError> {
-        let mut providers = self.providers(&req.model);
+        let salt = req.request_id;
+        let mut providers = self.candidates(&req.model, false, salt).await;
         if providers.is_empty() {
-            // Peers not reached yet may serve it: ask them first.
+            // Configured peers not reached yet may serve it, and the DHT
+            // may know of providers newer than the cache.
             let failures = self.connect_all().await;
-            providers = self.providers(&req.model);
+            providers = self.candidates(&req.model, true, salt).await;
             if providers.is_empty() && !failures.is_empty() {
                 let failures = failures
                     .iter()
@@ -316,25 +659,53 @@ impl Peers {
         if providers.is_empty() {
             return Err(RemoteError::NoProvider {
                 model: req.model.clone(),
-                available: self.models().into_iter().map(|(m, _)| m).collect(),
+                available: self.models().await.into_iter().map(|(m, _)| m).collect(),
             });
         }
         let mut last = None;
-        for e in providers {
-            let peer = e.addr.id;
+        for c in providers.into_iter().take(MAX_PROVIDER_ATTEMPTS) {
+            let peer = c.addr.id;
             for fresh in [false, true] {
-                let (conn, terms) = match self.connection(e, fresh).await {
+                let (conn, terms) = match self.conns.get(&c.addr, fresh).await {
                     Ok(c) => c,
                     Err(source) => {
+                        self.failed(peer);
                         last = Some(RemoteError::Failed { peer, source });
                         break;
                     }
                 };
+                if !terms.offer.models.contains(&req.model) {
+                    // Its record outlived its offer.
+                    break;
+                }
                 match RemoteGeneration::open(conn, terms, &req, &self.metrics, &self.party).await {
-                    Ok(g) => return Ok(g),
-                    Err(err @ RemoteError::Refused { .. }) => return Err(err),
+                    Ok(g) => {
+                        self.succeeded(&peer);
+                        return Ok(g);
+                    }
+                    Err(err @ RemoteError::Refused { code: 400, .. }) => return Err(err),
+                    Err(err @ RemoteError::Refused { .. }) => {
+                        tracing::info!(%peer, "seeder refused, trying the next: {err}");
+                        last = Some(err);
+                        break;
+                    }
+                    Err(
+                        err @ RemoteError::Failed {
+                            source: PeerError::Timeout(_),
+                            ..
+                        },
+                    ) => {
+                        tracing::info!(%peer, "seeder did not answer, trying the next: {err}");
+                        self.conns.discard(&peer);
+                        self.failed(peer);
+                        last = Some(err);
+                        break;
+                    }
                     Err(err) => {
                         tracing::info!(%peer, fresh, "request could not start: {err}");
+                        if fresh {
+                            self.failed(peer);
+                        }
                         last = Some(err);
                     }
                 }
@@ -364,6 +735,8 @@ pub struct RemoteGeneration {
     request_id: u64,
     next_seq: u32,
     first: Option<RemoteEvent>,
+    /// Some frame of the seeder's answer arrived.
+    answered: bool,
     ended: bool,
     metrics: Arc<Metrics>,
     /// Every token id received, in order.
@@ -417,6 +790,7 @@ impl RemoteGeneration {
             request_id: req.request_id,
             next_seq: 0,
             first: None,
+            answered: false,
             ended: false,
             metrics: metrics.clone(),
             digest: TokenDigest::default(),
@@ -506,15 +880,26 @@ impl RemoteGeneration {
                 }
             }
         } else {
-            match tokio::time::timeout(crate::proto::RECV_STALL_TIMEOUT, next).await {
+            let (limit, why) = if self.answered {
+                (crate::proto::RECV_STALL_TIMEOUT, "the seeder went silent")
+            } else {
+                (START_TIMEOUT, "the seeder did not answer the request")
+            };
+            match tokio::time::timeout(limit, next).await {
                 Ok(f) => f,
-                Err(_) => Err(PeerError::Timeout("the seeder went silent")),
+                Err(_) => Err(PeerError::Timeout(why)),
             }
         };
+        let first_frame = !self.answered;
+        self.answered = true;
         let frame = frame
             .and_then(|r| r.ok_or_else(|| PeerError::Protocol("stream ended before done".into())))
             .map_err(failed)?;
         match frame {
+            Reply::Accepted if first_frame => Ok(None),
+            Reply::Accepted => Err(failed(PeerError::Protocol(
+                "accepted in the middle of an answer".into(),
+            ))),
             Reply::Token(text) => {
                 if self.done.is_some() {
                     return Err(failed(PeerError::Protocol("a chunk after done".into())));
@@ -708,6 +1093,7 @@ impl Drop for RemoteGeneration {
 }
 
 enum Reply {
+    Accepted,
     Token(String),
     Done(String, Finish),
     Offer {
@@ -735,6 +1121,10 @@ fn reply_event(
         }
     };
     match msg {
+        ArchivedMessage::Accepted(a) => {
+            check_id(a.request_id.to_native())?;
+            Ok(Reply::Accepted)
+        }
         ArchivedMessage::Chunk(c) => {
             check_id(c.request_id.to_native())?;
             let got = c.seq.to_native();

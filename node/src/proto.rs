@@ -205,6 +205,9 @@ pub fn kind_of(msg: &ArchivedMessage) -> &'static str {
         ArchivedMessage::Cancel(_) => "cancel",
         ArchivedMessage::Receipt(_) => "receipt",
         ArchivedMessage::Countersign(_) => "countersign",
+        ArchivedMessage::Accepted(_) => "accepted",
+        ArchivedMessage::Dht(_) => "dht request",
+        ArchivedMessage::DhtReply(_) => "dht reply",
     }
 }
 

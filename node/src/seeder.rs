@@ -1,12 +1,16 @@
-//! The seeder side of remote inference: accept peers on the QUIC endpoint,
-//! exchange hellos, and serve each request stream from the local engine.
+//! The listening side of a node's QUIC endpoint: accept peers, exchange
+//! hellos, answer DHT requests, and (on a seeder) serve each request stream
+//! from the local engine.
 //!
-//! One task accepts connections (at most [`MAX_PEERS`] at once; more are
+//! Every node with an identity listens: the DHT needs every node to answer.
+//! A stream opening with `Dht` gets one `DhtReply`; one opening with
+//! `Request` is served when the node runs a model and refused (404) when it
+//! does not. One task accepts connections (at most [`MAX_PEERS`] at once; more are
 //! refused before their handshake). Each connection gets a task that performs
 //! the handshake and hello exchange, then spawns one task per request
 //! stream (QUIC bounds them per peer). A request stream carries exactly one
-//! `Request`; the seeder answers with `Chunk`s numbered from 0 and ends with
-//! `Done` or `Error`. A `Cancel`, a reset of the stream or a stop of the
+//! `Request`; the seeder answers `Accepted` once the request is admitted,
+//! then `Chunk`s numbered from 0, and ends with `Done` or `Error`. A `Cancel`, a reset of the stream or a stop of the
 //! reply drops the engine's `Generation`, which frees the slot at the next
 //! decode step. A protocol violation on any stream closes the whole
 //! connection with the reason; other peers are unaffected.
@@ -19,12 +23,13 @@ use std::time::Duration;
 use hypha_engine::{ChatMessage, Engine, Event, GenerateRequest, SamplingParams};
 use hypha_ledger::{Ledger, Receipt, ReceiptKey, SignedReceipt, TokenDigest, VerifiedReceipt};
 use hypha_wire::{
-    ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, NodeId,
-    ReceiptOffer, TokenChunk,
+    Accepted, ArchivedMessage, DhtReply, DhtRequest, Done, ErrorReply, FinishReason,
+    InferenceRequest, Message, NodeId, ReceiptOffer, TokenChunk,
 };
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument as _;
 
+use crate::discovery::{Capacity, Discovery};
 use crate::hello::{Offer, VerifiedHello};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -129,10 +134,8 @@ pub struct SeederState {
     pub identity: Arc<Identity>,
     /// What the hello offers: prices and the model's hash.
     pub offer: Offer,
-    pub hello: Message,
     pub metrics: Arc<Metrics>,
     pub ledger: Ledger,
-    pub max_peers: usize,
     /// Tokens between two cumulative receipts.
     pub receipt_interval: u32,
     /// Proof of work required of a peer's identity.
@@ -143,12 +146,57 @@ pub struct SeederState {
     pub unpaid: Unpaid,
     /// Requests running now, by (consumer, request id).
     pub running: std::sync::Mutex<HashSet<ReceiptKey>>,
+    /// Decode speed of served streams, tokens/s (0 until one is measured).
+    pub decode_tps: std::sync::atomic::AtomicU32,
+}
+
+/// Streams shorter than this say more about prefill than decoding.
+const MIN_MEASURED_TOKENS: u32 = 8;
+
+impl SeederState {
+    /// Folds one stream's decode speed into the running figure (an
+    /// exponential average weighting the newest stream by a quarter).
+    fn measured(&self, tokens: u32, decoding: Duration) {
+        if tokens < MIN_MEASURED_TOKENS || decoding.is_zero() {
+            return;
+        }
+        let tps = (f64::from(tokens - 1) / decoding.as_secs_f64()).min(f64::from(u32::MAX)) as u32;
+        let old = self.decode_tps.load(Ordering::Relaxed);
+        let new = if old == 0 { tps } else { (old * 3 + tps) / 4 };
+        self.decode_tps.store(new, Ordering::Relaxed);
+    }
+}
+
+impl Capacity for SeederState {
+    fn free_slots(&self) -> u32 {
+        let stats = self.engine.stats();
+        let busy = stats.slots_busy.load(Ordering::Relaxed) + stats.queued.load(Ordering::Relaxed);
+        (self.engine.info().parallel as usize).saturating_sub(busy) as u32
+    }
+
+    fn decode_tokens_per_s(&self) -> u32 {
+        self.decode_tps.load(Ordering::Relaxed)
+    }
+}
+
+/// What a node's QUIC listener serves.
+pub struct Listener {
+    pub hello: Message,
+    pub metrics: Arc<Metrics>,
+    /// Peers connected at once.
+    pub max_peers: usize,
+    /// Proof of work required of a peer's identity.
+    pub pow_bits: u32,
+    /// Inference, when this node runs a model for peers.
+    pub seeder: Option<Arc<SeederState>>,
+    /// The DHT this node answers for.
+    pub discovery: Option<Discovery>,
 }
 
 /// Accepts peers until `shutdown` turns true, then closes every connection.
 pub async fn run(
     endpoint: Arc<Endpoint>,
-    state: Arc<SeederState>,
+    state: Arc<Listener>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(state.max_peers));
@@ -197,7 +245,7 @@ pub async fn run(
 async fn serve_connection(
     conn: quinn::Connection,
     peer: NodeId,
-    state: Arc<SeederState>,
+    state: Arc<Listener>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let hello = match hello_as_acceptor(&conn, peer, &state.hello, state.pow_bits).await {
@@ -242,7 +290,7 @@ async fn serve_connection(
         let hello = hello.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = serve_stream(send, recv, &state, &hello).await {
+                if let Err(e) = serve_any(send, recv, &state, &hello, &conn).await {
                     if e.is_violation() {
                         state
                             .metrics
@@ -263,19 +311,88 @@ async fn serve_connection(
         .fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Serves one request stream.
-async fn serve_stream(
+/// What may open a stream.
+enum Opening {
+    Request(InferenceRequest),
+    Dht(DhtRequest),
+}
+
+fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
+    let bad = |e: hypha_wire::WireError| PeerError::Protocol(format!("bad request: {e}"));
+    match msg {
+        ArchivedMessage::Request(r) => hypha_wire::owned_request(r)
+            .map(Opening::Request)
+            .map_err(bad),
+        ArchivedMessage::Dht(d) => hypha_wire::owned_dht_request(d)
+            .map(Opening::Dht)
+            .map_err(bad),
+        other => Err(PeerError::Protocol(format!(
+            "a stream must start with a request, not a {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+/// Reads a stream's first frame and serves it.
+async fn serve_any(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
-    state: &SeederState,
-    consumer: &VerifiedHello,
+    state: &Listener,
+    peer: &VerifiedHello,
+    conn: &quinn::Connection,
 ) -> Result<(), PeerError> {
     let mut recv = FramedRecv::new(recv);
     let mut send = FramedSend::new(send);
-    let req = tokio::time::timeout(HELLO_TIMEOUT, recv.next(owned_request))
+    let first = tokio::time::timeout(HELLO_TIMEOUT, recv.next(opening))
         .await
-        .map_err(|_| PeerError::Protocol("request stream carried no request".into()))??
-        .ok_or_else(|| PeerError::Protocol("request stream ended before its request".into()))?;
+        .map_err(|_| PeerError::Protocol("stream carried no request".into()))??
+        .ok_or_else(|| PeerError::Protocol("stream ended before its request".into()))?;
+    match first {
+        Opening::Dht(req) => {
+            let reply = match &state.discovery {
+                Some(d) => {
+                    let req = hypha_dht::codec::request_from_wire(req)
+                        .map_err(|e| PeerError::Protocol(e.to_string()))?;
+                    let from = hypha_dht::Contact {
+                        id: peer.node_id,
+                        addr: conn.remote_address(),
+                    };
+                    match d.answer(from, req).await {
+                        Some(r) => hypha_dht::codec::reply_to_wire(&r),
+                        None => DhtReply::Refused,
+                    }
+                }
+                None => DhtReply::Refused,
+            };
+            send.send(&Message::DhtReply(reply)).await?;
+            send.finish();
+            Ok(())
+        }
+        Opening::Request(req) => match &state.seeder {
+            Some(seeder) => serve_request(send, recv, req, seeder, peer).await,
+            None => {
+                state.metrics.count_request("peer", 404);
+                send.send(&Message::Error(ErrorReply {
+                    request_id: req.request_id,
+                    code: 404,
+                    message: "this node serves no model".into(),
+                }))
+                .await?;
+                send.finish();
+                Ok(())
+            }
+        },
+    }
+}
+
+/// Serves one inference request.
+async fn serve_request(
+    mut send: FramedSend,
+    mut recv: FramedRecv,
+    req: InferenceRequest,
+    state: &SeederState,
+    consumer: &VerifiedHello,
+) -> Result<(), PeerError> {
     let request_id = req.request_id;
     let key = ReceiptKey {
         consumer: consumer.node_id,
@@ -334,6 +451,8 @@ async fn serve_stream(
             return Ok(());
         }
     };
+    send.send(&Message::Accepted(Accepted { request_id }))
+        .await?;
     let mut billing = Billing::new(state, consumer, request_id, generation.prompt_tokens);
     let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing).await;
     // The receipt is durable before the consumer sees the stream end.
@@ -578,6 +697,7 @@ async fn stream_generation(
         text: String::with_capacity(32),
     });
     let mut seq = 0u32;
+    let mut first_token: Option<std::time::Instant> = None;
     loop {
         let event = tokio::select! {
             biased;
@@ -604,6 +724,7 @@ async fn stream_generation(
                     c.text.push_str(&text);
                 }
                 seq = seq.wrapping_add(1);
+                first_token.get_or_insert_with(std::time::Instant::now);
                 billing.digest.push(id);
                 send.send(&chunk).await?;
                 if billing.digest.count().is_multiple_of(interval) {
@@ -630,6 +751,9 @@ async fn stream_generation(
                 }
             }
             Some(Event::Done { text, finish }) => {
+                if let Some(t) = first_token {
+                    billing.state.measured(billing.digest.count(), t.elapsed());
+                }
                 let done = Message::Done(Done {
                     request_id,
                     prompt_tokens: finish.prompt_tokens,
@@ -663,17 +787,6 @@ async fn stream_generation(
                 return Ok(Outcome::Done);
             }
         }
-    }
-}
-
-fn owned_request(msg: &ArchivedMessage) -> Result<InferenceRequest, PeerError> {
-    match msg {
-        ArchivedMessage::Request(r) => hypha_wire::owned_request(r)
-            .map_err(|e| PeerError::Protocol(format!("bad request: {e}"))),
-        other => Err(PeerError::Protocol(format!(
-            "a request stream must start with a request, not a {}",
-            kind_of(other)
-        ))),
     }
 }
 

@@ -224,6 +224,11 @@ async fn a_cancel_frame_stops_the_generation() {
     let mut send = FramedSend::new(send);
     send.send(&common::request(5, 400)).await.unwrap();
     let mut recv = FramedRecv::new(recv);
+    let accepted = recv
+        .next(|m| Ok(matches!(m, hypha_wire::ArchivedMessage::Accepted(_))))
+        .await
+        .unwrap();
+    assert_eq!(accepted, Some(true), "the seeder first accepts the request");
     for want in 0..3u32 {
         let seq = recv
             .next(|m| match m {

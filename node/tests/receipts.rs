@@ -17,6 +17,7 @@ use common::Net;
 /// What a raw client saw on one request stream.
 #[derive(Default, Debug)]
 struct Seen {
+    accepted: bool,
     chunks: u32,
     receipts: Vec<(u32, bool)>,
     error: Option<u16>,
@@ -48,6 +49,7 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
         while let Some(()) = recv
             .next(|m| {
                 match m {
+                    ArchivedMessage::Accepted(_) => seen.accepted = true,
                     ArchivedMessage::Chunk(_) => seen.chunks += 1,
                     ArchivedMessage::Receipt(r) => {
                         let receipt = Receipt::from_bytes(r.receipt.as_slice()).unwrap();
@@ -69,6 +71,7 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
         .await
         .expect("the seeder ends the stream");
     assert_eq!(seen.error, Some(402), "{seen:?}");
+    assert!(seen.accepted, "the seeder accepted the request first");
     assert!(!seen.done);
     assert_eq!(seen.receipts, vec![(8, false)], "{seen:?}");
     assert_eq!(

@@ -14,7 +14,9 @@
 //! Message flow on one bidirectional stream per request: the consumer sends
 //! `Request`; the seeder answers with `Chunk`s (sequence numbers from 0) and
 //! ends with `Done` or `Error`; the consumer may send `Cancel` at any time.
-//! `Hello` opens every connection, once in each direction.
+//! The seeder's first answer frame is `Accepted` (or `Error`).
+//! `Hello` opens every connection, once in each direction. A DHT request
+//! takes a stream of its own: one `Dht` frame out, one `DhtReply` back.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -64,5 +66,16 @@ impl WireError {
 /// stream, so copying it is off the per-token path).
 pub fn owned_request(r: &ArchivedInferenceRequest) -> Result<InferenceRequest, WireError> {
     rkyv::deserialize::<InferenceRequest, rkyv::rancor::Error>(r)
+        .map_err(|e| WireError::Invalid(e.to_string()))
+}
+
+/// Owned copies of checked archived DHT messages (small, read once each).
+pub fn owned_dht_request(r: &ArchivedDhtRequest) -> Result<DhtRequest, WireError> {
+    rkyv::deserialize::<DhtRequest, rkyv::rancor::Error>(r)
+        .map_err(|e| WireError::Invalid(e.to_string()))
+}
+
+pub fn owned_dht_reply(r: &ArchivedDhtReply) -> Result<DhtReply, WireError> {
+    rkyv::deserialize::<DhtReply, rkyv::rancor::Error>(r)
         .map_err(|e| WireError::Invalid(e.to_string()))
 }

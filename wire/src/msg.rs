@@ -15,6 +15,15 @@ pub enum Message {
     Cancel(Cancel),
     Receipt(ReceiptOffer),
     Countersign(Countersign),
+    /// The seeder admitted a request: the first frame of its answer, sent
+    /// before any token, so a consumer can tell a live seeder from a dead
+    /// connection without waiting for the first token.
+    Accepted(Accepted),
+    /// A DHT request: the first and only frame a requester sends on its
+    /// stream.
+    Dht(DhtRequest),
+    /// The answer to a [`DhtRequest`], the only frame sent back.
+    DhtReply(DhtReply),
 }
 
 /// Opens a connection: who the sender is and what it can do. The signature
@@ -165,4 +174,72 @@ pub struct ReceiptOffer {
 pub struct Countersign {
     pub request_id: u64,
     pub consumer_sig: [u8; 64],
+}
+
+/// See [`Message::Accepted`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Accepted {
+    pub request_id: u64,
+}
+
+/// A node and the UDP address it is reached at (`ip:port` text).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct WireContact {
+    pub id: [u8; 32],
+    pub addr: String,
+}
+
+/// A provider record as the DHT carries it; the DHT crate checks its
+/// signature and bounds before it is stored or used.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct WireRecord {
+    pub publisher: [u8; 32],
+    pub public_key: [u8; 32],
+    pub addrs: Vec<String>,
+    pub model: String,
+    pub model_sha256: [u8; 32],
+    pub context_length: u32,
+    pub backend: String,
+    pub decode_tokens_per_s: u32,
+    pub free_slots: u32,
+    pub price_prompt_micro: u64,
+    pub price_completion_micro: u64,
+    pub expires_ms: u64,
+    pub signature: [u8; 64],
+}
+
+/// Kademlia requests.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub enum DhtRequest {
+    Ping,
+    FindNode {
+        target: [u8; 32],
+    },
+    GetProviders {
+        key: [u8; 32],
+    },
+    AddProvider {
+        key: [u8; 32],
+        record: Box<WireRecord>,
+    },
+}
+
+/// Kademlia answers.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub enum DhtReply {
+    Pong,
+    Nodes {
+        closer: Vec<WireContact>,
+    },
+    Providers {
+        records: Vec<WireRecord>,
+        closer: Vec<WireContact>,
+    },
+    Stored,
+    Refused,
 }

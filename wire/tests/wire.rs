@@ -67,7 +67,39 @@ fn samples() -> Vec<Message> {
             request_id: 4,
             consumer_sig: [3; 64],
         }),
+        Message::Accepted(Accepted { request_id: 5 }),
+        Message::Dht(DhtRequest::FindNode { target: [6; 32] }),
+        Message::Dht(DhtRequest::AddProvider {
+            key: [1; 32],
+            record: Box::new(sample_record()),
+        }),
+        Message::DhtReply(DhtReply::Providers {
+            records: vec![sample_record()],
+            closer: vec![WireContact {
+                id: [8; 32],
+                addr: "127.0.0.1:4000".into(),
+            }],
+        }),
+        Message::DhtReply(DhtReply::Refused),
     ]
+}
+
+fn sample_record() -> WireRecord {
+    WireRecord {
+        publisher: [1; 32],
+        public_key: [2; 32],
+        addrs: vec!["[::1]:5000".into()],
+        model: "SmolLM2".into(),
+        model_sha256: [3; 32],
+        context_length: 8192,
+        backend: "CPU".into(),
+        decode_tokens_per_s: 98,
+        free_slots: 4,
+        price_prompt_micro: 1,
+        price_completion_micro: 4,
+        expires_ms: 1_800_000_000_000,
+        signature: [4; 64],
+    }
 }
 
 #[test]

@@ -1,0 +1,153 @@
+//! Conversion between the DHT's messages and their wire form, checked on
+//! the way in: a peer's message that names too many contacts or records,
+//! or an address that does not parse, is refused whole.
+
+use std::net::SocketAddr;
+
+use hypha_wire::{DhtReply, DhtRequest, NodeId, WireContact, WireRecord};
+
+use crate::record::{ProviderRecord, MAX_PROVIDERS_PER_KEY, MAX_RECORD_ADDRS};
+use crate::{Contact, DhtError, Request, Response, K};
+
+/// Longest address text accepted (`[v6%scope]:port` fits well within).
+const MAX_ADDR_BYTES: usize = 64;
+
+fn addr_from_wire(s: &str) -> Result<SocketAddr, DhtError> {
+    if s.len() > MAX_ADDR_BYTES {
+        return Err(DhtError::BadMessage("address too long"));
+    }
+    s.parse()
+        .map_err(|_| DhtError::BadMessage("address does not parse"))
+}
+
+pub fn contact_to_wire(c: &Contact) -> WireContact {
+    WireContact {
+        id: c.id.0,
+        addr: c.addr.to_string(),
+    }
+}
+
+pub fn contact_from_wire(c: &WireContact) -> Result<Contact, DhtError> {
+    Ok(Contact {
+        id: NodeId(c.id),
+        addr: addr_from_wire(&c.addr)?,
+    })
+}
+
+pub fn record_to_wire(r: &ProviderRecord) -> WireRecord {
+    WireRecord {
+        publisher: r.publisher.0,
+        public_key: r.public_key,
+        addrs: r.addrs.iter().map(ToString::to_string).collect(),
+        model: r.model.clone(),
+        model_sha256: r.model_sha256,
+        context_length: r.context_length,
+        backend: r.backend.clone(),
+        decode_tokens_per_s: r.decode_tokens_per_s,
+        free_slots: r.free_slots,
+        price_prompt_micro: r.price_prompt_micro,
+        price_completion_micro: r.price_completion_micro,
+        expires_ms: r.expires_ms,
+        signature: r.signature,
+    }
+}
+
+/// The record in the DHT's form; its signature is checked later, by
+/// [`ProviderRecord::verify`], before it is stored or used.
+pub fn record_from_wire(r: WireRecord) -> Result<ProviderRecord, DhtError> {
+    if r.addrs.len() > MAX_RECORD_ADDRS {
+        return Err(DhtError::BadRecord("record fields over their limits"));
+    }
+    let addrs = r
+        .addrs
+        .iter()
+        .map(|a| addr_from_wire(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ProviderRecord {
+        publisher: NodeId(r.publisher),
+        public_key: r.public_key,
+        addrs,
+        model: r.model,
+        model_sha256: r.model_sha256,
+        context_length: r.context_length,
+        backend: r.backend,
+        decode_tokens_per_s: r.decode_tokens_per_s,
+        free_slots: r.free_slots,
+        price_prompt_micro: r.price_prompt_micro,
+        price_completion_micro: r.price_completion_micro,
+        expires_ms: r.expires_ms,
+        signature: r.signature,
+    })
+}
+
+pub fn request_to_wire(r: &Request) -> DhtRequest {
+    match r {
+        Request::Ping => DhtRequest::Ping,
+        Request::FindNode { target } => DhtRequest::FindNode { target: target.0 },
+        Request::GetProviders { key } => DhtRequest::GetProviders { key: key.0 },
+        Request::AddProvider { key, record } => DhtRequest::AddProvider {
+            key: key.0,
+            record: Box::new(record_to_wire(record)),
+        },
+    }
+}
+
+pub fn request_from_wire(r: DhtRequest) -> Result<Request, DhtError> {
+    Ok(match r {
+        DhtRequest::Ping => Request::Ping,
+        DhtRequest::FindNode { target } => Request::FindNode {
+            target: NodeId(target),
+        },
+        DhtRequest::GetProviders { key } => Request::GetProviders { key: NodeId(key) },
+        DhtRequest::AddProvider { key, record } => Request::AddProvider {
+            key: NodeId(key),
+            record: Box::new(record_from_wire(*record)?),
+        },
+    })
+}
+
+pub fn reply_to_wire(r: &Response) -> DhtReply {
+    let contacts = |v: &[Contact]| v.iter().map(contact_to_wire).collect();
+    match r {
+        Response::Pong => DhtReply::Pong,
+        Response::Nodes { closer } => DhtReply::Nodes {
+            closer: contacts(closer),
+        },
+        Response::Providers { records, closer } => DhtReply::Providers {
+            records: records.iter().map(record_to_wire).collect(),
+            closer: contacts(closer),
+        },
+        Response::Stored => DhtReply::Stored,
+        Response::Refused => DhtReply::Refused,
+    }
+}
+
+fn contacts_from_wire(v: &[WireContact]) -> Result<Vec<Contact>, DhtError> {
+    if v.len() > K {
+        return Err(DhtError::BadMessage("more contacts than a bucket holds"));
+    }
+    v.iter().map(contact_from_wire).collect()
+}
+
+pub fn reply_from_wire(r: DhtReply) -> Result<Response, DhtError> {
+    Ok(match r {
+        DhtReply::Pong => Response::Pong,
+        DhtReply::Nodes { closer } => Response::Nodes {
+            closer: contacts_from_wire(&closer)?,
+        },
+        DhtReply::Providers { records, closer } => {
+            if records.len() > MAX_PROVIDERS_PER_KEY {
+                return Err(DhtError::BadMessage("more records than a key holds"));
+            }
+            Response::Providers {
+                records: records
+                    .into_iter()
+                    .map(record_from_wire)
+                    .collect::<Result<_, _>>()?,
+                closer: contacts_from_wire(&closer)?,
+            }
+        }
+        DhtReply::Stored => Response::Stored,
+        DhtReply::Refused => Response::Refused,
+    })
+}

@@ -1,0 +1,423 @@
+//! The node's side of the DHT: one task owns the sans-IO
+//! [`hypha_dht::Dht`] and drives it over the node's QUIC connections.
+//!
+//! The task takes commands from a bounded channel: peers' requests (which
+//! it answers at once), replies to its own requests, and the node's
+//! lookups and publications. Each request the machine wants sent becomes a
+//! short task that opens a stream on a cached connection (dialing if
+//! needed), sends one `Dht` frame and reads one `DhtReply`, within
+//! [`RPC_TIMEOUT`]. Time is the Unix clock in milliseconds, the same clock
+//! provider records expire by.
+//!
+//! A seeder publishes a signed provider record for each name of its model
+//! under the name's key, and republishes it at half its lifetime (sooner
+//! while no node has stored it yet).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypha_dht::codec::{reply_from_wire, request_to_wire};
+use hypha_dht::{Contact, Dht, Event, ProviderRecord, QueryId, QueryResult, Request, Response};
+use hypha_wire::{ArchivedMessage, Message, NodeId};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::peers::{Connections, PeerAddr};
+use crate::proto::{FramedRecv, FramedSend, PeerError};
+
+/// Commands waiting for the DHT task: peers' requests and replies arrive
+/// here, so the bound caps the work a burst of peers can queue.
+pub const COMMAND_QUEUE: usize = 1024;
+/// One DHT request, dial included; the machine's own request timeout is
+/// the same, so a reply later than this is ignored there too.
+pub const RPC_TIMEOUT: Duration = Duration::from_millis(hypha_dht::REQUEST_TIMEOUT_MS);
+/// How long a peer's request may wait for the DHT task's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A lookup that has not finished by then is reported as what it found.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a node whose routing table is empty asks its bootstrap nodes
+/// again (they may have started after it).
+pub const BOOTSTRAP_RETRY: Duration = Duration::from_secs(3);
+/// Lifetime of the provider records a seeder publishes.
+pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(10 * 60);
+/// First retry of a publication no node stored; doubles up to half the
+/// record's lifetime.
+const PUBLISH_RETRY: Duration = Duration::from_secs(2);
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A snapshot of the DHT for `/v1/network`.
+#[derive(Debug, Clone)]
+pub struct NetworkView {
+    pub local: Contact,
+    /// (bucket, contact, last seen in Unix ms).
+    pub contacts: Vec<(usize, Contact, u64)>,
+    /// Records this node stores for others (and its own).
+    pub records: Vec<ProviderRecord>,
+}
+
+/// The outcome of a node lookup.
+#[derive(Debug, Clone)]
+pub struct NodeLookup {
+    pub closest: Vec<Contact>,
+    pub hops: u32,
+    pub requests: u32,
+}
+
+enum Cmd {
+    Incoming {
+        from: Contact,
+        request: Request,
+        reply: oneshot::Sender<Response>,
+    },
+    Reply {
+        id: hypha_dht::RequestId,
+        response: Option<Response>,
+    },
+    Providers {
+        key: NodeId,
+        reply: oneshot::Sender<Vec<ProviderRecord>>,
+    },
+    FindNode {
+        target: NodeId,
+        reply: oneshot::Sender<NodeLookup>,
+    },
+    Publish {
+        record: Box<ProviderRecord>,
+        reply: oneshot::Sender<u32>,
+    },
+    View {
+        reply: oneshot::Sender<NetworkView>,
+    },
+}
+
+enum Waiter {
+    Providers(oneshot::Sender<Vec<ProviderRecord>>),
+    Nodes(oneshot::Sender<NodeLookup>),
+    Stored(oneshot::Sender<u32>),
+}
+
+/// A handle on the node's DHT task; cheap to clone.
+#[derive(Clone)]
+pub struct Discovery {
+    tx: mpsc::Sender<Cmd>,
+    local: Contact,
+}
+
+impl Discovery {
+    /// Starts the DHT task for `local`, bootstrapping from `bootstrap`.
+    pub fn start(
+        local: Contact,
+        conns: Arc<Connections>,
+        bootstrap: Vec<PeerAddr>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let mut seed = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+        let cfg = hypha_dht::Config {
+            seed: u64::from_le_bytes(seed),
+            ..hypha_dht::Config::default()
+        };
+        let dht = Dht::new(local, cfg, unix_ms());
+        let bootstrap = bootstrap
+            .into_iter()
+            .map(|p| Contact {
+                id: p.id,
+                addr: p.addr,
+            })
+            .collect();
+        tokio::spawn(run(dht, rx, tx.clone(), conns, bootstrap, shutdown));
+        Self { tx, local }
+    }
+
+    pub fn local(&self) -> Contact {
+        self.local
+    }
+
+    /// Answers a peer's request; `None` when the DHT task is overloaded
+    /// or gone.
+    pub async fn answer(&self, from: Contact, request: Request) -> Option<Response> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Cmd::Incoming {
+                from,
+                request,
+                reply,
+            })
+            .ok()?;
+        tokio::time::timeout(ANSWER_TIMEOUT, rx).await.ok()?.ok()
+    }
+
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(cmd(reply)).await.ok()?;
+        tokio::time::timeout(LOOKUP_TIMEOUT, rx).await.ok()?.ok()
+    }
+
+    /// Looks up the verified, unexpired providers of `model`.
+    pub async fn providers(&self, model: &str) -> Vec<ProviderRecord> {
+        let key = hypha_dht::model_key(model);
+        self.ask(|reply| Cmd::Providers { key, reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Finds the nodes closest to `target`.
+    pub async fn find_node(&self, target: NodeId) -> Option<NodeLookup> {
+        self.ask(|reply| Cmd::FindNode { target, reply }).await
+    }
+
+    /// Stores `record` at the nodes closest to its model's key; how many
+    /// took it.
+    pub async fn publish(&self, record: ProviderRecord) -> u32 {
+        self.ask(|reply| Cmd::Publish {
+            record: Box::new(record),
+            reply,
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// The routing table and the records held here.
+    pub async fn view(&self) -> Option<NetworkView> {
+        self.ask(|reply| Cmd::View { reply }).await
+    }
+}
+
+async fn run(
+    mut dht: Dht,
+    mut rx: mpsc::Receiver<Cmd>,
+    tx: mpsc::Sender<Cmd>,
+    conns: Arc<Connections>,
+    bootstrap: Vec<Contact>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut waiters: HashMap<QueryId, Waiter> = HashMap::new();
+    let mut next_bootstrap = unix_ms();
+    loop {
+        let now = unix_ms();
+        if !bootstrap.is_empty() && dht.table().is_empty() && now >= next_bootstrap {
+            next_bootstrap = now.saturating_add(BOOTSTRAP_RETRY.as_millis() as u64);
+            if let Err(e) = dht.bootstrap(&bootstrap, now) {
+                tracing::debug!("bootstrap not started: {e}");
+            }
+        }
+        let mut wake = dht.poll_timeout().unwrap_or(u64::MAX);
+        if !bootstrap.is_empty() && dht.table().is_empty() {
+            wake = wake.min(next_bootstrap);
+        }
+        let sleep = Duration::from_millis(wake.saturating_sub(now).min(60_000));
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => break,
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                handle(&mut dht, cmd, &mut waiters);
+            }
+            () = tokio::time::sleep(sleep) => dht.handle_timeout(unix_ms()),
+        }
+        while let Some(t) = dht.poll_transmit() {
+            let conns = conns.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let peer = PeerAddr {
+                    id: t.to.id,
+                    addr: t.to.addr,
+                };
+                let response =
+                    match tokio::time::timeout(RPC_TIMEOUT, rpc(&conns, &peer, &t.request)).await {
+                        Ok(Ok(r)) => Some(r),
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, "DHT request failed: {e}");
+                            None
+                        }
+                        Err(_) => {
+                            // A connection that stays silent this long is
+                            // dead or stalled: the next request dials afresh.
+                            conns.discard(&peer.id);
+                            None
+                        }
+                    };
+                let _ = tx.send(Cmd::Reply { id: t.id, response }).await;
+            });
+        }
+        while let Some(Event::QueryDone { id, result }) = dht.poll_event() {
+            let Some(w) = waiters.remove(&id) else {
+                continue;
+            };
+            match (w, result) {
+                (Waiter::Providers(tx), QueryResult::GetProviders { records, .. }) => {
+                    let _ = tx.send(records);
+                }
+                (
+                    Waiter::Nodes(tx),
+                    QueryResult::FindNode {
+                        closest,
+                        hops,
+                        requests,
+                        ..
+                    },
+                ) => {
+                    let _ = tx.send(NodeLookup {
+                        closest,
+                        hops,
+                        requests,
+                    });
+                }
+                (Waiter::Stored(tx), QueryResult::AddProvider { stored, .. }) => {
+                    let _ = tx.send(stored);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn handle(dht: &mut Dht, cmd: Cmd, waiters: &mut HashMap<QueryId, Waiter>) {
+    let now = unix_ms();
+    match cmd {
+        Cmd::Incoming {
+            from,
+            request,
+            reply,
+        } => {
+            let _ = reply.send(dht.handle_request(now, from, request));
+        }
+        Cmd::Reply { id, response } => match response {
+            Some(r) => dht.handle_response(now, id, r),
+            None => dht.handle_failure(now, id),
+        },
+        Cmd::Providers { key, reply } => match dht.get_providers(key, now) {
+            Ok(q) => {
+                waiters.insert(q, Waiter::Providers(reply));
+            }
+            Err(e) => tracing::debug!("provider lookup not started: {e}"),
+        },
+        Cmd::FindNode { target, reply } => match dht.find_node(target, now) {
+            Ok(q) => {
+                waiters.insert(q, Waiter::Nodes(reply));
+            }
+            Err(e) => tracing::debug!("node lookup not started: {e}"),
+        },
+        Cmd::Publish { record, reply } => {
+            let key = hypha_dht::model_key(&record.model);
+            match dht.add_provider(key, *record, now) {
+                Ok(q) => {
+                    waiters.insert(q, Waiter::Stored(reply));
+                }
+                Err(e) => tracing::warn!("cannot publish provider record: {e}"),
+            }
+        }
+        Cmd::View { reply } => {
+            let _ = reply.send(NetworkView {
+                local: dht.local(),
+                contacts: dht.table().contacts(),
+                records: dht.store().all(now),
+            });
+        }
+    }
+}
+
+/// Sends one DHT request to `peer` and reads its reply.
+async fn rpc(
+    conns: &Connections,
+    peer: &PeerAddr,
+    request: &Request,
+) -> Result<Response, PeerError> {
+    let (conn, _) = conns.get(peer, false).await?;
+    let (send, recv) = conn.open_bi().await?;
+    let mut send = FramedSend::new(send);
+    send.send(&Message::Dht(request_to_wire(request))).await?;
+    send.finish();
+    let mut recv = FramedRecv::new(recv);
+    let reply = recv
+        .next(|m| match m {
+            ArchivedMessage::DhtReply(r) => {
+                hypha_wire::owned_dht_reply(r).map_err(|e| PeerError::Protocol(e.to_string()))
+            }
+            other => Err(PeerError::Protocol(format!(
+                "{} in answer to a DHT request",
+                crate::proto::kind_of(other)
+            ))),
+        })
+        .await?
+        .ok_or_else(|| PeerError::Protocol("DHT stream ended without a reply".into()))?;
+    reply_from_wire(reply).map_err(|e| PeerError::Protocol(e.to_string()))
+}
+
+/// What a seeder announces about itself.
+#[derive(Clone)]
+pub struct Announcement {
+    pub names: Vec<String>,
+    pub addrs: Vec<SocketAddr>,
+    pub model_sha256: [u8; 32],
+    pub context_length: u32,
+    pub backend: String,
+    pub price_prompt_micro: u64,
+    pub price_completion_micro: u64,
+    pub ttl: Duration,
+}
+
+/// Live figures a record carries: free slots and measured decode speed.
+pub trait Capacity: Send + Sync {
+    fn free_slots(&self) -> u32;
+    fn decode_tokens_per_s(&self) -> u32;
+}
+
+/// Publishes the seeder's records until `shutdown`, republishing at half
+/// their lifetime.
+pub async fn publish_loop(
+    discovery: Discovery,
+    identity: Arc<crate::identity::Identity>,
+    what: Announcement,
+    capacity: Arc<dyn Capacity>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let half_life = what.ttl / 2;
+    let mut retry = PUBLISH_RETRY;
+    loop {
+        let mut stored_everywhere = true;
+        for name in &what.names {
+            let record = ProviderRecord {
+                publisher: identity.id(),
+                public_key: identity.public_key(),
+                addrs: what.addrs.clone(),
+                model: name.clone(),
+                model_sha256: what.model_sha256,
+                context_length: what.context_length,
+                backend: what.backend.clone(),
+                decode_tokens_per_s: capacity.decode_tokens_per_s(),
+                free_slots: capacity.free_slots(),
+                price_prompt_micro: what.price_prompt_micro,
+                price_completion_micro: what.price_completion_micro,
+                expires_ms: unix_ms().saturating_add(what.ttl.as_millis() as u64),
+                signature: [0; 64],
+            }
+            .sign(identity.signing_key());
+            let stored = discovery.publish(record).await;
+            tracing::debug!(model = %name, stored, "provider record published");
+            if stored == 0 {
+                stored_everywhere = false;
+            }
+        }
+        let wait = if stored_everywhere {
+            retry = PUBLISH_RETRY;
+            half_life
+        } else {
+            let w = retry.min(half_life);
+            retry = (retry * 2).min(half_life);
+            w
+        };
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}

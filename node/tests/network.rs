@@ -1,0 +1,392 @@
+//! A real network on loopback: twenty nodes with real QUIC sockets join
+//! one DHT through a bootstrap node; three of them run the test model (one
+//! in a separate `hypha` process). Every consumer finds every seeder
+//! through the DHT and gets completions; after the separate seeder is
+//! SIGKILLed, requests go to the other two (a consumer whose best choice
+//! was the dead one fails over before the first token) and no consumer
+//! tries the dead one twice. Provider records a peer sends over the wire are checked: forged
+//! and expired ones are refused.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hypha_node::peers::PeerAddr;
+use hypha_node::{Node, NodeConfig};
+use hypha_wire::NodeId;
+use serde_json::{json, Value};
+
+mod common;
+use common::{seeder_config, test_model, TEST_POW_BITS};
+
+const HYPHA: &str = env!("CARGO_BIN_EXE_hypha");
+const CONSUMERS: usize = 16;
+
+/// A node without a model on a loopback QUIC port, joining through
+/// `bootstrap`.
+async fn plain_node(dir: &std::path::Path, bootstrap: Vec<PeerAddr>) -> Node {
+    let mut cfg = NodeConfig::new(None);
+    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = bootstrap;
+    cfg.data_dir = Some(dir.to_owned());
+    cfg.pow_bits = TEST_POW_BITS;
+    cfg.dial_timeout = Duration::from_secs(2);
+    Node::start(cfg).await.expect("node starts")
+}
+
+/// A `hypha up` process, killed on drop.
+struct Proc(std::process::Child, std::sync::mpsc::Receiver<String>);
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(HYPHA)
+            .args(args)
+            .env("HYPHA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        Self(child, rx)
+    }
+
+    fn wait_for(&self, marker: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .1
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {marker:?}"));
+            if let Some((_, rest)) = line.split_once(marker) {
+                return rest.trim().to_owned();
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One short greedy completion through `node`'s API: the seeder that
+/// served it.
+async fn complete(c: &reqwest::Client, node: &Node, model: &str) -> NodeId {
+    let resp = c
+        .post(format!("http://{}/v1/chat/completions", node.http_addr()))
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 4, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let peer = resp
+        .headers()
+        .get(hypha_node::http::PEER_HEADER)
+        .map(|h| h.to_str().unwrap().to_owned());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "completion failed: {body}");
+    assert!(!body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+    peer.expect("a remote completion names its seeder")
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_nodes_find_three_seeders_and_route_around_a_dead_one() {
+    let started = Instant::now();
+    let dirs: Vec<tempfile::TempDir> = (0..20).map(|_| tempfile::tempdir().unwrap()).collect();
+    let boot = plain_node(dirs[0].path(), Vec::new()).await;
+    let boot_addr = boot.peer_addr().unwrap();
+
+    // Two seeders in this process, one in its own.
+    let mut seeders = Vec::new();
+    for d in &dirs[1..3] {
+        let mut cfg = seeder_config(2, 64, d.path(), "127.0.0.1:0".parse().unwrap());
+        cfg.bootstrap = vec![boot_addr.clone()];
+        seeders.push(Node::start(cfg).await.expect("seeder starts"));
+    }
+    let model = test_model();
+    let boot_arg = boot_addr.to_string();
+    let pow = TEST_POW_BITS.to_string();
+    let mut separate = Some(Proc::spawn(&[
+        "up",
+        "--model",
+        model.to_str().unwrap(),
+        "--quic",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--parallel",
+        "2",
+        "--ctx-size",
+        "512",
+        "--pow-bits",
+        &pow,
+        "--bootstrap",
+        &boot_arg,
+        "--data-dir",
+        dirs[3].path().to_str().unwrap(),
+    ]));
+    let name = model.file_stem().unwrap().to_str().unwrap().to_owned();
+    let doomed: PeerAddr = separate
+        .as_ref()
+        .unwrap()
+        .wait_for("peers reach this node as")
+        .parse()
+        .unwrap();
+    let mut seeder_ids: HashSet<NodeId> = seeders.iter().map(|s| s.id().unwrap()).collect();
+    seeder_ids.insert(doomed.id);
+
+    let mut consumers = Vec::new();
+    for d in &dirs[4..4 + CONSUMERS] {
+        consumers.push(plain_node(d.path(), vec![boot_addr.clone()]).await);
+    }
+    assert_eq!(1 + seeders.len() + 1 + consumers.len(), 20);
+
+    // Every consumer finds all three seeders through the DHT.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, c) in consumers.iter().enumerate() {
+        loop {
+            let found: HashSet<NodeId> = c
+                .peers()
+                .unwrap()
+                .candidates(&name, true, 0)
+                .await
+                .into_iter()
+                .map(|c| c.addr.id)
+                .collect();
+            if found == seeder_ids {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consumer {i} found {} of the 3 seeders",
+                found.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!(
+        "all {CONSUMERS} consumers found the 3 seeders {:.1} s after the first node started",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The API lists the model with its provider count.
+    let c = common::client();
+    let models: Value = c
+        .get(format!("http://{}/v1/models", consumers[0].http_addr()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let card = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == name.as_str())
+        .unwrap_or_else(|| panic!("no {name} in {models}"));
+    assert_eq!(card["provider_count"], 3, "{card}");
+    let network: Value = c
+        .get(format!("http://{}/v1/network", consumers[0].http_addr()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        network["routing_table"].as_array().unwrap().len() >= 3,
+        "{network}"
+    );
+
+    // Every consumer gets completions, spread over the seeders.
+    let mut by_seeder: HashMap<NodeId, usize> = HashMap::new();
+    for _ in 0..2 {
+        let served =
+            futures_util::future::join_all(consumers.iter().map(|n| complete(&c, n, &name))).await;
+        for s in &served {
+            assert!(seeder_ids.contains(s), "served by a node that is no seeder");
+            *by_seeder.entry(*s).or_default() += 1;
+        }
+    }
+    println!(
+        "before the kill: {} requests by the separate seeder, {:?} by the others",
+        by_seeder.get(&doomed.id).copied().unwrap_or(0),
+        seeders
+            .iter()
+            .map(|s| by_seeder.get(&s.id().unwrap()).copied().unwrap_or(0))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        by_seeder.contains_key(&doomed.id),
+        "the separate seeder was never chosen"
+    );
+
+    // Kill the separate seeder without letting it close anything.
+    drop(separate.take());
+    let after_kill = Instant::now();
+    let served =
+        futures_util::future::join_all(consumers.iter().map(|n| complete(&c, n, &name))).await;
+    assert!(
+        served.iter().all(|s| *s != doomed.id),
+        "a dead seeder served a request"
+    );
+    let tried_dead: Vec<u32> = consumers
+        .iter()
+        .map(|n| n.peers().unwrap().health(&doomed.id).failures)
+        .collect();
+    println!(
+        "after the kill: {CONSUMERS} completions in {:.1} s, {} consumers tried the dead seeder first",
+        after_kill.elapsed().as_secs_f64(),
+        tried_dead.iter().filter(|f| **f > 0).count()
+    );
+
+    // A consumer that failed over from the dead seeder does not try it
+    // again; one that had not met it yet tries it at most once.
+    let again = Instant::now();
+    let served =
+        futures_util::future::join_all(consumers.iter().map(|n| complete(&c, n, &name))).await;
+    assert!(served.iter().all(|s| *s != doomed.id));
+    let tried_again: Vec<u32> = consumers
+        .iter()
+        .map(|n| n.peers().unwrap().health(&doomed.id).failures)
+        .collect();
+    for (before, after) in tried_dead.iter().zip(&tried_again) {
+        assert!(*after <= 1, "the dead seeder was tried {after} times");
+        if *before > 0 {
+            assert_eq!(before, after, "the dead seeder was tried again");
+        }
+    }
+    println!(
+        "next round: {CONSUMERS} completions in {:.1} s, {} consumers met the dead seeder for the first time",
+        again.elapsed().as_secs_f64(),
+        tried_again.iter().zip(&tried_dead).filter(|(a, b)| a > b).count()
+    );
+
+    for n in consumers.into_iter().chain(seeders).chain([boot]) {
+        n.stop().await.unwrap();
+    }
+}
+
+/// Sends one DHT request over `conn` and reads the reply.
+async fn dht_call(conn: &quinn::Connection, req: hypha_wire::DhtRequest) -> hypha_wire::DhtReply {
+    use hypha_node::proto::{FramedRecv, FramedSend};
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&hypha_wire::Message::Dht(req)).await.unwrap();
+    send.finish();
+    let mut recv = FramedRecv::new(recv);
+    recv.next(|m| match m {
+        hypha_wire::ArchivedMessage::DhtReply(r) => Ok(hypha_wire::owned_dht_reply(r).unwrap()),
+        other => panic!("not a DHT reply: {other:?}"),
+    })
+    .await
+    .unwrap()
+    .expect("a reply")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_expired_provider_records_are_refused_over_the_wire() {
+    use hypha_dht::codec::{record_to_wire, reply_from_wire};
+    use hypha_dht::{model_key, ProviderRecord, Response};
+    use hypha_wire::{DhtReply, DhtRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = plain_node(dir.path(), Vec::new()).await;
+    let to = node.peer_addr().unwrap();
+    let ident = common::peer_identity(40);
+    let ep = hypha_node::transport::Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.dial(to.addr, to.id).await.unwrap();
+    let hello = hypha_node::proto::hello_message(&ident, Default::default());
+    hypha_node::proto::hello_as_dialer(&conn, to.id, &hello, TEST_POW_BITS)
+        .await
+        .unwrap();
+
+    let now = hypha_node::discovery::unix_ms();
+    let record = |expires_ms: u64| {
+        ProviderRecord {
+            publisher: ident.id(),
+            public_key: ident.public_key(),
+            addrs: vec!["127.0.0.1:9".parse().unwrap()],
+            model: "m".into(),
+            model_sha256: [1; 32],
+            context_length: 512,
+            backend: "CPU".into(),
+            decode_tokens_per_s: 60,
+            free_slots: 2,
+            price_prompt_micro: 1,
+            price_completion_micro: 4,
+            expires_ms,
+            signature: [0; 64],
+        }
+        .sign(ident.signing_key())
+    };
+    let add = |r: &ProviderRecord| DhtRequest::AddProvider {
+        key: model_key("m").0,
+        record: Box::new(record_to_wire(r)),
+    };
+
+    // Forged: a field changed after signing.
+    let mut forged = record(now + 60_000);
+    forged.free_slots = 99;
+    assert_eq!(dht_call(&conn, add(&forged)).await, DhtReply::Refused);
+    // Someone else's record, correctly signed by its publisher, offered by
+    // this peer: only publishers store their own records.
+    let other = common::peer_identity(41);
+    let theirs = record(now + 60_000).sign(other.signing_key());
+    assert_eq!(dht_call(&conn, add(&theirs)).await, DhtReply::Refused);
+    // Expired, and one claiming to live too long.
+    assert_eq!(
+        dht_call(&conn, add(&record(now - 1))).await,
+        DhtReply::Refused
+    );
+    let too_long = now + hypha_dht::record::MAX_RECORD_TTL_MS + 60_000;
+    assert_eq!(
+        dht_call(&conn, add(&record(too_long))).await,
+        DhtReply::Refused
+    );
+
+    // A good record is stored and handed out to whoever asks.
+    let good = record(now + 60_000);
+    assert_eq!(dht_call(&conn, add(&good)).await, DhtReply::Stored);
+    let got = dht_call(
+        &conn,
+        DhtRequest::GetProviders {
+            key: model_key("m").0,
+        },
+    )
+    .await;
+    match reply_from_wire(got).unwrap() {
+        Response::Providers { records, .. } => assert_eq!(records, vec![good]),
+        other => panic!("{other:?}"),
+    }
+    // A reply naming an unparsable address is refused whole.
+    let bad_addr = DhtReply::Nodes {
+        closer: vec![hypha_wire::WireContact {
+            id: [1; 32],
+            addr: "not an address".into(),
+        }],
+    };
+    assert!(reply_from_wire(bad_addr).is_err());
+    node.stop().await.unwrap();
+}
