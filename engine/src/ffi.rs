@@ -19,6 +19,13 @@ pub type Token = sys::llama_token;
 
 /// Loads ggml's dynamic backends and initialises llama.cpp, once per process.
 /// Returns the directory the backends were loaded from.
+///
+/// Backends are loaded from the first folder of `search` that holds any
+/// before `llama_backend_init`: that function loads ggml's default folders
+/// (the build folder compiled into the library, the executable's folder,
+/// the working directory) when nothing is registered yet, which would load
+/// every backend a second time from another copy, bypass the search order
+/// and dlopen whatever `libggml-*` lies in the working directory.
 pub fn init_backends(search: &[PathBuf]) -> Result<PathBuf, Error> {
     static LOADED: OnceLock<Option<PathBuf>> = OnceLock::new();
     let loaded = LOADED.get_or_init(|| {
@@ -26,9 +33,7 @@ pub fn init_backends(search: &[PathBuf]) -> Result<PathBuf, Error> {
         // llama.cpp may call it from any thread and it only reads its
         // arguments.
         unsafe { sys::llama_log_set(Some(log_callback), std::ptr::null_mut()) };
-        // SAFETY: no arguments; `OnceLock` makes this run once, before any
-        // model or context is created.
-        unsafe { sys::llama_backend_init() };
+        let mut found = None;
         for dir in search {
             if !dir_has_backend(dir) {
                 continue;
@@ -37,13 +42,20 @@ pub fn init_backends(search: &[PathBuf]) -> Result<PathBuf, Error> {
                 continue;
             };
             // SAFETY: `c_dir` is NUL-terminated and outlives the call; ggml
-            // copies what it needs.
+            // copies what it needs. `OnceLock` makes this run once, before
+            // any model or context is created.
             unsafe { sys::ggml_backend_load_all_from_path(c_dir.as_ptr()) };
             if device_count() > 0 {
-                return Some(dir.clone());
+                found = Some(dir.clone());
+                break;
             }
         }
-        None
+        if found.is_some() {
+            // SAFETY: no arguments; runs once, after the backends above are
+            // registered (so it loads none of its own).
+            unsafe { sys::llama_backend_init() };
+        }
+        found
     });
     loaded.clone().ok_or_else(|| Error::NoBackend {
         searched: search
@@ -54,6 +66,8 @@ pub fn init_backends(search: &[PathBuf]) -> Result<PathBuf, Error> {
     })
 }
 
+/// True when `dir` holds a backend module (`libggml-cpu-*.so`,
+/// `libggml-cuda.so`, ...), not only ggml's core libraries.
 fn dir_has_backend(dir: &Path) -> bool {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return false;
@@ -61,7 +75,10 @@ fn dir_has_backend(dir: &Path) -> bool {
     entries.flatten().any(|e| {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        name.starts_with("libggml-") || name.starts_with("ggml-")
+        let module = name
+            .strip_prefix("libggml-")
+            .or_else(|| name.strip_prefix("ggml-"));
+        module.is_some_and(|m| !m.starts_with("base"))
     })
 }
 
