@@ -1,11 +1,16 @@
 //! Conversion between the DHT's messages and their wire form, checked on
 //! the way in: a peer's message that names too many contacts or records,
-//! or an address that does not parse, is refused whole.
+//! or an address that does not parse, is refused whole. Receipts are only
+//! decoded here; their signatures are checked before they are stored or
+//! used.
 
 use std::net::SocketAddr;
 
 use hypha_wire::{DhtReply, DhtRequest, NodeId, WireContact, WireRecord};
 
+use hypha_ledger::SignedReceipt;
+
+use crate::receipts::{MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT};
 use crate::record::{ProviderRecord, MAX_PROVIDERS_PER_KEY, MAX_RECORD_ADDRS};
 use crate::{Contact, DhtError, Request, Response, K};
 
@@ -89,7 +94,27 @@ pub fn request_to_wire(r: &Request) -> DhtRequest {
             key: key.0,
             record: Box::new(record_to_wire(record)),
         },
+        Request::GetReceipts { key } => DhtRequest::GetReceipts { key: key.0 },
+        Request::PutReceipts { key, receipts } => DhtRequest::PutReceipts {
+            key: key.0,
+            receipts: receipts_to_wire(receipts),
+        },
     }
+}
+
+fn receipts_to_wire(v: &[SignedReceipt]) -> Vec<Vec<u8>> {
+    v.iter().map(|r| r.to_bytes().to_vec()).collect()
+}
+
+fn receipts_from_wire(v: &[Vec<u8>], max: usize) -> Result<Vec<SignedReceipt>, DhtError> {
+    if v.len() > max {
+        return Err(DhtError::BadMessage("too many receipts"));
+    }
+    v.iter()
+        .map(|b| {
+            SignedReceipt::from_bytes(b).map_err(|_| DhtError::BadMessage("malformed receipt"))
+        })
+        .collect()
 }
 
 pub fn request_from_wire(r: DhtRequest) -> Result<Request, DhtError> {
@@ -103,6 +128,11 @@ pub fn request_from_wire(r: DhtRequest) -> Result<Request, DhtError> {
             key: NodeId(key),
             record: Box::new(record_from_wire(*record)?),
         },
+        DhtRequest::GetReceipts { key } => Request::GetReceipts { key: NodeId(key) },
+        DhtRequest::PutReceipts { key, receipts } => Request::PutReceipts {
+            key: NodeId(key),
+            receipts: receipts_from_wire(&receipts, MAX_RECEIPTS_PER_PUT)?,
+        },
     })
 }
 
@@ -115,6 +145,10 @@ pub fn reply_to_wire(r: &Response) -> DhtReply {
         },
         Response::Providers { records, closer } => DhtReply::Providers {
             records: records.iter().map(record_to_wire).collect(),
+            closer: contacts(closer),
+        },
+        Response::Receipts { receipts, closer } => DhtReply::Receipts {
+            receipts: receipts_to_wire(receipts),
             closer: contacts(closer),
         },
         Response::Stored => DhtReply::Stored,
@@ -147,6 +181,10 @@ pub fn reply_from_wire(r: DhtReply) -> Result<Response, DhtError> {
                 closer: contacts_from_wire(&closer)?,
             }
         }
+        DhtReply::Receipts { receipts, closer } => Response::Receipts {
+            receipts: receipts_from_wire(&receipts, MAX_RECEIPTS_PER_KEY)?,
+            closer: contacts_from_wire(&closer)?,
+        },
         DhtReply::Stored => Response::Stored,
         DhtReply::Refused => Response::Refused,
     })

@@ -14,6 +14,7 @@
 
 pub mod codec;
 mod machine;
+pub mod receipts;
 pub mod record;
 pub mod table;
 
@@ -21,6 +22,7 @@ pub use machine::{
     Config, Dht, Event, QueryId, QueryResult, Request, RequestId, Response, Transmit,
     REQUEST_TIMEOUT_MS,
 };
+pub use receipts::{receipts_key, ReceiptStore};
 pub use record::{model_key, ProviderRecord, RecordStore};
 pub use table::{Contact, RoutingTable, Update};
 

@@ -12,9 +12,11 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use hypha_wire::NodeId;
 
+use crate::receipts::{self, ReceiptStore, MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT};
 use crate::record::{ProviderRecord, RecordStore};
 use crate::table::{bucket_index, Contact, RoutingTable, Update};
 use crate::{DhtError, Distance, Rng, ALPHA, K};
+use hypha_ledger::{SignedReceipt, VerifiedReceipt};
 
 /// How long a request may go unanswered before it counts as failed.
 pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
@@ -70,6 +72,15 @@ pub enum Request {
         key: NodeId,
         record: Box<ProviderRecord>,
     },
+    /// The receipts held under a node's receipt key.
+    GetReceipts {
+        key: NodeId,
+    },
+    /// Stores settled receipts under a party's receipt key.
+    PutReceipts {
+        key: NodeId,
+        receipts: Vec<SignedReceipt>,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -81,6 +92,10 @@ pub enum Response {
     },
     Providers {
         records: Vec<ProviderRecord>,
+        closer: Vec<Contact>,
+    },
+    Receipts {
+        receipts: Vec<SignedReceipt>,
         closer: Vec<Contact>,
     },
     Stored,
@@ -120,6 +135,15 @@ pub enum QueryResult {
     },
     /// The record was offered to the closest nodes; `stored` accepted it.
     AddProvider { key: NodeId, stored: u32 },
+    /// Checked receipts found under `key`, newest first, one per request.
+    GetReceipts {
+        key: NodeId,
+        receipts: Vec<VerifiedReceipt>,
+        hops: u32,
+        requests: u32,
+    },
+    /// The receipts were offered to the closest nodes; `stored` took them.
+    PutReceipts { key: NodeId, stored: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +175,12 @@ enum Purpose {
     },
     AddProvider {
         record: Box<ProviderRecord>,
+    },
+    GetReceipts {
+        found: Vec<VerifiedReceipt>,
+    },
+    PutReceipts {
+        receipts: Vec<SignedReceipt>,
     },
     Refresh,
     /// The self-lookup of a joining node; when it ends, every bucket
@@ -190,6 +220,7 @@ pub struct Dht {
     cfg: Config,
     table: RoutingTable,
     store: RecordStore,
+    receipts: ReceiptStore,
     queries: HashMap<QueryId, Query>,
     inflight: HashMap<RequestId, InFlight>,
     outbox: VecDeque<Transmit>,
@@ -208,6 +239,7 @@ impl Dht {
             local,
             cfg,
             store: RecordStore::default(),
+            receipts: ReceiptStore::default(),
             queries: HashMap::new(),
             inflight: HashMap::new(),
             outbox: VecDeque::new(),
@@ -226,6 +258,10 @@ impl Dht {
 
     pub fn store(&self) -> &RecordStore {
         &self.store
+    }
+
+    pub fn receipts(&self) -> &ReceiptStore {
+        &self.receipts
     }
 
     fn fresh_id(&mut self) -> u64 {
@@ -309,6 +345,31 @@ impl Dht {
         )
     }
 
+    /// Collects the receipts stored under `key` (a node's receipt key).
+    pub fn get_receipts(&mut self, key: NodeId, now_ms: u64) -> Result<QueryId, DhtError> {
+        self.start(key, Purpose::GetReceipts { found: Vec::new() }, now_ms)
+    }
+
+    /// Stores checked receipts under `key` at the `k` closest nodes (and
+    /// here); at most [`MAX_RECEIPTS_PER_PUT`] at once.
+    pub fn put_receipts(
+        &mut self,
+        key: NodeId,
+        receipts: Vec<VerifiedReceipt>,
+        now_ms: u64,
+    ) -> Result<QueryId, DhtError> {
+        if receipts.len() > MAX_RECEIPTS_PER_PUT {
+            return Err(DhtError::BadMessage("too many receipts in one store"));
+        }
+        let mut signed = Vec::with_capacity(receipts.len());
+        for r in receipts {
+            let r = receipts::check(&key, r.signed().clone())?;
+            signed.push(r.signed().clone());
+            let _ = self.receipts.put(key, r);
+        }
+        self.start(key, Purpose::PutReceipts { receipts: signed }, now_ms)
+    }
+
     fn start(
         &mut self,
         target: NodeId,
@@ -380,6 +441,7 @@ impl Dht {
         let done = to_ask.is_empty() && q.inflight == 0;
         let request = match &q.purpose {
             Purpose::GetProviders { .. } => Request::GetProviders { key: target },
+            Purpose::GetReceipts { .. } => Request::GetReceipts { key: target },
             _ => Request::FindNode { target },
         };
         for c in to_ask {
@@ -453,6 +515,51 @@ impl Dht {
                     },
                 });
             }
+            Purpose::GetReceipts { mut found } => {
+                self.queries.remove(&qid);
+                for r in self.receipts.get(&target) {
+                    if let Ok(v) = receipts::check(&target, r) {
+                        receipts::merge(&mut found, v, MAX_RECEIPTS_PER_KEY);
+                    }
+                }
+                self.events.push_back(Event::QueryDone {
+                    id: qid,
+                    result: QueryResult::GetReceipts {
+                        key: target,
+                        receipts: found,
+                        hops,
+                        requests,
+                    },
+                });
+            }
+            Purpose::PutReceipts { receipts } => {
+                q.storing = Some((closest.len(), 0));
+                if closest.is_empty() {
+                    self.queries.remove(&qid);
+                    self.events.push_back(Event::QueryDone {
+                        id: qid,
+                        result: QueryResult::PutReceipts {
+                            key: target,
+                            stored: 0,
+                        },
+                    });
+                    return;
+                }
+                for c in closest {
+                    self.send(
+                        c,
+                        Request::PutReceipts {
+                            key: target,
+                            receipts: receipts.clone(),
+                        },
+                        Pending::Store(qid),
+                        now_ms,
+                    );
+                }
+                if let Some(q) = self.queries.get_mut(&qid) {
+                    q.purpose = Purpose::PutReceipts { receipts };
+                }
+            }
             Purpose::AddProvider { record } => {
                 q.purpose = Purpose::AddProvider {
                     record: record.clone(),
@@ -497,11 +604,12 @@ impl Dht {
         }
         if *waiting == 0 {
             let (key, stored) = (q.target, *count);
+            let result = match q.purpose {
+                Purpose::PutReceipts { .. } => QueryResult::PutReceipts { key, stored },
+                _ => QueryResult::AddProvider { key, stored },
+            };
             self.queries.remove(&qid);
-            self.events.push_back(Event::QueryDone {
-                id: qid,
-                result: QueryResult::AddProvider { key, stored },
-            });
+            self.events.push_back(Event::QueryDone { id: qid, result });
         }
     }
 
@@ -528,6 +636,27 @@ impl Dht {
                     Err(_) => Response::Refused,
                 }
             }
+            Request::GetReceipts { key } => Response::Receipts {
+                receipts: self.receipts.get(&key),
+                closer: self.closer_than_asker(&key, &from),
+            },
+            Request::PutReceipts { key, receipts } => {
+                if receipts.len() > MAX_RECEIPTS_PER_PUT {
+                    return Response::Refused;
+                }
+                // Signatures make a receipt its own proof: anyone may
+                // pass one on, but each must check out.
+                let mut all = true;
+                for r in receipts {
+                    let stored = receipts::check(&key, r).and_then(|v| self.receipts.put(key, v));
+                    all &= stored.is_ok();
+                }
+                if all {
+                    Response::Stored
+                } else {
+                    Response::Refused
+                }
+            }
         }
     }
 
@@ -548,12 +677,13 @@ impl Dht {
             Pending::Eviction { oldest } => self.table.ping_answered(&oldest, now_ms),
             Pending::Store(qid) => self.store_settled(qid, response == Response::Stored),
             Pending::Lookup(qid) => {
-                let (closer, records) = match response {
-                    Response::Nodes { closer } => (closer, Vec::new()),
-                    Response::Providers { records, closer } => (closer, records),
-                    _ => (Vec::new(), Vec::new()),
+                let (closer, records, receipts) = match response {
+                    Response::Nodes { closer } => (closer, Vec::new(), Vec::new()),
+                    Response::Providers { records, closer } => (closer, records, Vec::new()),
+                    Response::Receipts { receipts, closer } => (closer, Vec::new(), receipts),
+                    _ => (Vec::new(), Vec::new(), Vec::new()),
                 };
-                self.lookup_answered(qid, f.to, closer, records, now_ms);
+                self.lookup_answered(qid, f.to, closer, records, receipts, now_ms);
             }
         }
     }
@@ -564,6 +694,7 @@ impl Dht {
         from: Contact,
         closer: Vec<Contact>,
         records: Vec<ProviderRecord>,
+        receipts: Vec<SignedReceipt>,
         now_ms: u64,
     ) {
         let local = self.local.id;
@@ -593,6 +724,18 @@ impl Dht {
                     depth: depth + 1,
                     attempts: 0,
                 });
+        }
+        if let Purpose::GetReceipts { found } = &mut q.purpose {
+            for r in receipts.into_iter().take(MAX_RECEIPTS_PER_KEY) {
+                // Most answers repeat what others sent: check each receipt
+                // once.
+                if found.iter().any(|f| *f.signed() == r) {
+                    continue;
+                }
+                if let Ok(v) = receipts::check(&target, r) {
+                    receipts::merge(found, v, MAX_RECEIPTS_PER_KEY);
+                }
+            }
         }
         if let Purpose::GetProviders { records: found } = &mut q.purpose {
             for r in records {

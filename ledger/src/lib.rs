@@ -92,3 +92,25 @@ pub fn pow_bits(id: &NodeId) -> u32 {
 pub fn balance(grant: u64, totals: &Totals) -> i128 {
     i128::from(grant) + i128::from(totals.earned) - i128::from(totals.spent)
 }
+
+/// `id`'s totals over a set of checked receipts (for example those
+/// published into the DHT), counting each (consumer, request id) once.
+pub fn totals_of(id: &NodeId, receipts: &[VerifiedReceipt]) -> Totals {
+    let mut seen = std::collections::HashSet::new();
+    let mut t = Totals::default();
+    for v in receipts {
+        let r = v.receipt();
+        if !seen.insert(r.key()) {
+            continue;
+        }
+        if r.seeder == *id {
+            t.earned = t.earned.saturating_add(r.credits);
+            t.receipts_as_seeder += 1;
+        }
+        if r.consumer == *id {
+            t.spent = t.spent.saturating_add(r.credits);
+            t.receipts_as_consumer += 1;
+        }
+    }
+    t
+}

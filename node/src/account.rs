@@ -68,6 +68,8 @@ pub struct Account {
     pub id: NodeId,
     pub ledger: Ledger,
     pub grant: u64,
+    /// Proof of work the network requires for the grant.
+    pub pow_bits: u32,
 }
 
 /// What `GET /v1/ledger` shows: this node's balance and newest receipts.

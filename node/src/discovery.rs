@@ -11,7 +11,9 @@
 //!
 //! A seeder publishes a signed provider record for each name of its model
 //! under the name's key, and republishes it at half its lifetime (sooner
-//! while no node has stored it yet).
+//! while no node has stored it yet). It also publishes every receipt it
+//! settles under both parties' receipt keys (batched, from a bounded
+//! queue), so any node can compute any peer's balance from signed receipts.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +22,7 @@ use std::time::Duration;
 
 use hypha_dht::codec::{reply_from_wire, request_to_wire};
 use hypha_dht::{Contact, Dht, Event, ProviderRecord, QueryId, QueryResult, Request, Response};
+use hypha_ledger::VerifiedReceipt;
 use hypha_wire::{ArchivedMessage, Message, NodeId};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -41,6 +44,11 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BOOTSTRAP_RETRY: Duration = Duration::from_secs(3);
 /// Lifetime of the provider records a seeder publishes.
 pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(10 * 60);
+/// Settled receipts waiting to be published; beyond it the oldest
+/// waiting are dropped from publication (they stay in both ledgers).
+pub const RECEIPT_QUEUE: usize = 4096;
+/// How long receipts gather before a batch is published.
+const RECEIPT_BATCH_WAIT: Duration = Duration::from_millis(200);
 /// First retry of a publication no node stored; doubles up to half the
 /// record's lifetime.
 const PUBLISH_RETRY: Duration = Duration::from_secs(2);
@@ -95,18 +103,29 @@ enum Cmd {
     View {
         reply: oneshot::Sender<NetworkView>,
     },
+    GetReceipts {
+        key: NodeId,
+        reply: oneshot::Sender<Vec<VerifiedReceipt>>,
+    },
+    PutReceipts {
+        key: NodeId,
+        receipts: Vec<VerifiedReceipt>,
+        reply: oneshot::Sender<u32>,
+    },
 }
 
 enum Waiter {
     Providers(oneshot::Sender<Vec<ProviderRecord>>),
     Nodes(oneshot::Sender<NodeLookup>),
     Stored(oneshot::Sender<u32>),
+    Receipts(oneshot::Sender<Vec<VerifiedReceipt>>),
 }
 
 /// A handle on the node's DHT task; cheap to clone.
 #[derive(Clone)]
 pub struct Discovery {
     tx: mpsc::Sender<Cmd>,
+    receipts: mpsc::Sender<VerifiedReceipt>,
     local: Contact,
 }
 
@@ -133,8 +152,40 @@ impl Discovery {
                 addr: p.addr,
             })
             .collect();
-        tokio::spawn(run(dht, rx, tx.clone(), conns, bootstrap, shutdown));
-        Self { tx, local }
+        tokio::spawn(run(dht, rx, tx.clone(), conns, bootstrap, shutdown.clone()));
+        let (receipts, queue) = mpsc::channel(RECEIPT_QUEUE);
+        let me = Self {
+            tx,
+            receipts,
+            local,
+        };
+        tokio::spawn(publish_receipts(me.clone(), queue, shutdown));
+        me
+    }
+
+    /// Queues a settled receipt for publication under both parties' keys;
+    /// false when the queue is full (the receipt is then not published).
+    pub fn publish_receipt(&self, receipt: VerifiedReceipt) -> bool {
+        self.receipts.try_send(receipt).is_ok()
+    }
+
+    /// The checked receipts the DHT holds for `id`, newest first.
+    pub async fn receipts_of(&self, id: &NodeId) -> Vec<VerifiedReceipt> {
+        let key = hypha_dht::receipts_key(id);
+        self.ask(|reply| Cmd::GetReceipts { key, reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Stores receipts under `key` at the closest nodes; how many took them.
+    async fn put_receipts(&self, key: NodeId, receipts: Vec<VerifiedReceipt>) -> u32 {
+        self.ask(|reply| Cmd::PutReceipts {
+            key,
+            receipts,
+            reply,
+        })
+        .await
+        .unwrap_or(0)
     }
 
     pub fn local(&self) -> Contact {
@@ -271,8 +322,12 @@ async fn run(
                         requests,
                     });
                 }
-                (Waiter::Stored(tx), QueryResult::AddProvider { stored, .. }) => {
+                (Waiter::Stored(tx), QueryResult::AddProvider { stored, .. })
+                | (Waiter::Stored(tx), QueryResult::PutReceipts { stored, .. }) => {
                     let _ = tx.send(stored);
+                }
+                (Waiter::Receipts(tx), QueryResult::GetReceipts { receipts, .. }) => {
+                    let _ = tx.send(receipts);
                 }
                 _ => {}
             }
@@ -315,6 +370,22 @@ fn handle(dht: &mut Dht, cmd: Cmd, waiters: &mut HashMap<QueryId, Waiter>) {
                 Err(e) => tracing::warn!("cannot publish provider record: {e}"),
             }
         }
+        Cmd::GetReceipts { key, reply } => match dht.get_receipts(key, now) {
+            Ok(q) => {
+                waiters.insert(q, Waiter::Receipts(reply));
+            }
+            Err(e) => tracing::debug!("receipt lookup not started: {e}"),
+        },
+        Cmd::PutReceipts {
+            key,
+            receipts,
+            reply,
+        } => match dht.put_receipts(key, receipts, now) {
+            Ok(q) => {
+                waiters.insert(q, Waiter::Stored(reply));
+            }
+            Err(e) => tracing::warn!("cannot publish receipts: {e}"),
+        },
         Cmd::View { reply } => {
             let _ = reply.send(NetworkView {
                 local: dht.local(),
@@ -350,6 +421,47 @@ async fn rpc(
         .await?
         .ok_or_else(|| PeerError::Protocol("DHT stream ended without a reply".into()))?;
     reply_from_wire(reply).map_err(|e| PeerError::Protocol(e.to_string()))
+}
+
+/// Publishes queued receipts in batches: each under its consumer's and its
+/// seeder's receipt key, at most `MAX_RECEIPTS_PER_PUT` per store.
+async fn publish_receipts(
+    discovery: Discovery,
+    mut queue: mpsc::Receiver<VerifiedReceipt>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            r = queue.recv() => match r {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        tokio::time::sleep(RECEIPT_BATCH_WAIT).await;
+        let mut batch = vec![first];
+        while batch.len() < hypha_dht::receipts::MAX_RECEIPTS_PER_PUT {
+            match queue.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut by_key: HashMap<NodeId, Vec<VerifiedReceipt>> = HashMap::new();
+        for r in batch {
+            let rc = r.receipt();
+            for party in [rc.consumer, rc.seeder] {
+                by_key
+                    .entry(hypha_dht::receipts_key(&party))
+                    .or_default()
+                    .push(r.clone());
+            }
+        }
+        for (key, receipts) in by_key {
+            let n = receipts.len();
+            let stored = discovery.put_receipts(key, receipts).await;
+            tracing::debug!(receipts = n, stored, "receipts published");
+        }
+    }
 }
 
 /// What a seeder announces about itself.

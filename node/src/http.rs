@@ -82,6 +82,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/ledger", get(ledger))
+        .route("/v1/ledger/{node_id}", get(peer_ledger))
         .route("/v1/network", get(network))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -448,6 +449,55 @@ async fn network(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
         "models": models,
     }))
     .into_response()
+}
+
+/// Another node's balance, computed from the receipts the DHT holds for
+/// it, each checked here: `GET /v1/ledger/{node_id}`.
+async fn peer_ledger(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(node_id): axum::extract::Path<String>,
+) -> Response {
+    if let Err(e) = st.authorize(&headers) {
+        return e.into_response();
+    }
+    let id: NodeId = match node_id.parse() {
+        Ok(id) => id,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("{node_id:?} is not a node id: {e}"),
+            )
+            .code("invalid_node_id")
+            .into_response()
+        }
+    };
+    let (Some(d), Some(account)) = (st.peers.as_ref().and_then(|p| p.discovery()), &st.account)
+    else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "this node is not on a network: start it with --quic, --peer or --bootstrap",
+        )
+        .code("no_network")
+        .into_response();
+    };
+    let receipts = d.receipts_of(&id).await;
+    let totals = hypha_ledger::totals_of(&id, &receipts);
+    let mut v = crate::account::balance_json(
+        id,
+        crate::account::grant_for(&id, account.pow_bits),
+        &totals,
+    );
+    v["source"] = json!("dht");
+    v["receipts"] = json!(receipts.len());
+    v["recent"] = receipts
+        .iter()
+        .take(LEDGER_RECENT)
+        .map(|r| crate::account::receipt_json(r.signed(), Some(id)))
+        .collect();
+    Json(v).into_response()
 }
 
 /// Receipts shown by `GET /v1/ledger`.

@@ -231,6 +231,7 @@ impl Node {
                     unpaid: seeder::Unpaid::default(),
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),
                     decode_tps: std::sync::atomic::AtomicU32::new(0),
+                    discovery: Some(disc.clone()),
                 })),
                 _ => None,
             };
@@ -300,6 +301,7 @@ impl Node {
                 id: ident.id(),
                 ledger: log.clone(),
                 grant: account::grant_for(&ident.id(), cfg.pow_bits),
+                pow_bits: cfg.pow_bits,
             });
             ledger = Some(log);
         }

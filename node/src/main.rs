@@ -193,6 +193,17 @@ enum LedgerCmd {
     Verify,
     /// Every receipt as one JSON object per line.
     Export,
+    /// Another node's balance, from the receipts the network's DHT holds
+    /// for it (each checked), asked of a running node.
+    Peer {
+        /// The node's id.
+        node_id: String,
+        /// Base URL of a running node's API.
+        #[arg(long, default_value = "http://127.0.0.1:8420")]
+        url: String,
+        #[arg(long, env = "HYPHA_API_KEY")]
+        api_key: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -336,6 +347,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", hypha_bench::format_table(&reports));
             Ok(())
         }
+        Cmd::Ledger {
+            cmd:
+                LedgerCmd::Peer {
+                    node_id,
+                    url,
+                    api_key,
+                },
+            ..
+        } => peer_balance_cmd(&node_id, &url, api_key).await,
         Cmd::Ledger { cmd, data_dir } => ledger_cmd(cmd, data_dir.as_deref()),
         Cmd::Peers { url, api_key, json } => peers_cmd(&url, api_key, json).await,
         Cmd::Id { data_dir } => {
@@ -584,6 +604,38 @@ async fn show_receipt(seeder: &Node, consumer: &Node) -> anyhow::Result<()> {
 }
 
 /// Reads the node's ledger (read-only: a running node may be appending).
+/// `hypha ledger peer ID`: another node's balance as the DHT's receipts
+/// show it.
+async fn peer_balance_cmd(node_id: &str, url: &str, api_key: Option<String>) -> anyhow::Result<()> {
+    hypha_node::install_crypto_provider();
+    let client = hypha_node::models::http_client()?;
+    let mut req = client.get(format!("{}/v1/ledger/{node_id}", url.trim_end_matches('/')));
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("no node answers at {url}"))?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.context("the node's answer is not JSON")?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{url} answered {status}: {}",
+        v["error"]["message"].as_str().unwrap_or("no reason given")
+    );
+    println!(
+        "{}: balance {} micro-credits (grant {} + earned {} - spent {}), from {} receipts found in the DHT, each signature checked",
+        v["node_id"].as_str().unwrap_or(node_id),
+        v["balance"],
+        v["grant"],
+        v["earned"],
+        v["spent"],
+        v["receipts"]
+    );
+    Ok(())
+}
+
 /// `hypha peers`: prints `GET /v1/network` as tables.
 async fn peers_cmd(url: &str, api_key: Option<String>, raw: bool) -> anyhow::Result<()> {
     hypha_node::install_crypto_provider();
@@ -776,6 +828,7 @@ fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Res
                 println!("{}", account::receipt_json(r, Some(me)));
             }
         }
+        LedgerCmd::Peer { .. } => anyhow::bail!("`hypha ledger peer` asks a running node (--url)"),
     }
     Ok(())
 }

@@ -148,6 +148,8 @@ pub struct SeederState {
     pub running: std::sync::Mutex<HashSet<ReceiptKey>>,
     /// Decode speed of served streams, tokens/s (0 until one is measured).
     pub decode_tps: std::sync::atomic::AtomicU32,
+    /// Where settled receipts are published.
+    pub discovery: Option<Discovery>,
 }
 
 /// Streams shorter than this say more about prefill than decoding.
@@ -634,9 +636,15 @@ impl<'a> Billing<'a> {
         };
         let credits = verified.receipt().credits;
         let ledger = self.state.ledger.clone();
+        let published = verified.clone();
         match tokio::task::spawn_blocking(move || ledger.append(verified)).await {
             Ok(Ok(())) => {
                 tracing::debug!(request_id = self.request_id, credits, "receipt recorded");
+                if let Some(d) = &self.state.discovery {
+                    if !d.publish_receipt(published) {
+                        tracing::warn!("receipt publication queue full: receipt not published");
+                    }
+                }
             }
             Ok(Err(e)) => tracing::warn!("cannot record receipt {}: {e}", self.request_id),
             Err(e) => tracing::warn!("ledger task failed: {e}"),

@@ -226,6 +226,16 @@ pub enum DhtRequest {
         key: [u8; 32],
         record: Box<WireRecord>,
     },
+    /// Receipts under a node's receipt key.
+    GetReceipts {
+        key: [u8; 32],
+    },
+    /// Signed receipts (the ledger's 376-byte form each) to store under a
+    /// party's receipt key.
+    PutReceipts {
+        key: [u8; 32],
+        receipts: Vec<Vec<u8>>,
+    },
 }
 
 /// Kademlia answers.
@@ -238,6 +248,10 @@ pub enum DhtReply {
     },
     Providers {
         records: Vec<WireRecord>,
+        closer: Vec<WireContact>,
+    },
+    Receipts {
+        receipts: Vec<Vec<u8>>,
         closer: Vec<WireContact>,
     },
     Stored,

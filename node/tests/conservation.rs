@@ -1,0 +1,171 @@
+//! Credits are conserved across a real network, and any node can check any
+//! other's balance: five nodes on loopback (two seeders, three consumers,
+//! joined through one DHT) run many requests; then the balances in the five
+//! logs sum to the five grants, and every node's view of every other's
+//! balance, computed from the signed receipts the DHT holds, equals that
+//! node's own log.
+
+use std::time::{Duration, Instant};
+
+use hypha_node::{Node, NodeConfig};
+use serde_json::{json, Value};
+
+mod common;
+use common::{seeder_config, TEST_POW_BITS};
+
+const REQUESTS_PER_CONSUMER: usize = 8;
+
+fn balance(node: &Node) -> i128 {
+    let id = node.id().unwrap();
+    let grant = hypha_node::account::grant_for(&id, TEST_POW_BITS);
+    hypha_ledger::balance(grant, &node.ledger().unwrap().totals(&id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_nodes_conserve_credits_and_agree_on_balances() {
+    let dirs: Vec<tempfile::TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Node::start(seeder_config(
+        2,
+        64,
+        dirs[0].path(),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    let boot = vec![first.peer_addr().unwrap()];
+    let mut cfg = seeder_config(2, 64, dirs[1].path(), "127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = boot.clone();
+    // A smaller interval: long answers exchange several receipts.
+    cfg.receipt_interval = 4;
+    let second = Node::start(cfg).await.unwrap();
+    let mut consumers = Vec::new();
+    for d in &dirs[2..] {
+        let mut cfg = NodeConfig::new(None);
+        cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+        cfg.bootstrap = boot.clone();
+        cfg.data_dir = Some(d.path().to_owned());
+        cfg.pow_bits = TEST_POW_BITS;
+        consumers.push(Node::start(cfg).await.unwrap());
+    }
+
+    let c = common::client();
+    let mut served = 0;
+    let runs = consumers.iter().map(|n| {
+        let c = c.clone();
+        let base = format!("http://{}", n.http_addr());
+        async move {
+            let mut ok = 0;
+            for i in 0..REQUESTS_PER_CONSUMER {
+                let resp = c
+                    .post(format!("{base}/v1/chat/completions"))
+                    .json(&json!({"model": "default", "messages": [{"role": "user", "content": format!("Count to {i}.")}], "max_tokens": 3 + i, "temperature": 0}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let v: Value = resp.json().await.unwrap();
+                assert_eq!(status, 200, "{v}");
+                assert!(v["usage"]["credits"].as_u64().unwrap() > 0, "{v}");
+                ok += 1;
+            }
+            ok
+        }
+    });
+    for ok in futures_util::future::join_all(runs).await {
+        served += ok;
+    }
+    let total = consumers.len() * REQUESTS_PER_CONSUMER;
+    assert_eq!(served, total);
+
+    // Every request left one receipt in its seeder's log.
+    let nodes: Vec<&Node> = [&first, &second].into_iter().chain(&consumers).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first.ledger().unwrap().receipts() + second.ledger().unwrap().receipts() < total as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "receipts missing from the seeders' logs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let by_seeder = (
+        first.ledger().unwrap().receipts(),
+        second.ledger().unwrap().receipts(),
+    );
+
+    // Conservation: credits only moved between the five.
+    let balances: Vec<i128> = nodes.iter().map(|n| balance(n)).collect();
+    let grants: i128 = nodes
+        .iter()
+        .map(|n| {
+            i128::from(hypha_node::account::grant_for(
+                &n.id().unwrap(),
+                TEST_POW_BITS,
+            ))
+        })
+        .sum();
+    assert_eq!(balances.iter().sum::<i128>(), grants, "{balances:?}");
+    let moved: i128 = balances
+        .iter()
+        .map(|b| (b - grants / 5).abs())
+        .sum::<i128>()
+        / 2;
+    assert!(moved > 0, "no credits moved");
+
+    // Every node's view of every other, from the DHT's receipts alone,
+    // matches that node's own log (publication runs just behind the
+    // requests, so wait for it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for viewer in &nodes {
+        let d = viewer.peers().unwrap().discovery().unwrap().clone();
+        for (subject, own) in nodes.iter().zip(&balances) {
+            if subject.id() == viewer.id() {
+                continue;
+            }
+            let id = subject.id().unwrap();
+            loop {
+                let receipts = d.receipts_of(&id).await;
+                let totals = hypha_ledger::totals_of(&id, &receipts);
+                let seen = hypha_ledger::balance(
+                    hypha_node::account::grant_for(&id, TEST_POW_BITS),
+                    &totals,
+                );
+                if seen == *own {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} sees {id} at {seen}, its own log says {own}",
+                    viewer.id().unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    // The same over HTTP, from a consumer about the first seeder.
+    let v: Value = c
+        .get(format!(
+            "http://{}/v1/ledger/{}",
+            consumers[0].http_addr(),
+            first.id().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["source"], "dht");
+    assert_eq!(
+        v["balance"].as_i64().map(i128::from),
+        Some(balances[0]),
+        "{v}"
+    );
+    println!(
+        "{total} requests ({} and {} per seeder), {moved} micro-credits moved; balances {balances:?} sum to the grants {grants}; 20 of 20 views from the DHT match the logs",
+        by_seeder.0, by_seeder.1
+    );
+    for n in consumers.into_iter().chain([second, first]) {
+        n.stop().await.unwrap();
+    }
+}
