@@ -232,6 +232,7 @@ impl Node {
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),
                     decode_tps: std::sync::atomic::AtomicU32::new(0),
                     discovery: Some(disc.clone()),
+                    balances: Arc::new(seeder::NetworkBalances::default()),
                 })),
                 _ => None,
             };

@@ -150,6 +150,63 @@ pub struct SeederState {
     pub decode_tps: std::sync::atomic::AtomicU32,
     /// Where settled receipts are published.
     pub discovery: Option<Discovery>,
+    /// Consumers' balances as the DHT's receipts show them.
+    pub balances: Arc<NetworkBalances>,
+}
+
+/// How long a consumer's balance from the DHT is used before it is looked
+/// up again.
+pub const BALANCE_FRESH: Duration = Duration::from_secs(30);
+/// Consumers whose network balance is remembered.
+const MAX_BALANCES: usize = 4096;
+
+/// Consumers' balances computed from the receipts the DHT holds for them
+/// (each checked), looked up in the background so admission never waits
+/// on the network.
+#[derive(Default)]
+pub struct NetworkBalances {
+    known: std::sync::Mutex<std::collections::HashMap<NodeId, (i128, std::time::Instant)>>,
+    looking: std::sync::Mutex<HashSet<NodeId>>,
+}
+
+impl NetworkBalances {
+    /// The last balance seen for `id`; starts a lookup when there is none
+    /// or it is older than [`BALANCE_FRESH`].
+    pub fn get(
+        self: &Arc<Self>,
+        id: &NodeId,
+        grant: u64,
+        discovery: Option<&Discovery>,
+    ) -> Option<i128> {
+        let now = std::time::Instant::now();
+        let seen = lock(&self.known).get(id).copied();
+        let stale = seen.is_none_or(|(_, at)| now.duration_since(at) >= BALANCE_FRESH);
+        if let (true, Some(d)) = (stale, discovery) {
+            if lock(&self.looking).insert(*id) {
+                let (me, d, id) = (self.clone(), d.clone(), *id);
+                tokio::spawn(async move {
+                    let receipts = d.receipts_of(&id).await;
+                    let b = hypha_ledger::balance(grant, &hypha_ledger::totals_of(&id, &receipts));
+                    let mut known = lock(&me.known);
+                    if known.len() >= MAX_BALANCES && !known.contains_key(&id) {
+                        let now = std::time::Instant::now();
+                        known.retain(|_, (_, at)| now.duration_since(*at) < BALANCE_FRESH);
+                        if known.len() >= MAX_BALANCES {
+                            known.clear();
+                        }
+                    }
+                    known.insert(id, (b, std::time::Instant::now()));
+                    drop(known);
+                    lock(&me.looking).remove(&id);
+                });
+            }
+        }
+        seen.map(|(b, _)| b)
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Streams shorter than this say more about prefill than decoding.
@@ -403,12 +460,20 @@ async fn serve_request(
     // One request per (consumer, request id), ever: the ledger holds the
     // finished ones, `running` the ones in flight.
     let claim = RunningClaim::take(&state.running, key);
-    // Admission order follows the consumer's balance as this node's signed
-    // receipts show it; with nothing left it is served only behind everyone
-    // else and at the free tier's rate.
+    // Admission order follows the consumer's balance: the lower of what
+    // this node's own log and the receipts published in the DHT show (both
+    // are signed receipts; each may miss some); with nothing left it is
+    // served only behind everyone else and at the free tier's rate.
     let totals = state.ledger.totals(&consumer.node_id);
     let grant = crate::account::grant_for(&consumer.node_id, state.pow_bits);
-    let balance = hypha_ledger::balance(grant, &totals);
+    let own = hypha_ledger::balance(grant, &totals);
+    let balance = match state
+        .balances
+        .get(&consumer.node_id, grant, state.discovery.as_ref())
+    {
+        Some(seen) => seen.min(own),
+        None => own,
+    };
     let prepared = if state.ledger.contains(&key) || claim.is_none() {
         Err(ErrorReply {
             request_id,

@@ -169,3 +169,95 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
         n.stop().await.unwrap();
     }
 }
+
+/// A seeder ranks a consumer by the receipts the whole network published,
+/// not only its own: a consumer that spent its grant on another seeder is
+/// at the free tier's limit here too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credits_spent_elsewhere_count_at_every_seeder() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut cfg = seeder_config(2, 64, dirs[0].path(), "127.0.0.1:0".parse().unwrap());
+    cfg.model_aliases = vec!["alpha".into()];
+    // Dear enough that eight tokens use up the whole grant.
+    cfg.price_completion_micro = 200_000;
+    let alpha = Node::start(cfg).await.unwrap();
+    let boot = vec![alpha.peer_addr().unwrap()];
+    let mut cfg = seeder_config(2, 64, dirs[1].path(), "127.0.0.1:0".parse().unwrap());
+    cfg.model_aliases = vec!["beta".into()];
+    cfg.bootstrap = boot.clone();
+    cfg.free_tier_per_minute = 1;
+    let beta = Node::start(cfg).await.unwrap();
+    let mut cfg = NodeConfig::new(None);
+    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = boot;
+    cfg.data_dir = Some(dirs[2].path().to_owned());
+    cfg.pow_bits = TEST_POW_BITS;
+    let consumer = Node::start(cfg).await.unwrap();
+    let me = consumer.id().unwrap();
+
+    let c = common::client();
+    let ask = |model: &'static str| {
+        let c = c.clone();
+        let url = format!("http://{}/v1/chat/completions", consumer.http_addr());
+        async move {
+            let resp = c
+                .post(url)
+                .json(&json!({"model": model, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8, "temperature": 0}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) = ask("alpha").await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["usage"]["credits"].as_u64().unwrap() > hypha_ledger::GRANT_MICRO);
+    // beta's own log knows nothing of this: the consumer still has its
+    // grant there.
+    let own_view = hypha_ledger::balance(
+        hypha_node::account::grant_for(&me, TEST_POW_BITS),
+        &beta.ledger().unwrap().totals(&me),
+    );
+    assert!(own_view > 0);
+    // Once the receipt is published, beta sees the debt through the DHT.
+    let d = beta.peers().unwrap().discovery().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let receipts = d.receipts_of(&me).await;
+        let seen = hypha_ledger::balance(
+            hypha_node::account::grant_for(&me, TEST_POW_BITS),
+            &hypha_ledger::totals_of(&me, &receipts),
+        );
+        if seen < 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "beta never saw the spending");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // beta looks the balance up in the background on the first request;
+    // from then on the consumer gets one request a minute.
+    let mut statuses = Vec::new();
+    let mut refused = None;
+    for _ in 0..6 {
+        let (status, v) = ask("beta").await;
+        statuses.push(status);
+        if status == 429 {
+            refused = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let v = refused.unwrap_or_else(|| panic!("never limited: {statuses:?}"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no credits left"),
+        "{v}"
+    );
+    println!("requests to the second seeder after spending the grant on the first: {statuses:?}");
+    for n in [consumer, beta, alpha] {
+        n.stop().await.unwrap();
+    }
+}
