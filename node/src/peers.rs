@@ -373,9 +373,17 @@ pub struct Health {
 
 /// A provider's cost, lower is better, in rough milliseconds: recent
 /// failures dominate (a seeder that just failed is tried last), then the
-/// round trip, then whether it advertised a free slot, then how fast it
-/// decodes (a 100 tokens/s seeder adds 100).
-pub fn score(c: &Candidate, health: &Health, rtt: Option<Duration>, now: Instant) -> u64 {
+/// round trip, then this node's requests already running there (each
+/// costs [`RUNNING_COST_MS`], so concurrent requests spread over seeders
+/// instead of queueing on the nearest), whether it advertised a free slot,
+/// and how fast it decodes (a 100 tokens/s seeder adds 100).
+pub fn score(
+    c: &Candidate,
+    health: &Health,
+    rtt: Option<Duration>,
+    running: u32,
+    now: Instant,
+) -> u64 {
     let recent = health
         .last_failure
         .is_some_and(|t| now.saturating_duration_since(t) < FAILURE_MEMORY);
@@ -391,7 +399,43 @@ pub fn score(c: &Candidate, health: &Health, rtt: Option<Duration>, now: Instant
         .decode_tokens_per_s
         .filter(|&t| t > 0)
         .map_or(200, |t| 10_000 / u64::from(t));
-    failures + rtt_ms + busy + speed
+    failures + rtt_ms + u64::from(running) * RUNNING_COST_MS + busy + speed
+}
+
+/// What one of this node's requests running on a seeder adds to its score:
+/// about a short request's share of a busy seeder's time.
+pub const RUNNING_COST_MS: u64 = 150;
+
+/// This node's requests running per seeder.
+#[derive(Default)]
+struct Running(std::sync::Mutex<HashMap<NodeId, u32>>);
+
+/// Counts one request on a seeder until dropped.
+struct RunningGuard {
+    running: Arc<Running>,
+    peer: NodeId,
+}
+
+impl RunningGuard {
+    fn new(running: &Arc<Running>, peer: NodeId) -> Self {
+        *lock(&running.0).entry(peer).or_default() += 1;
+        Self {
+            running: running.clone(),
+            peer,
+        }
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        let mut m = lock(&self.running.0);
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
 }
 
 struct CachedProviders {
@@ -409,6 +453,7 @@ pub struct Peers {
     next_request_id: AtomicU64,
     health: std::sync::Mutex<HashMap<NodeId, Health>>,
     cache: std::sync::Mutex<HashMap<String, CachedProviders>>,
+    running: Arc<Running>,
 }
 
 impl Peers {
@@ -435,6 +480,7 @@ impl Peers {
             next_request_id: AtomicU64::new(u64::from_le_bytes(seed) >> 1),
             health: std::sync::Mutex::new(HashMap::new()),
             cache: std::sync::Mutex::new(HashMap::new()),
+            running: Arc::default(),
         })
     }
 
@@ -616,10 +662,12 @@ impl Peers {
         let mut scored: Vec<((u64, u64), Candidate)> = out
             .into_iter()
             .map(|c| {
+                let running = lock(&self.running.0).get(&c.addr.id).copied().unwrap_or(0);
                 let s = score(
                     &c,
                     &self.health(&c.addr.id),
                     self.conns.rtt(&c.addr.id),
+                    running,
                     now,
                 );
                 let mut id8 = [0u8; 8];
@@ -678,9 +726,11 @@ impl Peers {
                     // Its record outlived its offer.
                     break;
                 }
+                let guard = RunningGuard::new(&self.running, peer);
                 match RemoteGeneration::open(conn, terms, &req, &self.metrics, &self.party).await {
-                    Ok(g) => {
+                    Ok(mut g) => {
                         self.succeeded(&peer);
+                        g.running = Some(guard);
                         return Ok(g);
                     }
                     Err(err @ RemoteError::Refused { code: 400, .. }) => return Err(err),
@@ -739,6 +789,8 @@ pub struct RemoteGeneration {
     answered: bool,
     ended: bool,
     metrics: Arc<Metrics>,
+    /// Counts this request against its seeder while it runs.
+    running: Option<RunningGuard>,
     /// Every token id received, in order.
     digest: TokenDigest,
     /// `Done` arrived; the last receipt is due.
@@ -790,6 +842,7 @@ impl RemoteGeneration {
             request_id: req.request_id,
             next_seq: 0,
             first: None,
+            running: None,
             answered: false,
             ended: false,
             metrics: metrics.clone(),
@@ -1172,5 +1225,54 @@ fn reply_event(
             "a seeder sent a {} on a request stream",
             kind_of(other)
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(free: Option<u32>, tps: Option<u32>) -> Candidate {
+        Candidate {
+            addr: PeerAddr {
+                id: NodeId([1; 32]),
+                addr: "127.0.0.1:1".parse().unwrap(),
+            },
+            free_slots: free,
+            decode_tokens_per_s: tps,
+        }
+    }
+
+    #[test]
+    fn score_orders_failures_load_round_trip_and_capacity() {
+        let now = Instant::now();
+        let fresh = Health::default();
+        let failed = Health {
+            failures: 1,
+            last_failure: Some(now),
+        };
+        let ms = Duration::from_millis;
+        let c = cand(Some(2), Some(100));
+        // A recent failure outweighs everything; an old one counts for
+        // nothing.
+        assert!(score(&c, &failed, Some(ms(1)), 0, now) > score(&c, &fresh, None, 8, now));
+        let old = now + FAILURE_MEMORY + ms(1);
+        assert_eq!(
+            score(&c, &failed, Some(ms(1)), 0, old),
+            score(&c, &fresh, Some(ms(1)), 0, old)
+        );
+        // A near seeder wins over an unknown one until two of our requests
+        // run on it.
+        assert!(score(&c, &fresh, Some(ms(1)), 1, now) < score(&c, &fresh, None, 0, now));
+        assert!(score(&c, &fresh, Some(ms(1)), 2, now) > score(&c, &fresh, None, 0, now));
+        // No free slot, or slower decoding, costs more.
+        assert!(
+            score(&cand(Some(0), Some(100)), &fresh, None, 0, now)
+                > score(&cand(Some(1), Some(100)), &fresh, None, 0, now)
+        );
+        assert!(
+            score(&cand(None, Some(20)), &fresh, None, 0, now)
+                > score(&cand(None, Some(200)), &fresh, None, 0, now)
+        );
     }
 }

@@ -50,25 +50,26 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
 
     let c = common::client();
     let mut served = 0;
-    let runs = consumers.iter().map(|n| {
-        let c = c.clone();
+    // Every consumer sends all its requests at once: its requests running
+    // on one seeder make the other the better choice.
+    let runs = consumers.iter().flat_map(|n| {
         let base = format!("http://{}", n.http_addr());
+        (0..REQUESTS_PER_CONSUMER).map(move |i| (base.clone(), i))
+    });
+    let runs = runs.map(|(base, i)| {
+        let c = c.clone();
         async move {
-            let mut ok = 0;
-            for i in 0..REQUESTS_PER_CONSUMER {
-                let resp = c
-                    .post(format!("{base}/v1/chat/completions"))
-                    .json(&json!({"model": "default", "messages": [{"role": "user", "content": format!("Count to {i}.")}], "max_tokens": 3 + i, "temperature": 0}))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = resp.status();
-                let v: Value = resp.json().await.unwrap();
-                assert_eq!(status, 200, "{v}");
-                assert!(v["usage"]["credits"].as_u64().unwrap() > 0, "{v}");
-                ok += 1;
-            }
-            ok
+            let resp = c
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&json!({"model": "default", "messages": [{"role": "user", "content": format!("Count to {i}.")}], "max_tokens": 3 + i, "temperature": 0}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(status, 200, "{v}");
+            assert!(v["usage"]["credits"].as_u64().unwrap() > 0, "{v}");
+            1
         }
     });
     for ok in futures_util::future::join_all(runs).await {
@@ -160,6 +161,45 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
         v["balance"].as_i64().map(i128::from),
         Some(balances[0]),
         "{v}"
+    );
+    // And from the command line, against a running node.
+    let url = format!("http://{}", consumers[0].http_addr());
+    let first_id = first.id().unwrap().to_string();
+    let hypha = |args: Vec<String>| async move {
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_hypha"))
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = hypha(vec![
+        "ledger".into(),
+        "peer".into(),
+        first_id.clone(),
+        "--url".into(),
+        url.clone(),
+    ])
+    .await;
+    assert!(
+        text.contains(&format!("balance {} micro-credits", balances[0])),
+        "{text}"
+    );
+    let text = hypha(vec!["peers".into(), "--url".into(), url]).await;
+    assert!(text.contains("routing table: 4 contacts"), "{text}");
+    assert!(text.contains(&first_id), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("default ") && l.ends_with("2 providers")),
+        "{text}"
     );
     println!(
         "{total} requests ({} and {} per seeder), {moved} micro-credits moved; balances {balances:?} sum to the grants {grants}; 20 of 20 views from the DHT match the logs",
