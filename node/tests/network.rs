@@ -390,3 +390,68 @@ async fn forged_and_expired_provider_records_are_refused_over_the_wire() {
     assert!(reply_from_wire(bad_addr).is_err());
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_records_are_republished_and_expire_with_their_seeder() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let boot = plain_node(dirs[0].path(), Vec::new()).await;
+    let boot_addr = boot.peer_addr().unwrap();
+    let ttl = Duration::from_secs(2);
+    let mut cfg = seeder_config(1, 4, dirs[1].path(), "127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = vec![boot_addr.clone()];
+    cfg.record_ttl = ttl;
+    let seeder = Node::start(cfg).await.unwrap();
+    let seeder_id = seeder.id().unwrap();
+    let consumer = plain_node(dirs[2].path(), vec![boot_addr]).await;
+    let d = consumer.peers().unwrap().discovery().unwrap().clone();
+    let expiry = |records: &[hypha_dht::ProviderRecord]| {
+        records
+            .iter()
+            .find(|r| r.publisher == seeder_id)
+            .map(|r| r.expires_ms)
+    };
+
+    // Found, then found again with a later expiry: republished.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Some(e) = expiry(&d.providers("default").await) {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the seeder's record never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    loop {
+        let e =
+            expiry(&d.providers("default").await).expect("the record lapsed while its seeder ran");
+        if e > first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the record was never republished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Its seeder gone, the record lapses: no node hands it out once it
+    // expired. (Each lookup meanwhile waits out requests to the stopped
+    // seeder, still in the tables, so the check runs every few seconds.)
+    seeder.stop().await.unwrap();
+    let stopped = Instant::now();
+    while expiry(&d.providers("default").await).is_some() {
+        assert!(
+            stopped.elapsed() < ttl + Duration::from_secs(20),
+            "an expired record is still handed out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "record republished within its {ttl:?} lifetime; gone {:.1} s after its seeder stopped",
+        stopped.elapsed().as_secs_f64()
+    );
+    consumer.stop().await.unwrap();
+    boot.stop().await.unwrap();
+}
