@@ -11,7 +11,7 @@ use hypha_wire::{DhtReply, DhtRequest, NodeId, WireContact, WireRecord};
 use hypha_ledger::SignedReceipt;
 
 use crate::receipts::{MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT};
-use crate::record::{ProviderRecord, MAX_PROVIDERS_PER_KEY, MAX_RECORD_ADDRS};
+use crate::record::{ProviderRecord, MAX_CATALOG_MODELS, MAX_PROVIDERS_PER_KEY, MAX_RECORD_ADDRS};
 use crate::{Contact, DhtError, Request, Response, K};
 
 /// Longest address text accepted (`[v6%scope]:port` fits well within).
@@ -170,7 +170,7 @@ pub fn reply_from_wire(r: DhtReply) -> Result<Response, DhtError> {
             closer: contacts_from_wire(&closer)?,
         },
         DhtReply::Providers { records, closer } => {
-            if records.len() > MAX_PROVIDERS_PER_KEY {
+            if records.len() > MAX_PROVIDERS_PER_KEY.max(MAX_CATALOG_MODELS) {
                 return Err(DhtError::BadMessage("more records than a key holds"));
             }
             Response::Providers {

@@ -23,7 +23,7 @@ pub use machine::{
     REQUEST_TIMEOUT_MS,
 };
 pub use receipts::{receipts_key, ReceiptStore};
-pub use record::{model_key, ProviderRecord, RecordStore};
+pub use record::{catalog_key, model_key, ProviderRecord, RecordStore};
 pub use table::{Contact, RoutingTable, Update};
 
 use hypha_wire::NodeId;

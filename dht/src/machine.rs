@@ -501,9 +501,7 @@ impl Dht {
                 self.queries.remove(&qid);
                 // Ours too: this node may hold the key itself.
                 for r in self.store.get(&target, now_ms) {
-                    if !records.iter().any(|x| x.publisher == r.publisher) {
-                        records.push(r);
-                    }
+                    add_record(&mut records, &target, r, now_ms);
                 }
                 self.events.push_back(Event::QueryDone {
                     id: qid,
@@ -739,12 +737,7 @@ impl Dht {
         }
         if let Purpose::GetProviders { records: found } = &mut q.purpose {
             for r in records {
-                if r.verify(now_ms).is_ok()
-                    && crate::record::model_key(&r.model) == target
-                    && !found.iter().any(|x| x.publisher == r.publisher)
-                {
-                    found.push(r);
-                }
+                add_record(found, &target, r, now_ms);
             }
         }
         self.advance(qid, now_ms);
@@ -847,5 +840,26 @@ impl Dht {
     /// Queries running now.
     pub fn queries(&self) -> usize {
         self.queries.len()
+    }
+}
+
+/// Adds a record a lookup found, once: per publisher under a model's key,
+/// per model name under the catalog key; checked and bounded.
+fn add_record(found: &mut Vec<ProviderRecord>, key: &NodeId, r: ProviderRecord, now_ms: u64) {
+    let catalog = *key == crate::record::catalog_key();
+    let limit = if catalog {
+        crate::record::MAX_CATALOG_MODELS
+    } else {
+        crate::record::MAX_PROVIDERS_PER_KEY
+    };
+    let dup = found.iter().any(|x| {
+        if catalog {
+            x.model == r.model
+        } else {
+            x.publisher == r.publisher
+        }
+    });
+    if !dup && found.len() < limit && crate::record::key_fits(key, &r) && r.verify(now_ms).is_ok() {
+        found.push(r);
     }
 }

@@ -47,6 +47,22 @@ pub struct ProviderRecord {
     pub signature: [u8; 64],
 }
 
+/// Model names the catalog keeps (one record per name).
+pub const MAX_CATALOG_MODELS: usize = 256;
+
+/// The key every seeder also stores its records under, one per model name
+/// kept: how a node learns which models the network offers without
+/// knowing their names.
+pub fn catalog_key() -> NodeId {
+    model_key("\0hypha-catalog")
+}
+
+/// True when `record` may be stored under `key`: its model's key or the
+/// catalog.
+pub fn key_fits(key: &NodeId, record: &ProviderRecord) -> bool {
+    *key == model_key(&record.model) || *key == catalog_key()
+}
+
 /// The DHT key a model's providers are stored under.
 pub fn model_key(model: &str) -> NodeId {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -145,13 +161,28 @@ impl RecordStore {
         now_ms: u64,
     ) -> Result<(), DhtError> {
         record.verify(now_ms)?;
-        if model_key(&record.model) != key {
+        if !key_fits(&key, &record) {
             return Err(DhtError::BadRecord(
                 "record stored under another model's key",
             ));
         }
         self.expire(now_ms);
         let list = self.by_key.entry(key).or_default();
+        if key == catalog_key() {
+            // One record per model name: the longest-lived.
+            if let Some(old) = list.iter_mut().find(|r| r.model == record.model) {
+                if old.expires_ms <= record.expires_ms {
+                    *old = record;
+                }
+                return Ok(());
+            }
+            if list.len() >= MAX_CATALOG_MODELS || self.count >= MAX_RECORDS {
+                return Err(DhtError::StoreFull);
+            }
+            list.push(record);
+            self.count += 1;
+            return Ok(());
+        }
         if let Some(old) = list.iter_mut().find(|r| r.publisher == record.publisher) {
             if old.expires_ms <= record.expires_ms {
                 *old = record;

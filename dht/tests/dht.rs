@@ -216,3 +216,48 @@ fn the_store_is_bounded_per_key_and_keeps_the_longest_lived() {
     assert_eq!(x.len(), 1);
     assert_eq!(x[0].expires_ms, now + 20);
 }
+
+#[test]
+fn the_catalog_keeps_one_record_per_model_name() {
+    use hypha_dht::catalog_key;
+    use hypha_dht::record::MAX_CATALOG_MODELS;
+    let now = 1_000_000;
+    let mut store = RecordStore::default();
+    let (a, b) = (
+        SigningKey::from_bytes(&[1; 32]),
+        SigningKey::from_bytes(&[2; 32]),
+    );
+    // Two publishers of one model: the longer-lived record stays.
+    store
+        .put(catalog_key(), record(&a, "m", now + 1_000), now)
+        .unwrap();
+    store
+        .put(catalog_key(), record(&b, "m", now + 2_000), now)
+        .unwrap();
+    store
+        .put(catalog_key(), record(&a, "n", now + 1_000), now)
+        .unwrap();
+    let mut names: Vec<(String, u64)> = store
+        .get(&catalog_key(), now)
+        .into_iter()
+        .map(|r| (r.model, r.expires_ms))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![("m".into(), now + 2_000), ("n".into(), now + 1_000)]
+    );
+    // Bounded by names.
+    for i in 0..MAX_CATALOG_MODELS {
+        let _ = store.put(
+            catalog_key(),
+            record(&a, &format!("x{i}"), now + 1_000),
+            now,
+        );
+    }
+    assert_eq!(store.get(&catalog_key(), now).len(), MAX_CATALOG_MODELS);
+    // A record still may not go under another model's own key.
+    assert!(store
+        .put(model_key("n"), record(&a, "m", now + 1_000), now)
+        .is_err());
+}

@@ -97,6 +97,7 @@ enum Cmd {
         reply: oneshot::Sender<NodeLookup>,
     },
     Publish {
+        key: NodeId,
         record: Box<ProviderRecord>,
         reply: oneshot::Sender<u32>,
     },
@@ -225,15 +226,31 @@ impl Discovery {
         self.ask(|reply| Cmd::FindNode { target, reply }).await
     }
 
-    /// Stores `record` at the nodes closest to its model's key; how many
-    /// took it.
-    pub async fn publish(&self, record: ProviderRecord) -> u32 {
+    /// Stores `record` at the nodes closest to `key` (its model's key or
+    /// the catalog's); how many took it.
+    pub async fn publish(&self, key: NodeId, record: ProviderRecord) -> u32 {
         self.ask(|reply| Cmd::Publish {
+            key,
             record: Box::new(record),
             reply,
         })
         .await
         .unwrap_or(0)
+    }
+
+    /// The names of the models the network's catalog lists.
+    pub async fn catalog(&self) -> Vec<String> {
+        let key = hypha_dht::catalog_key();
+        let mut names: Vec<String> = self
+            .ask(|reply| Cmd::Providers { key, reply })
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.model)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// The routing table and the records held here.
@@ -361,15 +378,12 @@ fn handle(dht: &mut Dht, cmd: Cmd, waiters: &mut HashMap<QueryId, Waiter>) {
             }
             Err(e) => tracing::debug!("node lookup not started: {e}"),
         },
-        Cmd::Publish { record, reply } => {
-            let key = hypha_dht::model_key(&record.model);
-            match dht.add_provider(key, *record, now) {
-                Ok(q) => {
-                    waiters.insert(q, Waiter::Stored(reply));
-                }
-                Err(e) => tracing::warn!("cannot publish provider record: {e}"),
+        Cmd::Publish { key, record, reply } => match dht.add_provider(key, *record, now) {
+            Ok(q) => {
+                waiters.insert(q, Waiter::Stored(reply));
             }
-        }
+            Err(e) => tracing::warn!("cannot publish provider record: {e}"),
+        },
         Cmd::GetReceipts { key, reply } => match dht.get_receipts(key, now) {
             Ok(q) => {
                 waiters.insert(q, Waiter::Receipts(reply));
@@ -513,8 +527,13 @@ pub async fn publish_loop(
                 signature: [0; 64],
             }
             .sign(identity.signing_key());
-            let stored = discovery.publish(record).await;
-            tracing::debug!(model = %name, stored, "provider record published");
+            // Under the catalog too, so nodes that do not know the name
+            // can list the model.
+            let listed = discovery
+                .publish(hypha_dht::catalog_key(), record.clone())
+                .await;
+            let stored = discovery.publish(hypha_dht::model_key(name), record).await;
+            tracing::debug!(model = %name, stored, listed, "provider record published");
             if stored == 0 {
                 stored_everywhere = false;
             }

@@ -75,6 +75,8 @@ pub const PROVIDER_CACHE: Duration = Duration::from_secs(30);
 pub const MAX_PROVIDER_ATTEMPTS: usize = 4;
 /// How long a failure counts against a provider in [`score`].
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(120);
+/// Models whose providers one `GET /v1/models` looks up.
+const MAX_LISTED_MODELS: usize = 64;
 /// Models remembered with cached providers.
 const MAX_CACHED_MODELS: usize = 256;
 /// Health entries kept (one per provider tried).
@@ -497,9 +499,18 @@ impl Peers {
         self.discovery.as_ref()
     }
 
-    /// Every model this node knows a provider of (peers' hellos, provider
-    /// records held here or looked up), with the providers' ids.
+    /// Every model on the network this node can find, with its providers'
+    /// ids: peers' hellos, the DHT's catalog (each listed model's providers
+    /// looked up, or taken from the cache), records held here.
     pub async fn models(&self) -> Vec<(String, Vec<NodeId>)> {
+        if let Some(d) = &self.discovery {
+            let names = d.catalog().await;
+            let lookups = names
+                .iter()
+                .take(MAX_LISTED_MODELS)
+                .map(|n| self.discovered(n, false));
+            futures_util::future::join_all(lookups).await;
+        }
         let mut out: Vec<(String, Vec<NodeId>)> = Vec::new();
         let mut add = |model: &str, id: NodeId| match out.iter_mut().find(|(m, _)| m == model) {
             Some((_, ids)) => {

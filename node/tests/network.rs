@@ -161,6 +161,47 @@ async fn twenty_nodes_find_three_seeders_and_route_around_a_dead_one() {
     }
     assert_eq!(1 + seeders.len() + 1 + consumers.len(), 20);
 
+    // The last consumer to join, which has looked nothing up, lists the
+    // model with its three providers (through the DHT's catalog).
+    let c = common::client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let models: Value = c
+            .get(format!(
+                "http://{}/v1/models",
+                consumers.last().unwrap().http_addr()
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let count = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == name.as_str())
+            .map(|m| m["provider_count"].clone());
+        if count == Some(json!(3)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/v1/models never listed 3 providers: {models}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let catalog = consumers[0]
+        .peers()
+        .unwrap()
+        .discovery()
+        .unwrap()
+        .catalog()
+        .await;
+    assert!(catalog.contains(&name), "{catalog:?}");
+
     // Every consumer finds all three seeders through the DHT.
     let deadline = Instant::now() + Duration::from_secs(60);
     for (i, c) in consumers.iter().enumerate() {
@@ -190,7 +231,6 @@ async fn twenty_nodes_find_three_seeders_and_route_around_a_dead_one() {
     );
 
     // The API lists the model with its provider count.
-    let c = common::client();
     let models: Value = c
         .get(format!("http://{}/v1/models", consumers[0].http_addr()))
         .send()
