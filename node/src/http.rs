@@ -63,6 +63,8 @@ impl LocalModel {
 pub struct AppState {
     pub local: Option<LocalModel>,
     pub peers: Option<Arc<Peers>>,
+    /// How peers see this node: NAT mapping and candidates.
+    pub reach: Option<Arc<crate::reach::Reachability>>,
     /// The node's identity and receipts, when it talks to peers.
     pub account: Option<crate::account::Account>,
     pub api_key: Option<String>,
@@ -346,7 +348,39 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let text = st.metrics.render(&st.gauges());
+    let mut text = st.metrics.render(&st.gauges());
+    if let Some(r) = &st.reach {
+        use std::fmt::Write as _;
+        let s = &r.stun;
+        for (name, help, v) in [
+            (
+                "hypha_stun_requests_answered_total",
+                "STUN binding requests answered on the QUIC port",
+                &s.requests_answered,
+            ),
+            (
+                "hypha_stun_requests_dropped_total",
+                "STUN binding requests not answered (rate limit or full socket)",
+                &s.requests_dropped,
+            ),
+            (
+                "hypha_stun_responses_total",
+                "STUN binding responses received for this node's probes",
+                &s.responses_received,
+            ),
+        ] {
+            let _ = write!(
+                text,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            text,
+            "# HELP hypha_nat_mapping NAT mapping behaviour (1 for the current one)\n# TYPE hypha_nat_mapping gauge\nhypha_nat_mapping{{mapping=\"{}\"}} 1",
+            r.view().mapping.as_str()
+        );
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -440,9 +474,30 @@ async fn network(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
             })
         })
         .collect();
+    let nat = st.reach.as_ref().map(|r| {
+        let v = r.view();
+        let public = match &v.mapping {
+            hypha_nat::Mapping::Public { addr } => Some(addr.to_string()),
+            hypha_nat::Mapping::EndpointIndependent { public } => Some(public.to_string()),
+            _ => None,
+        };
+        json!({
+            "mapping": v.mapping.as_str(),
+            "public_addr": public,
+            "observations": v.observations.iter().map(|o| json!({
+                "peer": o.server.to_string(),
+                "saw": o.mapped.to_string(),
+            })).collect::<Vec<_>>(),
+            "candidates": v.candidates.iter().map(|c| json!({
+                "kind": c.kind.as_str(),
+                "addr": c.addr.to_string(),
+            })).collect::<Vec<_>>(),
+        })
+    });
     Json(json!({
         "id": local.map(|c| c.id.to_string()),
         "quic_addr": local.map(|c| c.addr.to_string()),
+        "nat": nat,
         "routing_table": table,
         "connections": connections,
         "provider_records": records,

@@ -18,7 +18,9 @@ pub mod models;
 pub mod openai;
 pub mod peers;
 pub mod proto;
+pub mod reach;
 pub mod seeder;
+pub mod stun;
 pub mod transport;
 
 use std::net::SocketAddr;
@@ -62,6 +64,8 @@ pub struct NodeConfig {
     pub advertise: Vec<SocketAddr>,
     /// Lifetime of the provider records a seeder publishes.
     pub record_ttl: Duration,
+    /// STUN servers to ask for this node's public address, besides peers.
+    pub stun_servers: Vec<SocketAddr>,
     /// Where the node keeps its key (`None`: `$HYPHA_HOME` or XDG).
     pub data_dir: Option<PathBuf>,
     /// How long a dial may take before the peer counts as down.
@@ -99,6 +103,7 @@ impl NodeConfig {
             bootstrap: Vec::new(),
             advertise: Vec::new(),
             record_ttl: discovery::DEFAULT_RECORD_TTL,
+            stun_servers: Vec::new(),
             data_dir: None,
             dial_timeout: peers::DIAL_TIMEOUT,
             max_peers: seeder::MAX_PEERS,
@@ -163,6 +168,7 @@ impl Node {
         let mut peers = None;
         let mut ledger = None;
         let mut account = None;
+        let mut reach_view = None;
         if cfg.quic_addr.is_some() || !cfg.peers.is_empty() || !cfg.bootstrap.is_empty() {
             let dir = identity::data_dir(cfg.data_dir.as_deref())?;
             let ident = Arc::new(Identity::load_or_create_with_pow(&dir, cfg.pow_bits)?);
@@ -217,6 +223,18 @@ impl Node {
                 cfg.bootstrap.clone(),
                 rx.clone(),
             );
+            let reachability = Arc::new(reach::Reachability::new(
+                ep.local_addr()?,
+                ep.stun().stats.clone(),
+            ));
+            tokio::spawn(reach::run(
+                ep.clone(),
+                disc.clone(),
+                cfg.stun_servers.clone(),
+                reachability.clone(),
+                rx.clone(),
+            ));
+            reach_view = Some(reachability);
             let seeder_state = match (&engine, serving) {
                 (Some(engine), true) => Some(Arc::new(seeder::SeederState {
                     engine: engine.clone(),
@@ -310,6 +328,7 @@ impl Node {
         let state = Arc::new(http::AppState {
             local,
             peers: peers.clone(),
+            reach: reach_view,
             account,
             api_key: cfg.api_key,
             metrics,

@@ -65,6 +65,15 @@ enum Cmd {
         #[arg(long, env = "HYPHA_HOME")]
         data_dir: Option<PathBuf>,
     },
+    /// A running node's state: model, slots, peers, and how the network
+    /// sees it (NAT mapping, public address, candidates).
+    Status {
+        /// Base URL of the node's API.
+        #[arg(long, default_value = "http://127.0.0.1:8420")]
+        url: String,
+        #[arg(long, env = "HYPHA_API_KEY")]
+        api_key: Option<String>,
+    },
     /// Show a running node's view of the network: its DHT routing table,
     /// connections, provider records and the models on offer.
     Peers {
@@ -127,6 +136,10 @@ struct UpArgs {
     /// (repeatable). Models are then found on any seeder of the network.
     #[arg(long = "bootstrap")]
     bootstrap: Vec<PeerAddr>,
+    /// A STUN server to ask for this node's public address (repeatable);
+    /// peers are asked anyway, on their QUIC ports.
+    #[arg(long = "stun")]
+    stun: Vec<SocketAddr>,
     /// The UDP address provider records give for this seeder (repeatable;
     /// default: the --quic address when it names an IP).
     #[arg(long = "advertise")]
@@ -358,6 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => peer_balance_cmd(&node_id, &url, api_key).await,
         Cmd::Ledger { cmd, data_dir } => ledger_cmd(cmd, data_dir.as_deref()),
         Cmd::Peers { url, api_key, json } => peers_cmd(&url, api_key, json).await,
+        Cmd::Status { url, api_key } => status_cmd(&url, api_key).await,
         Cmd::Id { data_dir } => {
             let dir = hypha_node::identity::data_dir(data_dir.as_deref())?;
             let ident = hypha_node::identity::Identity::load_or_create(&dir)?;
@@ -428,6 +442,7 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     cfg.peers = a.peers;
     cfg.bootstrap = a.bootstrap;
     cfg.advertise = a.advertise;
+    cfg.stun_servers = a.stun;
     cfg.data_dir = a.data_dir;
     cfg.max_peers = a.max_peers;
     cfg.price_prompt_micro = a.price_prompt;
@@ -632,6 +647,81 @@ async fn peer_balance_cmd(node_id: &str, url: &str, api_key: Option<String>) -> 
         v["earned"],
         v["spent"],
         v["receipts"]
+    );
+    Ok(())
+}
+
+/// GETs `path` from a node's API as JSON, with a clear error.
+async fn get_json(
+    url: &str,
+    path: &str,
+    api_key: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
+    hypha_node::install_crypto_provider();
+    let client = hypha_node::models::http_client()?;
+    let mut req = client.get(format!("{}{path}", url.trim_end_matches('/')));
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("no node answers at {url}"))?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.context("the node's answer is not JSON")?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{url}{path} answered {status}: {}",
+        v["error"]["message"].as_str().unwrap_or("no reason given")
+    );
+    Ok(v)
+}
+
+/// `hypha status`: the node, its slots and peers, and how the network sees
+/// it.
+async fn status_cmd(url: &str, api_key: Option<String>) -> anyhow::Result<()> {
+    let health = get_json(url, "/health", api_key.as_deref()).await?;
+    let s = |x: &serde_json::Value| match x {
+        serde_json::Value::String(t) => t.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    println!(
+        "model {}  slots {}/{} busy  queue {}",
+        s(&health["model"]),
+        s(&health["slots_busy"]),
+        s(&health["slots_total"]),
+        s(&health["queue_depth"])
+    );
+    let net = match get_json(url, "/v1/network", api_key.as_deref()).await {
+        Ok(v) => v,
+        Err(_) => {
+            println!("not on a network (no --quic, --peer or --bootstrap)");
+            return Ok(());
+        }
+    };
+    println!("node {}  QUIC {}", s(&net["id"]), s(&net["quic_addr"]));
+    let nat = &net["nat"];
+    println!(
+        "NAT mapping: {}  public address: {}",
+        s(&nat["mapping"]),
+        s(&nat["public_addr"])
+    );
+    let empty = Vec::new();
+    for o in nat["observations"].as_array().unwrap_or(&empty) {
+        println!("  peer {} saw us at {}", s(&o["peer"]), s(&o["saw"]));
+    }
+    let cands: Vec<String> = nat["candidates"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|c| format!("{} {}", s(&c["kind"]), s(&c["addr"])))
+        .collect();
+    println!("candidates: {}", cands.join(", "));
+    println!(
+        "routing table: {} contacts, {} connections",
+        net["routing_table"].as_array().map_or(0, Vec::len),
+        net["connections"].as_array().map_or(0, Vec::len)
     );
     Ok(())
 }

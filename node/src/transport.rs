@@ -82,6 +82,10 @@ impl TransportLimits {
 /// A QUIC endpoint that accepts and dials authenticated peers.
 pub struct Endpoint {
     endpoint: quinn::Endpoint,
+    /// The endpoint's socket, which answers STUN on the QUIC port.
+    stun: Arc<crate::stun::StunSocket>,
+    stun_responses:
+        std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::stun::StunResponse>>>,
     cert: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,
     transport: Arc<quinn::TransportConfig>,
@@ -113,10 +117,22 @@ impl Endpoint {
         let quic = QuicServerConfig::try_from(tls).map_err(tls_err)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
         server.transport_config(transport.clone());
-        let endpoint = quinn::Endpoint::server(server, addr)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+        let bind_err = |source| TransportError::Bind { addr, source };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let (stun, responses) =
+            crate::stun::StunSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_err)?);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            stun.clone(),
+            runtime,
+        )
+        .map_err(bind_err)?;
         Ok(Self {
             endpoint,
+            stun,
+            stun_responses: std::sync::Mutex::new(Some(responses)),
             cert,
             key_pkcs8,
             transport,
@@ -125,6 +141,22 @@ impl Endpoint {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The socket, to send STUN probes from the QUIC port.
+    pub fn stun(&self) -> &Arc<crate::stun::StunSocket> {
+        &self.stun
+    }
+
+    /// The binding responses this endpoint receives; the first caller
+    /// takes them.
+    pub fn take_stun_responses(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<crate::stun::StunResponse>> {
+        self.stun_responses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The next incoming connection that completes its handshake, with the

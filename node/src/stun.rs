@@ -1,0 +1,200 @@
+//! The QUIC endpoint's UDP socket, answering STUN on the same port.
+//!
+//! Every datagram the endpoint receives passes through [`StunSocket`]
+//! first: a STUN binding request (told apart by `hypha_nat::stun::is_stun`)
+//! is answered at once with the address it came from and never reaches
+//! QUIC; a binding response is handed to the node's prober. So peers learn
+//! their public address from nodes they already know, on the very port
+//! their QUIC traffic uses, with no STUN server of their own.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::sync::mpsc;
+
+/// STUN requests answered per second at most: a binding response is about
+/// twice its request's size, so an unbounded answerer could be used to
+/// amplify floods.
+pub const MAX_STUN_ANSWERS_PER_SECOND: u32 = 2000;
+/// Binding responses waiting for the prober; more are dropped (the prober
+/// retransmits).
+pub const STUN_RESPONSE_QUEUE: usize = 256;
+
+/// A binding response that arrived: who sent it and its bytes.
+pub type StunResponse = (SocketAddr, Vec<u8>);
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct StunStats {
+    pub requests_answered: AtomicU64,
+    pub requests_dropped: AtomicU64,
+    pub responses_received: AtomicU64,
+}
+
+/// See the module docs.
+pub struct StunSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    responses: mpsc::Sender<StunResponse>,
+    window: Mutex<(Instant, u32)>,
+    pub stats: Arc<StunStats>,
+}
+
+impl fmt::Debug for StunSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StunSocket")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl StunSocket {
+    /// Wraps `inner`; binding responses go to the returned receiver.
+    pub fn new(inner: Arc<dyn AsyncUdpSocket>) -> (Arc<Self>, mpsc::Receiver<StunResponse>) {
+        let (responses, rx) = mpsc::channel(STUN_RESPONSE_QUEUE);
+        (
+            Arc::new(Self {
+                inner,
+                responses,
+                window: Mutex::new((Instant::now(), 0)),
+                stats: Arc::default(),
+            }),
+            rx,
+        )
+    }
+
+    /// Sends a STUN message (a probe) from the endpoint's own port. A full
+    /// socket buffer drops it: probes are retransmitted.
+    pub fn send_stun(&self, to: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        self.inner.try_send(&Transmit {
+            destination: to,
+            ecn: None,
+            contents: bytes,
+            segment_size: None,
+            src_ip: None,
+        })
+    }
+
+    fn allow_answer(&self) -> bool {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(w.0).as_secs() >= 1 {
+            *w = (now, 0);
+        }
+        w.1 += 1;
+        w.1 <= MAX_STUN_ANSWERS_PER_SECOND
+    }
+
+    /// Handles one STUN datagram.
+    fn on_stun(&self, meta: &RecvMeta, packet: &[u8]) {
+        match hypha_nat::stun::decode(packet) {
+            Ok(hypha_nat::stun::Message::Request { txid }) => {
+                if !self.allow_answer() {
+                    self.stats.requests_dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let Ok(resp) = hypha_nat::stun::binding_response(txid, meta.addr) else {
+                    return;
+                };
+                let sent = self.inner.try_send(&Transmit {
+                    destination: meta.addr,
+                    ecn: None,
+                    contents: &resp,
+                    segment_size: None,
+                    src_ip: meta.dst_ip,
+                });
+                let counter = if sent.is_ok() {
+                    &self.stats.requests_answered
+                } else {
+                    &self.stats.requests_dropped
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(hypha_nat::stun::Message::Response { .. }) => {
+                self.stats
+                    .responses_received
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = self.responses.try_send((meta.addr, packet.to_vec()));
+            }
+            Err(e) => tracing::trace!(from = %meta.addr, "bad STUN datagram: {e}"),
+        }
+    }
+
+    /// Takes STUN datagrams out of a received batch; the QUIC ones that
+    /// remain are moved to the front. Returns how many remain.
+    fn filter(&self, bufs: &mut [io::IoSliceMut<'_>], meta: &mut [RecvMeta], n: usize) -> usize {
+        let mut kept = 0;
+        for i in 0..n.min(bufs.len()).min(meta.len()) {
+            let m = meta[i];
+            // A coalesced batch (GRO) holds several datagrams of one flow,
+            // always QUIC.
+            let single = m.stride >= m.len;
+            if single && hypha_nat::stun::is_stun(bufs[i].get(..m.len).unwrap_or_default()) {
+                let packet = bufs[i].get(..m.len).unwrap_or_default().to_vec();
+                self.on_stun(&m, &packet);
+                continue;
+            }
+            if kept != i {
+                let (front, back) = bufs.split_at_mut(i);
+                let len = m.len.min(front[kept].len());
+                front[kept][..len].copy_from_slice(&back[0][..len]);
+                meta[kept] = m;
+            }
+            kept += 1;
+        }
+        kept
+    }
+}
+
+impl AsyncUdpSocket for StunSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [io::IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let n = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            let kept = self.filter(bufs, meta, n);
+            // A batch of STUN alone: read on, so the caller is either given
+            // QUIC datagrams or registered for the next wake-up.
+            if kept > 0 || n == 0 {
+                return Poll::Ready(Ok(kept));
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}

@@ -1,0 +1,140 @@
+//! STUN on the QUIC port, over real sockets: a node answers binding
+//! requests on the UDP port its QUIC endpoint uses and keeps serving QUIC
+//! there; nodes learn how peers see them and classify their NAT's mapping
+//! (on loopback: no NAT, "public"), shown in `/v1/network`, `/metrics` and
+//! `hypha status`.
+
+use std::time::{Duration, Instant};
+
+use hypha_nat::stun::{binding_request, binding_response, decode, Message};
+use hypha_node::{Node, NodeConfig};
+use serde_json::Value;
+
+mod common;
+use common::TEST_POW_BITS;
+
+async fn plain_node(dir: &std::path::Path, bootstrap: Vec<hypha_node::peers::PeerAddr>) -> Node {
+    let mut cfg = NodeConfig::new(None);
+    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = bootstrap;
+    cfg.data_dir = Some(dir.to_owned());
+    cfg.pow_bits = TEST_POW_BITS;
+    Node::start(cfg).await.expect("node starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quic_port_answers_stun_and_still_speaks_quic() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = plain_node(dirs.0.path(), Vec::new()).await;
+    let quic = a.quic_addr().unwrap();
+
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+    let txid = [5; 12];
+    sock.send_to(&binding_request(txid).unwrap(), quic)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 600];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+        .await
+        .expect("a STUN answer")
+        .unwrap();
+    assert_eq!(from, quic, "answered from the QUIC port itself");
+    assert_eq!(
+        decode(&buf[..n]).unwrap(),
+        Message::Response { txid, mapped: me }
+    );
+    // A stray response and garbage that looks like STUN are dropped
+    // without an answer or harm.
+    sock.send_to(&binding_response([1; 12], me).unwrap(), quic)
+        .await
+        .unwrap();
+    let mut junk = binding_request([2; 12]).unwrap();
+    junk[2] = 0xff;
+    sock.send_to(&junk, quic).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "only requests are answered"
+    );
+
+    // QUIC on the same port still works: a second node joins through it.
+    let b = plain_node(dirs.1.path(), vec![a.peer_addr().unwrap()]).await;
+    let found = b
+        .peers()
+        .unwrap()
+        .discovery()
+        .unwrap()
+        .find_node(a.id().unwrap())
+        .await
+        .expect("a lookup over QUIC finishes");
+    assert!(found.closest.iter().any(|c| Some(c.id) == a.id()));
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_learn_how_peers_see_them() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = plain_node(dirs[0].path(), Vec::new()).await;
+    let boot = vec![a.peer_addr().unwrap()];
+    let b = plain_node(dirs[1].path(), boot.clone()).await;
+    let c = plain_node(dirs[2].path(), boot).await;
+    let client = common::client();
+    let base = format!("http://{}", c.http_addr());
+    // The first round may run before the routing table holds two peers;
+    // later rounds come every 15 s.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let net = loop {
+        let net: Value = client
+            .get(format!("{base}/v1/network"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if net["nat"]["mapping"] == "public" {
+            break net;
+        }
+        assert!(Instant::now() < deadline, "mapping never known: {net}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let quic = c.quic_addr().unwrap().to_string();
+    assert_eq!(net["nat"]["public_addr"], quic.as_str(), "{net}");
+    let obs = net["nat"]["observations"].as_array().unwrap();
+    assert!(obs.len() >= 2, "{net}");
+    assert!(obs.iter().all(|o| o["saw"] == quic.as_str()), "{net}");
+    assert_eq!(net["nat"]["candidates"][0]["kind"], "host", "{net}");
+    // The peers counted the requests they answered.
+    let m = common::metrics(&client, &format!("http://{}", a.http_addr())).await;
+    let answered: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("hypha_stun_requests_answered_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(answered >= 1, "{m}");
+    // And the command line shows it.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hypha"))
+            .args(["status", "--url", &base])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("NAT mapping: public  public address: {quic}")),
+        "{text}"
+    );
+    for n in [c, b, a] {
+        n.stop().await.unwrap();
+    }
+}
