@@ -42,6 +42,9 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a node whose routing table is empty asks its bootstrap nodes
 /// again (they may have started after it).
 pub const BOOTSTRAP_RETRY: Duration = Duration::from_secs(3);
+/// How often a node whose table holds fewer than k contacts looks itself up
+/// again through its bootstrap nodes.
+pub const REJOIN_EVERY: Duration = Duration::from_secs(30);
 /// Lifetime of the provider records a seeder publishes.
 pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(10 * 60);
 /// Settled receipts waiting to be published; beyond it the oldest
@@ -271,14 +274,32 @@ async fn run(
     let mut next_bootstrap = unix_ms();
     loop {
         let now = unix_ms();
-        if !bootstrap.is_empty() && dht.table().is_empty() && now >= next_bootstrap {
-            next_bootstrap = now.saturating_add(BOOTSTRAP_RETRY.as_millis() as u64);
-            if let Err(e) = dht.bootstrap(&bootstrap, now) {
-                tracing::debug!("bootstrap not started: {e}");
+        // Join again while the table is empty (the bootstrap nodes may start
+        // later) or small (nodes that joined after us are found by a new
+        // self-lookup; a node behind a NAT is never told of them).
+        let rejoin = match dht.table().len() {
+            0 => Some(BOOTSTRAP_RETRY),
+            n if n < hypha_dht::K => Some(REJOIN_EVERY),
+            _ => None,
+        };
+        if let (Some(every), false) = (rejoin, bootstrap.is_empty()) {
+            if now >= next_bootstrap {
+                next_bootstrap = now.saturating_add(every.as_millis() as u64);
+                // An empty table bootstraps in full (far buckets too); a
+                // small one only looks itself up.
+                let started = if dht.table().is_empty() {
+                    dht.bootstrap(&bootstrap, now)
+                } else {
+                    let me = dht.local().id;
+                    dht.find_node(me, now)
+                };
+                if let Err(e) = started {
+                    tracing::debug!("bootstrap not started: {e}");
+                }
             }
         }
         let mut wake = dht.poll_timeout().unwrap_or(u64::MAX);
-        if !bootstrap.is_empty() && dht.table().is_empty() {
+        if rejoin.is_some() && !bootstrap.is_empty() {
             wake = wake.min(next_bootstrap);
         }
         let sleep = Duration::from_millis(wake.saturating_sub(now).min(60_000));

@@ -123,6 +123,10 @@ struct UpArgs {
     /// runs `default`.
     #[arg(long)]
     model: Option<String>,
+    /// Run no model: a node that only routes, answers the DHT and STUN
+    /// (for example a bootstrap node).
+    #[arg(long, conflicts_with = "model")]
+    no_model: bool,
     /// Address for the HTTP API.
     #[arg(long, default_value = DEFAULT_HTTP_ADDR)]
     http: SocketAddr,
@@ -423,6 +427,7 @@ async fn load_model(spec: &str, a: &UpArgs) -> anyhow::Result<(EngineConfig, Vec
 
 async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     let spec = match (&a.model, a.peers.is_empty() && a.bootstrap.is_empty()) {
+        _ if a.no_model => None,
         (Some(m), _) => Some(m.clone()),
         (None, true) => Some("default".to_owned()),
         (None, false) => None,
