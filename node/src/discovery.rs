@@ -503,7 +503,13 @@ async fn publish_receipts(
 #[derive(Clone)]
 pub struct Announcement {
     pub names: Vec<String>,
+    /// The node's own addresses (`--advertise`, or its QUIC address).
     pub addrs: Vec<SocketAddr>,
+    /// `addrs` came from `--advertise`: publish them alone.
+    pub explicit: bool,
+    /// Otherwise the NAT's public address for us, once peers agree on it,
+    /// goes first.
+    pub reach: Option<Arc<crate::reach::Reachability>>,
     pub model_sha256: [u8; 32],
     pub context_length: u32,
     pub backend: String,
@@ -518,8 +524,37 @@ pub trait Capacity: Send + Sync {
     fn decode_tokens_per_s(&self) -> u32;
 }
 
+impl Announcement {
+    /// The addresses to publish now.
+    fn current_addrs(&self) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        if !self.explicit {
+            if let Some(r) = &self.reach {
+                out.extend(
+                    r.view()
+                        .candidates
+                        .iter()
+                        .filter(|c| c.kind == hypha_nat::CandidateKind::ServerReflexive)
+                        .map(|c| c.addr),
+                );
+            }
+        }
+        for a in &self.addrs {
+            if !out.contains(a) {
+                out.push(*a);
+            }
+        }
+        out.truncate(hypha_dht::record::MAX_RECORD_ADDRS);
+        out
+    }
+}
+
+/// How often a publisher checks whether its addresses changed.
+const ADDRS_CHECK: Duration = Duration::from_secs(1);
+
 /// Publishes the seeder's records until `shutdown`, republishing at half
-/// their lifetime.
+/// their lifetime, and at once when its addresses change (its NAT's public
+/// address became known).
 pub async fn publish_loop(
     discovery: Discovery,
     identity: Arc<crate::identity::Identity>,
@@ -531,11 +566,12 @@ pub async fn publish_loop(
     let mut retry = PUBLISH_RETRY;
     loop {
         let mut stored_everywhere = true;
+        let addrs = what.current_addrs();
         for name in &what.names {
             let record = ProviderRecord {
                 publisher: identity.id(),
                 public_key: identity.public_key(),
-                addrs: what.addrs.clone(),
+                addrs: addrs.clone(),
                 model: name.clone(),
                 model_sha256: what.model_sha256,
                 context_length: what.context_length,
@@ -567,9 +603,15 @@ pub async fn publish_loop(
             retry = (retry * 2).min(half_life);
             w
         };
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
-            () = tokio::time::sleep(wait) => {}
+        let until = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < until && what.current_addrs() == addrs {
+            let step = until
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(ADDRS_CHECK);
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(step) => {}
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod models;
 pub mod openai;
 pub mod peers;
 pub mod proto;
+pub mod punch;
 pub mod reach;
 pub mod seeder;
 pub mod stun;
@@ -234,7 +235,7 @@ impl Node {
                 reachability.clone(),
                 rx.clone(),
             ));
-            reach_view = Some(reachability);
+            reach_view = Some(reachability.clone());
             let seeder_state = match (&engine, serving) {
                 (Some(engine), true) => Some(Arc::new(seeder::SeederState {
                     engine: engine.clone(),
@@ -271,6 +272,8 @@ impl Node {
                 let info = engine.info();
                 let announcement = discovery::Announcement {
                     names: offer.models.clone(),
+                    explicit: !cfg.advertise.is_empty(),
+                    reach: Some(reachability.clone()),
                     addrs: advertise,
                     model_sha256: offer.model_sha256,
                     context_length: info.ctx_per_slot,
@@ -290,6 +293,8 @@ impl Node {
                 ));
                 tracing::info!(id = %ident.id(), "serving peers on QUIC {}", ep.local_addr()?);
             }
+            let (punch_dials, dial_queue) = tokio::sync::mpsc::channel(punch::PUNCH_QUEUE);
+            tokio::spawn(punch::dialer(conns.clone(), dial_queue));
             let listener = Arc::new(seeder::Listener {
                 hello: hello.clone(),
                 metrics: metrics.clone(),
@@ -297,7 +302,14 @@ impl Node {
                 pow_bits: cfg.pow_bits,
                 seeder: seeder_state,
                 discovery: Some(disc.clone()),
+                me: ident.id(),
+                conns: conns.clone(),
+                inbound: std::sync::Mutex::new(std::collections::HashMap::new()),
+                punches: std::sync::Mutex::new((std::time::Instant::now(), 0)),
+                punch_dials,
+                shutdown: rx.clone(),
             });
+            conns.set_listener(&listener);
             seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), listener, rx.clone())));
             let party = Arc::new(peers::Party {
                 identity: ident.clone(),
@@ -305,8 +317,15 @@ impl Node {
                 pow_bits: cfg.pow_bits,
             });
             let p = Arc::new(
-                Peers::new(conns, cfg.peers.clone(), Some(disc), metrics.clone(), party)
-                    .map_err(anyhow::Error::msg)?,
+                Peers::new(
+                    conns,
+                    cfg.peers.clone(),
+                    Some(disc),
+                    metrics.clone(),
+                    party,
+                    Some(reachability.clone()),
+                )
+                .map_err(anyhow::Error::msg)?,
             );
             if !cfg.peers.is_empty() {
                 let probe = p.clone();

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     /// Peer connections open now (both directions).
     pub peers_connected: AtomicU64,
+    /// Hole punches this node asked for.
+    pub punch_attempts: AtomicU64,
     /// Peers disconnected for breaking the protocol.
     pub peer_violations: AtomicU64,
     pub ttft: Histogram,
@@ -86,6 +88,7 @@ impl Default for Metrics {
             completion_tokens: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             peers_connected: AtomicU64::new(0),
+            punch_attempts: AtomicU64::new(0),
             peer_violations: AtomicU64::new(0),
             ttft: Histogram::new(&TTFT_BUCKETS_S),
             inter_token: Histogram::new(&ITL_BUCKETS_S),
@@ -194,6 +197,11 @@ impl Metrics {
             "hypha_peers_connected",
             "Peer connections open.",
             self.peers_connected.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hypha_punch_attempts_total Hole punches this node asked a peer for.\n# TYPE hypha_punch_attempts_total counter\nhypha_punch_attempts_total {}",
+            self.punch_attempts.load(Ordering::Relaxed)
         );
         out
     }

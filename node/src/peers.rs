@@ -211,6 +211,9 @@ pub struct Connections {
     entries: std::sync::Mutex<HashMap<NodeId, Arc<Entry>>>,
     /// Configured peers: never evicted.
     pinned: Vec<NodeId>,
+    /// Serves the streams peers open on connections this node dialed (a
+    /// rendezvous forwards punch requests that way).
+    listener: std::sync::OnceLock<std::sync::Weak<crate::seeder::Listener>>,
 }
 
 impl Connections {
@@ -234,7 +237,19 @@ impl Connections {
             dial_timeout,
             entries: std::sync::Mutex::new(entries),
             pinned: pinned.iter().map(|p| p.id).collect(),
+            listener: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Where streams peers open on dialed connections are served.
+    pub fn set_listener(&self, listener: &Arc<crate::seeder::Listener>) {
+        let _ = self.listener.set(Arc::downgrade(listener));
+    }
+
+    /// The open connection to `id`, if any.
+    pub fn live(&self, id: &NodeId) -> Option<quinn::Connection> {
+        let e = lock(&self.entries).get(id).cloned()?;
+        e.live()
     }
 
     /// The slot for `peer`, made if needed. A peer seen at a new address
@@ -324,6 +339,16 @@ impl Connections {
             metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(peer = %id, "peer connection closed: {why}");
         });
+        if let Some(l) = self.listener.get().and_then(std::sync::Weak::upgrade) {
+            let shutdown = l.shutdown.clone();
+            // Boxed as `dyn Send`: serving a stream can dial (punching),
+            // which leads back here, and a recursive future needs a
+            // named type.
+            let serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(
+                crate::seeder::serve_streams(conn.clone(), id, hello.clone(), l, shutdown),
+            );
+            tokio::spawn(serve);
+        }
         *slot = Some((conn.clone(), hello.clone()));
         Ok((conn, hello))
     }
@@ -360,6 +385,9 @@ impl Connections {
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub addr: PeerAddr,
+    /// Its record named several addresses (its own and its NAT's): it sits
+    /// behind a NAT, so a hole is punched before dialing it.
+    pub punch: bool,
     /// From its provider record, when the DHT named it.
     pub free_slots: Option<u32>,
     pub decode_tokens_per_s: Option<u32>,
@@ -456,6 +484,8 @@ pub struct Peers {
     health: std::sync::Mutex<HashMap<NodeId, Health>>,
     cache: std::sync::Mutex<HashMap<String, CachedProviders>>,
     running: Arc<Running>,
+    /// This node's own candidates, for punch requests.
+    reach: Option<Arc<crate::reach::Reachability>>,
 }
 
 impl Peers {
@@ -465,6 +495,7 @@ impl Peers {
         discovery: Option<Discovery>,
         metrics: Arc<Metrics>,
         party: Arc<Party>,
+        reach: Option<Arc<crate::reach::Reachability>>,
     ) -> Result<Self, String> {
         if configured.len() > MAX_CONFIGURED_PEERS {
             return Err(format!("at most {MAX_CONFIGURED_PEERS} peers"));
@@ -483,6 +514,7 @@ impl Peers {
             health: std::sync::Mutex::new(HashMap::new()),
             cache: std::sync::Mutex::new(HashMap::new()),
             running: Arc::default(),
+            reach,
         })
     }
 
@@ -595,6 +627,31 @@ impl Peers {
         lock(&self.health).remove(id);
     }
 
+    /// Asks `target` (through rendezvous nodes near it in the DHT) to dial
+    /// this node's candidates, so the dial that follows meets an open hole.
+    async fn punch(&self, target: NodeId) {
+        let (Some(d), Some(reach)) = (&self.discovery, &self.reach) else {
+            return;
+        };
+        let mine: Vec<SocketAddr> = reach.view().candidates.iter().map(|c| c.addr).collect();
+        let rendezvous: Vec<PeerAddr> = match d.find_node(target).await {
+            Some(found) => found
+                .closest
+                .into_iter()
+                .filter(|c| c.id != target)
+                .map(|c| PeerAddr {
+                    id: c.id,
+                    addr: c.addr,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let req = crate::punch::request(&self.party.identity, target, &mine);
+        let ok = crate::punch::ask(&self.conns, &rendezvous, &req).await;
+        self.metrics.punch_attempts.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%target, forwarded = ok, "punch requested");
+    }
+
     /// Providers of `model` the DHT names, from the cache while fresh.
     async fn discovered(&self, model: &str, refresh: bool) -> Vec<ProviderRecord> {
         let Some(d) = &self.discovery else {
@@ -641,6 +698,7 @@ impl Peers {
             .filter(|k| k.models.iter().any(|m| m == model))
             .map(|k| Candidate {
                 addr: k.addr,
+                punch: false,
                 free_slots: None,
                 decode_tokens_per_s: None,
             })
@@ -658,6 +716,7 @@ impl Peers {
                     id: r.publisher,
                     addr: *addr,
                 },
+                punch: r.addrs.len() > 1,
                 free_slots: Some(r.free_slots),
                 decode_tokens_per_s: Some(r.decode_tokens_per_s),
             };
@@ -724,6 +783,9 @@ impl Peers {
         let mut last = None;
         for c in providers.into_iter().take(MAX_PROVIDER_ATTEMPTS) {
             let peer = c.addr.id;
+            if c.punch && self.conns.live(&peer).is_none() {
+                self.punch(peer).await;
+            }
             for fresh in [false, true] {
                 let (conn, terms) = match self.conns.get(&c.addr, fresh).await {
                     Ok(c) => c,
@@ -1249,6 +1311,7 @@ mod tests {
                 id: NodeId([1; 32]),
                 addr: "127.0.0.1:1".parse().unwrap(),
             },
+            punch: false,
             free_slots: free,
             decode_tokens_per_s: tps,
         }

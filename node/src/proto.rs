@@ -208,6 +208,8 @@ pub fn kind_of(msg: &ArchivedMessage) -> &'static str {
         ArchivedMessage::Accepted(_) => "accepted",
         ArchivedMessage::Dht(_) => "dht request",
         ArchivedMessage::DhtReply(_) => "dht reply",
+        ArchivedMessage::Punch(_) => "punch request",
+        ArchivedMessage::PunchReply(_) => "punch reply",
     }
 }
 

@@ -250,6 +250,42 @@ pub struct Listener {
     pub seeder: Option<Arc<SeederState>>,
     /// The DHT this node answers for.
     pub discovery: Option<Discovery>,
+    /// This node's id and its outgoing connections (punching dials out).
+    pub me: NodeId,
+    pub conns: Arc<crate::peers::Connections>,
+    /// Peers connected to this node, by id: a rendezvous forwards punch
+    /// requests over them. Bounded by `max_peers` (one per connection).
+    pub inbound: std::sync::Mutex<std::collections::HashMap<NodeId, quinn::Connection>>,
+    /// Punch requests handled in the current second.
+    pub punches: std::sync::Mutex<(std::time::Instant, u32)>,
+    /// Accepted punch requests, for the dialer task: the initiator and its
+    /// candidates.
+    pub punch_dials: tokio::sync::mpsc::Sender<(NodeId, Vec<std::net::SocketAddr>)>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Listener {
+    fn inbound_opened(&self, peer: NodeId, conn: &quinn::Connection) {
+        lock(&self.inbound).insert(peer, conn.clone());
+    }
+
+    fn inbound_closed(&self, peer: NodeId, conn: &quinn::Connection) {
+        let mut m = lock(&self.inbound);
+        if m.get(&peer)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            m.remove(&peer);
+        }
+    }
+
+    /// A live connection to `peer`, accepted or dialed.
+    pub fn connection_to(&self, peer: &NodeId) -> Option<quinn::Connection> {
+        let accepted = lock(&self.inbound)
+            .get(peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned();
+        accepted.or_else(|| self.conns.live(peer))
+    }
 }
 
 /// Accepts peers until `shutdown` turns true, then closes every connection.
@@ -305,7 +341,7 @@ async fn serve_connection(
     conn: quinn::Connection,
     peer: NodeId,
     state: Arc<Listener>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let hello = match hello_as_acceptor(&conn, peer, &state.hello, state.pow_bits).await {
         Ok(h) => h,
@@ -328,6 +364,25 @@ async fn serve_connection(
         .metrics
         .peers_connected
         .fetch_add(1, Ordering::Relaxed);
+    state.inbound_opened(peer, &conn);
+    serve_streams(conn.clone(), peer, hello, state.clone(), shutdown).await;
+    state.inbound_closed(peer, &conn);
+    state
+        .metrics
+        .peers_connected
+        .fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Serves the streams a peer opens on `conn` (accepted here, or dialed by
+/// this node: a peer may send requests either way) until it closes or the
+/// node stops.
+pub async fn serve_streams(
+    conn: quinn::Connection,
+    peer: NodeId,
+    hello: Arc<VerifiedHello>,
+    state: Arc<Listener>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             biased;
@@ -340,7 +395,7 @@ async fn serve_connection(
         let (send, recv) = match accepted {
             Ok(s) => s,
             Err(e) => {
-                tracing::info!("peer disconnected: {e}");
+                tracing::debug!(%peer, "peer disconnected: {e}");
                 break;
             }
         };
@@ -364,16 +419,13 @@ async fn serve_connection(
             .in_current_span(),
         );
     }
-    state
-        .metrics
-        .peers_connected
-        .fetch_sub(1, Ordering::Relaxed);
 }
 
 /// What may open a stream.
 enum Opening {
     Request(InferenceRequest),
     Dht(DhtRequest),
+    Punch(hypha_wire::PunchRequest),
 }
 
 fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
@@ -385,6 +437,7 @@ fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
         ArchivedMessage::Dht(d) => hypha_wire::owned_dht_request(d)
             .map(Opening::Dht)
             .map_err(bad),
+        ArchivedMessage::Punch(p) => hypha_wire::owned_punch(p).map(Opening::Punch).map_err(bad),
         other => Err(PeerError::Protocol(format!(
             "a stream must start with a request, not a {}",
             kind_of(other)
@@ -407,6 +460,13 @@ async fn serve_any(
         .map_err(|_| PeerError::Protocol("stream carried no request".into()))??
         .ok_or_else(|| PeerError::Protocol("stream ended before its request".into()))?;
     match first {
+        Opening::Punch(req) => {
+            let code = crate::punch::handle(state, req, peer.node_id).await;
+            send.send(&Message::PunchReply(hypha_wire::PunchReply { code }))
+                .await?;
+            send.finish();
+            Ok(())
+        }
         Opening::Dht(req) => {
             let reply = match &state.discovery {
                 Some(d) => {

@@ -138,3 +138,88 @@ async fn nodes_learn_how_peers_see_them() {
         n.stop().await.unwrap();
     }
 }
+
+/// Sends a punch request on a new stream of `conn`; the answer's code.
+async fn punch_via(conn: &quinn::Connection, req: &hypha_wire::PunchRequest) -> u16 {
+    use hypha_node::proto::{FramedRecv, FramedSend};
+    let (s, r) = conn.open_bi().await.unwrap();
+    let mut s = FramedSend::new(s);
+    s.send(&hypha_wire::Message::Punch(req.clone()))
+        .await
+        .unwrap();
+    s.finish();
+    let mut r = FramedRecv::new(r);
+    r.next(|m| match m {
+        hypha_wire::ArchivedMessage::PunchReply(p) => Ok(p.code.to_native()),
+        other => panic!("{other:?}"),
+    })
+    .await
+    .unwrap()
+    .expect("a reply")
+}
+
+/// The punch mechanics over real sockets: a rendezvous forwards a signed
+/// request to the target over the target's own connection to it, and the
+/// target dials the initiator's candidate; forged, stale and misdirected
+/// requests are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendezvous_forwards_signed_punch_requests_and_the_target_dials() {
+    use hypha_node::identity::Identity;
+    use hypha_node::transport::Endpoint;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let r = plain_node(dirs.0.path(), Vec::new()).await;
+    let t = plain_node(dirs.1.path(), vec![r.peer_addr().unwrap()]).await;
+    let (r_addr, t_id) = (r.peer_addr().unwrap(), t.id().unwrap());
+    // The target joined through the rendezvous: it holds a connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r
+        .peers()
+        .unwrap()
+        .discovery()
+        .unwrap()
+        .view()
+        .await
+        .unwrap()
+        .contacts
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the target never joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The initiator: a bare endpoint that accepts whoever dials it.
+    let me: Identity = common::peer_identity(60);
+    let ep = Endpoint::bind(&me, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let my_addr = ep.local_addr().unwrap();
+    let conn = ep.dial(r_addr.addr, r_addr.id).await.unwrap();
+    let hello = hypha_node::proto::hello_message(&me, Default::default());
+    hypha_node::proto::hello_as_dialer(&conn, r_addr.id, &hello, TEST_POW_BITS)
+        .await
+        .unwrap();
+
+    // Refused: a candidate changed after signing, an old request, a target
+    // the rendezvous is not connected to.
+    let mut forged = hypha_node::punch::request(&me, t_id, &[my_addr]);
+    forged.candidates = vec!["198.18.0.99:9".into()];
+    assert_eq!(punch_via(&conn, &forged).await, 400);
+    let mut stale = hypha_node::punch::request(&me, t_id, &[my_addr]);
+    stale.issued_ms -= hypha_node::punch::PUNCH_MAX_AGE_MS + 1_000;
+    assert_eq!(punch_via(&conn, &stale).await, 400);
+    let nowhere = hypha_node::punch::request(&me, hypha_wire::NodeId([7; 32]), &[my_addr]);
+    assert_eq!(punch_via(&conn, &nowhere).await, 404);
+
+    // Forwarded: the target dials our candidate and completes a hello.
+    let good = hypha_node::punch::request(&me, t_id, &[my_addr]);
+    assert_eq!(punch_via(&conn, &good).await, 200);
+    let (dialed, who) = tokio::time::timeout(Duration::from_secs(10), ep.accept())
+        .await
+        .expect("the target dials back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(who, t_id);
+    hypha_node::proto::hello_as_acceptor(&dialed, who, &hello, TEST_POW_BITS)
+        .await
+        .unwrap();
+    t.stop().await.unwrap();
+    r.stop().await.unwrap();
+}

@@ -127,10 +127,25 @@ impl Lab {
         ]);
         for (ns, ifc, cidr) in [(a, &ia, a_cidr), (b, &ib, b_cidr)] {
             must(&["ip", "link", "set", ifc, "netns", ns]);
-            must(&["ip", "-n", ns, "addr", "add", cidr, "dev", ifc]);
+            if !cidr.is_empty() {
+                must(&["ip", "-n", ns, "addr", "add", cidr, "dev", ifc]);
+            }
             must(&["ip", "-n", ns, "link", "set", ifc, "up"]);
         }
         (ia, ib)
+    }
+
+    /// The public link: a namespace whose bridge joins its hosts and every
+    /// router's outside end, with `addrs` (CIDR) on the bridge.
+    fn public(&mut self, addrs: &[&str]) -> String {
+        let ns = self.host("pub");
+        let br = format!("{}br", self.prefix);
+        must(&["ip", "-n", &ns, "link", "add", &br, "type", "bridge"]);
+        must(&["ip", "-n", &ns, "link", "set", &br, "up"]);
+        for a in addrs {
+            must(&["ip", "-n", &ns, "addr", "add", a, "dev", &br]);
+        }
+        ns
     }
 
     /// A router namespace `rtr` between the public link's namespace `public`
@@ -139,12 +154,9 @@ impl Lab {
     fn nat(&mut self, public: &str, outside: &str, net: u8, symmetric: bool) -> String {
         let rtr = self.host(&format!("rtr{net}"));
         let home = self.host(&format!("home{net}"));
-        let (_, out_if) = self.wire(
-            public,
-            &format!("198.18.0.{net}0/24"),
-            &rtr,
-            &format!("{outside}/24"),
-        );
+        let (pub_if, out_if) = self.wire(public, "", &rtr, &format!("{outside}/24"));
+        let br = format!("{}br", self.prefix);
+        must(&["ip", "-n", public, "link", "set", &pub_if, "master", &br]);
         let inside = format!("198.19.{net}.1");
         self.wire(
             &rtr,
@@ -306,19 +318,8 @@ impl Drop for Lab {
 /// node behind it says of its mapping.
 fn mapping_behind(symmetric: bool, tag: &str) -> Option<String> {
     let mut lab = Lab::try_new(tag)?;
-    let public = lab.host("pub");
+    let public = lab.public(&["198.18.0.10/24", "198.18.0.11/24"]);
     let home = lab.nat(&public, "198.18.0.254", 1, symmetric);
-    // The public hosts: two addresses on the public side of the link.
-    must(&[
-        "ip",
-        "-n",
-        &public,
-        "addr",
-        "add",
-        "198.18.0.11/24",
-        "dev",
-        &format!("{}a1", lab.prefix),
-    ]);
     let a = lab.node(&public, "a", "198.18.0.10:7001", "127.0.0.1:8001", None);
     let a_addr = a.wait_for("peers reach this node as");
     let b = lab.node(
@@ -402,18 +403,8 @@ fn completions_stream_to_public_and_natted_consumers() {
     let Some(mut lab) = Lab::try_new("c") else {
         return;
     };
-    let public = lab.host("pub");
+    let public = lab.public(&["198.18.0.10/24", "198.18.0.11/24"]);
     let home = lab.nat(&public, "198.18.0.254", 1, false);
-    must(&[
-        "ip",
-        "-n",
-        &public,
-        "addr",
-        "add",
-        "198.18.0.11/24",
-        "dev",
-        &format!("{}a1", lab.prefix),
-    ]);
     let model = common::test_model();
     let name = model.file_stem().unwrap().to_str().unwrap().to_owned();
     let sdir = lab.dir.path().join("seeder");
@@ -468,4 +459,85 @@ fn completions_stream_to_public_and_natted_consumers() {
     assert_eq!(peer2, seeder_id);
     assert_eq!(text2, text, "greedy output is the same either way");
     println!("streamed through a public and a NATed consumer: {text:?}");
+}
+
+/// The seeder and the consumer each behind an endpoint-independent NAT
+/// that drops unsolicited packets, a public bootstrap node between them:
+/// the seeder publishes its NAT's address, the consumer asks it (through
+/// the bootstrap node) to punch, and the completion flows over the direct
+/// path between the two NATs' public addresses. (Here the two nodes' own
+/// DHT requests to each other, sent both ways, open the holes too; the
+/// punch exchange itself is checked in `tests/nat.rs`.)
+#[test]
+fn a_hole_is_punched_between_two_nats() {
+    let Some(mut lab) = Lab::try_new("p") else {
+        return;
+    };
+    let public = lab.public(&["198.18.0.10/24"]);
+    let home_s = lab.nat(&public, "198.18.0.254", 1, false);
+    let home_c = lab.nat(&public, "198.18.0.253", 2, false);
+    let boot = lab.node(&public, "boot", "198.18.0.10:7001", "127.0.0.1:8001", None);
+    let boot_addr = boot.wait_for("peers reach this node as");
+    let model = common::test_model();
+    let name = model.file_stem().unwrap().to_str().unwrap().to_owned();
+    let sdir = lab.dir.path().join("seeder");
+    let pow = common::TEST_POW_BITS.to_string();
+    let seeder = lab.hypha(
+        &home_s,
+        &[
+            "up",
+            "--model",
+            model.to_str().unwrap(),
+            "--quic",
+            "198.19.1.2:7002",
+            "--http",
+            "127.0.0.1:8002",
+            "--threads",
+            "1",
+            "--parallel",
+            "2",
+            "--ctx-size",
+            "512",
+            "--pow-bits",
+            &pow,
+            "--data-dir",
+            sdir.to_str().unwrap(),
+            "--bootstrap",
+            &boot_addr,
+        ],
+    );
+    let seeder_id = seeder
+        .wait_for("peers reach this node as")
+        .split('@')
+        .next()
+        .unwrap()
+        .to_owned();
+    // The seeder's records carry its NAT's address once two peers agree on
+    // it; the bootstrap node is one, the consumer the other.
+    let consumer = lab.node(
+        &home_c,
+        "c",
+        "198.19.2.2:7003",
+        "127.0.0.1:8003",
+        Some(&boot_addr),
+    );
+    consumer.wait_for("API at");
+    lab.wait_status(&home_s, "127.0.0.1:8002", "srflx 198.18.0.254:7002");
+    lab.wait_status(&home_c, "127.0.0.1:8003", "srflx 198.18.0.253:7003");
+    let started = Instant::now();
+    let (peer, text) = stream_through(&lab, &home_c, "127.0.0.1:8003", &name);
+    assert_eq!(peer, seeder_id);
+    assert!(!text.trim().is_empty());
+    // The consumer's connection to the seeder runs between the two NATs'
+    // public addresses: direct, through the punched hole.
+    let net = lab.exec(&home_c, &[HYPHA, "peers", "--url", "http://127.0.0.1:8003"]);
+    let line = net
+        .lines()
+        .find(|l| l.contains(&seeder_id) && l.contains("connected"))
+        .unwrap_or_else(|| panic!("no connection to the seeder:\n{net}"));
+    assert!(line.contains("198.18.0.254:7002"), "{line}");
+    println!(
+        "punched and streamed in {:.1} s: {text:?}\n{line}",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -79,3 +79,8 @@ pub fn owned_dht_reply(r: &ArchivedDhtReply) -> Result<DhtReply, WireError> {
     rkyv::deserialize::<DhtReply, rkyv::rancor::Error>(r)
         .map_err(|e| WireError::Invalid(e.to_string()))
 }
+
+pub fn owned_punch(r: &ArchivedPunchRequest) -> Result<PunchRequest, WireError> {
+    rkyv::deserialize::<PunchRequest, rkyv::rancor::Error>(r)
+        .map_err(|e| WireError::Invalid(e.to_string()))
+}

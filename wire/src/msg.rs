@@ -24,6 +24,11 @@ pub enum Message {
     Dht(DhtRequest),
     /// The answer to a [`DhtRequest`], the only frame sent back.
     DhtReply(DhtReply),
+    /// A node asks to be dialed by `target` (hole punching): sent to a
+    /// rendezvous node, which forwards it unchanged to the target.
+    Punch(PunchRequest),
+    /// The answer to a [`PunchRequest`].
+    PunchReply(PunchReply),
 }
 
 /// Opens a connection: who the sender is and what it can do. The signature
@@ -256,4 +261,46 @@ pub enum DhtReply {
     },
     Stored,
     Refused,
+}
+
+/// See [`Message::Punch`]. Signed by the initiator, so neither the
+/// rendezvous nor anyone else can make the target dial addresses the
+/// initiator did not name.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct PunchRequest {
+    pub initiator: [u8; 32],
+    pub initiator_key: [u8; 32],
+    pub target: [u8; 32],
+    /// The initiator's candidate addresses (`ip:port`).
+    pub candidates: Vec<String>,
+    /// Unix milliseconds, by the initiator's clock.
+    pub issued_ms: u64,
+    pub signature: [u8; 64],
+}
+
+impl PunchRequest {
+    /// The bytes the signature covers.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        out.extend_from_slice(b"hypha-punch-1\0");
+        out.extend_from_slice(&self.initiator);
+        out.extend_from_slice(&self.initiator_key);
+        out.extend_from_slice(&self.target);
+        out.extend_from_slice(&(self.candidates.len() as u32).to_le_bytes());
+        for c in &self.candidates {
+            out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+            out.extend_from_slice(c.as_bytes());
+        }
+        out.extend_from_slice(&self.issued_ms.to_le_bytes());
+        out
+    }
+}
+
+/// See [`Message::PunchReply`]: 200 the target is dialing, 404 the
+/// rendezvous has no connection to the target, 400 refused, 429 too many.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct PunchReply {
+    pub code: u16,
 }

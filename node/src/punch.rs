@@ -1,0 +1,191 @@
+//! Hole punching: two nodes that cannot dial each other (one or both
+//! behind NATs that drop unsolicited packets) dial each other at the same
+//! time, so each NAT sees the other's packets as replies.
+//!
+//! The initiator signs a [`PunchRequest`] naming the target and its own
+//! candidate addresses and sends it to rendezvous nodes: nodes close to
+//! the target in the DHT, which the target keeps connections to. A
+//! rendezvous with a live connection to the target forwards the request
+//! unchanged; the target checks the signature and age and dials the
+//! initiator's candidates, while the initiator dials the target's. The
+//! signature means no rendezvous can make a node dial addresses the
+//! initiator did not name; requests are rate-limited per node.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ed25519_dalek::{Signature, Signer as _, Verifier as _, VerifyingKey};
+use hypha_wire::{ArchivedMessage, Message, NodeId, PunchRequest};
+
+use crate::discovery::unix_ms;
+use crate::identity::Identity;
+use crate::peers::{Connections, PeerAddr};
+use crate::proto::{FramedRecv, FramedSend, PeerError};
+use crate::seeder::Listener;
+
+/// How old (or how far in the future) a request may be: it is acted on
+/// within a round trip; this allows for clock skew.
+pub const PUNCH_MAX_AGE_MS: u64 = 30_000;
+/// Candidate addresses one request may name.
+pub const MAX_PUNCH_CANDIDATES: usize = 8;
+/// Punch requests a node handles per second (as rendezvous and target).
+pub const MAX_PUNCHES_PER_SECOND: u32 = 32;
+/// Rendezvous nodes asked, one after another, until one forwards.
+pub const RENDEZVOUS_TRIES: usize = 3;
+/// How long a rendezvous may take to answer (it forwards and waits for the
+/// target's answer).
+pub const PUNCH_REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the target spends dialing each of the initiator's candidates.
+pub const PUNCH_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A signed request for `target` to dial `candidates`.
+pub fn request(identity: &Identity, target: NodeId, candidates: &[SocketAddr]) -> PunchRequest {
+    let mut req = PunchRequest {
+        initiator: identity.id().0,
+        initiator_key: identity.public_key(),
+        target: target.0,
+        candidates: candidates
+            .iter()
+            .take(MAX_PUNCH_CANDIDATES)
+            .map(ToString::to_string)
+            .collect(),
+        issued_ms: unix_ms(),
+        signature: [0; 64],
+    };
+    req.signature = identity.signing_key().sign(&req.signed_bytes()).to_bytes();
+    req
+}
+
+/// Checks a request at `now_ms`: the key is the initiator's, the signature
+/// covers it, it is recent, its candidates parse. The initiator and its
+/// candidates.
+pub fn check(req: &PunchRequest, now_ms: u64) -> Result<(NodeId, Vec<SocketAddr>), PeerError> {
+    let bad = |why: &str| PeerError::Protocol(format!("punch request refused: {why}"));
+    if req.candidates.len() > MAX_PUNCH_CANDIDATES {
+        return Err(bad("too many candidates"));
+    }
+    if hypha_ledger::node_id_of(&req.initiator_key).0 != req.initiator {
+        return Err(bad("the key is not the initiator's"));
+    }
+    if req.issued_ms.abs_diff(now_ms) > PUNCH_MAX_AGE_MS {
+        return Err(bad("too old or from the future"));
+    }
+    let key = VerifyingKey::from_bytes(&req.initiator_key).map_err(|_| bad("invalid key"))?;
+    key.verify(&req.signed_bytes(), &Signature::from_bytes(&req.signature))
+        .map_err(|_| bad("the signature does not verify"))?;
+    let candidates = req
+        .candidates
+        .iter()
+        .map(|c| {
+            c.parse::<SocketAddr>()
+                .map_err(|_| bad("a candidate does not parse"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((NodeId(req.initiator), candidates))
+}
+
+/// Sends `req` on a new stream of `conn` and reads the answer's code.
+async fn send(conn: &quinn::Connection, req: &PunchRequest) -> Result<u16, PeerError> {
+    let (s, r) = conn.open_bi().await?;
+    let mut s = FramedSend::new(s);
+    s.send(&Message::Punch(req.clone())).await?;
+    s.finish();
+    let mut r = FramedRecv::new(r);
+    r.next(|m| match m {
+        ArchivedMessage::PunchReply(p) => Ok(p.code.to_native()),
+        other => Err(PeerError::Protocol(format!(
+            "{} in answer to a punch request",
+            crate::proto::kind_of(other)
+        ))),
+    })
+    .await?
+    .ok_or_else(|| PeerError::Protocol("punch stream ended without a reply".into()))
+}
+
+/// Asks rendezvous nodes in turn to forward `req`; true when one did and
+/// the target accepted it.
+pub async fn ask(conns: &Connections, rendezvous: &[PeerAddr], req: &PunchRequest) -> bool {
+    for r in rendezvous.iter().take(RENDEZVOUS_TRIES) {
+        let asked = tokio::time::timeout(PUNCH_REPLY_TIMEOUT, async {
+            let (conn, _) = conns.get(r, false).await?;
+            send(&conn, req).await
+        })
+        .await;
+        match asked {
+            Ok(Ok(200)) => return true,
+            Ok(Ok(code)) => tracing::debug!(rendezvous = %r, code, "punch not forwarded"),
+            Ok(Err(e)) => tracing::debug!(rendezvous = %r, "punch request failed: {e}"),
+            Err(_) => tracing::debug!(rendezvous = %r, "punch request timed out"),
+        }
+    }
+    false
+}
+
+fn allowed(state: &Listener) -> bool {
+    let mut w = state.punches.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    if now.duration_since(w.0) >= Duration::from_secs(1) {
+        *w = (now, 0);
+    }
+    w.1 += 1;
+    w.1 <= MAX_PUNCHES_PER_SECOND
+}
+
+/// Punch dials waiting for the dialer: more are refused (429).
+pub const PUNCH_QUEUE: usize = 64;
+
+/// Dials the initiators of accepted punch requests, each candidate in turn
+/// until one connects, until the queue closes.
+pub async fn dialer(
+    conns: std::sync::Arc<Connections>,
+    mut queue: tokio::sync::mpsc::Receiver<(NodeId, Vec<SocketAddr>)>,
+) {
+    while let Some((initiator, candidates)) = queue.recv().await {
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            for addr in candidates {
+                let peer = PeerAddr {
+                    id: initiator,
+                    addr,
+                };
+                match tokio::time::timeout(PUNCH_DIAL_TIMEOUT, conns.get(&peer, false)).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(%initiator, %addr, "hole punched");
+                        return;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%addr, "punch dial failed: {e}"),
+                    Err(_) => tracing::debug!(%addr, "punch dial timed out"),
+                }
+            }
+        });
+    }
+}
+
+/// Handles a punch request that arrived from `from`: as its target, dials
+/// the initiator; as a rendezvous, forwards it. The answer's code.
+pub async fn handle(state: &Listener, req: PunchRequest, from: NodeId) -> u16 {
+    if !allowed(state) {
+        return 429;
+    }
+    let (initiator, candidates) = match check(&req, unix_ms()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%from, "{e}");
+            return 400;
+        }
+    };
+    if NodeId(req.target) == state.me {
+        tracing::debug!(%initiator, ?candidates, "punching toward a peer");
+        return match state.punch_dials.try_send((initiator, candidates)) {
+            Ok(()) => 200,
+            Err(_) => 429,
+        };
+    }
+    let Some(conn) = state.connection_to(&NodeId(req.target)) else {
+        return 404;
+    };
+    match tokio::time::timeout(PUNCH_REPLY_TIMEOUT, send(&conn, &req)).await {
+        Ok(Ok(code)) => code,
+        _ => 502,
+    }
+}
