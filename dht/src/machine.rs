@@ -363,7 +363,7 @@ impl Dht {
         }
         let mut signed = Vec::with_capacity(receipts.len());
         for r in receipts {
-            let r = receipts::check(&key, r.signed().clone())?;
+            let r = receipts::check(&key, r.signed().clone(), now_ms)?;
             signed.push(r.signed().clone());
             let _ = self.receipts.put(key, r);
         }
@@ -482,6 +482,11 @@ impl Dht {
             Purpose::Refresh => {
                 self.queries.remove(&qid);
             }
+            Purpose::Bootstrap if closest.is_empty() => {
+                // Nobody answered: refreshing 255 far buckets through the
+                // same silent contacts would only repeat the failure.
+                self.queries.remove(&qid);
+            }
             Purpose::Bootstrap => {
                 self.queries.remove(&qid);
                 // Fill the far buckets, as a joining node learns only its
@@ -515,10 +520,8 @@ impl Dht {
             }
             Purpose::GetReceipts { mut found } => {
                 self.queries.remove(&qid);
-                for r in self.receipts.get(&target) {
-                    if let Ok(v) = receipts::check(&target, r) {
-                        receipts::merge(&mut found, v, MAX_RECEIPTS_PER_KEY);
-                    }
+                for v in self.receipts.get_verified(&target) {
+                    receipts::merge(&target, &mut found, v, MAX_RECEIPTS_PER_KEY);
                 }
                 self.events.push_back(Event::QueryDone {
                     id: qid,
@@ -646,7 +649,11 @@ impl Dht {
                 // pass one on, but each must check out.
                 let mut all = true;
                 for r in receipts {
-                    let stored = receipts::check(&key, r).and_then(|v| self.receipts.put(key, v));
+                    if self.receipts.holds(&key, &r) {
+                        continue;
+                    }
+                    let stored =
+                        receipts::check(&key, r, now_ms).and_then(|v| self.receipts.put(key, v));
                     all &= stored.is_ok();
                 }
                 if all {
@@ -730,8 +737,8 @@ impl Dht {
                 if found.iter().any(|f| *f.signed() == r) {
                     continue;
                 }
-                if let Ok(v) = receipts::check(&target, r) {
-                    receipts::merge(found, v, MAX_RECEIPTS_PER_KEY);
+                if let Ok(v) = receipts::check(&target, r, now_ms) {
+                    receipts::merge(&target, found, v, MAX_RECEIPTS_PER_KEY);
                 }
             }
         }

@@ -3,15 +3,20 @@
 //! and compute its balance from signed receipts alone.
 //!
 //! A receipt is stored only after both of its signatures and keys check
-//! out, and only under the key of a party it names. Each key holds the
+//! out, only under the key of a party it names, and not when it claims to
+//! finish in the future (beyond [`MAX_CLOCK_SKEW_MS`]). Each key holds the
 //! newest [`MAX_RECEIPTS_PER_KEY`] receipts (by finish time), one per
-//! (consumer, request id): a cumulative receipt replaces an earlier one of
-//! the same request when it covers more tokens. A balance computed from the
-//! DHT therefore covers a party's newest receipts, up to that bound.
+//! (consumer, seeder, request id): a cumulative receipt replaces an earlier
+//! one of the same request when it covers more tokens; at most
+//! [`MAX_PER_COUNTERPARTY`] of them with any one other party, so receipts a
+//! node makes with identities of its own cannot push out the rest. A
+//! balance computed from the DHT covers a party's newest receipts, up to
+//! those bounds. A full store makes room by dropping the key whose newest
+//! receipt is oldest.
 
 use std::collections::HashMap;
 
-use hypha_ledger::{ReceiptKey, SignedReceipt, VerifiedReceipt};
+use hypha_ledger::{SignedReceipt, VerifiedReceipt};
 use hypha_wire::NodeId;
 
 use crate::DhtError;
@@ -22,6 +27,26 @@ pub const MAX_RECEIPTS_PER_KEY: usize = 256;
 pub const MAX_STORED_RECEIPTS: usize = 50_000;
 /// Receipts one store request may carry (64 x 376 bytes).
 pub const MAX_RECEIPTS_PER_PUT: usize = 64;
+/// Receipts kept per key with any one counterparty.
+pub const MAX_PER_COUNTERPARTY: usize = 64;
+/// How far in the future a receipt's finish time may lie (clock skew).
+pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+
+/// One request: a consumer's request id at one seeder.
+fn same_request(a: &VerifiedReceipt, b: &VerifiedReceipt) -> bool {
+    let (a, b) = (a.receipt(), b.receipt());
+    a.consumer == b.consumer && a.seeder == b.seeder && a.request_id == b.request_id
+}
+
+/// The other party of a receipt under `key`.
+fn counterparty(key: &NodeId, r: &VerifiedReceipt) -> NodeId {
+    let rc = r.receipt();
+    if receipts_key(&rc.consumer) == *key {
+        rc.seeder
+    } else {
+        rc.consumer
+    }
+}
 
 /// The DHT key a node's receipts are stored under.
 pub fn receipts_key(id: &NodeId) -> NodeId {
@@ -41,24 +66,36 @@ fn supersedes(new: &VerifiedReceipt, old: &VerifiedReceipt) -> bool {
         > (o.completion_tokens, o.finished_ms, o.credits)
 }
 
-/// Checks a receipt and the key it is offered under.
-pub fn check(key: &NodeId, receipt: SignedReceipt) -> Result<VerifiedReceipt, DhtError> {
+/// Checks a receipt and the key it is offered under, at `now_ms`.
+pub fn check(
+    key: &NodeId,
+    receipt: SignedReceipt,
+    now_ms: u64,
+) -> Result<VerifiedReceipt, DhtError> {
     let r = &receipt.receipt;
     if *key != receipts_key(&r.consumer) && *key != receipts_key(&r.seeder) {
         return Err(DhtError::BadRecord(
             "receipt stored under the key of a node it does not name",
         ));
     }
+    if r.finished_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(DhtError::BadRecord("receipt finishes in the future"));
+    }
     receipt
         .verify()
         .map_err(|_| DhtError::BadRecord("receipt signatures do not verify"))
 }
 
-/// Adds `new` to a list of one key's receipts (newest first, one per
-/// request), keeping at most `max`; true when the list changed.
-pub fn merge(list: &mut Vec<VerifiedReceipt>, new: VerifiedReceipt, max: usize) -> bool {
-    let k: ReceiptKey = new.receipt().key();
-    if let Some(i) = list.iter().position(|r| r.receipt().key() == k) {
+/// Adds `new` to a list of `key`'s receipts (newest first, one per
+/// request, at most [`MAX_PER_COUNTERPARTY`] per other party), keeping at
+/// most `max`; true when the list changed.
+pub fn merge(
+    key: &NodeId,
+    list: &mut Vec<VerifiedReceipt>,
+    new: VerifiedReceipt,
+    max: usize,
+) -> bool {
+    if let Some(i) = list.iter().position(|r| same_request(r, &new)) {
         let Some(old) = list.get(i) else {
             return false;
         };
@@ -66,6 +103,26 @@ pub fn merge(list: &mut Vec<VerifiedReceipt>, new: VerifiedReceipt, max: usize) 
             return false;
         }
         list.remove(i);
+    }
+    let other = counterparty(key, &new);
+    let with_other: Vec<usize> = list
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| counterparty(key, r) == other)
+        .map(|(i, _)| i)
+        .collect();
+    if with_other.len() >= MAX_PER_COUNTERPARTY {
+        // Newest first: the last one with this party is its oldest.
+        let Some(&oldest) = with_other.last() else {
+            return false;
+        };
+        let newer = list
+            .get(oldest)
+            .is_some_and(|o| o.receipt().finished_ms < new.receipt().finished_ms);
+        if !newer {
+            return false;
+        }
+        list.remove(oldest);
     }
     let at = list
         .iter()
@@ -87,25 +144,39 @@ pub struct ReceiptStore {
 }
 
 impl ReceiptStore {
-    /// Stores a checked receipt under `key`.
+    /// Stores a checked receipt under `key`. A full store first drops the
+    /// key whose newest receipt is oldest (another than `key`).
     pub fn put(&mut self, key: NodeId, receipt: VerifiedReceipt) -> Result<(), DhtError> {
-        if !self.by_key.contains_key(&key) && self.count >= MAX_STORED_RECEIPTS {
-            return Err(DhtError::StoreFull);
+        if self.count >= MAX_STORED_RECEIPTS {
+            let stalest = self
+                .by_key
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .min_by_key(|(_, l)| l.first().map_or(0, |r| r.receipt().finished_ms))
+                .map(|(k, _)| *k);
+            match stalest.and_then(|k| self.by_key.remove(&k)) {
+                Some(l) => self.count -= l.len(),
+                None => return Err(DhtError::StoreFull),
+            }
         }
         let list = self.by_key.entry(key).or_default();
         let before = list.len();
-        merge(list, receipt, MAX_RECEIPTS_PER_KEY);
-        let after = list.len();
-        self.count = self.count + after - before;
-        if self.count > MAX_STORED_RECEIPTS {
-            // Only a new key can grow past the bound, by one receipt.
-            if let Some(l) = self.by_key.get_mut(&key) {
-                l.pop();
-                self.count -= 1;
-            }
-            return Err(DhtError::StoreFull);
-        }
+        merge(&key, list, receipt, MAX_RECEIPTS_PER_KEY);
+        self.count = self.count + list.len() - before;
         Ok(())
+    }
+
+    /// True when exactly this receipt is already held under `key` (so it
+    /// needs no second signature check).
+    pub fn holds(&self, key: &NodeId, receipt: &SignedReceipt) -> bool {
+        self.by_key
+            .get(key)
+            .is_some_and(|l| l.iter().any(|r| r.signed() == receipt))
+    }
+
+    /// The checked receipts under `key`, newest first.
+    pub fn get_verified(&self, key: &NodeId) -> Vec<VerifiedReceipt> {
+        self.by_key.get(key).cloned().unwrap_or_default()
     }
 
     /// The receipts under `key`, newest first.

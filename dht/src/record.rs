@@ -149,7 +149,14 @@ impl ProviderRecord {
 pub struct RecordStore {
     by_key: HashMap<NodeId, Vec<ProviderRecord>>,
     count: usize,
+    /// Records held per publisher (a node serves one model and its names).
+    per_publisher: HashMap<NodeId, usize>,
 }
+
+/// Records one publisher may have stored here, across all keys: enough
+/// for a model's names under their keys and the catalog, so one identity
+/// cannot fill the store or the catalog.
+pub const MAX_RECORDS_PER_PUBLISHER: usize = 32;
 
 impl RecordStore {
     /// Stores a record after checking it; a publisher's record replaces its
@@ -167,29 +174,43 @@ impl RecordStore {
             ));
         }
         self.expire(now_ms);
+        let catalog = key == catalog_key();
+        // The record this one replaces: the same publisher's under a model
+        // key; the same model name's (anyone's) in the catalog.
         let list = self.by_key.entry(key).or_default();
-        if key == catalog_key() {
-            // One record per model name: the longest-lived.
-            if let Some(old) = list.iter_mut().find(|r| r.model == record.model) {
-                if old.expires_ms <= record.expires_ms {
-                    *old = record;
-                }
+        let same = list.iter().position(|r| {
+            if catalog {
+                r.model == record.model
+            } else {
+                r.publisher == record.publisher
+            }
+        });
+        if let Some(i) = same {
+            let Some(old) = list.get(i) else {
+                return Err(DhtError::StoreFull);
+            };
+            if old.expires_ms > record.expires_ms {
                 return Ok(());
             }
-            if list.len() >= MAX_CATALOG_MODELS || self.count >= MAX_RECORDS {
+            let old_publisher = old.publisher;
+            if old_publisher != record.publisher {
+                self.admit(record.publisher)?;
+                self.release(&old_publisher);
+            }
+            if let Some(slot) = self.by_key.get_mut(&key).and_then(|l| l.get_mut(i)) {
+                *slot = record;
+            }
+            return Ok(());
+        }
+        let full = if catalog {
+            MAX_CATALOG_MODELS
+        } else {
+            MAX_PROVIDERS_PER_KEY
+        };
+        if list.len() >= full {
+            if catalog {
                 return Err(DhtError::StoreFull);
             }
-            list.push(record);
-            self.count += 1;
-            return Ok(());
-        }
-        if let Some(old) = list.iter_mut().find(|r| r.publisher == record.publisher) {
-            if old.expires_ms <= record.expires_ms {
-                *old = record;
-            }
-            return Ok(());
-        }
-        if list.len() >= MAX_PROVIDERS_PER_KEY {
             // Keep the longest-lived records.
             let Some((i, soonest)) = list
                 .iter()
@@ -202,13 +223,15 @@ impl RecordStore {
             if soonest >= record.expires_ms {
                 return Err(DhtError::StoreFull);
             }
-            list.swap_remove(i);
+            let gone = list.swap_remove(i);
             self.count -= 1;
+            self.release(&gone.publisher);
         }
         if self.count >= MAX_RECORDS {
             return Err(DhtError::StoreFull);
         }
-        list.push(record);
+        self.admit(record.publisher)?;
+        self.by_key.entry(key).or_default().push(record);
         self.count += 1;
         Ok(())
     }
@@ -229,12 +252,33 @@ impl RecordStore {
     /// Drops expired records.
     pub fn expire(&mut self, now_ms: u64) {
         let mut count = 0;
+        let mut per_publisher: HashMap<NodeId, usize> = HashMap::new();
         self.by_key.retain(|_, l| {
             l.retain(|r| r.expires_ms > now_ms);
             count += l.len();
+            for r in l.iter() {
+                *per_publisher.entry(r.publisher).or_default() += 1;
+            }
             !l.is_empty()
         });
         self.count = count;
+        self.per_publisher = per_publisher;
+    }
+
+    /// One more record of `publisher`, within its quota.
+    fn admit(&mut self, publisher: NodeId) -> Result<(), DhtError> {
+        let n = self.per_publisher.entry(publisher).or_default();
+        if *n >= MAX_RECORDS_PER_PUBLISHER {
+            return Err(DhtError::StoreFull);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn release(&mut self, publisher: &NodeId) {
+        if let Some(n) = self.per_publisher.get_mut(publisher) {
+            *n = n.saturating_sub(1);
+        }
     }
 
     /// Every live record held, by key.

@@ -220,7 +220,7 @@ fn the_store_is_bounded_per_key_and_keeps_the_longest_lived() {
 #[test]
 fn the_catalog_keeps_one_record_per_model_name() {
     use hypha_dht::catalog_key;
-    use hypha_dht::record::MAX_CATALOG_MODELS;
+    use hypha_dht::record::{MAX_CATALOG_MODELS, MAX_RECORDS_PER_PUBLISHER};
     let now = 1_000_000;
     let mut store = RecordStore::default();
     let (a, b) = (
@@ -247,11 +247,29 @@ fn the_catalog_keeps_one_record_per_model_name() {
         names,
         vec![("m".into(), now + 2_000), ("n".into(), now + 1_000)]
     );
-    // Bounded by names.
-    for i in 0..MAX_CATALOG_MODELS {
+    // One publisher cannot take more than its quota of names.
+    for i in 0..(MAX_RECORDS_PER_PUBLISHER + 10) {
         let _ = store.put(
             catalog_key(),
-            record(&a, &format!("x{i}"), now + 1_000),
+            record(&a, &format!("a{i}"), now + 1_000),
+            now,
+        );
+    }
+    let a_id = record(&a, "x", now + 1).publisher;
+    let by_a = store
+        .get(&catalog_key(), now)
+        .iter()
+        .filter(|r| r.publisher == a_id)
+        .count();
+    assert_eq!(by_a, MAX_RECORDS_PER_PUBLISHER);
+    // Bounded by names, whoever publishes.
+    for i in 0..MAX_CATALOG_MODELS {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&(i as u64 + 1000).to_le_bytes());
+        let k = SigningKey::from_bytes(&seed);
+        let _ = store.put(
+            catalog_key(),
+            record(&k, &format!("x{i}"), now + 1_000),
             now,
         );
     }

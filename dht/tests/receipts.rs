@@ -9,6 +9,9 @@ use hypha_dht::receipts::{merge, MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT};
 use hypha_dht::{receipts_key, ReceiptStore, Request, Response};
 use hypha_ledger::{node_id_of, Receipt, SignedReceipt, VerifiedReceipt};
 
+/// The tests' clock: after every receipt they sign.
+const NOW: u64 = 10_000;
+
 fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
 }
@@ -53,41 +56,42 @@ fn only_checked_receipts_of_a_party_are_stored() {
     // Under either party's key: stored.
     for party in [id(&s), id(&c)] {
         let k = receipts_key(&party);
-        let v = hypha_dht::receipts::check(&k, good.clone()).unwrap();
+        let v = hypha_dht::receipts::check(&k, good.clone(), NOW).unwrap();
         store.put(k, v).unwrap();
         assert_eq!(store.get(&k), vec![good.clone()]);
     }
     // Under the key of a node it does not name: refused.
-    assert!(hypha_dht::receipts::check(&receipts_key(&id(&other)), good.clone()).is_err());
+    assert!(hypha_dht::receipts::check(&receipts_key(&id(&other)), good.clone(), NOW).is_err());
     // Inflated after signing, or countersigned by someone else: refused.
     let mut inflated = good.clone();
     inflated.receipt.credits += 1;
-    assert!(hypha_dht::receipts::check(&receipts_key(&id(&s)), inflated).is_err());
+    assert!(hypha_dht::receipts::check(&receipts_key(&id(&s)), inflated, NOW).is_err());
     let mut swapped = good.clone();
     swapped.consumer_sig = good.receipt.sign(&other);
-    assert!(hypha_dht::receipts::check(&receipts_key(&id(&s)), swapped).is_err());
+    assert!(hypha_dht::receipts::check(&receipts_key(&id(&s)), swapped, NOW).is_err());
 }
 
 #[test]
 fn a_key_keeps_the_newest_receipts_one_per_request() {
     let (s, c) = (key(4), key(5));
     let check = |r: SignedReceipt| -> VerifiedReceipt { r.verify().unwrap() };
+    let k = receipts_key(&id(&c));
     let mut list = Vec::new();
-    assert!(merge(&mut list, check(signed(&s, &c, 1, 4, 2_000)), 3));
+    assert!(merge(&k, &mut list, check(signed(&s, &c, 1, 4, 2_000)), 3));
     // The cumulative receipt of the same request replaces the earlier one;
     // an older one does not come back.
-    assert!(merge(&mut list, check(signed(&s, &c, 1, 8, 2_100)), 3));
-    assert!(!merge(&mut list, check(signed(&s, &c, 1, 4, 2_000)), 3));
+    assert!(merge(&k, &mut list, check(signed(&s, &c, 1, 8, 2_100)), 3));
+    assert!(!merge(&k, &mut list, check(signed(&s, &c, 1, 4, 2_000)), 3));
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].receipt().completion_tokens, 8);
     for (i, t) in [(2, 3_000), (3, 1_500), (4, 4_000)] {
-        merge(&mut list, check(signed(&s, &c, i, 1, t)), 3);
+        merge(&k, &mut list, check(signed(&s, &c, i, 1, t)), 3);
     }
     // Newest first, bounded: the receipt finished at 1,500 fell out.
     let order: Vec<u64> = list.iter().map(|r| r.receipt().request_id).collect();
     assert_eq!(order, vec![4, 2, 1]);
     // One older than everything kept is not taken.
-    assert!(!merge(&mut list, check(signed(&s, &c, 9, 1, 1_200)), 3));
+    assert!(!merge(&k, &mut list, check(signed(&s, &c, 9, 1, 1_200)), 3));
 }
 
 #[test]
@@ -122,4 +126,32 @@ fn receipt_messages_are_bounded_and_round_trip() {
         receipts[0].pop();
     }
     assert!(request_from_wire(wire).is_err());
+}
+
+#[test]
+fn receipts_from_the_future_or_one_counterparty_cannot_crowd_out_the_rest() {
+    use hypha_dht::receipts::{check, MAX_CLOCK_SKEW_MS, MAX_PER_COUNTERPARTY};
+    let (c, honest, sybil) = (key(8), key(9), key(10));
+    let k = receipts_key(&id(&c));
+    let future = signed(&sybil, &c, 1, 1, NOW + MAX_CLOCK_SKEW_MS + 1);
+    assert!(check(&k, future, NOW).is_err(), "finishes in the future");
+    // The same request id at two seeders is two requests.
+    let a = signed(&honest, &c, 7, 3, 2_000).verify().unwrap();
+    let b = signed(&sybil, &c, 7, 9, 2_000).verify().unwrap();
+    let mut list = Vec::new();
+    assert!(merge(&k, &mut list, a, 1000));
+    assert!(merge(&k, &mut list, b, 1000));
+    assert_eq!(list.len(), 2);
+    // A flood of newer receipts with one counterparty keeps at most its
+    // share; the honest seeder's receipt stays.
+    for i in 0..(MAX_PER_COUNTERPARTY as u64 + 20) {
+        let r = signed(&sybil, &c, 100 + i, 1, 3_000 + i).verify().unwrap();
+        merge(&k, &mut list, r, 1000);
+    }
+    let with_sybil = list
+        .iter()
+        .filter(|r| r.receipt().seeder == id(&sybil))
+        .count();
+    assert_eq!(with_sybil, MAX_PER_COUNTERPARTY);
+    assert!(list.iter().any(|r| r.receipt().seeder == id(&honest)));
 }

@@ -94,13 +94,14 @@ pub fn balance(grant: u64, totals: &Totals) -> i128 {
 }
 
 /// `id`'s totals over a set of checked receipts (for example those
-/// published into the DHT), counting each (consumer, request id) once.
+/// published into the DHT), counting each (consumer, seeder, request id)
+/// once.
 pub fn totals_of(id: &NodeId, receipts: &[VerifiedReceipt]) -> Totals {
     let mut seen = std::collections::HashSet::new();
     let mut t = Totals::default();
     for v in receipts {
         let r = v.receipt();
-        if !seen.insert(r.key()) {
+        if !seen.insert((r.consumer, r.seeder, r.request_id)) {
             continue;
         }
         if r.seeder == *id {

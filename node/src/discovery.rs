@@ -36,8 +36,11 @@ pub const COMMAND_QUEUE: usize = 1024;
 /// the same, so a reply later than this is ignored there too.
 pub const RPC_TIMEOUT: Duration = Duration::from_millis(hypha_dht::REQUEST_TIMEOUT_MS);
 /// How long a peer's request may wait for the DHT task's answer.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
-/// A lookup that has not finished by then is reported as what it found.
+/// Shorter than [`RPC_TIMEOUT`], so a busy node refuses before its
+/// requester gives up.
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A lookup that has not finished by then is given up (its caller gets
+/// nothing).
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a node whose routing table is empty asks its bootstrap nodes
 /// again (they may have started after it).
@@ -173,12 +176,11 @@ impl Discovery {
         self.receipts.try_send(receipt).is_ok()
     }
 
-    /// The checked receipts the DHT holds for `id`, newest first.
-    pub async fn receipts_of(&self, id: &NodeId) -> Vec<VerifiedReceipt> {
+    /// The checked receipts the DHT holds for `id`, newest first; `None`
+    /// when the lookup could not run or finish.
+    pub async fn receipts_of(&self, id: &NodeId) -> Option<Vec<VerifiedReceipt>> {
         let key = hypha_dht::receipts_key(id);
-        self.ask(|reply| Cmd::GetReceipts { key, reply })
-            .await
-            .unwrap_or_default()
+        self.ask(|reply| Cmd::GetReceipts { key, reply }).await
     }
 
     /// Stores receipts under `key` at the closest nodes; how many took them.
@@ -218,10 +220,14 @@ impl Discovery {
 
     /// Looks up the verified, unexpired providers of `model`.
     pub async fn providers(&self, model: &str) -> Vec<ProviderRecord> {
+        self.lookup_providers(model).await.unwrap_or_default()
+    }
+
+    /// [`Discovery::providers`], or `None` when the lookup could not run
+    /// or finish (overloaded, timed out).
+    pub async fn lookup_providers(&self, model: &str) -> Option<Vec<ProviderRecord>> {
         let key = hypha_dht::model_key(model);
-        self.ask(|reply| Cmd::Providers { key, reply })
-            .await
-            .unwrap_or_default()
+        self.ask(|reply| Cmd::Providers { key, reply }).await
     }
 
     /// Finds the nodes closest to `target`.
@@ -312,6 +318,10 @@ async fn run(
             }
             () = tokio::time::sleep(sleep) => dht.handle_timeout(unix_ms()),
         }
+        // A steady stream of commands must not starve timeouts and refresh.
+        if dht.poll_timeout().is_some_and(|t| t <= unix_ms()) {
+            dht.handle_timeout(unix_ms());
+        }
         while let Some(t) = dht.poll_transmit() {
             let conns = conns.clone();
             let tx = tx.clone();
@@ -320,6 +330,7 @@ async fn run(
                     id: t.to.id,
                     addr: t.to.addr,
                 };
+                let mark = conns.mark(&peer.id);
                 let response =
                     match tokio::time::timeout(RPC_TIMEOUT, rpc(&conns, &peer, &t.request)).await {
                         Ok(Ok(r)) => Some(r),
@@ -328,9 +339,10 @@ async fn run(
                             None
                         }
                         Err(_) => {
-                            // A connection that stays silent this long is
-                            // dead or stalled: the next request dials afresh.
-                            conns.discard(&peer.id);
+                            // A connection on which nothing arrived for
+                            // this long is dead: the next request dials
+                            // afresh (a slow peer keeps its connection).
+                            conns.discard_if_silent(&peer.id, mark);
                             None
                         }
                     };

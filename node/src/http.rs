@@ -538,7 +538,15 @@ async fn peer_ledger(
         .code("no_network")
         .into_response();
     };
-    let receipts = d.receipts_of(&id).await;
+    let Some(receipts) = d.receipts_of(&id).await else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the DHT lookup of this node's receipts did not finish; try again",
+        )
+        .code("lookup_failed")
+        .into_response();
+    };
     let totals = hypha_ledger::totals_of(&id, &receipts);
     let mut v = crate::account::balance_json(
         id,

@@ -71,12 +71,16 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// again (sooner when their records expire): long enough to spare a lookup
 /// per request, short enough to notice new seeders.
 pub const PROVIDER_CACHE: Duration = Duration::from_secs(30);
+/// The most time spent asking for a punch before dialing a provider.
+pub const PUNCH_BUDGET: Duration = Duration::from_secs(3);
 /// Providers tried for one request before giving up.
 pub const MAX_PROVIDER_ATTEMPTS: usize = 4;
 /// How long a failure counts against a provider in [`score`].
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(120);
 /// Models whose providers one `GET /v1/models` looks up.
 const MAX_LISTED_MODELS: usize = 64;
+/// Of those, lookups running at once.
+const LISTING_LOOKUPS: usize = 8;
 /// Models remembered with cached providers.
 const MAX_CACHED_MODELS: usize = 256;
 /// Health entries kept (one per provider tried).
@@ -263,11 +267,13 @@ impl Connections {
             }
         }
         if entries.len() >= MAX_CONNECTIONS && !entries.contains_key(&peer.id) {
-            // Evict the least recently used slot that is not configured.
+            // Evict the least recently used slot that is not configured,
+            // one without an open connection first: closing a live one
+            // would cut whatever runs on it.
             let victim = entries
                 .iter()
                 .filter(|(id, _)| !self.pinned.contains(id))
-                .min_by_key(|(_, e)| e.last_used_ms.load(Ordering::Relaxed))
+                .min_by_key(|(_, e)| (e.live().is_some(), e.last_used_ms.load(Ordering::Relaxed)))
                 .map(|(id, _)| *id);
             if let Some(id) = victim {
                 if let Some(old) = entries.remove(&id) {
@@ -282,11 +288,25 @@ impl Connections {
         e
     }
 
-    /// Closes and forgets the connection to `id` (it stopped answering).
-    pub fn discard(&self, id: &NodeId) {
-        let e = lock(&self.entries).get(id).cloned();
-        if let Some(c) = e.and_then(|e| e.live()) {
-            c.close(crate::proto::CLOSE_NORMAL, b"not answering");
+    /// Where the connection to `id` stood: its identity and datagrams
+    /// received so far, to tell later whether it went silent.
+    pub fn mark(&self, id: &NodeId) -> Option<(usize, u64)> {
+        self.live(id)
+            .map(|c| (c.stable_id(), c.stats().udp_rx.datagrams))
+    }
+
+    /// Closes the connection to `id` when nothing at all arrived on it since
+    /// `mark` (a live peer acknowledges a request within a round trip even
+    /// when it is slow to answer), so the next use dials afresh. A peer
+    /// that is merely slow keeps its connection and the streams on it.
+    pub fn discard_if_silent(&self, id: &NodeId, mark: Option<(usize, u64)>) {
+        let Some((stable, rx)) = mark else {
+            return;
+        };
+        if let Some(c) = self.live(id) {
+            if c.stable_id() == stable && c.stats().udp_rx.datagrams == rx {
+                c.close(crate::proto::CLOSE_NORMAL, b"not answering");
+            }
         }
     }
 
@@ -536,12 +556,15 @@ impl Peers {
     /// looked up, or taken from the cache), records held here.
     pub async fn models(&self) -> Vec<(String, Vec<NodeId>)> {
         if let Some(d) = &self.discovery {
+            use futures_util::StreamExt as _;
             let names = d.catalog().await;
-            let lookups = names
-                .iter()
-                .take(MAX_LISTED_MODELS)
-                .map(|n| self.discovered(n, false));
-            futures_util::future::join_all(lookups).await;
+            futures_util::stream::iter(names.into_iter().take(MAX_LISTED_MODELS))
+                .map(|n: String| async move {
+                    self.discovered(&n, false).await;
+                })
+                .buffer_unordered(LISTING_LOOKUPS)
+                .collect::<Vec<()>>()
+                .await;
         }
         let mut out: Vec<(String, Vec<NodeId>)> = Vec::new();
         let mut add = |model: &str, id: NodeId| match out.iter_mut().find(|(m, _)| m == model) {
@@ -562,11 +585,7 @@ impl Peers {
             .values()
             .flat_map(|c| c.records.iter().cloned())
             .collect();
-        let held = match &self.discovery {
-            Some(d) => d.view().await.map(|v| v.records).unwrap_or_default(),
-            None => Vec::new(),
-        };
-        for r in cached.iter().chain(held.iter()) {
+        for r in &cached {
             if r.expires_ms > now {
                 add(&r.model, r.publisher);
             }
@@ -613,7 +632,8 @@ impl Peers {
     fn failed(&self, id: NodeId) {
         let mut h = lock(&self.health);
         if h.len() >= MAX_HEALTH && !h.contains_key(&id) {
-            h.retain(|_, v| v.failures > 0);
+            // Failures older than FAILURE_MEMORY no longer count.
+            h.retain(|_, v| v.last_failure.is_some_and(|t| t.elapsed() < FAILURE_MEMORY));
             if h.len() >= MAX_HEALTH {
                 return;
             }
@@ -665,7 +685,10 @@ impl Peers {
                 }
             }
         }
-        let records = d.providers(model).await;
+        let Some(records) = d.lookup_providers(model).await else {
+            // A lookup that could not finish is not remembered.
+            return Vec::new();
+        };
         let soonest = records.iter().map(|r| r.expires_ms).min();
         let life = soonest.map_or(PROVIDER_CACHE, |ms| {
             Duration::from_millis(ms.saturating_sub(unix_ms())).min(PROVIDER_CACHE)
@@ -784,7 +807,9 @@ impl Peers {
         for c in providers.into_iter().take(MAX_PROVIDER_ATTEMPTS) {
             let peer = c.addr.id;
             if c.punch && self.conns.live(&peer).is_none() {
-                self.punch(peer).await;
+                // Bounded: a provider that cannot be punched to is dialed
+                // anyway, and the next one tried if that fails.
+                let _ = tokio::time::timeout(PUNCH_BUDGET, self.punch(peer)).await;
             }
             for fresh in [false, true] {
                 let (conn, terms) = match self.conns.get(&c.addr, fresh).await {
@@ -800,6 +825,7 @@ impl Peers {
                     break;
                 }
                 let guard = RunningGuard::new(&self.running, peer);
+                let mark = Some((conn.stable_id(), conn.stats().udp_rx.datagrams));
                 match RemoteGeneration::open(conn, terms, &req, &self.metrics, &self.party).await {
                     Ok(mut g) => {
                         self.succeeded(&peer);
@@ -819,7 +845,7 @@ impl Peers {
                         },
                     ) => {
                         tracing::info!(%peer, "seeder did not answer, trying the next: {err}");
-                        self.conns.discard(&peer);
+                        self.conns.discard_if_silent(&peer, mark);
                         self.failed(peer);
                         last = Some(err);
                         break;
@@ -860,6 +886,9 @@ pub struct RemoteGeneration {
     first: Option<RemoteEvent>,
     /// Some frame of the seeder's answer arrived.
     answered: bool,
+    /// How long the seeder may take to answer: [`START_TIMEOUT`], plus
+    /// time to take in a long prompt.
+    start_limit: Duration,
     ended: bool,
     metrics: Arc<Metrics>,
     /// Counts this request against its seeder while it runs.
@@ -873,6 +902,18 @@ pub struct RemoteGeneration {
     recorded: bool,
     /// The most prompt tokens this request's prompt can honestly take.
     prompt_bound: u32,
+}
+
+/// Prompt bytes a seeder is given an extra second for before it must
+/// answer (upload and tokenization of a long prompt).
+const START_BYTES_PER_EXTRA_SECOND: usize = 256 * 1024;
+
+fn start_limit(p: &hypha_wire::Prompt) -> Duration {
+    let bytes = match p {
+        hypha_wire::Prompt::Chat(ms) => ms.iter().map(|m| m.content.len()).sum(),
+        hypha_wire::Prompt::Text(t) => t.len(),
+    };
+    START_TIMEOUT + Duration::from_secs((bytes / START_BYTES_PER_EXTRA_SECOND) as u64)
 }
 
 /// Template tokens a chat template may add around a conversation (a
@@ -917,6 +958,7 @@ impl RemoteGeneration {
             first: None,
             running: None,
             answered: false,
+            start_limit: start_limit(&req.prompt),
             ended: false,
             metrics: metrics.clone(),
             digest: TokenDigest::default(),
@@ -1009,7 +1051,7 @@ impl RemoteGeneration {
             let (limit, why) = if self.answered {
                 (crate::proto::RECV_STALL_TIMEOUT, "the seeder went silent")
             } else {
-                (START_TIMEOUT, "the seeder did not answer the request")
+                (self.start_limit, "the seeder did not answer the request")
             };
             match tokio::time::timeout(limit, next).await {
                 Ok(f) => f,

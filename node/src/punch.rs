@@ -174,6 +174,12 @@ pub async fn handle(state: &Listener, req: PunchRequest, from: NodeId) -> u16 {
             return 400;
         }
     };
+    // Identities cost proof of work here as everywhere: a punch makes the
+    // target dial, and free identities could make it dial without end.
+    if crate::hello::check_pow(&initiator, state.pow_bits).is_err() {
+        tracing::info!(%from, %initiator, "punch request from an identity without proof of work");
+        return 400;
+    }
     if NodeId(req.target) == state.me {
         tracing::debug!(%initiator, ?candidates, "punching toward a peer");
         return match state.punch_dials.try_send((initiator, candidates)) {

@@ -185,7 +185,12 @@ impl NetworkBalances {
             if lock(&self.looking).insert(*id) {
                 let (me, d, id) = (self.clone(), d.clone(), *id);
                 tokio::spawn(async move {
-                    let receipts = d.receipts_of(&id).await;
+                    let Some(receipts) = d.receipts_of(&id).await else {
+                        // Not known, not remembered: the next request asks
+                        // again.
+                        lock(&me.looking).remove(&id);
+                        return;
+                    };
                     let b = hypha_ledger::balance(grant, &hypha_ledger::totals_of(&id, &receipts));
                     let mut known = lock(&me.known);
                     if known.len() >= MAX_BALANCES && !known.contains_key(&id) {
