@@ -189,3 +189,72 @@ pub fn reply_from_wire(r: DhtReply) -> Result<Response, DhtError> {
         DhtReply::Refused => Response::Refused,
     })
 }
+
+/// Checks an archived request's sizes before it is copied out of the frame,
+/// so a frame full of tiny items cannot make the node allocate for each.
+pub fn check_archived_request(r: &hypha_wire::ArchivedDhtRequest) -> Result<(), DhtError> {
+    use hypha_wire::ArchivedDhtRequest as A;
+    match r {
+        A::AddProvider { record, .. } => check_archived_record(record),
+        A::PutReceipts { receipts, .. } => {
+            if receipts.len() > MAX_RECEIPTS_PER_PUT
+                || receipts
+                    .iter()
+                    .any(|r| r.len() != hypha_ledger::SIGNED_RECEIPT_BYTES)
+            {
+                return Err(DhtError::BadMessage("receipts over their limits"));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// [`check_archived_request`] for replies.
+pub fn check_archived_reply(r: &hypha_wire::ArchivedDhtReply) -> Result<(), DhtError> {
+    use hypha_wire::ArchivedDhtReply as A;
+    let (n, long_addr) = match r {
+        A::Nodes { closer } | A::Providers { closer, .. } | A::Receipts { closer, .. } => (
+            closer.len(),
+            closer.iter().any(|c| c.addr.len() > MAX_ADDR_BYTES),
+        ),
+        _ => (0, false),
+    };
+    if n > K || long_addr {
+        return Err(DhtError::BadMessage("contacts over their limits"));
+    }
+    match r {
+        A::Providers { records, .. } => {
+            if records.len() > MAX_PROVIDERS_PER_KEY.max(MAX_CATALOG_MODELS) {
+                return Err(DhtError::BadMessage("more records than a key holds"));
+            }
+            for rec in records.iter() {
+                check_archived_record(rec)?;
+            }
+            Ok(())
+        }
+        A::Receipts { receipts, .. } => {
+            if receipts.len() > MAX_RECEIPTS_PER_KEY
+                || receipts
+                    .iter()
+                    .any(|r| r.len() != hypha_ledger::SIGNED_RECEIPT_BYTES)
+            {
+                return Err(DhtError::BadMessage("receipts over their limits"));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_archived_record(r: &hypha_wire::ArchivedWireRecord) -> Result<(), DhtError> {
+    use crate::record::MAX_RECORD_NAME_BYTES;
+    if r.addrs.len() > MAX_RECORD_ADDRS
+        || r.addrs.iter().any(|a| a.len() > MAX_ADDR_BYTES)
+        || r.model.len() > MAX_RECORD_NAME_BYTES
+        || r.backend.len() > MAX_RECORD_NAME_BYTES
+    {
+        return Err(DhtError::BadRecord("record fields over their limits"));
+    }
+    Ok(())
+}

@@ -155,3 +155,41 @@ fn receipts_from_the_future_or_one_counterparty_cannot_crowd_out_the_rest() {
     assert_eq!(with_sybil, MAX_PER_COUNTERPARTY);
     assert!(list.iter().any(|r| r.receipt().seeder == id(&honest)));
 }
+
+#[test]
+fn oversized_dht_frames_are_refused_before_they_are_copied() {
+    use hypha_dht::codec::{check_archived_reply, check_archived_request};
+    use hypha_wire::{decode_frame, DhtReply, DhtRequest, FrameEncoder, Message};
+    let mut enc = FrameEncoder::new();
+    let mut archived_ok = |m: Message| {
+        let frame = enc.encode(&m).unwrap().to_vec();
+        let (a, _) = decode_frame(&frame).unwrap();
+        match a {
+            hypha_wire::ArchivedMessage::Dht(d) => check_archived_request(d).is_ok(),
+            hypha_wire::ArchivedMessage::DhtReply(r) => check_archived_reply(r).is_ok(),
+            _ => unreachable!(),
+        }
+    };
+    let receipt = vec![0u8; hypha_ledger::SIGNED_RECEIPT_BYTES];
+    let put = |n: usize, bytes: Vec<u8>| {
+        Message::Dht(DhtRequest::PutReceipts {
+            key: [0; 32],
+            receipts: vec![bytes; n],
+        })
+    };
+    assert!(archived_ok(put(MAX_RECEIPTS_PER_PUT, receipt.clone())));
+    assert!(!archived_ok(put(MAX_RECEIPTS_PER_PUT + 1, receipt.clone())));
+    // Many empty items: refused by count and size alike.
+    assert!(!archived_ok(put(100_000, Vec::new())));
+    assert!(!archived_ok(put(1, Vec::new())));
+    let many_contacts = Message::DhtReply(DhtReply::Nodes {
+        closer: vec![
+            hypha_wire::WireContact {
+                id: [1; 32],
+                addr: "127.0.0.1:1".into()
+            };
+            hypha_dht::K + 1
+        ],
+    });
+    assert!(!archived_ok(many_contacts));
+}

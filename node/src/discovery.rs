@@ -458,6 +458,8 @@ async fn rpc(
     let reply = recv
         .next(|m| match m {
             ArchivedMessage::DhtReply(r) => {
+                hypha_dht::codec::check_archived_reply(r)
+                    .map_err(|e| PeerError::Protocol(e.to_string()))?;
                 hypha_wire::owned_dht_reply(r).map_err(|e| PeerError::Protocol(e.to_string()))
             }
             other => Err(PeerError::Protocol(format!(

@@ -76,7 +76,8 @@ pub struct NodeConfig {
     /// A seeder's published prices, micro-credits per token.
     pub price_prompt_micro: u64,
     pub price_completion_micro: u64,
-    /// Tokens between two cumulative receipts.
+    /// Most tokens a consumer may receive beyond its last countersigned
+    /// receipt (receipts are offered every half of it).
     pub receipt_interval: u32,
     /// Proof of work (bits) a new identity is created with, and required of
     /// every peer at hello; identities with it get the ledger's grant.

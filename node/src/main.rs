@@ -165,7 +165,8 @@ struct UpArgs {
     /// value.
     #[arg(long, default_value_t = hypha_ledger::DEFAULT_POW_BITS)]
     pow_bits: u32,
-    /// Generated tokens between two cumulative receipts.
+    /// Most generated tokens a consumer gets beyond its last countersigned
+    /// receipt (cumulative receipts go out every half of it).
     #[arg(long, default_value_t = hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL)]
     receipt_interval: u32,
     /// Concurrent sequences (slots) in the engine.

@@ -439,9 +439,13 @@ fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
         ArchivedMessage::Request(r) => hypha_wire::owned_request(r)
             .map(Opening::Request)
             .map_err(bad),
-        ArchivedMessage::Dht(d) => hypha_wire::owned_dht_request(d)
-            .map(Opening::Dht)
-            .map_err(bad),
+        ArchivedMessage::Dht(d) => {
+            hypha_dht::codec::check_archived_request(d)
+                .map_err(|e| PeerError::Protocol(e.to_string()))?;
+            hypha_wire::owned_dht_request(d)
+                .map(Opening::Dht)
+                .map_err(bad)
+        }
         ArchivedMessage::Punch(p) => hypha_wire::owned_punch(p).map(Opening::Punch).map_err(bad),
         other => Err(PeerError::Protocol(format!(
             "a stream must start with a request, not a {}",
@@ -825,7 +829,11 @@ async fn stream_generation(
     billing: &mut Billing<'_>,
 ) -> Result<Outcome, PeerError> {
     let request_id = billing.request_id;
-    let interval = billing.state.receipt_interval.max(1);
+    // Receipts go out twice per interval, and each needs the one before it
+    // signed before more tokens follow: the consumer's signature can lag
+    // half an interval without a stall, and tokens sent beyond the last
+    // signed receipt never exceed one interval.
+    let step = (billing.state.receipt_interval / 2).max(1);
     // One chunk message reused for every token: no allocation per token on
     // the wire path.
     let mut chunk = Message::Chunk(TokenChunk {
@@ -865,7 +873,7 @@ async fn stream_generation(
                 first_token.get_or_insert_with(std::time::Instant::now);
                 billing.digest.push(id);
                 send.send(&chunk).await?;
-                if billing.digest.count().is_multiple_of(interval) {
+                if billing.digest.count().is_multiple_of(step) {
                     // The previous receipt must be signed before more
                     // tokens go out: a consumer that stops paying gets at
                     // most one interval for free.
