@@ -411,6 +411,8 @@ pub struct Candidate {
     /// From its provider record, when the DHT named it.
     pub free_slots: Option<u32>,
     pub decode_tokens_per_s: Option<u32>,
+    /// Context tokens per request its record offers.
+    pub context_length: Option<u32>,
 }
 
 /// What this node saw of a provider lately.
@@ -443,7 +445,9 @@ pub fn score(
         0
     };
     // An unknown round trip costs about a dial on a distant link.
-    let rtt_ms = rtt.map_or(200, |d| d.as_millis() as u64);
+    // Round trips within RTT_GRAIN_MS of each other count as equal (the
+    // estimate jitters by that much), so equal providers share the load.
+    let rtt_ms = rtt.map_or(200, |d| d.as_millis() as u64 / RTT_GRAIN_MS * RTT_GRAIN_MS);
     let busy = if c.free_slots == Some(0) { 2_000 } else { 0 };
     let speed = c
         .decode_tokens_per_s
@@ -451,6 +455,9 @@ pub fn score(
         .map_or(200, |t| 10_000 / u64::from(t));
     failures + rtt_ms + u64::from(running) * RUNNING_COST_MS + busy + speed
 }
+
+/// Resolution of the round trip in [`score`].
+pub const RTT_GRAIN_MS: u64 = 5;
 
 /// What one of this node's requests running on a seeder adds to its score:
 /// about a short request's share of a busy seeder's time.
@@ -724,6 +731,7 @@ impl Peers {
                 punch: false,
                 free_slots: None,
                 decode_tokens_per_s: None,
+                context_length: None,
             })
             .collect();
         let me = self.party.identity.id();
@@ -742,11 +750,13 @@ impl Peers {
                 punch: r.addrs.len() > 1,
                 free_slots: Some(r.free_slots),
                 decode_tokens_per_s: Some(r.decode_tokens_per_s),
+                context_length: Some(r.context_length),
             };
             match out.iter_mut().find(|o| o.addr.id == r.publisher) {
                 Some(o) => {
                     o.free_slots = c.free_slots;
                     o.decode_tokens_per_s = c.decode_tokens_per_s;
+                    o.context_length = c.context_length;
                 }
                 None => out.push(c),
             }
@@ -765,7 +775,7 @@ impl Peers {
                 );
                 let mut id8 = [0u8; 8];
                 id8.copy_from_slice(c.addr.id.0.get(..8).unwrap_or(&[0; 8]));
-                let tie = (u64::from_le_bytes(id8) ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let tie = mix(u64::from_le_bytes(id8) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 ((s, tie), c)
             })
             .collect();
@@ -804,7 +814,8 @@ impl Peers {
             });
         }
         let mut last = None;
-        for c in providers.into_iter().take(MAX_PROVIDER_ATTEMPTS) {
+        let providers: Vec<Candidate> = providers.into_iter().take(MAX_PROVIDER_ATTEMPTS).collect();
+        for (i, c) in providers.iter().enumerate() {
             let peer = c.addr.id;
             if c.punch && self.conns.live(&peer).is_none() {
                 // Bounded: a provider that cannot be punched to is dialed
@@ -832,7 +843,20 @@ impl Peers {
                         g.running = Some(guard);
                         return Ok(g);
                     }
-                    Err(err @ RemoteError::Refused { code: 400, .. }) => return Err(err),
+                    Err(err @ RemoteError::Refused { code: 400, .. }) => {
+                        // A bad request stays bad elsewhere, unless a
+                        // provider further down offers a longer context
+                        // (the prompt may only be too long for this one).
+                        let longer = providers.iter().skip(i + 1).any(|o| {
+                            o.context_length.unwrap_or(0) > c.context_length.unwrap_or(u32::MAX)
+                        });
+                        if !longer {
+                            return Err(err);
+                        }
+                        tracing::info!(%peer, "refused as too long here; a longer context is on offer: {err}");
+                        last = Some(err);
+                        break;
+                    }
                     Err(err @ RemoteError::Refused { .. }) => {
                         tracing::info!(%peer, "seeder refused, trying the next: {err}");
                         last = Some(err);
@@ -865,6 +889,14 @@ impl Peers {
             available: Vec::new(),
         }))
     }
+}
+
+/// SplitMix64's finalizer: every input bit moves every output bit, so
+/// consecutive request ids order equal providers independently.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1356,6 +1388,7 @@ mod tests {
             punch: false,
             free_slots: free,
             decode_tokens_per_s: tps,
+            context_length: None,
         }
     }
 

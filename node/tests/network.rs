@@ -489,3 +489,73 @@ async fn provider_records_are_republished_and_expire_with_their_seeder() {
     consumer.stop().await.unwrap();
     boot.stop().await.unwrap();
 }
+
+/// Two seeders of one model, one with a context too short for the prompt:
+/// a request refused there as too long goes on to the other, invisibly to
+/// the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prompt_too_long_for_one_seeder_goes_to_one_with_a_longer_context() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let boot = plain_node(dirs[0].path(), Vec::new()).await;
+    let boot_addr = boot.peer_addr().unwrap();
+    let mut seeders = Vec::new();
+    for (d, ctx) in [(&dirs[1], 256), (&dirs[2], 1024)] {
+        let mut cfg = seeder_config(1, 16, d.path(), "127.0.0.1:0".parse().unwrap());
+        cfg.bootstrap = vec![boot_addr.clone()];
+        if let Some(e) = cfg.engine.as_mut() {
+            e.ctx_per_slot = ctx;
+        }
+        seeders.push(Node::start(cfg).await.unwrap());
+    }
+    let long = seeders[1].id().unwrap();
+    assert!(seeders[0].engine().unwrap().info().ctx_per_slot < 400);
+    let consumer = plain_node(dirs[3].path(), vec![boot_addr]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumer
+        .peers()
+        .unwrap()
+        .candidates("default", true, 0)
+        .await
+        .iter()
+        .filter(|c| c.context_length.is_some())
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the consumer never saw both records"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = common::client();
+    let prompt = "Please repeat these words back to me: ".to_owned() + &"river stone ".repeat(200);
+    for _ in 0..10 {
+        let resp = c
+            .post(format!("http://{}/v1/chat/completions", consumer.http_addr()))
+            .json(&json!({"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let peer: NodeId = resp.headers()[hypha_node::http::PEER_HEADER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(peer, long, "only the longer context fits the prompt");
+    }
+    // The short seeder was tried first at least once, and refused.
+    let m = common::metrics(&c, &format!("http://{}", seeders[0].http_addr())).await;
+    let refused: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("hypha_requests_total{endpoint=\"peer\",status=\"400\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 1, "the short seeder was never tried: {m}");
+    println!("10 of 10 long prompts served by the long-context seeder; {refused} refused first by the short one");
+    for n in [consumer].into_iter().chain(seeders).chain([boot]) {
+        n.stop().await.unwrap();
+    }
+}
