@@ -492,18 +492,23 @@ async fn provider_records_are_republished_and_expire_with_their_seeder() {
 
 /// Two seeders of one model, one with a context too short for the prompt:
 /// a request refused there as too long goes on to the other, invisibly to
-/// the client.
+/// the client. (The short one is made the first choice by loading the other
+/// with one of the consumer's own requests.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prompt_too_long_for_one_seeder_goes_to_one_with_a_longer_context() {
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let boot = plain_node(dirs[0].path(), Vec::new()).await;
     let boot_addr = boot.peer_addr().unwrap();
     let mut seeders = Vec::new();
-    for (d, ctx) in [(&dirs[1], 256), (&dirs[2], 1024)] {
-        let mut cfg = seeder_config(1, 16, d.path(), "127.0.0.1:0".parse().unwrap());
+    for (d, ctx, parallel) in [(&dirs[1], 256, 1), (&dirs[2], 1024, 2)] {
+        let mut cfg = seeder_config(parallel, 16, d.path(), "127.0.0.1:0".parse().unwrap());
         cfg.bootstrap = vec![boot_addr.clone()];
         if let Some(e) = cfg.engine.as_mut() {
             e.ctx_per_slot = ctx;
+        }
+        if ctx > 256 {
+            // A name only the long-context seeder answers to, to load it.
+            cfg.model_aliases.push("long-only".into());
         }
         seeders.push(Node::start(cfg).await.unwrap());
     }
@@ -528,8 +533,41 @@ async fn a_prompt_too_long_for_one_seeder_goes_to_one_with_a_longer_context() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let c = common::client();
+    // While one of the consumer's requests runs on the long-context seeder,
+    // the short one scores better (RUNNING_COST_MS) and is tried first.
+    let busy = {
+        let c = c.clone();
+        let url = format!("http://{}/v1/chat/completions", consumer.http_addr());
+        tokio::spawn(async move {
+            use futures_util::StreamExt as _;
+            let resp = c
+                .post(url)
+                .json(&json!({"model": "long-only", "stream": true, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300, "temperature": 0}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut body = resp.bytes_stream();
+            while let Some(chunk) = body.next().await {
+                chunk.unwrap();
+            }
+        })
+    };
+    let long_seeder = format!("http://{}", seeders[1].http_addr());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::metrics(&c, &long_seeder)
+        .await
+        .lines()
+        .any(|l| l == "hypha_slots_busy 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the loading request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let prompt = "Please repeat these words back to me: ".to_owned() + &"river stone ".repeat(200);
-    for _ in 0..10 {
+    for _ in 0..3 {
         let resp = c
             .post(format!("http://{}/v1/chat/completions", consumer.http_addr()))
             .json(&json!({"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0}))
@@ -546,7 +584,8 @@ async fn a_prompt_too_long_for_one_seeder_goes_to_one_with_a_longer_context() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(peer, long, "only the longer context fits the prompt");
     }
-    // The short seeder was tried first at least once, and refused.
+    busy.await.unwrap();
+    // The short seeder was tried first, and refused.
     let m = common::metrics(&c, &format!("http://{}", seeders[0].http_addr())).await;
     let refused: u64 = m
         .lines()
@@ -554,7 +593,7 @@ async fn a_prompt_too_long_for_one_seeder_goes_to_one_with_a_longer_context() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(refused >= 1, "the short seeder was never tried: {m}");
-    println!("10 of 10 long prompts served by the long-context seeder; {refused} refused first by the short one");
+    println!("3 of 3 long prompts served by the long-context seeder; {refused} refused first by the short one");
     for n in [consumer].into_iter().chain(seeders).chain([boot]) {
         n.stop().await.unwrap();
     }
