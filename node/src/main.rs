@@ -628,23 +628,7 @@ async fn show_receipt(seeder: &Node, consumer: &Node) -> anyhow::Result<()> {
 /// `hypha ledger peer ID`: another node's balance as the DHT's receipts
 /// show it.
 async fn peer_balance_cmd(node_id: &str, url: &str, api_key: Option<String>) -> anyhow::Result<()> {
-    hypha_node::install_crypto_provider();
-    let client = hypha_node::models::http_client()?;
-    let mut req = client.get(format!("{}/v1/ledger/{node_id}", url.trim_end_matches('/')));
-    if let Some(k) = api_key {
-        req = req.bearer_auth(k);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("no node answers at {url}"))?;
-    let status = resp.status();
-    let v: serde_json::Value = resp.json().await.context("the node's answer is not JSON")?;
-    anyhow::ensure!(
-        status.is_success(),
-        "{url} answered {status}: {}",
-        v["error"]["message"].as_str().unwrap_or("no reason given")
-    );
+    let v = get_json(url, &format!("/v1/ledger/{node_id}"), api_key.as_deref()).await?;
     println!(
         "{}: balance {} micro-credits (grant {} + earned {} - spent {}), from {} receipts found in the DHT, each signature checked",
         v["node_id"].as_str().unwrap_or(node_id),
@@ -655,6 +639,15 @@ async fn peer_balance_cmd(node_id: &str, url: &str, api_key: Option<String>) -> 
         v["receipts"]
     );
     Ok(())
+}
+
+/// A JSON value as table text: strings bare, null as `-`.
+fn text(x: &serde_json::Value) -> String {
+    match x {
+        serde_json::Value::String(t) => t.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// GETs `path` from a node's API as JSON, with a clear error.
@@ -687,11 +680,7 @@ async fn get_json(
 /// it.
 async fn status_cmd(url: &str, api_key: Option<String>) -> anyhow::Result<()> {
     let health = get_json(url, "/health", api_key.as_deref()).await?;
-    let s = |x: &serde_json::Value| match x {
-        serde_json::Value::String(t) => t.clone(),
-        serde_json::Value::Null => "-".to_owned(),
-        other => other.to_string(),
-    };
+    let s = text;
     println!(
         "model {}  slots {}/{} busy  queue {}",
         s(&health["model"]),
@@ -734,32 +723,12 @@ async fn status_cmd(url: &str, api_key: Option<String>) -> anyhow::Result<()> {
 
 /// `hypha peers`: prints `GET /v1/network` as tables.
 async fn peers_cmd(url: &str, api_key: Option<String>, raw: bool) -> anyhow::Result<()> {
-    hypha_node::install_crypto_provider();
-    let client = hypha_node::models::http_client()?;
-    let mut req = client.get(format!("{}/v1/network", url.trim_end_matches('/')));
-    if let Some(k) = api_key {
-        req = req.bearer_auth(k);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("no node answers at {url}"))?;
-    let status = resp.status();
-    let v: serde_json::Value = resp.json().await.context("the node's answer is not JSON")?;
-    anyhow::ensure!(
-        status.is_success(),
-        "{url} answered {status}: {}",
-        v["error"]["message"].as_str().unwrap_or("no reason given")
-    );
+    let v = get_json(url, "/v1/network", api_key.as_deref()).await?;
     if raw {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let s = |x: &serde_json::Value| match x {
-        serde_json::Value::String(t) => t.clone(),
-        serde_json::Value::Null => "-".to_owned(),
-        other => other.to_string(),
-    };
+    let s = text;
     println!("node {} on QUIC {}", s(&v["id"]), s(&v["quic_addr"]));
     let empty = Vec::new();
     let table = v["routing_table"].as_array().unwrap_or(&empty);

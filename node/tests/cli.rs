@@ -18,7 +18,7 @@ use hypha_engine::EngineConfig;
 use hypha_node::{Node, NodeConfig};
 
 mod common;
-use common::test_model;
+use common::{test_model, Proc};
 use serde_json::{json, Value};
 
 const HYPHA: &str = env!("CARGO_BIN_EXE_hypha");
@@ -313,58 +313,6 @@ fn id_is_created_once_private_and_reused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a hypha key"));
-}
-
-/// A `hypha` process whose stderr is scanned for start-up lines.
-struct Proc {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(HYPHA)
-            .args(args)
-            .env("HYPHA_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// The text after `marker` on the first stderr line holding it.
-    fn wait_for(&self, marker: &str) -> String {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line with {marker:?}"));
-            if let Some((_, rest)) = line.split_once(marker) {
-                return rest.trim().to_owned();
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,20 +7,10 @@
 use std::time::{Duration, Instant};
 
 use hypha_nat::stun::{binding_request, binding_response, decode, Message};
-use hypha_node::{Node, NodeConfig};
 use serde_json::Value;
 
 mod common;
-use common::TEST_POW_BITS;
-
-async fn plain_node(dir: &std::path::Path, bootstrap: Vec<hypha_node::peers::PeerAddr>) -> Node {
-    let mut cfg = NodeConfig::new(None);
-    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
-    cfg.bootstrap = bootstrap;
-    cfg.data_dir = Some(dir.to_owned());
-    cfg.pow_bits = TEST_POW_BITS;
-    Node::start(cfg).await.expect("node starts")
-}
+use common::{plain_node, TEST_POW_BITS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quic_port_answers_stun_and_still_speaks_quic() {

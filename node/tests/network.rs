@@ -8,79 +8,17 @@
 //! and expired ones are refused.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hypha_node::peers::PeerAddr;
-use hypha_node::{Node, NodeConfig};
+use hypha_node::Node;
 use hypha_wire::NodeId;
 use serde_json::{json, Value};
 
 mod common;
-use common::{seeder_config, test_model, TEST_POW_BITS};
+use common::{plain_node, seeder_config, test_model, Proc, TEST_POW_BITS};
 
-const HYPHA: &str = env!("CARGO_BIN_EXE_hypha");
 const CONSUMERS: usize = 16;
-
-/// A node without a model on a loopback QUIC port, joining through
-/// `bootstrap`.
-async fn plain_node(dir: &std::path::Path, bootstrap: Vec<PeerAddr>) -> Node {
-    let mut cfg = NodeConfig::new(None);
-    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
-    cfg.bootstrap = bootstrap;
-    cfg.data_dir = Some(dir.to_owned());
-    cfg.pow_bits = TEST_POW_BITS;
-    cfg.dial_timeout = Duration::from_secs(2);
-    Node::start(cfg).await.expect("node starts")
-}
-
-/// A `hypha up` process, killed on drop.
-struct Proc(std::process::Child, std::sync::mpsc::Receiver<String>);
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(HYPHA)
-            .args(args)
-            .env("HYPHA_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        Self(child, rx)
-    }
-
-    fn wait_for(&self, marker: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .1
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line with {marker:?}"));
-            if let Some((_, rest)) = line.split_once(marker) {
-                return rest.trim().to_owned();
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One short greedy completion through `node`'s API: the seeder that
 /// served it.

@@ -277,3 +277,70 @@ pub fn request(id: u64, max_tokens: u32) -> hypha_wire::Message {
         max_tokens: Some(max_tokens),
     })
 }
+
+/// A `hypha` process whose stderr is scanned for start-up lines.
+pub struct Proc {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hypha"))
+            .args(args)
+            .env("HYPHA_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The text after `marker` on the first stderr line holding it.
+    pub fn wait_for(&self, marker: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {marker:?}"));
+            if let Some((_, rest)) = line.split_once(marker) {
+                return rest.trim().to_owned();
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node without a model on a loopback QUIC port, joining through
+/// `bootstrap`, its key in `dir`.
+pub async fn plain_node(
+    dir: &std::path::Path,
+    bootstrap: Vec<hypha_node::peers::PeerAddr>,
+) -> hypha_node::Node {
+    let mut cfg = hypha_node::NodeConfig::new(None);
+    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = bootstrap;
+    cfg.data_dir = Some(dir.to_owned());
+    cfg.pow_bits = TEST_POW_BITS;
+    cfg.dial_timeout = Duration::from_secs(2);
+    hypha_node::Node::start(cfg).await.expect("node starts")
+}
