@@ -165,35 +165,12 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
     // And from the command line, against a running node.
     let url = format!("http://{}", consumers[0].http_addr());
     let first_id = first.id().unwrap().to_string();
-    let hypha = |args: Vec<String>| async move {
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_hypha"))
-                .args(&args)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let text = hypha(vec![
-        "ledger".into(),
-        "peer".into(),
-        first_id.clone(),
-        "--url".into(),
-        url.clone(),
-    ])
-    .await;
+    let text = common::hypha_cli(&["ledger", "peer", &first_id, "--url", &url]).await;
     assert!(
         text.contains(&format!("balance {} micro-credits", balances[0])),
         "{text}"
     );
-    let text = hypha(vec!["peers".into(), "--url".into(), url]).await;
+    let text = common::hypha_cli(&["peers", "--url", &url]).await;
     assert!(text.contains("routing table: 4 contacts"), "{text}");
     assert!(text.contains(&first_id), "{text}");
     assert!(

@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use hypha_nat::stun::{binding_request, binding_response, decode, Message};
-use serde_json::Value;
 
 mod common;
 use common::{plain_node, TEST_POW_BITS};
@@ -77,14 +76,7 @@ async fn nodes_learn_how_peers_see_them() {
     // later rounds come every 15 s.
     let deadline = Instant::now() + Duration::from_secs(40);
     let net = loop {
-        let net: Value = client
-            .get(format!("{base}/v1/network"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let net = common::get_json(&client, &format!("{base}/v1/network")).await;
         if net["nat"]["mapping"] == "public" {
             break net;
         }
@@ -99,27 +91,10 @@ async fn nodes_learn_how_peers_see_them() {
     assert_eq!(net["nat"]["candidates"][0]["kind"], "host", "{net}");
     // The peers counted the requests they answered.
     let m = common::metrics(&client, &format!("http://{}", a.http_addr())).await;
-    let answered: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("hypha_stun_requests_answered_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let answered = common::metric_value(&m, "hypha_stun_requests_answered_total");
     assert!(answered >= 1, "{m}");
     // And the command line shows it.
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_hypha"))
-            .args(["status", "--url", &base])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::hypha_cli(&["status", "--url", &base]).await;
     assert!(
         text.contains(&format!("NAT mapping: public  public address: {quic}")),
         "{text}"

@@ -251,11 +251,28 @@ impl Lab {
         http: &str,
         bootstrap: Option<&str>,
     ) -> Started {
+        self.up(ns, name, quic, http, bootstrap, false)
+    }
+
+    /// A seeder running the test model (one decode thread, two slots).
+    fn seeder(&mut self, ns: &str, quic: &str, http: &str, bootstrap: Option<&str>) -> Started {
+        self.up(ns, "seeder", quic, http, bootstrap, true)
+    }
+
+    fn up(
+        &mut self,
+        ns: &str,
+        name: &str,
+        quic: &str,
+        http: &str,
+        bootstrap: Option<&str>,
+        model: bool,
+    ) -> Started {
         let dir = self.dir.path().join(name);
         let pow = common::TEST_POW_BITS.to_string();
+        let model_path = common::test_model();
         let mut args = vec![
             "up",
-            "--no-model",
             "--quic",
             quic,
             "--http",
@@ -265,6 +282,20 @@ impl Lab {
             "--data-dir",
             dir.to_str().unwrap(),
         ];
+        if model {
+            args.extend([
+                "--model",
+                model_path.to_str().unwrap(),
+                "--threads",
+                "1",
+                "--parallel",
+                "2",
+                "--ctx-size",
+                "512",
+            ]);
+        } else {
+            args.push("--no-model");
+        }
         if let Some(b) = bootstrap {
             args.extend(["--bootstrap", b]);
         }
@@ -405,32 +436,13 @@ fn completions_stream_to_public_and_natted_consumers() {
     };
     let public = lab.public(&["198.18.0.10/24", "198.18.0.11/24"]);
     let home = lab.nat(&public, "198.18.0.254", 1, false);
-    let model = common::test_model();
-    let name = model.file_stem().unwrap().to_str().unwrap().to_owned();
-    let sdir = lab.dir.path().join("seeder");
-    let pow = common::TEST_POW_BITS.to_string();
-    let seeder = lab.hypha(
-        &public,
-        &[
-            "up",
-            "--model",
-            model.to_str().unwrap(),
-            "--quic",
-            "198.18.0.10:7001",
-            "--http",
-            "127.0.0.1:8001",
-            "--threads",
-            "1",
-            "--parallel",
-            "2",
-            "--ctx-size",
-            "512",
-            "--pow-bits",
-            &pow,
-            "--data-dir",
-            sdir.to_str().unwrap(),
-        ],
-    );
+    let name = common::test_model()
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let seeder = lab.seeder(&public, "198.18.0.10:7001", "127.0.0.1:8001", None);
     let seeder_addr = seeder.wait_for("peers reach this node as");
     let seeder_id = seeder_addr.split('@').next().unwrap().to_owned();
     // 1. Both public: a consumer on another public address.
@@ -478,33 +490,17 @@ fn a_hole_is_punched_between_two_nats() {
     let home_c = lab.nat(&public, "198.18.0.253", 2, false);
     let boot = lab.node(&public, "boot", "198.18.0.10:7001", "127.0.0.1:8001", None);
     let boot_addr = boot.wait_for("peers reach this node as");
-    let model = common::test_model();
-    let name = model.file_stem().unwrap().to_str().unwrap().to_owned();
-    let sdir = lab.dir.path().join("seeder");
-    let pow = common::TEST_POW_BITS.to_string();
-    let seeder = lab.hypha(
+    let name = common::test_model()
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let seeder = lab.seeder(
         &home_s,
-        &[
-            "up",
-            "--model",
-            model.to_str().unwrap(),
-            "--quic",
-            "198.19.1.2:7002",
-            "--http",
-            "127.0.0.1:8002",
-            "--threads",
-            "1",
-            "--parallel",
-            "2",
-            "--ctx-size",
-            "512",
-            "--pow-bits",
-            &pow,
-            "--data-dir",
-            sdir.to_str().unwrap(),
-            "--bootstrap",
-            &boot_addr,
-        ],
+        "198.19.1.2:7002",
+        "127.0.0.1:8002",
+        Some(&boot_addr),
     );
     let seeder_id = seeder
         .wait_for("peers reach this node as")

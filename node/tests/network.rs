@@ -104,17 +104,11 @@ async fn twenty_nodes_find_three_seeders_and_route_around_a_dead_one() {
     let c = common::client();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let models: Value = c
-            .get(format!(
-                "http://{}/v1/models",
-                consumers.last().unwrap().http_addr()
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let models = common::get_json(
+            &c,
+            &format!("http://{}/v1/models", consumers.last().unwrap().http_addr()),
+        )
+        .await;
         let count = models["data"]
             .as_array()
             .unwrap()
@@ -169,14 +163,11 @@ async fn twenty_nodes_find_three_seeders_and_route_around_a_dead_one() {
     );
 
     // The API lists the model with its provider count.
-    let models: Value = c
-        .get(format!("http://{}/v1/models", consumers[0].http_addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = common::get_json(
+        &c,
+        &format!("http://{}/v1/models", consumers[0].http_addr()),
+    )
+    .await;
     let card = models["data"]
         .as_array()
         .unwrap()
@@ -184,14 +175,11 @@ async fn twenty_nodes_find_three_seeders_and_route_around_a_dead_one() {
         .find(|m| m["id"] == name.as_str())
         .unwrap_or_else(|| panic!("no {name} in {models}"));
     assert_eq!(card["provider_count"], 3, "{card}");
-    let network: Value = c
-        .get(format!("http://{}/v1/network", consumers[0].http_addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let network = common::get_json(
+        &c,
+        &format!("http://{}/v1/network", consumers[0].http_addr()),
+    )
+    .await;
     assert!(
         network["routing_table"].as_array().unwrap().len() >= 3,
         "{network}"
@@ -525,11 +513,8 @@ async fn a_prompt_too_long_for_one_seeder_goes_to_one_with_a_longer_context() {
     busy.await.unwrap();
     // The short seeder was tried first, and refused.
     let m = common::metrics(&c, &format!("http://{}", seeders[0].http_addr())).await;
-    let refused: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("hypha_requests_total{endpoint=\"peer\",status=\"400\"} "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let refused =
+        common::metric_value(&m, "hypha_requests_total{endpoint=\"peer\",status=\"400\"}");
     assert!(refused >= 1, "the short seeder was never tried: {m}");
     println!("3 of 3 long prompts served by the long-context seeder; {refused} refused first by the short one");
     for n in [consumer].into_iter().chain(seeders).chain([boot]) {
