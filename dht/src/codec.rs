@@ -11,7 +11,9 @@ use hypha_wire::{DhtReply, DhtRequest, NodeId, WireContact, WireRecord};
 use hypha_ledger::SignedReceipt;
 
 use crate::receipts::{MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT};
-use crate::record::{ProviderRecord, MAX_CATALOG_MODELS, MAX_PROVIDERS_PER_KEY, MAX_RECORD_ADDRS};
+use crate::record::{
+    ProviderRecord, MAX_CATALOG_MODELS, MAX_PROVIDERS_PER_KEY, MAX_RECORD_ADDRS, MAX_RECORD_RELAYS,
+};
 use crate::{Contact, DhtError, Request, Response, K};
 
 /// Longest address text accepted (`[v6%scope]:port` fits well within).
@@ -32,6 +34,25 @@ pub fn contact_to_wire(c: &Contact) -> WireContact {
     }
 }
 
+/// Longest relay entry: a hex node id, `@`, an address.
+const MAX_RELAY_BYTES: usize = 64 + 1 + MAX_ADDR_BYTES;
+
+/// A record's relay entry, `NODE_ID@ip:port`.
+fn relay_from_wire(s: &str) -> Result<Contact, DhtError> {
+    if s.len() > MAX_RELAY_BYTES {
+        return Err(DhtError::BadMessage("relay entry too long"));
+    }
+    let (id, addr) = s
+        .split_once('@')
+        .ok_or(DhtError::BadMessage("relay entry is not NODE_ID@ADDRESS"))?;
+    Ok(Contact {
+        id: id
+            .parse()
+            .map_err(|_| DhtError::BadMessage("relay entry has a bad node id"))?,
+        addr: addr_from_wire(addr)?,
+    })
+}
+
 pub fn contact_from_wire(c: &WireContact) -> Result<Contact, DhtError> {
     Ok(Contact {
         id: NodeId(c.id),
@@ -44,6 +65,11 @@ pub fn record_to_wire(r: &ProviderRecord) -> WireRecord {
         publisher: r.publisher.0,
         public_key: r.public_key,
         addrs: r.addrs.iter().map(ToString::to_string).collect(),
+        relays: r
+            .relays
+            .iter()
+            .map(|c| format!("{}@{}", c.id, c.addr))
+            .collect(),
         model: r.model.clone(),
         model_sha256: r.model_sha256,
         context_length: r.context_length,
@@ -60,7 +86,7 @@ pub fn record_to_wire(r: &ProviderRecord) -> WireRecord {
 /// The record in the DHT's form; its signature is checked later, by
 /// [`ProviderRecord::verify`], before it is stored or used.
 pub fn record_from_wire(r: WireRecord) -> Result<ProviderRecord, DhtError> {
-    if r.addrs.len() > MAX_RECORD_ADDRS {
+    if r.addrs.len() > MAX_RECORD_ADDRS || r.relays.len() > MAX_RECORD_RELAYS {
         return Err(DhtError::BadRecord("record fields over their limits"));
     }
     let addrs = r
@@ -68,10 +94,16 @@ pub fn record_from_wire(r: WireRecord) -> Result<ProviderRecord, DhtError> {
         .iter()
         .map(|a| addr_from_wire(a))
         .collect::<Result<Vec<_>, _>>()?;
+    let relays = r
+        .relays
+        .iter()
+        .map(|s| relay_from_wire(s))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(ProviderRecord {
         publisher: NodeId(r.publisher),
         public_key: r.public_key,
         addrs,
+        relays,
         model: r.model,
         model_sha256: r.model_sha256,
         context_length: r.context_length,
@@ -251,6 +283,8 @@ fn check_archived_record(r: &hypha_wire::ArchivedWireRecord) -> Result<(), DhtEr
     use crate::record::MAX_RECORD_NAME_BYTES;
     if r.addrs.len() > MAX_RECORD_ADDRS
         || r.addrs.iter().any(|a| a.len() > MAX_ADDR_BYTES)
+        || r.relays.len() > MAX_RECORD_RELAYS
+        || r.relays.iter().any(|a| a.len() > MAX_RELAY_BYTES)
         || r.model.len() > MAX_RECORD_NAME_BYTES
         || r.backend.len() > MAX_RECORD_NAME_BYTES
     {

@@ -23,7 +23,7 @@ pub use machine::{
     REQUEST_TIMEOUT_MS,
 };
 pub use receipts::{receipts_key, ReceiptStore};
-pub use record::{catalog_key, model_key, ProviderRecord, RecordStore};
+pub use record::{catalog_key, model_key, relay_key, ProviderRecord, RecordStore, RELAY_SERVICE};
 pub use table::{Contact, RoutingTable, Update};
 
 use hypha_wire::NodeId;

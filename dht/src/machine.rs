@@ -618,6 +618,22 @@ impl Dht {
     /// authenticated; it goes into the routing table.
     pub fn handle_request(&mut self, now_ms: u64, from: Contact, request: Request) -> Response {
         self.saw(from, now_ms);
+        self.answer(now_ms, from, request)
+    }
+
+    /// Answers a peer's request without adding it to the routing table:
+    /// for a peer whose address cannot be dialed by others (it reached
+    /// this node through a relay).
+    pub fn handle_request_unlisted(
+        &mut self,
+        now_ms: u64,
+        from: Contact,
+        request: Request,
+    ) -> Response {
+        self.answer(now_ms, from, request)
+    }
+
+    fn answer(&mut self, now_ms: u64, from: Contact, request: Request) -> Response {
         match request {
             Request::Ping => Response::Pong,
             Request::FindNode { target } => Response::Nodes {

@@ -26,6 +26,11 @@ pub const MAX_PROVIDERS_PER_KEY: usize = 32;
 pub const MAX_RECORD_ADDRS: usize = 4;
 /// Longest model name or backend name in a record.
 pub const MAX_RECORD_NAME_BYTES: usize = 256;
+/// Relays one record may list (a node behind a NAT reserves at two).
+pub const MAX_RECORD_RELAYS: usize = 4;
+/// The service name relays publish their records under (never a model:
+/// it starts with a NUL byte, and is never put in the catalog).
+pub const RELAY_SERVICE: &str = "\0hypha-relay";
 
 /// A seeder's signed offer of one model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +38,9 @@ pub struct ProviderRecord {
     pub publisher: NodeId,
     pub public_key: [u8; 32],
     pub addrs: Vec<SocketAddr>,
+    /// Relays the publisher holds a reservation at: how to reach it when
+    /// none of `addrs` can be dialed or punched.
+    pub relays: Vec<crate::Contact>,
     pub model: String,
     pub model_sha256: [u8; 32],
     pub context_length: u32,
@@ -63,6 +71,11 @@ pub fn key_fits(key: &NodeId, record: &ProviderRecord) -> bool {
     *key == model_key(&record.model) || *key == catalog_key()
 }
 
+/// The key relays publish their records under.
+pub fn relay_key() -> NodeId {
+    model_key(RELAY_SERVICE)
+}
+
 /// The DHT key a model's providers are stored under.
 pub fn model_key(model: &str) -> NodeId {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -85,12 +98,19 @@ impl ProviderRecord {
     /// fixed layout.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(192 + self.model.len() + self.backend.len());
-        out.extend_from_slice(b"hypha-provider-1\0");
+        out.extend_from_slice(b"hypha-provider-2\0");
         out.extend_from_slice(&self.publisher.0);
         out.extend_from_slice(&self.public_key);
         out.extend_from_slice(&(self.addrs.len() as u32).to_le_bytes());
         for a in &self.addrs {
             let s = a.to_string();
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        out.extend_from_slice(&(self.relays.len() as u32).to_le_bytes());
+        for r in &self.relays {
+            out.extend_from_slice(&r.id.0);
+            let s = r.addr.to_string();
             out.extend_from_slice(&(s.len() as u32).to_le_bytes());
             out.extend_from_slice(s.as_bytes());
         }
@@ -120,6 +140,7 @@ impl ProviderRecord {
     /// Checks the record at `now_ms`: key, signature, bounds, expiry.
     pub fn verify(&self, now_ms: u64) -> Result<(), DhtError> {
         if self.addrs.len() > MAX_RECORD_ADDRS
+            || self.relays.len() > MAX_RECORD_RELAYS
             || self.model.len() > MAX_RECORD_NAME_BYTES
             || self.backend.len() > MAX_RECORD_NAME_BYTES
         {

@@ -141,6 +141,7 @@ fn record(key: &SigningKey, model: &str, expires_ms: u64) -> ProviderRecord {
         publisher: NodeId([0; 32]),
         public_key: [0; 32],
         addrs: vec![addr(4000)],
+        relays: Vec::new(),
         model: model.into(),
         model_sha256: [1; 32],
         context_length: 2048,
@@ -278,4 +279,27 @@ fn the_catalog_keeps_one_record_per_model_name() {
     assert!(store
         .put(model_key("n"), record(&a, "m", now + 1_000), now)
         .is_err());
+}
+
+#[test]
+fn a_records_relays_are_signed_and_survive_the_wire() {
+    let key = SigningKey::from_bytes(&[3; 32]);
+    let mut r = record(&key, "m", 2_000_000);
+    r.relays = vec![hypha_dht::Contact {
+        id: NodeId([9; 32]),
+        addr: "198.18.0.10:7001".parse().unwrap(),
+    }];
+    let r = r.sign(&key);
+    r.verify(1_000_000).unwrap();
+    let back = hypha_dht::codec::record_from_wire(hypha_dht::codec::record_to_wire(&r)).unwrap();
+    assert_eq!(back, r);
+    back.verify(1_000_000).unwrap();
+    // A relay slipped in by a storing node breaks the signature.
+    let mut forged = r.clone();
+    forged.relays[0].addr = "203.0.113.9:7001".parse().unwrap();
+    assert!(forged.verify(1_000_000).is_err());
+    // Garbage relay entries are refused on decoding.
+    let mut wire = hypha_dht::codec::record_to_wire(&r);
+    wire.relays = vec!["not-a-relay".into()];
+    assert!(hypha_dht::codec::record_from_wire(wire).is_err());
 }

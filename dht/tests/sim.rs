@@ -334,6 +334,7 @@ fn ten_thousand_nodes_find_each_other_before_and_after_churn() {
             publisher: NodeId([0; 32]),
             public_key: [0; 32],
             addrs: vec![addr_of(publisher)],
+            relays: Vec::new(),
             model: model.clone(),
             model_sha256: [p; 32],
             context_length: 2048,

@@ -393,7 +393,12 @@ fn handle(dht: &mut Dht, cmd: Cmd, waiters: &mut HashMap<QueryId, Waiter>) {
             request,
             reply,
         } => {
-            let _ = reply.send(dht.handle_request(now, from, request));
+            let answer = if crate::relay::is_virtual(&from.addr) {
+                dht.handle_request_unlisted(now, from, request)
+            } else {
+                dht.handle_request(now, from, request)
+            };
+            let _ = reply.send(answer);
         }
         Cmd::Reply { id, response } => match response {
             Some(r) => dht.handle_response(now, id, r),
@@ -524,6 +529,11 @@ pub struct Announcement {
     /// Otherwise the NAT's public address for us, once peers agree on it,
     /// goes first.
     pub reach: Option<Arc<crate::reach::Reachability>>,
+    /// Relays the node holds reservations at, named in its records.
+    pub relays: Option<Arc<crate::relay::RelayClient>>,
+    /// Also list the names under the catalog key (models do; the relay
+    /// service does not).
+    pub catalog: bool,
     pub model_sha256: [u8; 32],
     pub context_length: u32,
     pub backend: String,
@@ -561,6 +571,13 @@ impl Announcement {
         out.truncate(hypha_dht::record::MAX_RECORD_ADDRS);
         out
     }
+
+    /// The relays to publish now.
+    fn current_relays(&self) -> Vec<hypha_dht::Contact> {
+        let mut out = self.relays.as_ref().map(|r| r.relays()).unwrap_or_default();
+        out.truncate(hypha_dht::record::MAX_RECORD_RELAYS);
+        out
+    }
 }
 
 /// How often a publisher checks whether its addresses changed.
@@ -581,11 +598,13 @@ pub async fn publish_loop(
     loop {
         let mut stored_everywhere = true;
         let addrs = what.current_addrs();
+        let relays = what.current_relays();
         for name in &what.names {
             let record = ProviderRecord {
                 publisher: identity.id(),
                 public_key: identity.public_key(),
                 addrs: addrs.clone(),
+                relays: relays.clone(),
                 model: name.clone(),
                 model_sha256: what.model_sha256,
                 context_length: what.context_length,
@@ -600,9 +619,13 @@ pub async fn publish_loop(
             .sign(identity.signing_key());
             // Under the catalog too, so nodes that do not know the name
             // can list the model.
-            let listed = discovery
-                .publish(hypha_dht::catalog_key(), record.clone())
-                .await;
+            let listed = if what.catalog {
+                discovery
+                    .publish(hypha_dht::catalog_key(), record.clone())
+                    .await
+            } else {
+                0
+            };
             let stored = discovery.publish(hypha_dht::model_key(name), record).await;
             tracing::debug!(model = %name, stored, listed, "provider record published");
             if stored == 0 {
@@ -618,7 +641,10 @@ pub async fn publish_loop(
             w
         };
         let until = tokio::time::Instant::now() + wait;
-        while tokio::time::Instant::now() < until && what.current_addrs() == addrs {
+        while tokio::time::Instant::now() < until
+            && what.current_addrs() == addrs
+            && what.current_relays() == relays
+        {
             let step = until
                 .saturating_duration_since(tokio::time::Instant::now())
                 .min(ADDRS_CHECK);

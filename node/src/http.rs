@@ -67,6 +67,11 @@ pub struct AppState {
     pub reach: Option<Arc<crate::reach::Reachability>>,
     /// The node's identity and receipts, when it talks to peers.
     pub account: Option<crate::account::Account>,
+    /// Relaying: the service this node runs, its own reservations, and
+    /// its relayed paths.
+    pub relay: Option<Arc<crate::relay::RelayService>>,
+    pub relay_client: Option<Arc<crate::relay::RelayClient>>,
+    pub paths: Option<Arc<crate::relay::Paths>>,
     pub api_key: Option<String>,
     pub metrics: Arc<Metrics>,
     pub started: SystemTime,
@@ -349,37 +354,104 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let mut text = st.metrics.render(&st.gauges());
+    use crate::metrics::{counter, gauge};
+    use std::fmt::Write as _;
     if let Some(r) = &st.reach {
-        use std::fmt::Write as _;
         let s = &r.stun;
         for (name, help, v) in [
             (
                 "hypha_stun_requests_answered_total",
-                "STUN binding requests answered on the QUIC port",
+                "STUN binding requests answered on the QUIC port.",
                 &s.requests_answered,
             ),
             (
                 "hypha_stun_requests_dropped_total",
-                "STUN binding requests not answered (rate limit or full socket)",
+                "STUN binding requests not answered (rate limit or full socket).",
                 &s.requests_dropped,
             ),
             (
                 "hypha_stun_responses_total",
-                "STUN binding responses received for this node's probes",
+                "STUN binding responses received for this node's probes.",
                 &s.responses_received,
             ),
         ] {
-            let _ = write!(
-                text,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                v.load(Ordering::Relaxed)
-            );
+            counter(&mut text, name, help, v.load(Ordering::Relaxed));
         }
         let _ = writeln!(
             text,
             "# HELP hypha_nat_mapping NAT mapping behaviour (1 for the current one)\n# TYPE hypha_nat_mapping gauge\nhypha_nat_mapping{{mapping=\"{}\"}} 1",
             r.view().mapping.as_str()
         );
+    }
+    if let Some(p) = &st.paths {
+        let s = &p.stats;
+        for (name, help, v) in [
+            (
+                "hypha_relayed_sent_bytes_total",
+                "Bytes of this node's own QUIC packets sent over relayed paths.",
+                &s.sent_bytes,
+            ),
+            (
+                "hypha_relayed_received_bytes_total",
+                "Bytes of QUIC packets this node received over relayed paths.",
+                &s.received_bytes,
+            ),
+            (
+                "hypha_relayed_paths_total",
+                "Relayed paths opened (as either end).",
+                &s.opened,
+            ),
+        ] {
+            counter(&mut text, name, help, v.load(Ordering::Relaxed));
+        }
+    }
+    if let Some(r) = &st.relay {
+        let s = &r.stats;
+        for (name, help, v) in [
+            (
+                "hypha_relay_forwarded_bytes_total",
+                "Bytes this node forwarded as a relay (ciphertext of other nodes' connections).",
+                &s.forwarded_bytes,
+            ),
+            (
+                "hypha_relay_sessions_total",
+                "Relayed paths this node carried.",
+                &s.sessions_opened,
+            ),
+            (
+                "hypha_relay_refused_total",
+                "Relay reservations and paths refused (allow list, limits, unknown target).",
+                &s.refused,
+            ),
+        ] {
+            counter(&mut text, name, help, v.load(Ordering::Relaxed));
+        }
+        gauge(
+            &mut text,
+            "hypha_relay_reservations",
+            "Nodes holding a reservation at this relay.",
+            r.reservations() as u64,
+        );
+        gauge(
+            &mut text,
+            "hypha_relay_sessions",
+            "Relayed paths open through this node.",
+            s.sessions.load(Ordering::Relaxed) as u64,
+        );
+    }
+    if let Some(peers) = &st.peers {
+        let _ = writeln!(
+            text,
+            "# HELP hypha_peer_path The path of each open connection this node dialed (1 for its kind).\n# TYPE hypha_peer_path gauge"
+        );
+        for k in peers.connections().known().iter().filter(|k| k.connected) {
+            let path = if k.via.is_some() { "relayed" } else { "direct" };
+            let _ = writeln!(
+                text,
+                "hypha_peer_path{{peer=\"{}\",path=\"{path}\"}} 1",
+                k.addr.id
+            );
+        }
     }
     (
         [(
@@ -440,6 +512,8 @@ async fn network(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
                 "connected": k.connected,
                 "configured": k.configured,
                 "rtt_ms": k.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                "path": if !k.connected { None } else if k.via.is_some() { Some("relayed") } else { Some("direct") },
+                "via": k.via.map(|v| v.to_string()),
                 "models": k.models,
                 "recent_failures": h.failures,
             })
@@ -452,6 +526,7 @@ async fn network(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
                 "model": r.model,
                 "publisher": r.publisher.to_string(),
                 "addrs": r.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "relays": r.relays.iter().map(|c| format!("{}@{}", c.id, c.addr)).collect::<Vec<_>>(),
                 "backend": r.backend,
                 "context_length": r.context_length,
                 "decode_tokens_per_s": r.decode_tokens_per_s,
@@ -474,8 +549,18 @@ async fn network(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
             })
         })
         .collect();
+    let reserved = st
+        .relay_client
+        .as_ref()
+        .map(|c| c.relays())
+        .unwrap_or_default();
     let nat = st.reach.as_ref().map(|r| {
         let v = r.view();
+        let mut candidates = v.candidates.clone();
+        candidates.extend(reserved.iter().map(|c| hypha_nat::Candidate {
+            kind: hypha_nat::CandidateKind::Relayed,
+            addr: c.addr,
+        }));
         let public = match &v.mapping {
             hypha_nat::Mapping::Public { addr } => Some(addr.to_string()),
             hypha_nat::Mapping::EndpointIndependent { public } => Some(public.to_string()),
@@ -488,16 +573,31 @@ async fn network(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Respons
                 "peer": o.server.to_string(),
                 "saw": o.mapped.to_string(),
             })).collect::<Vec<_>>(),
-            "candidates": v.candidates.iter().map(|c| json!({
+            "candidates": candidates.iter().map(|c| json!({
                 "kind": c.kind.as_str(),
                 "addr": c.addr.to_string(),
             })).collect::<Vec<_>>(),
         })
     });
+    let relay = json!({
+        "serving": st.relay.as_ref().map(|r| json!({
+            "reservations": r.reservations(),
+            "sessions": r.stats.sessions.load(Ordering::Relaxed),
+            "forwarded_bytes": r.stats.forwarded_bytes.load(Ordering::Relaxed),
+        })),
+        "reserved_at": reserved.iter().map(|c| format!("{}@{}", c.id, c.addr)).collect::<Vec<_>>(),
+        "paths": st.paths.as_ref().map(|p| p.list()).unwrap_or_default().iter().map(|p| json!({
+            "peer": p.peer.to_string(),
+            "via": p.via.to_string(),
+            "addr": p.addr.to_string(),
+            "age_s": p.age.as_secs(),
+        })).collect::<Vec<_>>(),
+    });
     Json(json!({
         "id": local.map(|c| c.id.to_string()),
         "quic_addr": local.map(|c| c.addr.to_string()),
         "nat": nat,
+        "relay": relay,
         "routing_table": table,
         "connections": connections,
         "provider_records": records,

@@ -20,6 +20,7 @@ pub mod peers;
 pub mod proto;
 pub mod punch;
 pub mod reach;
+pub mod relay;
 pub mod seeder;
 pub mod stun;
 pub mod transport;
@@ -84,6 +85,13 @@ pub struct NodeConfig {
     pub pow_bits: u32,
     /// Requests per minute a consumer with no credits left may make.
     pub free_tier_per_minute: u32,
+    /// Relay for other nodes (`--relay`), with these limits.
+    pub relay: Option<relay::RelayConfig>,
+    /// Relays to hold reservations at whatever the NAT looks like.
+    pub relay_via: Vec<PeerAddr>,
+    /// Hold reservations at relays from the DHT once peers see this node
+    /// behind a NAT.
+    pub relay_auto: bool,
 }
 
 /// Micro-credits per prompt token a seeder charges by default.
@@ -114,6 +122,9 @@ impl NodeConfig {
             receipt_interval: seeder::DEFAULT_RECEIPT_INTERVAL,
             pow_bits: hypha_ledger::DEFAULT_POW_BITS,
             free_tier_per_minute: seeder::DEFAULT_FREE_TIER_PER_MINUTE,
+            relay: None,
+            relay_via: Vec::new(),
+            relay_auto: true,
         }
     }
 }
@@ -171,6 +182,9 @@ impl Node {
         let mut ledger = None;
         let mut account = None;
         let mut reach_view = None;
+        let mut relay_service = None;
+        let mut relay_client = None;
+        let mut paths = None;
         if cfg.quic_addr.is_some() || !cfg.peers.is_empty() || !cfg.bootstrap.is_empty() {
             let dir = identity::data_dir(cfg.data_dir.as_deref())?;
             let ident = Arc::new(Identity::load_or_create_with_pow(&dir, cfg.pow_bits)?);
@@ -237,6 +251,62 @@ impl Node {
                 rx.clone(),
             ));
             reach_view = Some(reachability.clone());
+            let client = Arc::new(relay::RelayClient::new(
+                cfg.relay_via.clone(),
+                cfg.relay_auto,
+            ));
+            tokio::spawn(relay::keep_reservations(
+                client.clone(),
+                conns.clone(),
+                disc.clone(),
+                reachability.clone(),
+                ident.id(),
+                rx.clone(),
+            ));
+            relay_client = Some(client.clone());
+            let record_ttl = cfg
+                .record_ttl
+                .min(Duration::from_millis(hypha_dht::record::MAX_RECORD_TTL_MS));
+            paths = Some(ep.paths().clone());
+            let advertised = if cfg.advertise.is_empty() {
+                let a = ep.local_addr()?;
+                if a.ip().is_unspecified() {
+                    Vec::new()
+                } else {
+                    vec![a]
+                }
+            } else {
+                cfg.advertise.clone()
+            };
+            if let Some(relay_cfg) = cfg.relay.clone() {
+                let service = Arc::new(
+                    relay::RelayService::new(relay_cfg)
+                        .context("cannot open the relay capture file")?,
+                );
+                let announcement = discovery::Announcement {
+                    names: vec![hypha_dht::RELAY_SERVICE.to_owned()],
+                    explicit: !cfg.advertise.is_empty(),
+                    reach: Some(reachability.clone()),
+                    relays: None,
+                    catalog: false,
+                    addrs: advertised.clone(),
+                    model_sha256: [0; 32],
+                    context_length: 0,
+                    backend: "relay".into(),
+                    price_prompt_micro: 0,
+                    price_completion_micro: 0,
+                    ttl: record_ttl,
+                };
+                tokio::spawn(discovery::publish_loop(
+                    disc.clone(),
+                    ident.clone(),
+                    announcement,
+                    service.clone(),
+                    rx.clone(),
+                ));
+                tracing::info!(id = %ident.id(), "relaying for peers on QUIC {}", ep.local_addr()?);
+                relay_service = Some(service);
+            }
             let seeder_state = match (&engine, serving) {
                 (Some(engine), true) => Some(Arc::new(seeder::SeederState {
                     engine: engine.clone(),
@@ -257,33 +327,26 @@ impl Node {
                 _ => None,
             };
             if let (Some(state), Some(engine)) = (&seeder_state, &engine) {
-                let advertise = if cfg.advertise.is_empty() {
-                    let a = ep.local_addr()?;
-                    if a.ip().is_unspecified() {
-                        tracing::warn!(
-                            "QUIC bound to {a}: provider records carry no address; pass --advertise"
-                        );
-                        Vec::new()
-                    } else {
-                        vec![a]
-                    }
-                } else {
-                    cfg.advertise.clone()
-                };
+                if advertised.is_empty() {
+                    tracing::warn!(
+                        "QUIC bound to {}: provider records carry no address; pass --advertise",
+                        ep.local_addr()?
+                    );
+                }
                 let info = engine.info();
                 let announcement = discovery::Announcement {
                     names: offer.models.clone(),
                     explicit: !cfg.advertise.is_empty(),
                     reach: Some(reachability.clone()),
-                    addrs: advertise,
+                    relays: Some(client.clone()),
+                    catalog: true,
+                    addrs: advertised.clone(),
                     model_sha256: offer.model_sha256,
                     context_length: info.ctx_per_slot,
                     backend: info.device.clone(),
                     price_prompt_micro: offer.price_prompt_micro,
                     price_completion_micro: offer.price_completion_micro,
-                    ttl: cfg
-                        .record_ttl
-                        .min(Duration::from_millis(hypha_dht::record::MAX_RECORD_TTL_MS)),
+                    ttl: record_ttl,
                 };
                 tokio::spawn(discovery::publish_loop(
                     disc.clone(),
@@ -308,6 +371,9 @@ impl Node {
                 inbound: std::sync::Mutex::new(std::collections::HashMap::new()),
                 punches: std::sync::Mutex::new((std::time::Instant::now(), 0)),
                 punch_dials,
+                relay: relay_service.clone(),
+                relay_client: client.clone(),
+                paths: ep.paths().clone(),
                 shutdown: rx.clone(),
             });
             conns.set_listener(&listener);
@@ -350,6 +416,9 @@ impl Node {
             peers: peers.clone(),
             reach: reach_view,
             account,
+            relay: relay_service,
+            relay_client,
+            paths,
             api_key: cfg.api_key,
             metrics,
             started: SystemTime::now(),

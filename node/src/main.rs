@@ -148,6 +148,29 @@ struct UpArgs {
     /// default: the --quic address when it names an IP).
     #[arg(long = "advertise")]
     advertise: Vec<SocketAddr>,
+    /// Relay for peers that cannot be reached directly: forward their
+    /// end-to-end encrypted QUIC packets (this node never holds their
+    /// keys), and say so in the DHT. Needs --quic on a reachable address.
+    #[arg(long, requires = "quic")]
+    relay: bool,
+    /// Relay only for these nodes (repeatable; default: any node).
+    #[arg(long = "relay-allow", requires = "relay")]
+    relay_allow: Vec<hypha_wire::NodeId>,
+    /// Bytes per second relayed for one peer, both directions together.
+    #[arg(long, default_value_t = hypha_node::relay::DEFAULT_RELAY_RATE, requires = "relay")]
+    relay_rate: u64,
+    /// Reservations held at once as a relay.
+    #[arg(long, default_value_t = hypha_node::relay::MAX_RESERVATIONS, requires = "relay")]
+    relay_max_reservations: usize,
+    /// Append every byte relayed to this file (an audit: it holds only
+    /// the ends' QUIC ciphertext).
+    #[arg(long, requires = "relay")]
+    relay_capture: Option<PathBuf>,
+    /// Hold a reservation at this relay, as NODE_ID@HOST:PORT (repeatable),
+    /// whatever the NAT looks like: for a node behind a firewall that
+    /// peers cannot dial. Nodes behind a NAT find relays in the DHT anyway.
+    #[arg(long = "relay-via")]
+    relay_via: Vec<PeerAddr>,
     /// Where the node keeps its key (default: $HYPHA_HOME or the XDG data directory).
     #[arg(long, env = "HYPHA_HOME")]
     data_dir: Option<PathBuf>,
@@ -455,6 +478,14 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     cfg.price_completion_micro = a.price_completion;
     cfg.receipt_interval = a.receipt_interval;
     cfg.pow_bits = a.pow_bits;
+    cfg.relay = a.relay.then(|| hypha_node::relay::RelayConfig {
+        allow: a.relay_allow,
+        max_reservations: a.relay_max_reservations,
+        bytes_per_second_per_peer: a.relay_rate,
+        capture: a.relay_capture,
+        ..Default::default()
+    });
+    cfg.relay_via = a.relay_via;
     let node = Node::start(cfg).await?;
     match node.engine() {
         Some(engine) => {
@@ -718,6 +749,25 @@ async fn status_cmd(url: &str, api_key: Option<String>) -> anyhow::Result<()> {
         net["routing_table"].as_array().map_or(0, Vec::len),
         net["connections"].as_array().map_or(0, Vec::len)
     );
+    let relay = &net["relay"];
+    let reserved: Vec<String> = relay["reserved_at"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(s)
+        .collect();
+    if !reserved.is_empty() {
+        println!("reachable through relays: {}", reserved.join(", "));
+    }
+    if relay["serving"].is_object() {
+        let r = &relay["serving"];
+        println!(
+            "relaying: {} reservations, {} paths open, {} bytes forwarded",
+            s(&r["reservations"]),
+            s(&r["sessions"]),
+            s(&r["forwarded_bytes"])
+        );
+    }
     Ok(())
 }
 
@@ -756,15 +806,16 @@ connections: {}",
         let rtt = c["rtt_ms"]
             .as_f64()
             .map_or("-".to_owned(), |r| format!("{r:.1} ms"));
+        let state = match (c["connected"] == true, c["via"].as_str()) {
+            (true, Some(via)) => format!("connected, relayed via {via}"),
+            (true, None) => "connected, direct".to_owned(),
+            (false, _) => "idle".to_owned(),
+        };
         println!(
             "  {}  {:<22} {:<12} rtt {:<9} failures {}  models {}",
             s(&c["id"]),
             s(&c["addr"]),
-            if c["connected"] == true {
-                "connected"
-            } else {
-                "idle"
-            },
+            state,
             rtt,
             s(&c["recent_failures"]),
             s(&c["models"])

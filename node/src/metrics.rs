@@ -18,6 +18,11 @@ const ITL_BUCKETS_S: [f64; 11] = [
     0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
 ];
 
+/// Bucket upper bounds in seconds from a first attempt to a direct path
+/// (punched at once, or a relayed connection upgraded later).
+const DIRECT_PATH_BUCKETS_S: [f64; 11] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+
 /// A fixed-bucket histogram; the sum is kept in microseconds.
 pub struct Histogram {
     bounds: &'static [f64],
@@ -64,6 +69,19 @@ impl Histogram {
     }
 }
 
+/// Writes one counter in the text exposition format.
+pub fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+/// Writes one gauge in the text exposition format.
+pub fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -74,6 +92,14 @@ pub struct Metrics {
     pub peers_connected: AtomicU64,
     /// Hole punches this node asked for.
     pub punch_attempts: AtomicU64,
+    /// Direct paths that opened after a punch (at once, or upgrading a
+    /// relayed connection).
+    pub punch_successes: AtomicU64,
+    /// Connections this node made through a relay.
+    pub relayed_dials: AtomicU64,
+    /// Relayed connections replaced by direct ones.
+    pub upgrades: AtomicU64,
+    pub direct_path: Histogram,
     /// Peers disconnected for breaking the protocol.
     pub peer_violations: AtomicU64,
     pub ttft: Histogram,
@@ -89,6 +115,10 @@ impl Default for Metrics {
             cancelled: AtomicU64::new(0),
             peers_connected: AtomicU64::new(0),
             punch_attempts: AtomicU64::new(0),
+            punch_successes: AtomicU64::new(0),
+            relayed_dials: AtomicU64::new(0),
+            upgrades: AtomicU64::new(0),
+            direct_path: Histogram::new(&DIRECT_PATH_BUCKETS_S),
             peer_violations: AtomicU64::new(0),
             ttft: Histogram::new(&TTFT_BUCKETS_S),
             inter_token: Histogram::new(&ITL_BUCKETS_S),
@@ -125,12 +155,6 @@ impl Metrics {
                 );
             }
         }
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
         counter(
             &mut out,
             "hypha_prompt_tokens_total",
@@ -171,9 +195,6 @@ impl Metrics {
             "hypha_inter_token_seconds",
             "Time between consecutive tokens of one stream.",
         );
-        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
         gauge(
             &mut out,
             "hypha_queue_depth",
@@ -198,10 +219,34 @@ impl Metrics {
             "Peer connections open.",
             self.peers_connected.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP hypha_punch_attempts_total Hole punches this node asked a peer for.\n# TYPE hypha_punch_attempts_total counter\nhypha_punch_attempts_total {}",
-            self.punch_attempts.load(Ordering::Relaxed)
+        counter(
+            &mut out,
+            "hypha_punch_attempts_total",
+            "Hole punches this node asked a peer for.",
+            self.punch_attempts.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_punch_successes_total",
+            "Direct paths that opened after a hole punch (at once, or replacing a relayed connection).",
+            self.punch_successes.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_relayed_connections_total",
+            "Connections this node made through a relay.",
+            self.relayed_dials.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_relay_upgrades_total",
+            "Relayed connections replaced by a direct path.",
+            self.upgrades.load(Ordering::Relaxed),
+        );
+        self.direct_path.render(
+            &mut out,
+            "hypha_time_to_direct_path_seconds",
+            "Time from the first attempt to reach a peer behind a NAT to a direct path to it.",
         );
         out
     }

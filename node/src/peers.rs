@@ -73,6 +73,19 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const PROVIDER_CACHE: Duration = Duration::from_secs(30);
 /// The most time spent asking for a punch before dialing a provider.
 pub const PUNCH_BUDGET: Duration = Duration::from_secs(3);
+/// How long a direct path (a punch and a dial) may take to a provider that
+/// also names relays, before a relay is used instead.
+pub const DIRECT_BUDGET: Duration = Duration::from_secs(4);
+/// The first retry of a direct path to a peer reached through a relay;
+/// retries back off to [`UPGRADE_MAX_WAIT`].
+pub const UPGRADE_FIRST_WAIT: Duration = Duration::from_secs(5);
+pub const UPGRADE_MAX_WAIT: Duration = Duration::from_secs(5 * 60);
+/// Once a direct path replaced a relayed one, the relayed connection closes
+/// as soon as no stream data moved on it for this long (the requests
+/// running on it have finished).
+const DRAIN_CHECK: Duration = Duration::from_secs(2);
+/// ... and at the latest after this long.
+const DRAIN_MAX: Duration = Duration::from_secs(10 * 60);
 /// Providers tried for one request before giving up.
 pub const MAX_PROVIDER_ATTEMPTS: usize = 4;
 /// How long a failure counts against a provider in [`score`].
@@ -166,7 +179,8 @@ pub struct Party {
 }
 
 struct Entry {
-    addr: SocketAddr,
+    /// Where the peer was last dialed (set under the `conn` lock).
+    addr: std::sync::Mutex<SocketAddr>,
     /// The open connection and the peer's hello; the lock is held while
     /// dialing.
     conn: tokio::sync::Mutex<Option<(quinn::Connection, Arc<VerifiedHello>)>>,
@@ -178,7 +192,7 @@ struct Entry {
 impl Entry {
     fn new(addr: SocketAddr) -> Self {
         Self {
-            addr,
+            addr: std::sync::Mutex::new(addr),
             conn: tokio::sync::Mutex::new(None),
             models: std::sync::Mutex::new(Vec::new()),
             last_used_ms: AtomicU64::new(unix_ms()),
@@ -200,6 +214,9 @@ impl Entry {
 pub struct KnownPeer {
     pub addr: PeerAddr,
     pub connected: bool,
+    /// The relay the open connection goes through; `None` for a direct
+    /// one.
+    pub via: Option<NodeId>,
     pub models: Vec<String>,
     pub rtt: Option<Duration>,
     pub configured: bool,
@@ -256,15 +273,14 @@ impl Connections {
         e.live()
     }
 
-    /// The slot for `peer`, made if needed. A peer seen at a new address
-    /// gets a fresh slot unless its connection is open.
+    /// The slot for `peer`, made if needed: one per peer, whatever address
+    /// it is reached at, so concurrent users (a request, a DHT query) share
+    /// one dial and its connection.
     fn entry(&self, peer: &PeerAddr) -> Arc<Entry> {
         let mut entries = lock(&self.entries);
         if let Some(e) = entries.get(&peer.id) {
-            if e.addr == peer.addr || e.live().is_some() || self.pinned.contains(&peer.id) {
-                e.last_used_ms.store(unix_ms(), Ordering::Relaxed);
-                return e.clone();
-            }
+            e.last_used_ms.store(unix_ms(), Ordering::Relaxed);
+            return e.clone();
         }
         if entries.len() >= MAX_CONNECTIONS && !entries.contains_key(&peer.id) {
             // Evict the least recently used slot that is not configured,
@@ -311,8 +327,42 @@ impl Connections {
     }
 
     /// The open connection to `peer` and its hello, dialing when there is
-    /// none (or when `fresh` asks to replace the current one).
+    /// none (or when `fresh` asks to replace the current one). A relayed
+    /// path's virtual address is never dialed here: [`Connections::get_relayed`]
+    /// makes those.
     pub async fn get(
+        &self,
+        peer: &PeerAddr,
+        fresh: bool,
+    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
+        if crate::relay::is_virtual(&peer.addr) {
+            return Err(PeerError::Unreachable(format!(
+                "{} is not an address a peer can have",
+                peer.addr
+            )));
+        }
+        self.get_at(peer, fresh).await
+    }
+
+    /// A connection to `target` through `relay`, replacing any other.
+    pub async fn get_relayed(
+        &self,
+        target: NodeId,
+        relay: &PeerAddr,
+    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
+        let paths = self.endpoint.paths();
+        let addr = crate::relay::connect_via(self, paths, relay, target).await?;
+        let got = self.get_at(&PeerAddr { id: target, addr }, true).await;
+        match &got {
+            Ok(_) => {
+                self.metrics.relayed_dials.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => paths.close(&addr),
+        }
+        got
+    }
+
+    async fn get_at(
         &self,
         peer: &PeerAddr,
         fresh: bool,
@@ -320,6 +370,8 @@ impl Connections {
         let e = self.entry(peer);
         let mut slot = e.conn.lock().await;
         if let Some((c, h)) = slot.as_ref() {
+            // An open connection serves whatever address it was made to
+            // (a relayed path, or a NAT mapping the peer opened itself).
             if !fresh && c.close_reason().is_none() {
                 return Ok((c.clone(), h.clone()));
             }
@@ -327,13 +379,32 @@ impl Connections {
         if let Some((old, _)) = slot.take() {
             old.close(crate::proto::CLOSE_NORMAL, b"replaced");
         }
-        let id = peer.id;
-        let conn = tokio::time::timeout(self.dial_timeout, self.endpoint.dial(e.addr, id))
+        // A configured peer is dialed where it was configured.
+        let addr = if self.pinned.contains(&peer.id) {
+            *lock(&e.addr)
+        } else {
+            *lock(&e.addr) = peer.addr;
+            peer.addr
+        };
+        let (conn, hello) = self.dial_and_greet(addr, peer.id).await?;
+        *lock(&e.models) = hello.offer.models.clone();
+        self.adopt(&conn, peer.id, &hello);
+        *slot = Some((conn.clone(), hello.clone()));
+        Ok((conn, hello))
+    }
+
+    /// Dials `addr` expecting `id`, and exchanges hellos.
+    async fn dial_and_greet(
+        &self,
+        addr: SocketAddr,
+        id: NodeId,
+    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
+        let conn = tokio::time::timeout(self.dial_timeout, self.endpoint.dial(addr, id))
             .await
             .map_err(|_| {
                 PeerError::Unreachable(format!(
-                    "no answer from {} within {:?}",
-                    e.addr, self.dial_timeout
+                    "no answer from {addr} within {:?}",
+                    self.dial_timeout
                 ))
             })?
             .map_err(|err| PeerError::Unreachable(err.to_string()))?;
@@ -348,9 +419,50 @@ impl Connections {
                     return Err(err);
                 }
             };
-        tracing::debug!(peer = %id, addr = %e.addr, models = ?hello.offer.models, "connected to peer");
+        tracing::debug!(peer = %id, %addr, models = ?hello.offer.models, "connected to peer");
+        Ok((conn, Arc::new(hello)))
+    }
+
+    /// Replaces the relayed connection `relayed` to `direct.id` with a
+    /// direct one to `direct.addr`; the relayed one closes once the
+    /// requests on it finished.
+    pub async fn upgrade(
+        &self,
+        direct: &PeerAddr,
+        relayed: &quinn::Connection,
+    ) -> Result<(), PeerError> {
+        let (conn, hello) = self.dial_and_greet(direct.addr, direct.id).await?;
+        self.adopt(&conn, direct.id, &hello);
+        let e = Arc::new(Entry::new(direct.addr));
         *lock(&e.models) = hello.offer.models.clone();
-        let hello = Arc::new(hello);
+        *e.conn.lock().await = Some((conn, hello));
+        lock(&self.entries).insert(direct.id, e);
+        let old = relayed.clone();
+        tokio::spawn(async move {
+            let moved = |c: &quinn::Connection| {
+                let s = c.stats();
+                s.frame_tx.stream + s.frame_rx.stream
+            };
+            let start = Instant::now();
+            let mut last = moved(&old);
+            while old.close_reason().is_none() && start.elapsed() < DRAIN_MAX {
+                tokio::time::sleep(DRAIN_CHECK).await;
+                let now = moved(&old);
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+            old.close(crate::proto::CLOSE_NORMAL, b"moved to a direct path");
+        });
+        Ok(())
+    }
+
+    /// Starts watching and serving a new connection.
+    fn adopt(&self, conn: &quinn::Connection, id: NodeId, hello: &Arc<VerifiedHello>) {
+        if crate::relay::is_virtual(&conn.remote_address()) {
+            crate::relay::tie(self.endpoint.paths(), conn);
+        }
         self.metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
         let watched = conn.clone();
         let metrics = self.metrics.clone();
@@ -369,8 +481,6 @@ impl Connections {
             );
             tokio::spawn(serve);
         }
-        *slot = Some((conn.clone(), hello.clone()));
-        Ok((conn, hello))
     }
 
     /// Every peer in the cache.
@@ -384,8 +494,14 @@ impl Connections {
             .map(|(id, e)| {
                 let live = e.live();
                 KnownPeer {
-                    addr: PeerAddr { id, addr: e.addr },
+                    addr: PeerAddr {
+                        id,
+                        addr: *lock(&e.addr),
+                    },
                     connected: live.is_some(),
+                    via: live
+                        .as_ref()
+                        .and_then(|c| self.endpoint.paths().via(&c.remote_address())),
                     rtt: live.map(|c| c.rtt()),
                     models: lock(&e.models).clone(),
                     configured: self.pinned.contains(&id),
@@ -413,6 +529,9 @@ pub struct Candidate {
     pub decode_tokens_per_s: Option<u32>,
     /// Context tokens per request its record offers.
     pub context_length: Option<u32>,
+    /// Relays its record names: used when no direct path opens within
+    /// [`DIRECT_BUDGET`].
+    pub relays: Vec<PeerAddr>,
 }
 
 /// What this node saw of a provider lately.
@@ -513,6 +632,9 @@ pub struct Peers {
     running: Arc<Running>,
     /// This node's own candidates, for punch requests.
     reach: Option<Arc<crate::reach::Reachability>>,
+    /// Peers no direct path opened to lately (reached through a relay):
+    /// the next connection goes to their relays first.
+    no_direct: Arc<std::sync::Mutex<HashMap<NodeId, Instant>>>,
 }
 
 impl Peers {
@@ -542,6 +664,7 @@ impl Peers {
             cache: std::sync::Mutex::new(HashMap::new()),
             running: Arc::default(),
             reach,
+            no_direct: Arc::default(),
         })
     }
 
@@ -657,6 +780,138 @@ impl Peers {
     /// Asks `target` (through rendezvous nodes near it in the DHT) to dial
     /// this node's candidates, so the dial that follows meets an open hole.
     async fn punch(&self, target: NodeId) {
+        self.puncher().punch(target).await;
+    }
+
+    fn puncher(&self) -> Puncher {
+        Puncher {
+            conns: self.conns.clone(),
+            discovery: self.discovery.clone(),
+            reach: self.reach.clone(),
+            identity: self.party.identity.clone(),
+            metrics: self.metrics.clone(),
+            no_direct: self.no_direct.clone(),
+        }
+    }
+
+    /// The connection to provider `c`: the open one; else a direct dial
+    /// (a hole punched first when its record says it sits behind a NAT);
+    /// else, when no direct path opened within [`DIRECT_BUDGET`], through
+    /// one of the relays its record names, with a direct path tried again
+    /// in the background.
+    async fn connect(
+        &self,
+        c: &Candidate,
+        fresh: bool,
+    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
+        let peer = c.addr.id;
+        let live = self.conns.live(&peer).is_some();
+        if live && !fresh {
+            // The open connection, whatever path it takes.
+            return self.conns.get_at(&c.addr, false).await;
+        }
+        let started = Instant::now();
+        let direct = || async {
+            if c.punch {
+                let _ = tokio::time::timeout(PUNCH_BUDGET, self.punch(peer)).await;
+            }
+            self.conns.get(&c.addr, fresh).await
+        };
+        let skip_direct = !c.relays.is_empty()
+            && lock(&self.no_direct)
+                .get(&peer)
+                .is_some_and(|t| t.elapsed() < FAILURE_MEMORY);
+        let direct_failed = if skip_direct {
+            // A background task keeps trying the direct path.
+            PeerError::Unreachable(format!("no direct path to {} lately", c.addr))
+        } else if c.relays.is_empty() {
+            let got = direct().await;
+            if got.is_ok() && c.punch {
+                self.punched(started);
+            }
+            return got;
+        } else {
+            match tokio::time::timeout(DIRECT_BUDGET, direct()).await {
+                Ok(Ok(got)) => {
+                    if c.punch {
+                        self.punched(started);
+                    }
+                    return Ok(got);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => PeerError::Unreachable(format!(
+                    "no direct path to {} within {DIRECT_BUDGET:?}",
+                    c.addr
+                )),
+            }
+        };
+        if self.conns.live(&peer).is_some() {
+            // A connection opened meanwhile (the DHT dialed the peer at an
+            // address its NAT opened toward this node).
+            return self.conns.get_at(&c.addr, false).await;
+        }
+        tracing::info!(%peer, "no direct path ({direct_failed}); trying its relays");
+        {
+            let mut m = lock(&self.no_direct);
+            if m.len() >= MAX_HEALTH {
+                m.retain(|_, t| t.elapsed() < FAILURE_MEMORY);
+            }
+            if m.len() < MAX_HEALTH {
+                m.insert(peer, Instant::now());
+            }
+        }
+        let mut last = direct_failed;
+        // Relays that failed lately go last.
+        let mut relays = c.relays.clone();
+        relays.sort_by_key(|r| self.health(&r.id).failures);
+        for relay in &relays {
+            match self.conns.get_relayed(peer, relay).await {
+                Ok((conn, hello)) => {
+                    tracing::info!(%peer, via = %relay.id, "connected through a relay");
+                    let puncher = self.puncher();
+                    let direct = c.addr.clone();
+                    let relayed = conn.clone();
+                    let punch = c.punch;
+                    tokio::spawn(async move {
+                        puncher.upgrade(direct, relayed, punch).await;
+                    });
+                    return Ok((conn, hello));
+                }
+                Err(e) => {
+                    tracing::info!(%peer, via = %relay.id, "relay gave no path: {e}");
+                    self.failed(relay.id);
+                    last = e;
+                }
+            }
+        }
+        if skip_direct {
+            // Every relay failed: the direct path is the last chance.
+            return direct().await;
+        }
+        Err(last)
+    }
+
+    /// A punched direct path opened, `started` ago.
+    fn punched(&self, started: Instant) {
+        self.metrics.punch_successes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.direct_path.observe(started.elapsed());
+    }
+}
+
+/// What punching and upgrading need of a node, owned, for background
+/// tasks.
+struct Puncher {
+    conns: Arc<Connections>,
+    discovery: Option<Discovery>,
+    reach: Option<Arc<crate::reach::Reachability>>,
+    identity: Arc<Identity>,
+    metrics: Arc<Metrics>,
+    no_direct: Arc<std::sync::Mutex<HashMap<NodeId, Instant>>>,
+}
+
+impl Puncher {
+    /// See [`Peers::punch`].
+    async fn punch(&self, target: NodeId) {
         let (Some(d), Some(reach)) = (&self.discovery, &self.reach) else {
             return;
         };
@@ -673,12 +928,55 @@ impl Peers {
                 .collect(),
             None => Vec::new(),
         };
-        let req = crate::punch::request(&self.party.identity, target, &mine);
+        let req = crate::punch::request(&self.identity, target, &mine);
         let ok = crate::punch::ask(&self.conns, &rendezvous, &req).await;
         self.metrics.punch_attempts.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%target, forwarded = ok, "punch requested");
     }
 
+    /// Tries, with backoff, to replace the relayed connection `relayed`
+    /// with a direct one to `direct` (punching first when `punch`), until
+    /// it succeeds or the relayed connection closes.
+    async fn upgrade(&self, direct: PeerAddr, relayed: quinn::Connection, punch: bool) {
+        let since = Instant::now();
+        let mut wait = UPGRADE_FIRST_WAIT;
+        loop {
+            tokio::select! {
+                _ = relayed.closed() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            let current = self.conns.live(&direct.id);
+            if current.is_some_and(|c| c.stable_id() != relayed.stable_id()) {
+                // Replaced meanwhile (redialed, or punched from the far end).
+                return;
+            }
+            let attempt = async {
+                if punch {
+                    let _ = tokio::time::timeout(PUNCH_BUDGET, self.punch(direct.id)).await;
+                }
+                self.conns.upgrade(&direct, &relayed).await
+            };
+            match tokio::time::timeout(DIRECT_BUDGET, attempt).await {
+                Ok(Ok(())) => {
+                    lock(&self.no_direct).remove(&direct.id);
+                    let took = since.elapsed();
+                    self.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
+                    if punch {
+                        self.metrics.punch_successes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.metrics.direct_path.observe(took);
+                    tracing::info!(peer = %direct.id, after = ?took, "relayed connection upgraded to a direct path");
+                    return;
+                }
+                Ok(Err(e)) => tracing::debug!(peer = %direct.id, "still no direct path: {e}"),
+                Err(_) => tracing::debug!(peer = %direct.id, "still no direct path: timed out"),
+            }
+            wait = (wait * 2).min(UPGRADE_MAX_WAIT);
+        }
+    }
+}
+
+impl Peers {
     /// Providers of `model` the DHT names, from the cache while fresh.
     async fn discovered(&self, model: &str, refresh: bool) -> Vec<ProviderRecord> {
         let Some(d) = &self.discovery else {
@@ -726,12 +1024,16 @@ impl Peers {
             .known()
             .into_iter()
             .filter(|k| k.models.iter().any(|m| m == model))
+            // A relayed slot is only reached again through a relay its
+            // record names.
+            .filter(|k| k.connected || !crate::relay::is_virtual(&k.addr.addr))
             .map(|k| Candidate {
                 addr: k.addr,
                 punch: false,
                 free_slots: None,
                 decode_tokens_per_s: None,
                 context_length: None,
+                relays: Vec::new(),
             })
             .collect();
         let me = self.party.identity.id();
@@ -751,12 +1053,26 @@ impl Peers {
                 free_slots: Some(r.free_slots),
                 decode_tokens_per_s: Some(r.decode_tokens_per_s),
                 context_length: Some(r.context_length),
+                relays: r
+                    .relays
+                    .iter()
+                    .filter(|c| c.id != me && c.id != r.publisher)
+                    .map(|c| PeerAddr {
+                        id: c.id,
+                        addr: c.addr,
+                    })
+                    .collect(),
             };
             match out.iter_mut().find(|o| o.addr.id == r.publisher) {
                 Some(o) => {
                     o.free_slots = c.free_slots;
                     o.decode_tokens_per_s = c.decode_tokens_per_s;
                     o.context_length = c.context_length;
+                    o.relays = c.relays;
+                    if crate::relay::is_virtual(&o.addr.addr) {
+                        o.addr = c.addr;
+                        o.punch = c.punch;
+                    }
                 }
                 None => out.push(c),
             }
@@ -817,13 +1133,11 @@ impl Peers {
         let providers: Vec<Candidate> = providers.into_iter().take(MAX_PROVIDER_ATTEMPTS).collect();
         for (i, c) in providers.iter().enumerate() {
             let peer = c.addr.id;
-            if c.punch && self.conns.live(&peer).is_none() {
-                // Bounded: a provider that cannot be punched to is dialed
-                // anyway, and the next one tried if that fails.
-                let _ = tokio::time::timeout(PUNCH_BUDGET, self.punch(peer)).await;
-            }
             for fresh in [false, true] {
-                let (conn, terms) = match self.conns.get(&c.addr, fresh).await {
+                // Bounded: a provider that cannot be punched to is dialed
+                // anyway, then reached through its relays, and the next
+                // one tried if all that fails.
+                let (conn, terms) = match self.connect(c, fresh).await {
                     Ok(c) => c,
                     Err(source) => {
                         self.failed(peer);
@@ -1389,6 +1703,7 @@ mod tests {
             free_slots: free,
             decode_tokens_per_s: tps,
             context_length: None,
+            relays: Vec::new(),
         }
     }
 

@@ -188,6 +188,12 @@ impl FramedRecv {
         }
     }
 
+    /// The stream, and the bytes read past the last frame returned.
+    pub fn into_parts(mut self) -> (quinn::RecvStream, Vec<u8>) {
+        let rest = self.dec.take_buffered();
+        (self.stream, rest)
+    }
+
     /// True once the peer finished its side and every frame was read.
     pub fn is_finished(&self) -> bool {
         self.ended && self.dec.buffered() == 0
@@ -210,6 +216,10 @@ pub fn kind_of(msg: &ArchivedMessage) -> &'static str {
         ArchivedMessage::DhtReply(_) => "dht reply",
         ArchivedMessage::Punch(_) => "punch request",
         ArchivedMessage::PunchReply(_) => "punch reply",
+        ArchivedMessage::RelayReserve(_) => "relay reservation",
+        ArchivedMessage::RelayConnect(_) => "relay connect",
+        ArchivedMessage::RelayIncoming(_) => "relayed path offer",
+        ArchivedMessage::RelayReply(_) => "relay reply",
     }
 }
 

@@ -57,9 +57,15 @@ pub const MAX_FREE_TIER_IDS: usize = 4096;
 const FREE_TIER_WINDOW: Duration = Duration::from_secs(60);
 
 /// Consumers that finished a request without countersigning its receipt;
-/// they are refused until the entry ages out.
+/// they are refused until the entry ages out. A consumer whose connection
+/// went silent instead (a relay or a link lost: nothing at all arrived
+/// while its signature was due) is refused only when that happens twice
+/// within [`UNPAID_BAN`]: a network failure costs an honest consumer
+/// nothing, and a consumer that cuts its link to skip paying gets at most
+/// two intervals per ban period for free.
 pub struct Unpaid {
     until: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
+    silent: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
 }
 
 /// How long a consumer that did not pay is refused.
@@ -69,6 +75,7 @@ impl Default for Unpaid {
     fn default() -> Self {
         Self {
             until: std::sync::Mutex::new(std::collections::HashMap::new()),
+            silent: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -82,6 +89,23 @@ impl Unpaid {
         }
         if m.len() < MAX_FREE_TIER_IDS {
             m.insert(id, now + UNPAID_BAN);
+        }
+    }
+
+    /// `id`'s connection went silent while a signature was due.
+    fn note_silent(&self, id: NodeId) {
+        let now = std::time::Instant::now();
+        let again = {
+            let mut m = self.silent.lock().unwrap_or_else(|e| e.into_inner());
+            m.retain(|_, t| now.duration_since(*t) < UNPAID_BAN);
+            let again = m.contains_key(&id);
+            if !again && m.len() < MAX_FREE_TIER_IDS {
+                m.insert(id, now);
+            }
+            again
+        };
+        if again {
+            self.note(id);
         }
     }
 
@@ -266,6 +290,13 @@ pub struct Listener {
     /// Accepted punch requests, for the dialer task: the initiator and its
     /// candidates.
     pub punch_dials: tokio::sync::mpsc::Sender<(NodeId, Vec<std::net::SocketAddr>)>,
+    /// The relay this node runs for others (`--relay`).
+    pub relay: Option<Arc<crate::relay::RelayService>>,
+    /// The relays this node holds reservations at: only they may offer it
+    /// relayed paths.
+    pub relay_client: Arc<crate::relay::RelayClient>,
+    /// This node's relayed paths.
+    pub paths: Arc<crate::relay::Paths>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -365,6 +396,9 @@ async fn serve_connection(
     };
     tracing::info!(remote = %conn.remote_address(), capabilities = hello.offer.capabilities, "peer connected");
     let hello = Arc::new(hello);
+    if crate::relay::is_virtual(&conn.remote_address()) {
+        crate::relay::tie(&state.paths, &conn);
+    }
     state
         .metrics
         .peers_connected
@@ -431,6 +465,9 @@ enum Opening {
     Request(InferenceRequest),
     Dht(DhtRequest),
     Punch(hypha_wire::PunchRequest),
+    RelayReserve,
+    RelayConnect(NodeId),
+    RelayIncoming(NodeId),
 }
 
 fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
@@ -447,6 +484,9 @@ fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
                 .map_err(bad)
         }
         ArchivedMessage::Punch(p) => hypha_wire::owned_punch(p).map(Opening::Punch).map_err(bad),
+        ArchivedMessage::RelayReserve(_) => Ok(Opening::RelayReserve),
+        ArchivedMessage::RelayConnect(c) => Ok(Opening::RelayConnect(NodeId(c.target))),
+        ArchivedMessage::RelayIncoming(i) => Ok(Opening::RelayIncoming(NodeId(i.from))),
         other => Err(PeerError::Protocol(format!(
             "a stream must start with a request, not a {}",
             kind_of(other)
@@ -468,7 +508,53 @@ async fn serve_any(
         .await
         .map_err(|_| PeerError::Protocol("stream carried no request".into()))??
         .ok_or_else(|| PeerError::Protocol("stream ended before its request".into()))?;
+    let relay_reply = |code| Message::RelayReply(hypha_wire::RelayReply { code });
     match first {
+        Opening::RelayReserve => {
+            let code = match &state.relay {
+                Some(r) => r.reserve(peer.node_id, conn),
+                None => 403,
+            };
+            send.send(&relay_reply(code)).await?;
+            send.finish();
+            Ok(())
+        }
+        Opening::RelayConnect(target) => match &state.relay {
+            Some(r) => r.connect(peer.node_id, target, send, recv).await,
+            None => {
+                send.send(&relay_reply(403)).await?;
+                send.finish();
+                Ok(())
+            }
+        },
+        Opening::RelayIncoming(from) => {
+            // Only a relay this node reserved at may offer it paths.
+            if !state.relay_client.reserved_at(&peer.node_id) {
+                send.send(&relay_reply(403)).await?;
+                send.finish();
+                return Ok(());
+            }
+            if !state.paths.has_room() {
+                send.send(&relay_reply(429)).await?;
+                send.finish();
+                return Ok(());
+            }
+            send.send(&relay_reply(200)).await?;
+            let (recv, leftover) = recv.into_parts();
+            match state
+                .paths
+                .open(from, peer.node_id, send.stream, recv, leftover)
+            {
+                Ok(addr) => {
+                    tracing::info!(%from, via = %peer.node_id, %addr, "relayed path offered");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::info!(%from, "relayed path refused: {e}");
+                    Ok(())
+                }
+            }
+        }
         Opening::Punch(req) => {
             let code = crate::punch::handle(state, req, peer.node_id).await;
             send.send(&Message::PunchReply(hypha_wire::PunchReply { code }))
@@ -497,7 +583,7 @@ async fn serve_any(
             Ok(())
         }
         Opening::Request(req) => match &state.seeder {
-            Some(seeder) => serve_request(send, recv, req, seeder, peer).await,
+            Some(seeder) => serve_request(send, recv, req, seeder, peer, conn).await,
             None => {
                 state.metrics.count_request("peer", 404);
                 send.send(&Message::Error(ErrorReply {
@@ -520,6 +606,7 @@ async fn serve_request(
     req: InferenceRequest,
     state: &SeederState,
     consumer: &VerifiedHello,
+    conn: &quinn::Connection,
 ) -> Result<(), PeerError> {
     let request_id = req.request_id;
     let key = ReceiptKey {
@@ -590,7 +677,10 @@ async fn serve_request(
     send.send(&Message::Accepted(Accepted { request_id }))
         .await?;
     let mut billing = Billing::new(state, consumer, request_id, generation.prompt_tokens);
-    let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing).await;
+    let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing, conn).await;
+    if matches!(outcome, Ok(Outcome::Lost)) {
+        state.unpaid.note_silent(consumer.node_id);
+    }
     // The receipt is durable before the consumer sees the stream end.
     billing
         .settle(matches!(outcome, Ok(Outcome::Done | Outcome::Unpaid)))
@@ -600,7 +690,7 @@ async fn serve_request(
     let status = match &outcome {
         Ok(Outcome::Done) => 200,
         Ok(Outcome::Unpaid) => 402,
-        Ok(Outcome::Cancelled) => 499,
+        Ok(Outcome::Cancelled | Outcome::Lost) => 499,
         Err(e) if e.is_violation() => 400,
         Err(_) => 499,
     };
@@ -639,6 +729,20 @@ enum Outcome {
     Cancelled,
     /// The consumer stopped countersigning receipts.
     Unpaid,
+    /// Nothing at all arrived from the consumer while its signature was
+    /// due: the connection is gone.
+    Lost,
+}
+
+/// How waiting for a countersignature ended.
+enum Countersigned {
+    Yes,
+    /// Not within [`COUNTERSIGN_TIMEOUT`] though the consumer's connection
+    /// was alive, or the consumer finished its side.
+    No,
+    /// Nothing arrived on the connection while it was due.
+    Silent,
+    Cancelled,
 }
 
 /// What the consumer may send while its request runs.
@@ -793,30 +897,31 @@ fn unix_ms() -> u64 {
 }
 
 /// Reads the consumer until its countersignature for the pending receipt
-/// arrives: `Some(true)`; `Some(false)` when it does not come within
-/// [`COUNTERSIGN_TIMEOUT`] or the consumer stopped sending; `None` when the
-/// consumer cancelled.
+/// arrives, or [`COUNTERSIGN_TIMEOUT`] passes.
 async fn await_countersign(
     recv: &mut FramedRecv,
     billing: &mut Billing<'_>,
-) -> Result<Option<bool>, PeerError> {
+    conn: &quinn::Connection,
+) -> Result<Countersigned, PeerError> {
     let request_id = billing.request_id;
+    let heard = conn.stats().udp_rx.datagrams;
     let wait = async {
         while !billing.settled() {
             if recv.is_finished() {
-                return Ok(Some(false));
+                return Ok(Countersigned::No);
             }
             match recv.next(|m| consumer_frame(m, request_id)).await? {
-                None => return Ok(Some(false)),
-                Some(FromConsumer::Cancel) => return Ok(None),
+                None => return Ok(Countersigned::No),
+                Some(FromConsumer::Cancel) => return Ok(Countersigned::Cancelled),
                 Some(FromConsumer::Countersign(sig)) => billing.countersigned(sig)?,
             }
         }
-        Ok(Some(true))
+        Ok(Countersigned::Yes)
     };
     match tokio::time::timeout(COUNTERSIGN_TIMEOUT, wait).await {
         Ok(r) => r,
-        Err(_) => Ok(Some(false)),
+        Err(_) if conn.stats().udp_rx.datagrams == heard => Ok(Countersigned::Silent),
+        Err(_) => Ok(Countersigned::No),
     }
 }
 
@@ -827,6 +932,7 @@ async fn stream_generation(
     send: &mut FramedSend,
     recv: &mut FramedRecv,
     billing: &mut Billing<'_>,
+    conn: &quinn::Connection,
 ) -> Result<Outcome, PeerError> {
     let request_id = billing.request_id;
     // Receipts go out twice per interval, and each needs the one before it
@@ -878,9 +984,10 @@ async fn stream_generation(
                     // tokens go out: a consumer that stops paying gets at
                     // most one interval for free.
                     if !billing.settled() {
-                        match await_countersign(recv, billing).await? {
-                            None => return Ok(Outcome::Cancelled),
-                            Some(false) => {
+                        match await_countersign(recv, billing, conn).await? {
+                            Countersigned::Cancelled => return Ok(Outcome::Cancelled),
+                            Countersigned::Silent => return Ok(Outcome::Lost),
+                            Countersigned::No => {
                                 send.send(&Message::Error(ErrorReply {
                                     request_id,
                                     code: 402,
@@ -889,7 +996,7 @@ async fn stream_generation(
                                 .await?;
                                 return Ok(Outcome::Unpaid);
                             }
-                            Some(true) => {}
+                            Countersigned::Yes => {}
                         }
                     }
                     let offer = billing.offer(false);
@@ -915,8 +1022,10 @@ async fn stream_generation(
                 // waiting for its countersignature.
                 let last = billing.offer(true);
                 send.send(&last).await?;
-                let _ = await_countersign(recv, billing).await?;
-                return Ok(Outcome::Done);
+                return Ok(match await_countersign(recv, billing, conn).await? {
+                    Countersigned::Silent => Outcome::Lost,
+                    _ => Outcome::Done,
+                });
             }
             Some(Event::Failed(e)) => {
                 send.send(&Message::Error(reply_for(request_id, &e)))

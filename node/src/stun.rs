@@ -6,6 +6,11 @@
 //! QUIC; a binding response is handed to the node's prober. So peers learn
 //! their public address from nodes they already know, on the very port
 //! their QUIC traffic uses, with no STUN server of their own.
+//!
+//! The socket also carries the node's relayed paths: datagrams QUIC sends
+//! to a path's virtual address go into that path's stream, and packets
+//! arriving over a path are received as if from that address
+//! ([`crate::relay::Paths`]).
 
 use std::fmt;
 use std::io;
@@ -45,6 +50,8 @@ pub struct StunSocket {
     responses: mpsc::Sender<StunResponse>,
     window: Mutex<(Instant, u32)>,
     pub stats: Arc<StunStats>,
+    /// Relayed paths, reached through virtual addresses.
+    pub paths: Arc<crate::relay::Paths>,
 }
 
 impl fmt::Debug for StunSocket {
@@ -59,12 +66,14 @@ impl StunSocket {
     /// Wraps `inner`; binding responses go to the returned receiver.
     pub fn new(inner: Arc<dyn AsyncUdpSocket>) -> (Arc<Self>, mpsc::Receiver<StunResponse>) {
         let (responses, rx) = mpsc::channel(STUN_RESPONSE_QUEUE);
+        let v6 = inner.local_addr().is_ok_and(|a| a.is_ipv6());
         (
             Arc::new(Self {
                 inner,
                 responses,
                 window: Mutex::new((Instant::now(), 0)),
                 stats: Arc::default(),
+                paths: crate::relay::Paths::new(v6),
             }),
             rx,
         )
@@ -159,6 +168,9 @@ impl AsyncUdpSocket for StunSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        if self.paths.send(transmit) {
+            return Ok(());
+        }
         self.inner.try_send(transmit)
     }
 
@@ -168,6 +180,9 @@ impl AsyncUdpSocket for StunSocket {
         bufs: &mut [io::IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(n) = self.paths.poll_inbound(cx, bufs, meta) {
+            return Poll::Ready(Ok(n));
+        }
         loop {
             let n = match self.inner.poll_recv(cx, bufs, meta) {
                 Poll::Ready(Ok(n)) => n,

@@ -46,6 +46,13 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// timeout so a live but quiet peer is kept.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
+/// Idle timeout of a connection over a relayed path: short, so a lost
+/// relay fails the requests on it within seconds. The dialer's value is
+/// the connection's (QUIC takes the lower of the two ends').
+pub const RELAYED_IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+/// Keep-alive interval over a relayed path, well inside its idle timeout.
+pub const RELAYED_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
 /// Connection limits and timers.
 #[derive(Debug, Clone)]
 pub struct TransportLimits {
@@ -89,6 +96,8 @@ pub struct Endpoint {
     cert: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,
     transport: Arc<quinn::TransportConfig>,
+    /// For connections dialed over relayed paths.
+    relayed_transport: Arc<quinn::TransportConfig>,
 }
 
 impl Endpoint {
@@ -105,6 +114,17 @@ impl Endpoint {
     ) -> Result<Self, TransportError> {
         crate::install_crypto_provider();
         let transport = limits.config()?;
+        let relayed_transport = TransportLimits {
+            idle_timeout: limits.idle_timeout.min(RELAYED_IDLE_TIMEOUT),
+            keep_alive: Some(
+                limits
+                    .keep_alive
+                    .unwrap_or(RELAYED_KEEP_ALIVE)
+                    .min(RELAYED_KEEP_ALIVE),
+            ),
+            ..limits.clone()
+        }
+        .config()?;
         let key_pkcs8 = ed25519_pkcs8(&identity.signing_key().to_bytes());
         let cert = self_signed(&key_pkcs8)?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -136,6 +156,7 @@ impl Endpoint {
             cert,
             key_pkcs8,
             transport,
+            relayed_transport,
         })
     }
 
@@ -146,6 +167,11 @@ impl Endpoint {
     /// The socket, to send STUN probes from the QUIC port.
     pub fn stun(&self) -> &Arc<crate::stun::StunSocket> {
         &self.stun
+    }
+
+    /// The relayed paths the endpoint's socket carries.
+    pub fn paths(&self) -> &Arc<crate::relay::Paths> {
+        &self.stun.paths
     }
 
     /// The binding responses this endpoint receives; the first caller
@@ -214,7 +240,11 @@ impl Endpoint {
         tls.alpn_protocols = vec![hypha_wire::ALPN.to_vec()];
         let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
-        client.transport_config(self.transport.clone());
+        client.transport_config(if crate::relay::is_virtual(&addr) {
+            self.relayed_transport.clone()
+        } else {
+            self.transport.clone()
+        });
         let connecting = self
             .endpoint
             .connect_with(client, addr, "hypha")

@@ -288,6 +288,7 @@ async fn forged_and_expired_provider_records_are_refused_over_the_wire() {
             publisher: ident.id(),
             public_key: ident.public_key(),
             addrs: vec!["127.0.0.1:9".parse().unwrap()],
+            relays: Vec::new(),
             model: "m".into(),
             model_sha256: [1; 32],
             context_length: 512,

@@ -127,4 +127,13 @@ impl FrameDecoder {
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.consumed
     }
+
+    /// Takes the bytes buffered past the frames returned: a stream that
+    /// goes on in another format (a relayed path) starts with them.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.consumed.min(self.buf.len()));
+        self.buf.clear();
+        self.consumed = 0;
+        rest
+    }
 }

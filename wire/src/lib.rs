@@ -17,16 +17,21 @@
 //! The seeder's first answer frame is `Accepted` (or `Error`).
 //! `Hello` opens every connection, once in each direction. A DHT request
 //! takes a stream of its own: one `Dht` frame out, one `DhtReply` back.
+//! A relayed path opens with `RelayConnect` / `RelayIncoming` and their
+//! `RelayReply`, then carries the two ends' QUIC packets, each behind a
+//! `u16` length ([`packet`]).
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod frame;
 mod id;
 mod msg;
+pub mod packet;
 
 pub use frame::{decode_frame, FrameDecoder, FrameEncoder, FRAME_HEADER_BYTES};
 pub use id::{BadNodeId, NodeId};
 pub use msg::*;
+pub use packet::{encode_packet, PacketDecoder, MAX_RELAYED_PACKET, PACKET_HEADER_BYTES};
 
 /// QUIC ALPN of this protocol version.
 pub const ALPN: &[u8] = b"hypha/1";

@@ -29,6 +29,19 @@ pub enum Message {
     Punch(PunchRequest),
     /// The answer to a [`PunchRequest`].
     PunchReply(PunchReply),
+    /// A node behind a NAT asks a relay to keep it reachable: the relay
+    /// holds the connection this arrives on and forwards
+    /// [`Message::RelayConnect`]s for it.
+    RelayReserve(RelayReserve),
+    /// A node asks a relay for a path to `target`, which holds a
+    /// reservation there. After a 200 [`RelayReply`] the stream carries
+    /// the two ends' own QUIC packets (see [`crate::packet`]).
+    RelayConnect(RelayConnect),
+    /// The relay tells a reserved node that `from` asked for a path; after
+    /// the node's 200 the stream carries packets.
+    RelayIncoming(RelayIncoming),
+    /// The answer to the three relay messages above.
+    RelayReply(RelayReply),
 }
 
 /// Opens a connection: who the sender is and what it can do. The signature
@@ -204,6 +217,8 @@ pub struct WireRecord {
     pub publisher: [u8; 32],
     pub public_key: [u8; 32],
     pub addrs: Vec<String>,
+    /// Relays the publisher holds a reservation at (`NODE_ID@ip:port`).
+    pub relays: Vec<String>,
     pub model: String,
     pub model_sha256: [u8; 32],
     pub context_length: u32,
@@ -302,5 +317,38 @@ impl PunchRequest {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[rkyv(derive(Debug))]
 pub struct PunchReply {
+    pub code: u16,
+}
+
+/// See [`Message::RelayReserve`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct RelayReserve {
+    /// Relayed paths the node asks to be reachable over at once (the relay
+    /// may grant fewer).
+    pub max_sessions: u32,
+}
+
+/// See [`Message::RelayConnect`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct RelayConnect {
+    pub target: [u8; 32],
+}
+
+/// See [`Message::RelayIncoming`]. `from` is the id the relay
+/// authenticated on its own connection to the asker; the end-to-end QUIC
+/// handshake that follows proves it again to the target.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct RelayIncoming {
+    pub from: [u8; 32],
+}
+
+/// See [`Message::RelayReply`]: 200 granted, 403 not served here, 404 no
+/// such reservation, 429 over a limit, 502 the target did not answer.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct RelayReply {
     pub code: u16,
 }

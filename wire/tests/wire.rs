@@ -81,6 +81,10 @@ fn samples() -> Vec<Message> {
             }],
         }),
         Message::DhtReply(DhtReply::Refused),
+        Message::RelayReserve(RelayReserve { max_sessions: 8 }),
+        Message::RelayConnect(RelayConnect { target: [4; 32] }),
+        Message::RelayIncoming(RelayIncoming { from: [5; 32] }),
+        Message::RelayReply(RelayReply { code: 429 }),
     ]
 }
 
@@ -89,6 +93,7 @@ fn sample_record() -> WireRecord {
         publisher: [1; 32],
         public_key: [2; 32],
         addrs: vec!["[::1]:5000".into()],
+        relays: vec![format!("{}@127.0.0.1:7000", NodeId([9; 32]))],
         model: "SmolLM2".into(),
         model_sha256: [3; 32],
         context_length: 8192,
@@ -197,5 +202,61 @@ proptest! {
             // A flip that still validates must still deserialize.
             let _ = deserialize(m);
         }
+    }
+}
+
+#[test]
+fn relayed_packets_round_trip_in_any_cut() {
+    let packets: Vec<Vec<u8>> = vec![
+        vec![0xc0; 1200],
+        vec![0x40; 37],
+        vec![1; MAX_RELAYED_PACKET],
+    ];
+    let mut stream = Vec::new();
+    for p in &packets {
+        encode_packet(&mut stream, p).unwrap();
+    }
+    for cut in [1, 2, 3, 700, 1203, stream.len() - 1] {
+        let mut dec = PacketDecoder::default();
+        let mut got = Vec::new();
+        for part in [&stream[..cut], &stream[cut..]] {
+            dec.push(part);
+            while let Some(p) = dec.next_packet().unwrap() {
+                got.push(p.to_vec());
+            }
+        }
+        assert_eq!(got, packets, "cut at {cut}");
+        assert_eq!(dec.buffered(), 0);
+    }
+}
+
+#[test]
+fn relayed_packets_refuse_empty_and_oversized() {
+    let mut out = Vec::new();
+    assert!(encode_packet(&mut out, &[]).is_err());
+    assert!(encode_packet(&mut out, &vec![0; MAX_RELAYED_PACKET + 1]).is_err());
+    assert!(out.is_empty());
+    let mut dec = PacketDecoder::default();
+    dec.push(&[0, 0, 1]);
+    assert_eq!(dec.next_packet(), Err(WireError::EmptyFrame));
+    let mut dec = PacketDecoder::default();
+    dec.push(&((MAX_RELAYED_PACKET + 1) as u16).to_be_bytes());
+    assert!(matches!(
+        dec.next_packet(),
+        Err(WireError::FrameTooLarge { .. })
+    ));
+}
+
+proptest! {
+    #[test]
+    fn relayed_packet_streams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut dec = PacketDecoder::default();
+        dec.push(&bytes);
+        let mut taken = 0;
+        while let Ok(Some(p)) = dec.next_packet() {
+            prop_assert!(!p.is_empty() && p.len() <= MAX_RELAYED_PACKET);
+            taken += p.len() + PACKET_HEADER_BYTES;
+        }
+        prop_assert!(taken <= bytes.len());
     }
 }
