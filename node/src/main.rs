@@ -153,10 +153,12 @@ struct UpArgs {
     /// keys), and say so in the DHT. Needs --quic on a reachable address.
     #[arg(long, requires = "quic")]
     relay: bool,
-    /// Relay only for these nodes (repeatable; default: any node).
+    /// Hold reservations only for these nodes, so only they can be reached
+    /// through this relay (repeatable; default: any node).
     #[arg(long = "relay-allow", requires = "relay")]
     relay_allow: Vec<hypha_wire::NodeId>,
-    /// Bytes per second relayed for one peer, both directions together.
+    /// Bytes per second relayed from one peer (what it sends, over all its
+    /// paths through this relay).
     #[arg(long, default_value_t = hypha_node::relay::DEFAULT_RELAY_RATE, requires = "relay")]
     relay_rate: u64,
     /// Reservations held at once as a relay.

@@ -81,8 +81,8 @@ pub const DIRECT_BUDGET: Duration = Duration::from_secs(4);
 pub const UPGRADE_FIRST_WAIT: Duration = Duration::from_secs(5);
 pub const UPGRADE_MAX_WAIT: Duration = Duration::from_secs(5 * 60);
 /// Once a direct path replaced a relayed one, the relayed connection closes
-/// as soon as no stream data moved on it for this long (the requests
-/// running on it have finished).
+/// when no request of this node runs on it any more (checked this often)
+/// ...
 const DRAIN_CHECK: Duration = Duration::from_secs(2);
 /// ... and at the latest after this long.
 const DRAIN_MAX: Duration = Duration::from_secs(10 * 60);
@@ -231,7 +231,7 @@ pub struct Connections {
     dial_timeout: Duration,
     entries: std::sync::Mutex<HashMap<NodeId, Arc<Entry>>>,
     /// Configured peers: never evicted.
-    pinned: Vec<NodeId>,
+    pinned: Vec<PeerAddr>,
     /// Serves the streams peers open on connections this node dialed (a
     /// rendezvous forwards punch requests that way).
     listener: std::sync::OnceLock<std::sync::Weak<crate::seeder::Listener>>,
@@ -257,7 +257,7 @@ impl Connections {
             pow_bits,
             dial_timeout,
             entries: std::sync::Mutex::new(entries),
-            pinned: pinned.iter().map(|p| p.id).collect(),
+            pinned: pinned.to_vec(),
             listener: std::sync::OnceLock::new(),
         }
     }
@@ -288,7 +288,7 @@ impl Connections {
             // would cut whatever runs on it.
             let victim = entries
                 .iter()
-                .filter(|(id, _)| !self.pinned.contains(id))
+                .filter(|(id, _)| !self.is_pinned(id))
                 .min_by_key(|(_, e)| (e.live().is_some(), e.last_used_ms.load(Ordering::Relaxed)))
                 .map(|(id, _)| *id);
             if let Some(id) = victim {
@@ -326,66 +326,77 @@ impl Connections {
         }
     }
 
+    fn is_pinned(&self, id: &NodeId) -> bool {
+        self.pinned.iter().any(|p| p.id == *id)
+    }
+
     /// The open connection to `peer` and its hello, dialing when there is
-    /// none (or when `fresh` asks to replace the current one). A relayed
-    /// path's virtual address is never dialed here: [`Connections::get_relayed`]
-    /// makes those.
+    /// none (or when `fresh` asks to replace the current one). An open
+    /// connection serves whatever address it was made to (a relayed path,
+    /// or a NAT mapping the peer opened itself); a relayed path's virtual
+    /// address is never dialed here: [`Connections::get_relayed`] makes
+    /// those.
     pub async fn get(
         &self,
         peer: &PeerAddr,
         fresh: bool,
     ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
-        if crate::relay::is_virtual(&peer.addr) {
-            return Err(PeerError::Unreachable(format!(
-                "{} is not an address a peer can have",
-                peer.addr
-            )));
-        }
-        self.get_at(peer, fresh).await
+        self.get_at(peer, fresh, false).await
     }
 
-    /// A connection to `target` through `relay`, replacing any other.
+    /// A connection to `target` through `relay`; an open connection to it
+    /// (made meanwhile, by another request or the DHT) is used instead,
+    /// unless `fresh` asks to replace it.
     pub async fn get_relayed(
         &self,
         target: NodeId,
         relay: &PeerAddr,
+        fresh: bool,
     ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
         let paths = self.endpoint.paths();
         let addr = crate::relay::connect_via(self, paths, relay, target).await?;
-        let got = self.get_at(&PeerAddr { id: target, addr }, true).await;
-        match &got {
-            Ok(_) => {
-                self.metrics.relayed_dials.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => paths.close(&addr),
+        // Closes the path unless a connection over it came of it, also when
+        // this future is dropped half way.
+        let path = crate::relay::PathGuard::new(paths, addr);
+        let (conn, hello) = self
+            .get_at(&PeerAddr { id: target, addr }, fresh, true)
+            .await?;
+        if path.keep(&conn) {
+            self.metrics.relayed_dials.fetch_add(1, Ordering::Relaxed);
         }
-        got
+        Ok((conn, hello))
     }
 
     async fn get_at(
         &self,
         peer: &PeerAddr,
         fresh: bool,
+        relayed: bool,
     ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
         let e = self.entry(peer);
         let mut slot = e.conn.lock().await;
         if let Some((c, h)) = slot.as_ref() {
-            // An open connection serves whatever address it was made to
-            // (a relayed path, or a NAT mapping the peer opened itself).
             if !fresh && c.close_reason().is_none() {
                 return Ok((c.clone(), h.clone()));
             }
         }
+        let virtual_addr = crate::relay::is_virtual(&peer.addr);
+        if virtual_addr && !relayed {
+            return Err(PeerError::Unreachable(format!(
+                "{} is a relayed path's address: no longer open",
+                peer.addr
+            )));
+        }
         if let Some((old, _)) = slot.take() {
             old.close(crate::proto::CLOSE_NORMAL, b"replaced");
         }
-        // A configured peer is dialed where it was configured.
-        let addr = if self.pinned.contains(&peer.id) {
-            *lock(&e.addr)
-        } else {
-            *lock(&e.addr) = peer.addr;
-            peer.addr
+        // A configured peer is dialed where it was configured, unless
+        // through a relay.
+        let addr = match self.pinned.iter().find(|p| p.id == peer.id) {
+            Some(p) if !virtual_addr => p.addr,
+            _ => peer.addr,
         };
+        *lock(&e.addr) = addr;
         let (conn, hello) = self.dial_and_greet(addr, peer.id).await?;
         *lock(&e.models) = hello.offer.models.clone();
         self.adopt(&conn, peer.id, &hello);
@@ -423,39 +434,28 @@ impl Connections {
         Ok((conn, Arc::new(hello)))
     }
 
-    /// Replaces the relayed connection `relayed` to `direct.id` with a
-    /// direct one to `direct.addr`; the relayed one closes once the
-    /// requests on it finished.
+    /// Dials `direct` and, when the peer's slot still holds the relayed
+    /// connection `relayed`, puts the direct one in its place (the caller
+    /// closes the relayed one once its requests are done). False when the
+    /// slot moved on meanwhile (the new connection is closed).
     pub async fn upgrade(
         &self,
         direct: &PeerAddr,
         relayed: &quinn::Connection,
-    ) -> Result<(), PeerError> {
+    ) -> Result<bool, PeerError> {
         let (conn, hello) = self.dial_and_greet(direct.addr, direct.id).await?;
+        let e = self.entry(direct);
+        let mut slot = e.conn.lock().await;
+        let current = slot.as_ref().map(|(c, _)| c.stable_id());
+        if current != Some(relayed.stable_id()) {
+            conn.close(crate::proto::CLOSE_NORMAL, b"not needed");
+            return Ok(false);
+        }
         self.adopt(&conn, direct.id, &hello);
-        let e = Arc::new(Entry::new(direct.addr));
+        *lock(&e.addr) = direct.addr;
         *lock(&e.models) = hello.offer.models.clone();
-        *e.conn.lock().await = Some((conn, hello));
-        lock(&self.entries).insert(direct.id, e);
-        let old = relayed.clone();
-        tokio::spawn(async move {
-            let moved = |c: &quinn::Connection| {
-                let s = c.stats();
-                s.frame_tx.stream + s.frame_rx.stream
-            };
-            let start = Instant::now();
-            let mut last = moved(&old);
-            while old.close_reason().is_none() && start.elapsed() < DRAIN_MAX {
-                tokio::time::sleep(DRAIN_CHECK).await;
-                let now = moved(&old);
-                if now == last {
-                    break;
-                }
-                last = now;
-            }
-            old.close(crate::proto::CLOSE_NORMAL, b"moved to a direct path");
-        });
-        Ok(())
+        *slot = Some((conn, hello));
+        Ok(true)
     }
 
     /// Starts watching and serving a new connection.
@@ -504,7 +504,7 @@ impl Connections {
                         .and_then(|c| self.endpoint.paths().via(&c.remote_address())),
                     rtt: live.map(|c| c.rtt()),
                     models: lock(&e.models).clone(),
-                    configured: self.pinned.contains(&id),
+                    configured: self.is_pinned(&id),
                 }
             })
             .collect()
@@ -584,26 +584,49 @@ pub const RUNNING_COST_MS: u64 = 150;
 
 /// This node's requests running per seeder.
 #[derive(Default)]
-struct Running(std::sync::Mutex<HashMap<NodeId, u32>>);
+struct Running(
+    std::sync::Mutex<HashMap<NodeId, u32>>,
+    /// By connection (`stable_id`): a relayed connection replaced by a
+    /// direct one closes when its last request ends.
+    std::sync::Mutex<HashMap<usize, u32>>,
+);
 
-/// Counts one request on a seeder until dropped.
+impl Running {
+    fn on(&self, conn: &quinn::Connection) -> u32 {
+        lock(&self.1).get(&conn.stable_id()).copied().unwrap_or(0)
+    }
+}
+
+/// Counts one request on a seeder (and its connection) until dropped.
 struct RunningGuard {
     running: Arc<Running>,
     peer: NodeId,
+    conn: usize,
 }
 
 impl RunningGuard {
-    fn new(running: &Arc<Running>, peer: NodeId) -> Self {
+    fn new(running: &Arc<Running>, peer: NodeId, conn: &quinn::Connection) -> Self {
         *lock(&running.0).entry(peer).or_default() += 1;
+        *lock(&running.1).entry(conn.stable_id()).or_default() += 1;
         Self {
             running: running.clone(),
             peer,
+            conn: conn.stable_id(),
         }
     }
 }
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
+        {
+            let mut m = lock(&self.running.1);
+            if let Some(n) = m.get_mut(&self.conn) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.conn);
+                }
+            }
+        }
         let mut m = lock(&self.running.0);
         if let Some(n) = m.get_mut(&self.peer) {
             *n = n.saturating_sub(1);
@@ -779,8 +802,8 @@ impl Peers {
 
     /// Asks `target` (through rendezvous nodes near it in the DHT) to dial
     /// this node's candidates, so the dial that follows meets an open hole.
-    async fn punch(&self, target: NodeId) {
-        self.puncher().punch(target).await;
+    async fn punch(&self, target: NodeId) -> bool {
+        self.puncher().punch(target).await
     }
 
     fn puncher(&self) -> Puncher {
@@ -791,6 +814,7 @@ impl Peers {
             identity: self.party.identity.clone(),
             metrics: self.metrics.clone(),
             no_direct: self.no_direct.clone(),
+            running: self.running.clone(),
         }
     }
 
@@ -808,14 +832,19 @@ impl Peers {
         let live = self.conns.live(&peer).is_some();
         if live && !fresh {
             // The open connection, whatever path it takes.
-            return self.conns.get_at(&c.addr, false).await;
+            return self.conns.get_at(&c.addr, false, false).await;
         }
         let started = Instant::now();
         let direct = || async {
-            if c.punch {
-                let _ = tokio::time::timeout(PUNCH_BUDGET, self.punch(peer)).await;
+            let punched = c.punch
+                && tokio::time::timeout(PUNCH_BUDGET, self.punch(peer))
+                    .await
+                    .unwrap_or(false);
+            let got = self.conns.get(&c.addr, fresh).await;
+            if got.is_ok() && punched {
+                self.punched(started);
             }
-            self.conns.get(&c.addr, fresh).await
+            got
         };
         let skip_direct = !c.relays.is_empty()
             && lock(&self.no_direct)
@@ -825,19 +854,10 @@ impl Peers {
             // A background task keeps trying the direct path.
             PeerError::Unreachable(format!("no direct path to {} lately", c.addr))
         } else if c.relays.is_empty() {
-            let got = direct().await;
-            if got.is_ok() && c.punch {
-                self.punched(started);
-            }
-            return got;
+            return direct().await;
         } else {
             match tokio::time::timeout(DIRECT_BUDGET, direct()).await {
-                Ok(Ok(got)) => {
-                    if c.punch {
-                        self.punched(started);
-                    }
-                    return Ok(got);
-                }
+                Ok(Ok(got)) => return Ok(got),
                 Ok(Err(e)) => e,
                 Err(_) => PeerError::Unreachable(format!(
                     "no direct path to {} within {DIRECT_BUDGET:?}",
@@ -848,7 +868,7 @@ impl Peers {
         if self.conns.live(&peer).is_some() {
             // A connection opened meanwhile (the DHT dialed the peer at an
             // address its NAT opened toward this node).
-            return self.conns.get_at(&c.addr, false).await;
+            return self.conns.get_at(&c.addr, false, false).await;
         }
         tracing::info!(%peer, "no direct path ({direct_failed}); trying its relays");
         {
@@ -865,7 +885,7 @@ impl Peers {
         let mut relays = c.relays.clone();
         relays.sort_by_key(|r| self.health(&r.id).failures);
         for relay in &relays {
-            match self.conns.get_relayed(peer, relay).await {
+            match self.conns.get_relayed(peer, relay, false).await {
                 Ok((conn, hello)) => {
                     tracing::info!(%peer, via = %relay.id, "connected through a relay");
                     let puncher = self.puncher();
@@ -907,13 +927,15 @@ struct Puncher {
     identity: Arc<Identity>,
     metrics: Arc<Metrics>,
     no_direct: Arc<std::sync::Mutex<HashMap<NodeId, Instant>>>,
+    running: Arc<Running>,
 }
 
 impl Puncher {
-    /// See [`Peers::punch`].
-    async fn punch(&self, target: NodeId) {
+    /// See [`Peers::punch`]; true when a rendezvous forwarded the request
+    /// and the target took it.
+    async fn punch(&self, target: NodeId) -> bool {
         let (Some(d), Some(reach)) = (&self.discovery, &self.reach) else {
-            return;
+            return false;
         };
         let mine: Vec<SocketAddr> = reach.view().candidates.iter().map(|c| c.addr).collect();
         let rendezvous: Vec<PeerAddr> = match d.find_node(target).await {
@@ -932,6 +954,7 @@ impl Puncher {
         let ok = crate::punch::ask(&self.conns, &rendezvous, &req).await;
         self.metrics.punch_attempts.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%target, forwarded = ok, "punch requested");
+        ok
     }
 
     /// Tries, with backoff, to replace the relayed connection `relayed`
@@ -951,24 +974,37 @@ impl Puncher {
                 return;
             }
             let attempt = async {
-                if punch {
-                    let _ = tokio::time::timeout(PUNCH_BUDGET, self.punch(direct.id)).await;
-                }
-                self.conns.upgrade(&direct, &relayed).await
+                let punched = punch
+                    && tokio::time::timeout(PUNCH_BUDGET, self.punch(direct.id))
+                        .await
+                        .unwrap_or(false);
+                let swapped = self.conns.upgrade(&direct, &relayed).await;
+                (punched, swapped)
             };
             match tokio::time::timeout(DIRECT_BUDGET, attempt).await {
-                Ok(Ok(())) => {
+                Ok((_, Ok(false))) => return,
+                Ok((punched, Ok(true))) => {
                     lock(&self.no_direct).remove(&direct.id);
                     let took = since.elapsed();
                     self.metrics.upgrades.fetch_add(1, Ordering::Relaxed);
-                    if punch {
+                    if punched {
                         self.metrics.punch_successes.fetch_add(1, Ordering::Relaxed);
                     }
                     self.metrics.direct_path.observe(took);
                     tracing::info!(peer = %direct.id, after = ?took, "relayed connection upgraded to a direct path");
+                    // The relayed connection closes once the requests on it
+                    // are done.
+                    let start = Instant::now();
+                    while relayed.close_reason().is_none()
+                        && self.running.on(&relayed) > 0
+                        && start.elapsed() < DRAIN_MAX
+                    {
+                        tokio::time::sleep(DRAIN_CHECK).await;
+                    }
+                    relayed.close(crate::proto::CLOSE_NORMAL, b"moved to a direct path");
                     return;
                 }
-                Ok(Err(e)) => tracing::debug!(peer = %direct.id, "still no direct path: {e}"),
+                Ok((_, Err(e))) => tracing::debug!(peer = %direct.id, "still no direct path: {e}"),
                 Err(_) => tracing::debug!(peer = %direct.id, "still no direct path: timed out"),
             }
             wait = (wait * 2).min(UPGRADE_MAX_WAIT);
@@ -1149,7 +1185,7 @@ impl Peers {
                     // Its record outlived its offer.
                     break;
                 }
-                let guard = RunningGuard::new(&self.running, peer);
+                let guard = RunningGuard::new(&self.running, peer, &conn);
                 let mark = Some((conn.stable_id(), conn.stats().udp_rx.datagrams));
                 match RemoteGeneration::open(conn, terms, &req, &self.metrics, &self.party).await {
                     Ok(mut g) => {

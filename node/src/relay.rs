@@ -58,8 +58,21 @@ pub const RELAY_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
 pub const RELAYS_PER_NODE: usize = 2;
 /// Reservations a relay holds at most, by default.
 pub const MAX_RESERVATIONS: usize = 128;
-/// Paths one peer may have through a relay at once (as either end).
+/// Paths one peer may ask a relay for at once.
 pub const MAX_SESSIONS_PER_PEER: usize = 16;
+/// Paths one reserved node may be reached over through a relay at once
+/// (it may ask for fewer).
+pub const MAX_SESSIONS_PER_TARGET: usize = 64;
+/// Paths between one asker and one target at once: a consumer needs one
+/// connection per seeder.
+pub const MAX_SESSIONS_PER_PAIR: usize = 2;
+/// A path (at a relay, or at either end) that carries nothing for this
+/// long is closed: a live QUIC connection over it sends keep-alives every
+/// [`crate::transport::RELAYED_KEEP_ALIVE`].
+pub const PATH_IDLE: Duration = Duration::from_secs(10);
+/// A path offered to this node must carry a connection that completed its
+/// handshake and hello within this long, or it is closed.
+pub const PATH_SETUP_DEADLINE: Duration = Duration::from_secs(15);
 /// Paths a relay carries at once.
 pub const MAX_RELAY_SESSIONS: usize = 512;
 /// Bytes per second a relay forwards for one peer by default: hundreds of
@@ -107,6 +120,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Route {
     out: mpsc::Sender<Bytes>,
     ended: watch::Receiver<bool>,
+    /// A connection runs over it ([`tie`]).
+    tied: bool,
     peer: NodeId,
     via: NodeId,
     opened: Instant,
@@ -269,6 +284,7 @@ impl Paths {
                 Route {
                     out,
                     ended,
+                    tied: false,
                     peer,
                     via,
                     opened: Instant::now(),
@@ -279,7 +295,15 @@ impl Paths {
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         let paths = self.clone();
         tokio::spawn(async move {
-            let why = paths.pump(addr, send, recv, out_rx, leftover).await;
+            let why = tokio::select! {
+                why = paths.pump(addr, send, recv, out_rx, leftover) => why,
+                () = async {
+                    tokio::time::sleep(PATH_SETUP_DEADLINE).await;
+                    if lock(&paths.routes).get(&addr).is_some_and(|r| r.tied) {
+                        std::future::pending::<()>().await;
+                    }
+                } => "no connection came over it".to_owned(),
+            };
             lock(&paths.routes).remove(&addr);
             let _ = ended_tx.send(true);
             tracing::debug!(%addr, %peer, %via, "relayed path closed: {why}");
@@ -327,7 +351,11 @@ impl Paths {
                         return Ok("the endpoint closed");
                     }
                 }
-                match recv.read_chunk(READ_CHUNK_BYTES, true).await? {
+                let read = tokio::time::timeout(PATH_IDLE, recv.read_chunk(READ_CHUNK_BYTES, true));
+                match read
+                    .await
+                    .map_err(|_| PeerError::Timeout("relayed path idle"))??
+                {
                     Some(c) => dec.push(&c.bytes),
                     None => return Ok::<&str, PeerError>("the relay ended it"),
                 }
@@ -349,10 +377,12 @@ impl Paths {
     }
 
     /// Turns true when the path at `addr` ends; `None` when there is none.
-    pub fn ended(&self, addr: &SocketAddr) -> Option<watch::Receiver<bool>> {
-        lock(&self.routes)
-            .get(&canonical(*addr))
-            .map(|r| r.ended.clone())
+    /// Marks the path as carrying a connection.
+    fn tie_to(&self, addr: &SocketAddr) -> Option<watch::Receiver<bool>> {
+        lock(&self.routes).get_mut(&canonical(*addr)).map(|r| {
+            r.tied = true;
+            r.ended.clone()
+        })
     }
 
     /// The relay a path goes through.
@@ -379,7 +409,7 @@ impl Paths {
 /// requests at once and a closed connection frees the relay.
 pub fn tie(paths: &Arc<Paths>, conn: &quinn::Connection) {
     let addr = conn.remote_address();
-    let Some(mut ended) = paths.ended(&addr) else {
+    let Some(mut ended) = paths.tie_to(&addr) else {
         conn.close(CLOSE_NORMAL, b"relayed path gone");
         return;
     };
@@ -394,6 +424,40 @@ pub fn tie(paths: &Arc<Paths>, conn: &quinn::Connection) {
             }
         }
     });
+}
+
+/// Closes a path when dropped, unless a connection over it was kept.
+pub struct PathGuard {
+    paths: Arc<Paths>,
+    addr: Option<SocketAddr>,
+}
+
+impl PathGuard {
+    pub fn new(paths: &Arc<Paths>, addr: SocketAddr) -> Self {
+        Self {
+            paths: paths.clone(),
+            addr: Some(addr),
+        }
+    }
+
+    /// Keeps the path when `conn` runs over it; true then.
+    pub fn keep(mut self, conn: &quinn::Connection) -> bool {
+        let ours = self
+            .addr
+            .is_some_and(|a| canonical(conn.remote_address()) == canonical(a));
+        if ours {
+            self.addr = None;
+        }
+        ours
+    }
+}
+
+impl Drop for PathGuard {
+    fn drop(&mut self) {
+        if let Some(a) = self.addr {
+            self.paths.close(&a);
+        }
+    }
 }
 
 /// Reads the one [`RelayReply`] a relay message is answered with.
@@ -442,11 +506,13 @@ pub async fn connect_via(
 /// A relay's limits and who it serves.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Nodes that may reserve here; empty: any node.
+    /// Nodes that may reserve here (be reached through this relay);
+    /// empty: any node. Any peer may ask for a path to a reserved node.
     pub allow: Vec<NodeId>,
     pub max_reservations: usize,
     pub max_sessions_per_peer: usize,
-    /// Bytes per second forwarded for one peer, both directions together.
+    /// Bytes per second forwarded from one peer (what it sends, over all
+    /// its paths through this relay).
     pub bytes_per_second_per_peer: u64,
     /// Appends every byte forwarded to this file (an audit: it holds only
     /// the two ends' QUIC ciphertext).
@@ -482,9 +548,12 @@ struct Bucket {
 /// The relay this node runs for others (`hypha up --relay`).
 pub struct RelayService {
     config: RelayConfig,
-    reservations: Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// Reserved nodes: their connection and how many paths they take.
+    reservations: Mutex<HashMap<NodeId, (quinn::Connection, usize)>>,
     /// Open paths per peer (either end), and their byte buckets.
     sessions: Mutex<HashMap<NodeId, (usize, Bucket)>>,
+    /// Open paths per (asker, target).
+    pairs: Mutex<HashMap<(NodeId, NodeId), usize>>,
     capture: Option<Mutex<std::fs::File>>,
     pub stats: RelayStats,
 }
@@ -504,6 +573,7 @@ impl RelayService {
             config,
             reservations: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            pairs: Mutex::new(HashMap::new()),
             capture,
             stats: RelayStats::default(),
         })
@@ -513,7 +583,7 @@ impl RelayService {
     pub fn reservations(&self) -> usize {
         lock(&self.reservations)
             .values()
-            .filter(|c| c.close_reason().is_none())
+            .filter(|(c, _)| c.close_reason().is_none())
             .count()
     }
 
@@ -529,37 +599,46 @@ impl RelayService {
         code
     }
 
-    /// A reservation request from `peer` on `conn`; the answer's code.
-    pub fn reserve(&self, peer: NodeId, conn: &quinn::Connection) -> u16 {
+    /// A reservation request from `peer` on `conn`, to be reached over at
+    /// most `max_sessions` paths at once; the answer's code.
+    pub fn reserve(&self, peer: NodeId, conn: &quinn::Connection, max_sessions: u32) -> u16 {
         if !self.config.allow.is_empty() && !self.config.allow.contains(&peer) {
             tracing::info!(%peer, "relay reservation refused: not on the allow list");
             return self.refuse(403);
         }
         {
             let mut r = lock(&self.reservations);
-            r.retain(|_, c| c.close_reason().is_none());
+            r.retain(|_, (c, _)| c.close_reason().is_none());
             if r.len() >= self.config.max_reservations && !r.contains_key(&peer) {
                 drop(r);
                 return self.refuse(429);
             }
-            r.insert(peer, conn.clone());
+            let sessions = (max_sessions as usize).clamp(1, MAX_SESSIONS_PER_TARGET);
+            r.insert(peer, (conn.clone(), sessions));
         }
         tracing::info!(%peer, "relay reservation granted");
         200
     }
 
-    /// Counts a path for both ends, within the limits; `None` when over.
-    fn admit(self: &Arc<Self>, a: NodeId, b: NodeId) -> Option<SessionGuard> {
+    /// Counts a path from asker `a` to target `b` (which takes at most
+    /// `b_max`), within the limits; `None` when over.
+    fn admit(self: &Arc<Self>, a: NodeId, b: NodeId, b_max: usize) -> Option<SessionGuard> {
+        if a == b {
+            return None;
+        }
         let mut s = lock(&self.sessions);
+        let mut pairs = lock(&self.pairs);
         if self.stats.sessions.load(Ordering::Relaxed) >= MAX_RELAY_SESSIONS {
             return None;
         }
         let busy = |id: &NodeId| s.get(id).map_or(0, |(n, _)| *n);
         if busy(&a) >= self.config.max_sessions_per_peer
-            || busy(&b) >= self.config.max_sessions_per_peer
+            || busy(&b) >= b_max
+            || pairs.get(&(a, b)).copied().unwrap_or(0) >= MAX_SESSIONS_PER_PAIR
         {
             return None;
         }
+        *pairs.entry((a, b)).or_default() += 1;
         for id in [a, b] {
             let rate = self.config.bytes_per_second_per_peer as f64;
             s.entry(id)
@@ -618,16 +697,16 @@ impl RelayService {
         recv: FramedRecv,
     ) -> Result<(), PeerError> {
         let answer = |code| Message::RelayReply(RelayReply { code });
-        let conn = lock(&self.reservations)
+        let reserved = lock(&self.reservations)
             .get(&target)
-            .filter(|c| c.close_reason().is_none())
+            .filter(|(c, _)| c.close_reason().is_none())
             .cloned();
-        let Some(conn) = conn else {
+        let Some((conn, target_max)) = reserved else {
             send.send(&answer(self.refuse(404))).await?;
             send.finish();
             return Ok(());
         };
-        let Some(_guard) = self.admit(from, target) else {
+        let Some(_guard) = self.admit(from, target, target_max) else {
             send.send(&answer(self.refuse(429))).await?;
             send.finish();
             return Ok(());
@@ -689,13 +768,20 @@ impl RelayService {
         loop {
             let bytes = match pending.take() {
                 Some(b) => b,
-                None => match recv.read_chunk(READ_CHUNK_BYTES, true).await? {
-                    Some(c) => c.bytes,
-                    None => {
-                        let _ = send.finish();
-                        return Ok(());
+                None => {
+                    let read =
+                        tokio::time::timeout(PATH_IDLE, recv.read_chunk(READ_CHUNK_BYTES, true));
+                    match read
+                        .await
+                        .map_err(|_| PeerError::Timeout("relayed path idle"))??
+                    {
+                        Some(c) => c.bytes,
+                        None => {
+                            let _ = send.finish();
+                            return Ok(());
+                        }
                     }
-                },
+                }
             };
             let wait = self.charge(&peer, bytes.len());
             if !wait.is_zero() {
@@ -729,6 +815,16 @@ struct SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        {
+            let mut pairs = lock(&self.svc.pairs);
+            let pair = (self.ends[0], self.ends[1]);
+            if let Some(n) = pairs.get_mut(&pair) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    pairs.remove(&pair);
+                }
+            }
+        }
         let mut s = lock(&self.svc.sessions);
         for id in &self.ends {
             if let Some(e) = s.get_mut(id) {
@@ -905,24 +1001,40 @@ mod tests {
     #[test]
     fn paths_per_peer_are_bounded_and_freed() {
         let svc = service(2, DEFAULT_RELAY_RATE);
-        let (a, b, c) = (NodeId([1; 32]), NodeId([2; 32]), NodeId([3; 32]));
-        let first = svc.admit(a, b).expect("first path");
-        let second = svc.admit(a, c).expect("second path");
-        assert!(svc.admit(a, c).is_none(), "a third path for the same peer");
-        assert!(svc.admit(b, a).is_none(), "nor one where it is the target");
+        let ids: Vec<NodeId> = (1..=5).map(|i| NodeId([i; 32])).collect();
+        let (a, b, c, d, e) = (ids[0], ids[1], ids[2], ids[3], ids[4]);
+        assert!(svc.admit(a, a, 8).is_none(), "no path to oneself");
+        let first = svc.admit(a, b, 8).expect("first path");
+        let second = svc.admit(a, c, 8).expect("second path");
+        assert!(
+            svc.admit(a, d, 8).is_none(),
+            "a third path for the same asker"
+        );
+        assert!(
+            svc.admit(d, a, 2).is_none(),
+            "its paths count against its own limit as a target too"
+        );
         assert_eq!(svc.stats.sessions.load(Ordering::Relaxed), 2);
         drop(first);
-        let third = svc.admit(b, a).expect("room again");
-        drop((second, third));
+        let third = svc.admit(d, a, 8).expect("room again");
+        // The target's own limit, and the limit per pair.
+        let to_e = svc.admit(b, e, 1).expect("a path to e");
+        assert!(svc.admit(c, e, 1).is_none(), "e takes one path only");
+        drop(to_e);
+        let pair1 = svc.admit(b, e, 8).unwrap();
+        let pair2 = svc.admit(b, e, 8).unwrap();
+        assert!(svc.admit(b, e, 8).is_none(), "two paths per pair");
+        drop((second, third, pair1, pair2));
         assert_eq!(svc.stats.sessions.load(Ordering::Relaxed), 0);
         assert!(lock(&svc.sessions).is_empty(), "buckets of idle peers go");
+        assert!(lock(&svc.pairs).is_empty());
     }
 
     #[test]
     fn bytes_beyond_a_peers_rate_wait() {
         let svc = service(4, 10_000);
         let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
-        let _path = svc.admit(a, b).unwrap();
+        let _path = svc.admit(a, b, 8).unwrap();
         // A second's worth passes at once (the burst) ...
         assert_eq!(svc.charge(&a, 10_000), Duration::ZERO);
         // ... then sending 5,000 more bytes waits about half a second.

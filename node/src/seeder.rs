@@ -58,11 +58,11 @@ const FREE_TIER_WINDOW: Duration = Duration::from_secs(60);
 
 /// Consumers that finished a request without countersigning its receipt;
 /// they are refused until the entry ages out. A consumer whose connection
-/// went silent instead (a relay or a link lost: nothing at all arrived
-/// while its signature was due) is refused only when that happens twice
-/// within [`UNPAID_BAN`]: a network failure costs an honest consumer
-/// nothing, and a consumer that cuts its link to skip paying gets at most
-/// two intervals per ban period for free.
+/// went silent or was lost instead while a signature was due (a relay or
+/// a link lost) is refused only when that happens twice within
+/// [`UNPAID_BAN`]: a network failure costs an honest consumer nothing.
+/// (Any request can leave at most one receipt interval unpaid; a request
+/// the consumer cancels is not held against it.)
 pub struct Unpaid {
     until: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
     silent: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
@@ -98,8 +98,10 @@ impl Unpaid {
         let again = {
             let mut m = self.silent.lock().unwrap_or_else(|e| e.into_inner());
             m.retain(|_, t| now.duration_since(*t) < UNPAID_BAN);
-            let again = m.contains_key(&id);
-            if !again && m.len() < MAX_FREE_TIER_IDS {
+            // A full table counts as a second time: too many strangers
+            // losing their links at once must not switch the rule off.
+            let again = m.contains_key(&id) || m.len() >= MAX_FREE_TIER_IDS;
+            if !again {
                 m.insert(id, now);
             }
             again
@@ -465,7 +467,7 @@ enum Opening {
     Request(InferenceRequest),
     Dht(DhtRequest),
     Punch(hypha_wire::PunchRequest),
-    RelayReserve,
+    RelayReserve(u32),
     RelayConnect(NodeId),
     RelayIncoming(NodeId),
 }
@@ -484,7 +486,7 @@ fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
                 .map_err(bad)
         }
         ArchivedMessage::Punch(p) => hypha_wire::owned_punch(p).map(Opening::Punch).map_err(bad),
-        ArchivedMessage::RelayReserve(_) => Ok(Opening::RelayReserve),
+        ArchivedMessage::RelayReserve(r) => Ok(Opening::RelayReserve(r.max_sessions.to_native())),
         ArchivedMessage::RelayConnect(c) => Ok(Opening::RelayConnect(NodeId(c.target))),
         ArchivedMessage::RelayIncoming(i) => Ok(Opening::RelayIncoming(NodeId(i.from))),
         other => Err(PeerError::Protocol(format!(
@@ -510,9 +512,9 @@ async fn serve_any(
         .ok_or_else(|| PeerError::Protocol("stream ended before its request".into()))?;
     let relay_reply = |code| Message::RelayReply(hypha_wire::RelayReply { code });
     match first {
-        Opening::RelayReserve => {
+        Opening::RelayReserve(max_sessions) => {
             let code = match &state.relay {
-                Some(r) => r.reserve(peer.node_id, conn),
+                Some(r) => r.reserve(peer.node_id, conn, max_sessions),
                 None => 403,
             };
             send.send(&relay_reply(code)).await?;
@@ -678,7 +680,13 @@ async fn serve_request(
         .await?;
     let mut billing = Billing::new(state, consumer, request_id, generation.prompt_tokens);
     let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing, conn).await;
-    if matches!(outcome, Ok(Outcome::Lost)) {
+    let lost_owing = match &outcome {
+        Ok(Outcome::Lost) => true,
+        // The connection failed while a receipt was out unsigned.
+        Err(PeerError::Connection(_) | PeerError::Timeout(_)) => !billing.settled(),
+        _ => false,
+    };
+    if lost_owing {
         state.unpaid.note_silent(consumer.node_id);
     }
     // The receipt is durable before the consumer sees the stream end.

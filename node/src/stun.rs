@@ -16,7 +16,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -52,6 +52,9 @@ pub struct StunSocket {
     pub stats: Arc<StunStats>,
     /// Relayed paths, reached through virtual addresses.
     pub paths: Arc<crate::relay::Paths>,
+    /// Which source `poll_recv` reads first, alternating, so neither the
+    /// socket nor the relayed paths can starve the other.
+    relayed_first: AtomicBool,
 }
 
 impl fmt::Debug for StunSocket {
@@ -74,6 +77,7 @@ impl StunSocket {
                 window: Mutex::new((Instant::now(), 0)),
                 stats: Arc::default(),
                 paths: crate::relay::Paths::new(v6),
+                relayed_first: AtomicBool::new(false),
             }),
             rx,
         )
@@ -144,6 +148,11 @@ impl StunSocket {
             let m = meta[i];
             // A coalesced batch (GRO) holds several datagrams of one flow,
             // always QUIC.
+            if crate::relay::is_virtual(&m.addr) {
+                // Only relayed paths speak from these addresses; a real
+                // datagram claiming one is forged.
+                continue;
+            }
             let single = m.stride >= m.len;
             if single && hypha_nat::stun::is_stun(bufs[i].get(..m.len).unwrap_or_default()) {
                 let packet = bufs[i].get(..m.len).unwrap_or_default().to_vec();
@@ -180,13 +189,17 @@ impl AsyncUdpSocket for StunSocket {
         bufs: &mut [io::IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        if let Poll::Ready(n) = self.paths.poll_inbound(cx, bufs, meta) {
-            return Poll::Ready(Ok(n));
+        let relayed_first = self.relayed_first.fetch_xor(true, Ordering::Relaxed);
+        if relayed_first {
+            if let Poll::Ready(n) = self.paths.poll_inbound(cx, bufs, meta) {
+                return Poll::Ready(Ok(n));
+            }
         }
         loop {
             let n = match self.inner.poll_recv(cx, bufs, meta) {
                 Poll::Ready(Ok(n)) => n,
-                other => return other,
+                Poll::Pending => break,
+                err => return err,
             };
             let kept = self.filter(bufs, meta, n);
             // A batch of STUN alone: read on, so the caller is either given
@@ -195,6 +208,13 @@ impl AsyncUdpSocket for StunSocket {
                 return Poll::Ready(Ok(kept));
             }
         }
+        // Both sources are registered for a wake-up when both are empty.
+        if !relayed_first {
+            if let Poll::Ready(n) = self.paths.poll_inbound(cx, bufs, meta) {
+                return Poll::Ready(Ok(n));
+            }
+        }
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
