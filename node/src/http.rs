@@ -401,6 +401,11 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
                 "Relayed paths opened (as either end).",
                 &s.opened,
             ),
+            (
+                "hypha_relayed_dropped_packets_total",
+                "QUIC packets for a relayed path dropped (its queue full, or the path gone).",
+                &s.dropped_packets,
+            ),
         ] {
             counter(&mut text, name, help, v.load(Ordering::Relaxed));
         }

@@ -44,25 +44,6 @@ fn must(args: &[&str]) {
     run(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// The lines of a child's output as they come, read on a thread; each
-/// also printed after `echo` when given.
-fn lines_of(
-    out: impl std::io::Read + Send + 'static,
-    echo: Option<String>,
-) -> mpsc::Receiver<String> {
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(tag) = &echo {
-                eprintln!("[{tag}] {line}");
-            }
-            let _ = tx.send(line);
-        }
-    });
-    lines
-}
-
 /// Namespaces and processes of one test, removed on drop.
 struct Lab {
     prefix: String,
@@ -80,17 +61,7 @@ struct Started {
 
 impl Started {
     fn wait_for(&self, marker: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line with {marker:?}"));
-            if let Some((_, rest)) = line.split_once(marker) {
-                return rest.trim().to_owned();
-            }
-        }
+        common::wait_for_line(&self.lines, marker)
     }
 }
 
@@ -255,7 +226,7 @@ impl Lab {
         let echo = std::env::var("HYPHA_LAB_LOG")
             .is_ok()
             .then(|| format!("{ns} {pid}"));
-        let lines = lines_of(child.stderr.take().unwrap(), echo);
+        let lines = common::lines_of(child.stderr.take().unwrap(), echo);
         self.procs.push(child);
         Started { lines, pid }
     }
@@ -707,7 +678,7 @@ impl Tcpdump {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let rx = lines_of(child.stderr.take().unwrap(), None);
+        let rx = common::lines_of(child.stderr.take().unwrap(), None);
         loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(10))
@@ -847,7 +818,7 @@ print("end", tokens, error, flush=True)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = lines_of(child.stdout.take().unwrap(), None);
+    let lines = common::lines_of(child.stdout.take().unwrap(), None);
     let mut seen = 0;
     while seen < 20 {
         let line = lines

@@ -278,6 +278,40 @@ pub fn request(id: u64, max_tokens: u32) -> hypha_wire::Message {
     })
 }
 
+/// The lines of a child's output as they come, read on a thread; each
+/// also printed after `echo` when given.
+pub fn lines_of(
+    out: impl std::io::Read + Send + 'static,
+    echo: Option<String>,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(tag) = &echo {
+                eprintln!("[{tag}] {line}");
+            }
+            let _ = tx.send(line);
+        }
+    });
+    lines
+}
+
+/// The text after `marker` on the first of `lines` (within a minute)
+/// that holds it.
+pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, marker: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line with {marker:?}"));
+        if let Some((_, rest)) = line.split_once(marker) {
+            return rest.trim().to_owned();
+        }
+    }
+}
+
 /// A `hypha` process whose stderr is scanned for start-up lines.
 pub struct Proc {
     pub child: std::process::Child,
@@ -293,33 +327,13 @@ impl Proc {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = lines_of(child.stderr.take().unwrap(), None);
         Self { child, lines }
     }
 
     /// The text after `marker` on the first stderr line holding it.
     pub fn wait_for(&self, marker: &str) -> String {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line with {marker:?}"));
-            if let Some((_, rest)) = line.split_once(marker) {
-                return rest.trim().to_owned();
-            }
-        }
+        wait_for_line(&self.lines, marker)
     }
 }
 
