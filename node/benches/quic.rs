@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hypha_node::identity::Identity;
-use hypha_node::proto::{FramedRecv, FramedSend};
-use hypha_node::transport::Endpoint;
+use hypha_node::net::endpoint::Endpoint;
+use hypha_node::net::proto::{FramedRecv, FramedSend};
 use hypha_wire::{Message, TokenChunk};
 
 #[path = "../tests/common/mod.rs"]

@@ -189,7 +189,7 @@ pub async fn stream_to_stdout(
         last_text_at: None,
         served_by: resp
             .headers()
-            .get(crate::http::PEER_HEADER)
+            .get(crate::api::PEER_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
     };

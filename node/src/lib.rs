@@ -7,23 +7,16 @@
 //! command line over this library, so another Rust program can embed a node
 //! in-process.
 
-pub mod account;
+pub mod api;
 pub mod chat;
-pub mod discovery;
-pub mod hello;
-pub mod http;
 pub mod identity;
+pub mod inbound;
+pub mod inference;
 pub mod metrics;
 pub mod models;
-pub mod openai;
-pub mod peers;
-pub mod proto;
-pub mod punch;
-pub mod reach;
-pub mod relay;
-pub mod seeder;
-pub mod stun;
-pub mod transport;
+pub mod net;
+pub mod services;
+pub mod util;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,8 +30,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::identity::Identity;
-use crate::peers::{PeerAddr, Peers};
-use crate::transport::Endpoint;
+use crate::inference::route::Peers;
+use crate::net::addr::PeerAddr;
+use crate::net::endpoint::Endpoint;
 
 /// The address `hypha up` listens on when not told otherwise.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8420";
@@ -86,7 +80,7 @@ pub struct NodeConfig {
     /// Requests per minute a consumer with no credits left may make.
     pub free_tier_per_minute: u32,
     /// Relay for other nodes (`--relay`), with these limits.
-    pub relay: Option<relay::RelayConfig>,
+    pub relay: Option<services::relay_server::RelayConfig>,
     /// Relays to hold reservations at whatever the NAT looks like.
     pub relay_via: Vec<PeerAddr>,
     /// Hold reservations at relays from the DHT once peers see this node
@@ -112,16 +106,16 @@ impl NodeConfig {
             peers: Vec::new(),
             bootstrap: Vec::new(),
             advertise: Vec::new(),
-            record_ttl: discovery::DEFAULT_RECORD_TTL,
+            record_ttl: services::announce::DEFAULT_RECORD_TTL,
             stun_servers: Vec::new(),
             data_dir: None,
-            dial_timeout: peers::DIAL_TIMEOUT,
-            max_peers: seeder::MAX_PEERS,
+            dial_timeout: net::pool::DIAL_TIMEOUT,
+            max_peers: inbound::MAX_PEERS,
             price_prompt_micro: DEFAULT_PRICE_PROMPT_MICRO,
             price_completion_micro: DEFAULT_PRICE_COMPLETION_MICRO,
-            receipt_interval: seeder::DEFAULT_RECEIPT_INTERVAL,
+            receipt_interval: inference::serve::DEFAULT_RECEIPT_INTERVAL,
             pow_bits: hypha_ledger::DEFAULT_POW_BITS,
-            free_tier_per_minute: seeder::DEFAULT_FREE_TIER_PER_MINUTE,
+            free_tier_per_minute: inference::admission::DEFAULT_FREE_TIER_PER_MINUTE,
             relay: None,
             relay_via: Vec::new(),
             relay_auto: true,
@@ -161,7 +155,7 @@ impl Node {
         let metrics = Arc::new(metrics::Metrics::default());
         let (shutdown, rx) = watch::channel(false);
 
-        let local = engine.as_ref().map(|e| http::LocalModel {
+        let local = engine.as_ref().map(|e| api::LocalModel {
             engine: e.clone(),
             model_id: e.info().name.clone(),
             aliases: cfg.model_aliases.clone(),
@@ -211,17 +205,17 @@ impl Node {
             let ep = Arc::new(Endpoint::bind(&ident, bind)?);
             let serving = engine.is_some() && cfg.quic_addr.is_some();
             let offer = match (&engine, serving) {
-                (Some(e), true) => hello::Offer {
+                (Some(e), true) => net::hello::Offer {
                     capabilities: CAP_SEEDER,
                     models: served.clone(),
                     model_sha256: file_sha256(e.info().path.clone()).await?,
                     price_prompt_micro: cfg.price_prompt_micro,
                     price_completion_micro: cfg.price_completion_micro,
                 },
-                _ => hello::Offer::default(),
+                _ => net::hello::Offer::default(),
             };
-            let hello = proto::hello_message(&ident, offer.clone());
-            let conns = Arc::new(peers::Connections::new(
+            let hello = net::proto::hello_message(&ident, offer.clone());
+            let conns = Arc::new(net::pool::Connections::new(
                 ep.clone(),
                 hello.clone(),
                 metrics.clone(),
@@ -233,17 +227,17 @@ impl Node {
                 id: ident.id(),
                 addr: ep.local_addr()?,
             };
-            let disc = discovery::Discovery::start(
+            let disc = services::dht::Discovery::start(
                 local,
                 conns.clone(),
                 cfg.bootstrap.clone(),
                 rx.clone(),
             );
-            let reachability = Arc::new(reach::Reachability::new(
+            let reachability = Arc::new(services::reach::Reachability::new(
                 ep.local_addr()?,
                 ep.stun().stats.clone(),
             ));
-            tokio::spawn(reach::run(
+            tokio::spawn(services::reach::run(
                 ep.clone(),
                 disc.clone(),
                 cfg.stun_servers.clone(),
@@ -251,11 +245,11 @@ impl Node {
                 rx.clone(),
             ));
             reach_view = Some(reachability.clone());
-            let client = Arc::new(relay::RelayClient::new(
+            let client = Arc::new(services::relay_client::RelayClient::new(
                 cfg.relay_via.clone(),
                 cfg.relay_auto,
             ));
-            tokio::spawn(relay::keep_reservations(
+            tokio::spawn(services::relay_client::keep_reservations(
                 client.clone(),
                 conns.clone(),
                 disc.clone(),
@@ -280,10 +274,10 @@ impl Node {
             };
             if let Some(relay_cfg) = cfg.relay.clone() {
                 let service = Arc::new(
-                    relay::RelayService::new(relay_cfg)
+                    services::relay_server::RelayService::new(relay_cfg)
                         .context("cannot open the relay capture file")?,
                 );
-                let announcement = discovery::Announcement {
+                let announcement = services::announce::Announcement {
                     names: vec![hypha_dht::RELAY_SERVICE.to_owned()],
                     explicit: !cfg.advertise.is_empty(),
                     reach: Some(reachability.clone()),
@@ -297,7 +291,7 @@ impl Node {
                     price_completion_micro: 0,
                     ttl: record_ttl,
                 };
-                tokio::spawn(discovery::publish_loop(
+                tokio::spawn(services::announce::publish_loop(
                     disc.clone(),
                     ident.clone(),
                     announcement,
@@ -308,7 +302,7 @@ impl Node {
                 relay_service = Some(service);
             }
             let seeder_state = match (&engine, serving) {
-                (Some(engine), true) => Some(Arc::new(seeder::SeederState {
+                (Some(engine), true) => Some(Arc::new(inference::serve::SeederState {
                     engine: engine.clone(),
                     models: offer.models.clone(),
                     identity: ident.clone(),
@@ -317,12 +311,12 @@ impl Node {
                     ledger: log.clone(),
                     receipt_interval: cfg.receipt_interval.max(1),
                     pow_bits: cfg.pow_bits,
-                    free_tier: seeder::FreeTier::new(cfg.free_tier_per_minute),
-                    unpaid: seeder::Unpaid::default(),
+                    free_tier: inference::admission::FreeTier::new(cfg.free_tier_per_minute),
+                    unpaid: inference::admission::Unpaid::default(),
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),
                     decode_tps: std::sync::atomic::AtomicU32::new(0),
                     discovery: Some(disc.clone()),
-                    balances: Arc::new(seeder::NetworkBalances::default()),
+                    balances: Arc::new(inference::admission::NetworkBalances::default()),
                 })),
                 _ => None,
             };
@@ -334,7 +328,7 @@ impl Node {
                     );
                 }
                 let info = engine.info();
-                let announcement = discovery::Announcement {
+                let announcement = services::announce::Announcement {
                     names: offer.models.clone(),
                     explicit: !cfg.advertise.is_empty(),
                     reach: Some(reachability.clone()),
@@ -348,7 +342,7 @@ impl Node {
                     price_completion_micro: offer.price_completion_micro,
                     ttl: record_ttl,
                 };
-                tokio::spawn(discovery::publish_loop(
+                tokio::spawn(services::announce::publish_loop(
                     disc.clone(),
                     ident.clone(),
                     announcement,
@@ -357,12 +351,13 @@ impl Node {
                 ));
                 tracing::info!(id = %ident.id(), "serving peers on QUIC {}", ep.local_addr()?);
             }
-            let (punch_dials, dial_queue) = tokio::sync::mpsc::channel(punch::PUNCH_QUEUE);
-            tokio::spawn(punch::dialer(conns.clone(), dial_queue));
-            let listener = Arc::new(seeder::Listener {
+            let (punch_dials, dial_queue) =
+                tokio::sync::mpsc::channel(services::punch::PUNCH_QUEUE);
+            tokio::spawn(services::punch::dialer(conns.clone(), dial_queue));
+            let listener = Arc::new(inbound::Listener {
                 hello: hello.clone(),
                 metrics: metrics.clone(),
-                max_peers: cfg.max_peers.clamp(1, seeder::MAX_PEERS),
+                max_peers: cfg.max_peers.clamp(1, inbound::MAX_PEERS),
                 pow_bits: cfg.pow_bits,
                 seeder: seeder_state,
                 discovery: Some(disc.clone()),
@@ -377,8 +372,8 @@ impl Node {
                 shutdown: rx.clone(),
             });
             conns.set_listener(&listener);
-            seeder_task = Some(tokio::spawn(seeder::run(ep.clone(), listener, rx.clone())));
-            let party = Arc::new(peers::Party {
+            seeder_task = Some(tokio::spawn(inbound::run(ep.clone(), listener, rx.clone())));
+            let party = Arc::new(inference::remote::Party {
                 identity: ident.clone(),
                 ledger: log.clone(),
                 pow_bits: cfg.pow_bits,
@@ -402,16 +397,16 @@ impl Node {
             }
             peers = Some(p);
             endpoint = Some(ep);
-            account = Some(account::Account {
+            account = Some(api::account::Account {
                 id: ident.id(),
                 ledger: log.clone(),
-                grant: account::grant_for(&ident.id(), cfg.pow_bits),
+                grant: inference::admission::grant_for(&ident.id(), cfg.pow_bits),
                 pow_bits: cfg.pow_bits,
             });
             ledger = Some(log);
         }
 
-        let state = Arc::new(http::AppState {
+        let state = Arc::new(api::AppState {
             local,
             peers: peers.clone(),
             reach: reach_view,
@@ -423,7 +418,7 @@ impl Node {
             metrics,
             started: SystemTime::now(),
         });
-        let app = http::router(state);
+        let app = api::router(state);
         let mut rx_http = rx;
         // Token events are small writes a few milliseconds apart: without
         // TCP_NODELAY, Nagle holds each one until the client's delayed ACK
@@ -574,13 +569,7 @@ pub async fn file_sha256(path: PathBuf) -> anyhow::Result<[u8; 32]> {
     .context("hashing task panicked")?
 }
 
-/// Installs ring as rustls's crypto provider, once per process.
-pub fn install_crypto_provider() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-}
+pub use util::install_crypto_provider;
 
 /// Resolves a model argument (`default`, a cached name, or a path).
 pub async fn resolve_model(spec: &str) -> anyhow::Result<PathBuf> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hypha_engine::{DeviceChoice, EngineConfig, GpuLayers};
-use hypha_node::peers::PeerAddr;
+use hypha_node::net::addr::PeerAddr;
 use hypha_node::{chat, models, Node, NodeConfig, DEFAULT_HTTP_ADDR};
 
 #[derive(Parser)]
@@ -159,10 +159,10 @@ struct UpArgs {
     relay_allow: Vec<hypha_wire::NodeId>,
     /// Bytes per second relayed from one peer (what it sends, over all its
     /// paths through this relay).
-    #[arg(long, default_value_t = hypha_node::relay::DEFAULT_RELAY_RATE, requires = "relay")]
+    #[arg(long, default_value_t = hypha_node::services::relay_server::DEFAULT_RELAY_RATE, requires = "relay")]
     relay_rate: u64,
     /// Reservations held at once as a relay.
-    #[arg(long, default_value_t = hypha_node::relay::MAX_RESERVATIONS, requires = "relay")]
+    #[arg(long, default_value_t = hypha_node::services::relay_server::MAX_RESERVATIONS, requires = "relay")]
     relay_max_reservations: usize,
     /// Append every byte relayed to this file (an audit: it holds only
     /// the ends' QUIC ciphertext).
@@ -177,7 +177,7 @@ struct UpArgs {
     #[arg(long, env = "HYPHA_HOME")]
     data_dir: Option<PathBuf>,
     /// Peers served at once; more are refused.
-    #[arg(long, default_value_t = hypha_node::seeder::MAX_PEERS)]
+    #[arg(long, default_value_t = hypha_node::inbound::MAX_PEERS)]
     max_peers: usize,
     /// Price a seeder publishes: micro-credits per prompt token.
     #[arg(long, default_value_t = hypha_node::DEFAULT_PRICE_PROMPT_MICRO)]
@@ -192,7 +192,7 @@ struct UpArgs {
     pow_bits: u32,
     /// Most generated tokens a consumer gets beyond its last countersigned
     /// receipt (cumulative receipts go out every half of it).
-    #[arg(long, default_value_t = hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL)]
+    #[arg(long, default_value_t = hypha_node::inference::serve::DEFAULT_RECEIPT_INTERVAL)]
     receipt_interval: u32,
     /// Concurrent sequences (slots) in the engine.
     #[arg(long, default_value_t = hypha_engine::DEFAULT_PARALLEL)]
@@ -480,13 +480,15 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     cfg.price_completion_micro = a.price_completion;
     cfg.receipt_interval = a.receipt_interval;
     cfg.pow_bits = a.pow_bits;
-    cfg.relay = a.relay.then(|| hypha_node::relay::RelayConfig {
-        allow: a.relay_allow,
-        max_reservations: a.relay_max_reservations,
-        bytes_per_second_per_peer: a.relay_rate,
-        capture: a.relay_capture,
-        ..Default::default()
-    });
+    cfg.relay = a
+        .relay
+        .then(|| hypha_node::services::relay_server::RelayConfig {
+            allow: a.relay_allow,
+            max_reservations: a.relay_max_reservations,
+            bytes_per_second_per_peer: a.relay_rate,
+            capture: a.relay_capture,
+            ..Default::default()
+        });
     cfg.relay_via = a.relay_via;
     let node = Node::start(cfg).await?;
     match node.engine() {
@@ -647,7 +649,7 @@ async fn show_receipt(seeder: &Node, consumer: &Node) -> anyhow::Result<()> {
         r.credits
     );
     let me = r.consumer;
-    let grant = hypha_node::account::grant_for(&me, hypha_ledger::DEFAULT_POW_BITS);
+    let grant = hypha_node::inference::admission::grant_for(&me, hypha_ledger::DEFAULT_POW_BITS);
     println!(
         "consumer balance: {} micro-credits (grant {grant}, spent {}); seeder earned {}",
         hypha_ledger::balance(grant, &cl.totals(&me)),
@@ -857,7 +859,7 @@ provider records held here: {}",
 }
 
 fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
-    use hypha_node::account;
+    use hypha_node::api::account;
     let dir = hypha_node::identity::data_dir(data_dir)?;
     let key = dir.join(hypha_node::identity::KEY_FILE);
     anyhow::ensure!(
@@ -897,7 +899,8 @@ fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Res
                     t.receipts_as_consumer += 1;
                 }
             }
-            let grant = account::grant_for(&me, hypha_ledger::DEFAULT_POW_BITS);
+            let grant =
+                hypha_node::inference::admission::grant_for(&me, hypha_ledger::DEFAULT_POW_BITS);
             println!("node     {me}");
             println!("grant    {grant:>14} micro-credits");
             println!(

@@ -397,7 +397,7 @@ pub async fn pull_url(url: &str, opts: PullOptions) -> Result<PathBuf, ModelErro
 
 /// An HTTP client with rustls (ring) and the system's root certificates.
 pub fn http_client() -> Result<reqwest::Client, ModelError> {
-    crate::install_crypto_provider();
+    crate::util::install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(20))
         .build()

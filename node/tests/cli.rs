@@ -357,7 +357,7 @@ async fn two_processes_serve_a_completion_over_quic() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let served_by = resp.headers()[hypha_node::http::PEER_HEADER]
+    let served_by = resp.headers()[hypha_node::api::PEER_HEADER]
         .to_str()
         .unwrap()
         .to_owned();

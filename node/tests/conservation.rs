@@ -17,7 +17,7 @@ const REQUESTS_PER_CONSUMER: usize = 8;
 
 fn balance(node: &Node) -> i128 {
     let id = node.id().unwrap();
-    let grant = hypha_node::account::grant_for(&id, TEST_POW_BITS);
+    let grant = hypha_node::inference::admission::grant_for(&id, TEST_POW_BITS);
     hypha_ledger::balance(grant, &node.ledger().unwrap().totals(&id))
 }
 
@@ -98,7 +98,7 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
     let grants: i128 = nodes
         .iter()
         .map(|n| {
-            i128::from(hypha_node::account::grant_for(
+            i128::from(hypha_node::inference::admission::grant_for(
                 &n.id().unwrap(),
                 TEST_POW_BITS,
             ))
@@ -127,7 +127,7 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
                 let receipts = d.receipts_of(&id).await.unwrap_or_default();
                 let totals = hypha_ledger::totals_of(&id, &receipts);
                 let seen = hypha_ledger::balance(
-                    hypha_node::account::grant_for(&id, TEST_POW_BITS),
+                    hypha_node::inference::admission::grant_for(&id, TEST_POW_BITS),
                     &totals,
                 );
                 if seen == *own {
@@ -233,7 +233,7 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     // beta's own log knows nothing of this: the consumer still has its
     // grant there.
     let own_view = hypha_ledger::balance(
-        hypha_node::account::grant_for(&me, TEST_POW_BITS),
+        hypha_node::inference::admission::grant_for(&me, TEST_POW_BITS),
         &beta.ledger().unwrap().totals(&me),
     );
     assert!(own_view > 0);
@@ -243,7 +243,7 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     loop {
         let receipts = d.receipts_of(&me).await.unwrap_or_default();
         let seen = hypha_ledger::balance(
-            hypha_node::account::grant_for(&me, TEST_POW_BITS),
+            hypha_node::inference::admission::grant_for(&me, TEST_POW_BITS),
             &hypha_ledger::totals_of(&me, &receipts),
         );
         if seen < 0 {

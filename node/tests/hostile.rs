@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use hypha_node::identity::Identity;
-use hypha_node::proto::{self, FramedRecv, FramedSend, CLOSE_PROTOCOL};
-use hypha_node::transport::Endpoint;
+use hypha_node::net::endpoint::Endpoint;
+use hypha_node::net::proto::{self, FramedRecv, FramedSend, CLOSE_PROTOCOL};
 use hypha_wire::{Hello, Message, TokenChunk, CAP_SEEDER, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use serde_json::{json, Value};
 
@@ -293,17 +293,17 @@ enum Fake {
 
 /// A seeder that completes the handshake and hello correctly, then answers
 /// every request wrongly.
-async fn fake_seeder(mode: Fake) -> (hypha_node::peers::PeerAddr, tokio::task::JoinHandle<()>) {
+async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::task::JoinHandle<()>) {
     let ident = common::peer_identity(31);
     let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = hypha_node::peers::PeerAddr {
+    let addr = hypha_node::net::addr::PeerAddr {
         id: ident.id(),
         addr: ep.local_addr().unwrap(),
     };
     let task = tokio::spawn(async move {
         let hello = proto::hello_message(
             &ident,
-            hypha_node::hello::Offer {
+            hypha_node::net::hello::Offer {
                 capabilities: CAP_SEEDER,
                 models: vec!["default".into()],
                 model_sha256: [1; 32],

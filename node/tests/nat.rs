@@ -106,7 +106,7 @@ async fn nodes_learn_how_peers_see_them() {
 
 /// Sends a punch request on a new stream of `conn`; the answer's code.
 async fn punch_via(conn: &quinn::Connection, req: &hypha_wire::PunchRequest) -> u16 {
-    use hypha_node::proto::{FramedRecv, FramedSend};
+    use hypha_node::net::proto::{FramedRecv, FramedSend};
     let (s, r) = conn.open_bi().await.unwrap();
     let mut s = FramedSend::new(s);
     s.send(&hypha_wire::Message::Punch(req.clone()))
@@ -130,7 +130,7 @@ async fn punch_via(conn: &quinn::Connection, req: &hypha_wire::PunchRequest) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rendezvous_forwards_signed_punch_requests_and_the_target_dials() {
     use hypha_node::identity::Identity;
-    use hypha_node::transport::Endpoint;
+    use hypha_node::net::endpoint::Endpoint;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let r = plain_node(dirs.0.path(), Vec::new()).await;
     let t = plain_node(dirs.1.path(), vec![r.peer_addr().unwrap()]).await;
@@ -157,24 +157,25 @@ async fn a_rendezvous_forwards_signed_punch_requests_and_the_target_dials() {
     let ep = Endpoint::bind(&me, "127.0.0.1:0".parse().unwrap()).unwrap();
     let my_addr = ep.local_addr().unwrap();
     let conn = ep.dial(r_addr.addr, r_addr.id).await.unwrap();
-    let hello = hypha_node::proto::hello_message(&me, Default::default());
-    hypha_node::proto::hello_as_dialer(&conn, r_addr.id, &hello, TEST_POW_BITS)
+    let hello = hypha_node::net::proto::hello_message(&me, Default::default());
+    hypha_node::net::proto::hello_as_dialer(&conn, r_addr.id, &hello, TEST_POW_BITS)
         .await
         .unwrap();
 
     // Refused: a candidate changed after signing, an old request, a target
     // the rendezvous is not connected to.
-    let mut forged = hypha_node::punch::request(&me, t_id, &[my_addr]);
+    let mut forged = hypha_node::services::punch::request(&me, t_id, &[my_addr]);
     forged.candidates = vec!["198.18.0.99:9".into()];
     assert_eq!(punch_via(&conn, &forged).await, 400);
-    let mut stale = hypha_node::punch::request(&me, t_id, &[my_addr]);
-    stale.issued_ms -= hypha_node::punch::PUNCH_MAX_AGE_MS + 1_000;
+    let mut stale = hypha_node::services::punch::request(&me, t_id, &[my_addr]);
+    stale.issued_ms -= hypha_node::services::punch::PUNCH_MAX_AGE_MS + 1_000;
     assert_eq!(punch_via(&conn, &stale).await, 400);
-    let nowhere = hypha_node::punch::request(&me, hypha_wire::NodeId([7; 32]), &[my_addr]);
+    let nowhere =
+        hypha_node::services::punch::request(&me, hypha_wire::NodeId([7; 32]), &[my_addr]);
     assert_eq!(punch_via(&conn, &nowhere).await, 404);
 
     // Forwarded: the target dials our candidate and completes a hello.
-    let good = hypha_node::punch::request(&me, t_id, &[my_addr]);
+    let good = hypha_node::services::punch::request(&me, t_id, &[my_addr]);
     assert_eq!(punch_via(&conn, &good).await, 200);
     let (dialed, who) = tokio::time::timeout(Duration::from_secs(10), ep.accept())
         .await
@@ -182,7 +183,7 @@ async fn a_rendezvous_forwards_signed_punch_requests_and_the_target_dials() {
         .unwrap()
         .unwrap();
     assert_eq!(who, t_id);
-    hypha_node::proto::hello_as_acceptor(&dialed, who, &hello, TEST_POW_BITS)
+    hypha_node::net::proto::hello_as_acceptor(&dialed, who, &hello, TEST_POW_BITS)
         .await
         .unwrap();
     t.stop().await.unwrap();

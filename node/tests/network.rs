@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use hypha_node::peers::PeerAddr;
+use hypha_node::net::addr::PeerAddr;
 use hypha_node::Node;
 use hypha_wire::NodeId;
 use serde_json::{json, Value};
@@ -32,7 +32,7 @@ async fn complete(c: &reqwest::Client, node: &Node, model: &str) -> NodeId {
     let status = resp.status();
     let peer = resp
         .headers()
-        .get(hypha_node::http::PEER_HEADER)
+        .get(hypha_node::api::PEER_HEADER)
         .map(|h| h.to_str().unwrap().to_owned());
     let body: Value = resp.json().await.unwrap();
     assert_eq!(status, 200, "completion failed: {body}");
@@ -250,7 +250,7 @@ async fn twenty_nodes_find_three_seeders_and_route_around_a_dead_one() {
 
 /// Sends one DHT request over `conn` and reads the reply.
 async fn dht_call(conn: &quinn::Connection, req: hypha_wire::DhtRequest) -> hypha_wire::DhtReply {
-    use hypha_node::proto::{FramedRecv, FramedSend};
+    use hypha_node::net::proto::{FramedRecv, FramedSend};
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut send = FramedSend::new(send);
     send.send(&hypha_wire::Message::Dht(req)).await.unwrap();
@@ -275,14 +275,15 @@ async fn forged_and_expired_provider_records_are_refused_over_the_wire() {
     let node = plain_node(dir.path(), Vec::new()).await;
     let to = node.peer_addr().unwrap();
     let ident = common::peer_identity(40);
-    let ep = hypha_node::transport::Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep =
+        hypha_node::net::endpoint::Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = ep.dial(to.addr, to.id).await.unwrap();
-    let hello = hypha_node::proto::hello_message(&ident, Default::default());
-    hypha_node::proto::hello_as_dialer(&conn, to.id, &hello, TEST_POW_BITS)
+    let hello = hypha_node::net::proto::hello_message(&ident, Default::default());
+    hypha_node::net::proto::hello_as_dialer(&conn, to.id, &hello, TEST_POW_BITS)
         .await
         .unwrap();
 
-    let now = hypha_node::discovery::unix_ms();
+    let now = hypha_node::util::unix_ms();
     let record = |expires_ms: u64| {
         ProviderRecord {
             publisher: ident.id(),
@@ -502,7 +503,7 @@ async fn a_prompt_too_long_for_one_seeder_goes_to_one_with_a_longer_context() {
             .await
             .unwrap();
         let status = resp.status();
-        let peer: NodeId = resp.headers()[hypha_node::http::PEER_HEADER]
+        let peer: NodeId = resp.headers()[hypha_node::api::PEER_HEADER]
             .to_str()
             .unwrap()
             .parse()

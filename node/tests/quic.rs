@@ -5,7 +5,7 @@
 use hypha_node::identity::Identity;
 use std::time::Duration;
 
-use hypha_node::transport::{Endpoint, TransportLimits};
+use hypha_node::net::endpoint::{Endpoint, TransportLimits};
 use hypha_wire::{decode_frame, ArchivedMessage, FrameEncoder, Hello, Message, PROTOCOL_VERSION};
 
 fn endpoint(seed: u8) -> (Identity, Endpoint) {
@@ -41,7 +41,7 @@ async fn authenticated_peers_connect_and_exchange_frames() {
         .dial(b_addr, b_id.id())
         .await
         .expect("dial with the right id");
-    assert_eq!(hypha_node::transport::peer_id(&conn), Some(b_id.id()));
+    assert_eq!(hypha_node::net::endpoint::peer_id(&conn), Some(b_id.id()));
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let hello = Message::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use hypha_ledger::{node_id_of, Receipt};
-use hypha_node::proto::{self, FramedRecv, FramedSend};
-use hypha_node::transport::Endpoint;
+use hypha_node::net::endpoint::Endpoint;
+use hypha_node::net::proto::{self, FramedRecv, FramedSend};
 use hypha_wire::{ArchivedMessage, Message};
 use serde_json::{json, Value};
 
@@ -124,7 +124,7 @@ async fn long_streams_exchange_receipts_and_a_cancelled_one_keeps_the_last() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let header: u64 = resp.headers()[hypha_node::http::CREDITS_HEADER]
+    let header: u64 = resp.headers()[hypha_node::api::CREDITS_HEADER]
         .to_str()
         .unwrap()
         .parse()

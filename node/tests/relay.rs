@@ -17,8 +17,8 @@ use common::{client, get_json, metric_value, plain_node, stream_chat, TEST_POW_B
 
 fn relay_config(
     dir: &std::path::Path,
-    relay: hypha_node::relay::RelayConfig,
-    bootstrap: Vec<hypha_node::peers::PeerAddr>,
+    relay: hypha_node::services::relay_server::RelayConfig,
+    bootstrap: Vec<hypha_node::net::addr::PeerAddr>,
 ) -> hypha_node::NodeConfig {
     let mut cfg = hypha_node::NodeConfig::new(None);
     cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
@@ -35,7 +35,7 @@ async fn a_seeder_reserved_at_a_relay_is_reached_through_it_in_ciphertext() {
     let capture = dirs[0].path().join("relay.capture");
     let relay = hypha_node::Node::start(relay_config(
         dirs[0].path(),
-        hypha_node::relay::RelayConfig {
+        hypha_node::services::relay_server::RelayConfig {
             capture: Some(capture.clone()),
             ..Default::default()
         },
@@ -47,7 +47,7 @@ async fn a_seeder_reserved_at_a_relay_is_reached_through_it_in_ciphertext() {
     // A relay that serves one other node only.
     let fenced = hypha_node::Node::start(relay_config(
         dirs[1].path(),
-        hypha_node::relay::RelayConfig {
+        hypha_node::services::relay_server::RelayConfig {
             allow: vec![hypha_wire::NodeId([7; 32])],
             ..Default::default()
         },

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use hypha_node::peers::PeerAddr;
+use hypha_node::net::addr::PeerAddr;
 use hypha_node::{Node, NodeConfig};
 
 mod common;
@@ -28,7 +28,7 @@ async fn post(
     let status = resp.status().as_u16();
     let peer = resp
         .headers()
-        .get(hypha_node::http::PEER_HEADER)
+        .get(hypha_node::api::PEER_HEADER)
         .map(|v| v.to_str().unwrap().to_owned());
     (status, resp.json().await.expect("a JSON body"), peer)
 }

@@ -105,7 +105,7 @@ pub fn peer_identity(seed: u8) -> hypha_node::identity::Identity {
 /// A node without a model that sends requests to `peers`; its identity
 /// lives in the returned folder.
 pub async fn consumer(
-    peers: Vec<hypha_node::peers::PeerAddr>,
+    peers: Vec<hypha_node::net::addr::PeerAddr>,
     dial_timeout: Duration,
 ) -> (hypha_node::Node, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -130,7 +130,7 @@ impl Net {
         Self::start_with(
             parallel,
             queue,
-            hypha_node::seeder::DEFAULT_RECEIPT_INTERVAL,
+            hypha_node::inference::serve::DEFAULT_RECEIPT_INTERVAL,
         )
         .await
     }
@@ -348,7 +348,7 @@ impl Drop for Proc {
 /// `bootstrap`, its key in `dir`.
 pub async fn plain_node(
     dir: &std::path::Path,
-    bootstrap: Vec<hypha_node::peers::PeerAddr>,
+    bootstrap: Vec<hypha_node::net::addr::PeerAddr>,
 ) -> hypha_node::Node {
     let mut cfg = hypha_node::NodeConfig::new(None);
     cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());

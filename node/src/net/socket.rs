@@ -10,7 +10,7 @@
 //! The socket also carries the node's relayed paths: datagrams QUIC sends
 //! to a path's virtual address go into that path's stream, and packets
 //! arriving over a path are received as if from that address
-//! ([`crate::relay::Paths`]).
+//! ([`crate::net::paths::Paths`]).
 
 use std::fmt;
 use std::io;
@@ -51,7 +51,7 @@ pub struct StunSocket {
     window: Mutex<(Instant, u32)>,
     pub stats: Arc<StunStats>,
     /// Relayed paths, reached through virtual addresses.
-    pub paths: Arc<crate::relay::Paths>,
+    pub paths: Arc<crate::net::paths::Paths>,
     /// Which source `poll_recv` reads first, alternating, so neither the
     /// socket nor the relayed paths can starve the other.
     relayed_first: AtomicBool,
@@ -76,7 +76,7 @@ impl StunSocket {
                 responses,
                 window: Mutex::new((Instant::now(), 0)),
                 stats: Arc::default(),
-                paths: crate::relay::Paths::new(v6),
+                paths: crate::net::paths::Paths::new(v6),
                 relayed_first: AtomicBool::new(false),
             }),
             rx,
@@ -148,7 +148,7 @@ impl StunSocket {
             let m = meta[i];
             // A coalesced batch (GRO) holds several datagrams of one flow,
             // always QUIC.
-            if crate::relay::is_virtual(&m.addr) {
+            if crate::net::addr::is_virtual(&m.addr) {
                 // Only relayed paths speak from these addresses; a real
                 // datagram claiming one is forged.
                 continue;

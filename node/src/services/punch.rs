@@ -17,11 +17,11 @@ use std::time::Duration;
 use ed25519_dalek::{Signature, Signer as _, Verifier as _, VerifyingKey};
 use hypha_wire::{ArchivedMessage, Message, NodeId, PunchRequest};
 
-use crate::discovery::unix_ms;
 use crate::identity::Identity;
-use crate::peers::{Connections, PeerAddr};
-use crate::proto::{FramedRecv, FramedSend, PeerError};
-use crate::seeder::Listener;
+use crate::inbound::Listener;
+use crate::inference::route::{Connections, PeerAddr};
+use crate::net::proto::{FramedRecv, FramedSend, PeerError};
+use crate::util::unix_ms;
 
 /// How old (or how far in the future) a request may be: it is acted on
 /// within a round trip; this allows for clock skew.
@@ -95,7 +95,7 @@ async fn send(conn: &quinn::Connection, req: &PunchRequest) -> Result<u16, PeerE
         ArchivedMessage::PunchReply(p) => Ok(p.code.to_native()),
         other => Err(PeerError::Protocol(format!(
             "{} in answer to a punch request",
-            crate::proto::kind_of(other)
+            crate::net::proto::kind_of(other)
         ))),
     })
     .await?
@@ -176,7 +176,7 @@ pub async fn handle(state: &Listener, req: PunchRequest, from: NodeId) -> u16 {
     };
     // Identities cost proof of work here as everywhere: a punch makes the
     // target dial, and free identities could make it dial without end.
-    if crate::hello::check_pow(&initiator, state.pow_bits).is_err() {
+    if crate::net::hello::check_pow(&initiator, state.pow_bits).is_err() {
         tracing::info!(%from, %initiator, "punch request from an identity without proof of work");
         return 400;
     }

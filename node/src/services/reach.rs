@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use hypha_nat::{Candidate, Mapping, Observation, Prober};
 use tokio::sync::watch;
 
-use crate::discovery::Discovery;
-use crate::transport::Endpoint;
+use crate::net::endpoint::Endpoint;
+use crate::services::dht::Discovery;
 
 /// Between rounds while the mapping is unknown.
 pub const PROBE_EVERY_UNKNOWN: Duration = Duration::from_secs(15);
@@ -46,11 +46,11 @@ pub struct ReachView {
 pub struct Reachability {
     view: Mutex<ReachView>,
     /// The QUIC socket's STUN counters.
-    pub stun: Arc<crate::stun::StunStats>,
+    pub stun: Arc<crate::net::socket::StunStats>,
 }
 
 impl Reachability {
-    pub fn new(local: SocketAddr, stun: Arc<crate::stun::StunStats>) -> Self {
+    pub fn new(local: SocketAddr, stun: Arc<crate::net::socket::StunStats>) -> Self {
         Self {
             view: Mutex::new(ReachView {
                 local,

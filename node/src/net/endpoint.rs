@@ -90,9 +90,9 @@ impl TransportLimits {
 pub struct Endpoint {
     endpoint: quinn::Endpoint,
     /// The endpoint's socket, which answers STUN on the QUIC port.
-    stun: Arc<crate::stun::StunSocket>,
+    stun: Arc<crate::net::socket::StunSocket>,
     stun_responses:
-        std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::stun::StunResponse>>>,
+        std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::net::socket::StunResponse>>>,
     cert: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,
     transport: Arc<quinn::TransportConfig>,
@@ -112,7 +112,7 @@ impl Endpoint {
         addr: SocketAddr,
         limits: &TransportLimits,
     ) -> Result<Self, TransportError> {
-        crate::install_crypto_provider();
+        crate::util::install_crypto_provider();
         let transport = limits.config()?;
         let relayed_transport = TransportLimits {
             idle_timeout: limits.idle_timeout.min(RELAYED_IDLE_TIMEOUT),
@@ -141,7 +141,7 @@ impl Endpoint {
         let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let (stun, responses) =
-            crate::stun::StunSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_err)?);
+            crate::net::socket::StunSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_err)?);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -165,12 +165,12 @@ impl Endpoint {
     }
 
     /// The socket, to send STUN probes from the QUIC port.
-    pub fn stun(&self) -> &Arc<crate::stun::StunSocket> {
+    pub fn stun(&self) -> &Arc<crate::net::socket::StunSocket> {
         &self.stun
     }
 
     /// The relayed paths the endpoint's socket carries.
-    pub fn paths(&self) -> &Arc<crate::relay::Paths> {
+    pub fn paths(&self) -> &Arc<crate::net::paths::Paths> {
         &self.stun.paths
     }
 
@@ -178,7 +178,7 @@ impl Endpoint {
     /// takes them.
     pub fn take_stun_responses(
         &self,
-    ) -> Option<tokio::sync::mpsc::Receiver<crate::stun::StunResponse>> {
+    ) -> Option<tokio::sync::mpsc::Receiver<crate::net::socket::StunResponse>> {
         self.stun_responses
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -240,7 +240,7 @@ impl Endpoint {
         tls.alpn_protocols = vec![hypha_wire::ALPN.to_vec()];
         let quic = QuicClientConfig::try_from(tls).map_err(tls_err)?;
         let mut client = quinn::ClientConfig::new(Arc::new(quic));
-        client.transport_config(if crate::relay::is_virtual(&addr) {
+        client.transport_config(if crate::net::addr::is_virtual(&addr) {
             self.relayed_transport.clone()
         } else {
             self.transport.clone()

@@ -14,8 +14,8 @@ use std::time::Duration;
 use hypha_wire::{ArchivedMessage, FrameDecoder, FrameEncoder, Message, NodeId, WireError};
 use quinn::VarInt;
 
-use crate::hello::{check_pow, sign_hello, verify_hello, HelloError, Offer, VerifiedHello};
 use crate::identity::Identity;
+use crate::net::hello::{check_pow, sign_hello, verify_hello, HelloError, Offer, VerifiedHello};
 
 /// Connection closed normally (a node shutting down).
 pub const CLOSE_NORMAL: VarInt = VarInt::from_u32(0);

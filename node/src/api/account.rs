@@ -2,21 +2,13 @@
 //! `hypha ledger` and `GET /v1/ledger`.
 //!
 //! balance = grant + earned - spent, from the receipts in this node's own
-//! log (every receipt it is party to); the grant goes to an identity whose
-//! id carries the required proof of work.
+//! log (every receipt it is party to); the grant
+//! (`crate::inference::admission::grant_for`) goes to an identity whose id
+//! carries the required proof of work.
 
-use hypha_ledger::{Ledger, SignedReceipt, Totals, GRANT_MICRO};
+use hypha_ledger::{Ledger, SignedReceipt, Totals};
 use hypha_wire::NodeId;
 use serde_json::{json, Value};
-
-/// The grant an id gets: [`GRANT_MICRO`] with enough proof of work, else 0.
-pub fn grant_for(id: &NodeId, pow_required: u32) -> u64 {
-    if hypha_ledger::pow_bits(id) >= pow_required {
-        GRANT_MICRO
-    } else {
-        0
-    }
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

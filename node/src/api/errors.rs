@@ -1,0 +1,152 @@
+//! OpenAI-style errors: the JSON shape, the map from engine errors and
+//! peers' refusals to HTTP, and a JSON body extractor that fails with them.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::api::MAX_BODY_BYTES;
+use crate::inference::remote::RemoteError;
+
+/// Seconds a client is told to wait when every slot and the queue are full.
+const RETRY_AFTER_S: u64 = 1;
+
+/// An OpenAI-style error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            code: None,
+            param: None,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub(crate) fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub(crate) fn param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        }
+        resp
+    }
+}
+
+impl From<RemoteError> for ApiError {
+    fn from(e: RemoteError) -> Self {
+        let message = e.to_string();
+        match e {
+            RemoteError::Refused { code: 400, .. } => Self::invalid(message),
+            RemoteError::Refused { code: 404, .. } | RemoteError::NoProvider { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+                    .code("model_not_found")
+                    .param("model")
+            }
+            RemoteError::Refused { code: 429, .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                message,
+            )
+            .code("free_tier_exhausted"),
+            RemoteError::Refused { code: 503, .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", message).code("peer_busy")
+            }
+            _ => {
+                Self::new(StatusCode::BAD_GATEWAY, "server_error", message).code("peer_unavailable")
+            }
+        }
+    }
+}
+
+impl From<hypha_engine::Error> for ApiError {
+    fn from(e: hypha_engine::Error) -> Self {
+        use hypha_engine::Error as E;
+        match e {
+            E::ContextExceeded { .. } => Self::invalid(e.to_string())
+                .code("context_length_exceeded")
+                .param("messages"),
+            E::InvalidRequest(_) | E::PromptTooLarge | E::Template(_) => {
+                Self::invalid(e.to_string())
+            }
+            E::QueueFull { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_busy",
+                e.to_string(),
+            )
+            .code("queue_full"),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+/// A JSON body decoded with OpenAI-style errors for every failure.
+pub struct OpenAiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for OpenAiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+                .code("request_too_large")
+            } else {
+                ApiError::invalid(format!("cannot read the request body: {rej}"))
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(OpenAiJson)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")).code("invalid_json"))
+    }
+}

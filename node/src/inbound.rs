@@ -1,0 +1,372 @@
+//! The listening side of a node's QUIC endpoint: accept peers, exchange
+//! hellos, answer DHT requests, and (on a seeder) serve each request stream
+//! from the local engine.
+//!
+//! Every node with an identity listens: the DHT needs every node to answer.
+//! A stream opening with `Dht` gets one `DhtReply`; one opening with
+//! `Request` is served when the node runs a model and refused (404) when it
+//! does not. One task accepts connections (at most [`MAX_PEERS`] at once; more are
+//! refused before their handshake). Each connection gets a task that performs
+//! the handshake and hello exchange, then spawns one task per request
+//! stream (QUIC bounds them per peer). A request stream carries exactly one
+//! `Request`; the seeder answers `Accepted` once the request is admitted,
+//! then `Chunk`s numbered from 0, and ends with `Done` or `Error`. A `Cancel`, a reset of the stream or a stop of the
+//! reply drops the engine's `Generation`, which frees the slot at the next
+//! decode step. A protocol violation on any stream closes the whole
+//! connection with the reason; other peers are unaffected.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hypha_wire::{
+    ArchivedMessage, DhtReply, DhtRequest, ErrorReply, InferenceRequest, Message, NodeId,
+};
+use tokio::sync::{watch, Semaphore};
+use tracing::Instrument as _;
+
+use crate::inference::serve::{serve_request, SeederState};
+use crate::metrics::Metrics;
+use crate::net::endpoint::Endpoint;
+use crate::net::hello::VerifiedHello;
+use crate::net::proto::{
+    close_for_violation, hello_as_acceptor, kind_of, FramedRecv, FramedSend, PeerError,
+    CLOSE_NORMAL, HELLO_TIMEOUT,
+};
+use crate::services::dht::Discovery;
+use crate::util::lock;
+
+/// Peers connected at once; each holds a connection's buffers and up to
+/// `MAX_STREAMS_PER_PEER` streams, so this bounds a seeder's peer memory.
+pub const MAX_PEERS: usize = 256;
+
+/// What a node's QUIC listener serves.
+pub struct Listener {
+    pub hello: Message,
+    pub metrics: Arc<Metrics>,
+    /// Peers connected at once.
+    pub max_peers: usize,
+    /// Proof of work required of a peer's identity.
+    pub pow_bits: u32,
+    /// Inference, when this node runs a model for peers.
+    pub seeder: Option<Arc<SeederState>>,
+    /// The DHT this node answers for.
+    pub discovery: Option<Discovery>,
+    /// This node's id and its outgoing connections (punching dials out).
+    pub me: NodeId,
+    pub conns: Arc<crate::net::pool::Connections>,
+    /// Peers connected to this node, by id: a rendezvous forwards punch
+    /// requests over them. Bounded by `max_peers` (one per connection).
+    pub inbound: std::sync::Mutex<std::collections::HashMap<NodeId, quinn::Connection>>,
+    /// Punch requests handled in the current second.
+    pub punches: std::sync::Mutex<(std::time::Instant, u32)>,
+    /// Accepted punch requests, for the dialer task: the initiator and its
+    /// candidates.
+    pub punch_dials: tokio::sync::mpsc::Sender<(NodeId, Vec<std::net::SocketAddr>)>,
+    /// The relay this node runs for others (`--relay`).
+    pub relay: Option<Arc<crate::services::relay_server::RelayService>>,
+    /// The relays this node holds reservations at: only they may offer it
+    /// relayed paths.
+    pub relay_client: Arc<crate::services::relay_client::RelayClient>,
+    /// This node's relayed paths.
+    pub paths: Arc<crate::net::paths::Paths>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Listener {
+    fn inbound_opened(&self, peer: NodeId, conn: &quinn::Connection) {
+        lock(&self.inbound).insert(peer, conn.clone());
+    }
+
+    fn inbound_closed(&self, peer: NodeId, conn: &quinn::Connection) {
+        let mut m = lock(&self.inbound);
+        if m.get(&peer)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            m.remove(&peer);
+        }
+    }
+
+    /// A live connection to `peer`, accepted or dialed.
+    pub fn connection_to(&self, peer: &NodeId) -> Option<quinn::Connection> {
+        let accepted = lock(&self.inbound)
+            .get(peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned();
+        accepted.or_else(|| self.conns.live(peer))
+    }
+}
+
+/// Accepts peers until `shutdown` turns true, then closes every connection.
+pub async fn run(
+    endpoint: Arc<Endpoint>,
+    state: Arc<Listener>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(state.max_peers));
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => break,
+            i = endpoint.accept_incoming() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "refusing peer: {} peers connected", state.max_peers);
+            incoming.refuse();
+            continue;
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let remote = incoming.remote_address();
+            let accepted = tokio::time::timeout(HELLO_TIMEOUT, Endpoint::handshake(incoming)).await;
+            let (conn, peer) = match accepted {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::info!(%remote, "handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%remote, "handshake timed out");
+                    return;
+                }
+            };
+            let span = tracing::info_span!("peer", %peer);
+            serve_connection(conn, peer, state, shutdown)
+                .instrument(span)
+                .await;
+        });
+    }
+    endpoint.close();
+    // Let the close frames leave before the endpoint is dropped.
+    endpoint.wait_idle().await;
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    peer: NodeId,
+    state: Arc<Listener>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let hello = match hello_as_acceptor(&conn, peer, &state.hello, state.pow_bits).await {
+        Ok(h) => h,
+        Err(e) => {
+            if e.is_violation() || matches!(e, PeerError::Timeout(_)) {
+                state
+                    .metrics
+                    .peer_violations
+                    .fetch_add(1, Ordering::Relaxed);
+                close_for_violation(&conn, peer, &e);
+            } else {
+                tracing::info!("peer left during hello: {e}");
+            }
+            return;
+        }
+    };
+    tracing::info!(remote = %conn.remote_address(), capabilities = hello.offer.capabilities, "peer connected");
+    let hello = Arc::new(hello);
+    if crate::net::addr::is_virtual(&conn.remote_address()) {
+        crate::net::paths::tie(&state.paths, &conn);
+    }
+    state
+        .metrics
+        .peers_connected
+        .fetch_add(1, Ordering::Relaxed);
+    state.inbound_opened(peer, &conn);
+    serve_streams(conn.clone(), peer, hello, state.clone(), shutdown).await;
+    state.inbound_closed(peer, &conn);
+    state
+        .metrics
+        .peers_connected
+        .fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Serves the streams a peer opens on `conn` (accepted here, or dialed by
+/// this node: a peer may send requests either way) until it closes or the
+/// node stops.
+pub async fn serve_streams(
+    conn: quinn::Connection,
+    peer: NodeId,
+    hello: Arc<VerifiedHello>,
+    state: Arc<Listener>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => {
+                conn.close(CLOSE_NORMAL, b"node shutting down");
+                break;
+            }
+            a = conn.accept_bi() => a,
+        };
+        let (send, recv) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, "peer disconnected: {e}");
+                break;
+            }
+        };
+        let state = state.clone();
+        let conn = conn.clone();
+        let hello = hello.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = serve_any(send, recv, &state, &hello, &conn).await {
+                    if e.is_violation() {
+                        state
+                            .metrics
+                            .peer_violations
+                            .fetch_add(1, Ordering::Relaxed);
+                        close_for_violation(&conn, peer, &e);
+                    } else {
+                        tracing::debug!("request stream ended: {e}");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// What may open a stream.
+enum Opening {
+    Request(InferenceRequest),
+    Dht(DhtRequest),
+    Punch(hypha_wire::PunchRequest),
+    RelayReserve(u32),
+    RelayConnect(NodeId),
+    RelayIncoming(NodeId),
+}
+
+fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
+    let bad = |e: hypha_wire::WireError| PeerError::Protocol(format!("bad request: {e}"));
+    match msg {
+        ArchivedMessage::Request(r) => hypha_wire::owned_request(r)
+            .map(Opening::Request)
+            .map_err(bad),
+        ArchivedMessage::Dht(d) => {
+            hypha_dht::codec::check_archived_request(d)
+                .map_err(|e| PeerError::Protocol(e.to_string()))?;
+            hypha_wire::owned_dht_request(d)
+                .map(Opening::Dht)
+                .map_err(bad)
+        }
+        ArchivedMessage::Punch(p) => hypha_wire::owned_punch(p).map(Opening::Punch).map_err(bad),
+        ArchivedMessage::RelayReserve(r) => Ok(Opening::RelayReserve(r.max_sessions.to_native())),
+        ArchivedMessage::RelayConnect(c) => Ok(Opening::RelayConnect(NodeId(c.target))),
+        ArchivedMessage::RelayIncoming(i) => Ok(Opening::RelayIncoming(NodeId(i.from))),
+        other => Err(PeerError::Protocol(format!(
+            "a stream must start with a request, not a {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+/// Reads a stream's first frame and serves it.
+async fn serve_any(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    state: &Listener,
+    peer: &VerifiedHello,
+    conn: &quinn::Connection,
+) -> Result<(), PeerError> {
+    let mut recv = FramedRecv::new(recv);
+    let mut send = FramedSend::new(send);
+    let first = tokio::time::timeout(HELLO_TIMEOUT, recv.next(opening))
+        .await
+        .map_err(|_| PeerError::Protocol("stream carried no request".into()))??
+        .ok_or_else(|| PeerError::Protocol("stream ended before its request".into()))?;
+    let relay_reply = |code| Message::RelayReply(hypha_wire::RelayReply { code });
+    match first {
+        Opening::RelayReserve(max_sessions) => {
+            let code = match &state.relay {
+                Some(r) => r.reserve(peer.node_id, conn, max_sessions),
+                None => 403,
+            };
+            send.send(&relay_reply(code)).await?;
+            send.finish();
+            Ok(())
+        }
+        Opening::RelayConnect(target) => match &state.relay {
+            Some(r) => r.connect(peer.node_id, target, send, recv).await,
+            None => {
+                send.send(&relay_reply(403)).await?;
+                send.finish();
+                Ok(())
+            }
+        },
+        Opening::RelayIncoming(from) => {
+            // Only a relay this node reserved at may offer it paths.
+            if !state.relay_client.reserved_at(&peer.node_id) {
+                send.send(&relay_reply(403)).await?;
+                send.finish();
+                return Ok(());
+            }
+            if !state.paths.has_room() {
+                send.send(&relay_reply(429)).await?;
+                send.finish();
+                return Ok(());
+            }
+            send.send(&relay_reply(200)).await?;
+            let (recv, leftover) = recv.into_parts();
+            match state
+                .paths
+                .open(from, peer.node_id, send.stream, recv, leftover)
+            {
+                Ok(addr) => {
+                    tracing::info!(%from, via = %peer.node_id, %addr, "relayed path offered");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::info!(%from, "relayed path refused: {e}");
+                    Ok(())
+                }
+            }
+        }
+        Opening::Punch(req) => {
+            let code = crate::services::punch::handle(state, req, peer.node_id).await;
+            send.send(&Message::PunchReply(hypha_wire::PunchReply { code }))
+                .await?;
+            send.finish();
+            Ok(())
+        }
+        Opening::Dht(req) => {
+            let reply = match &state.discovery {
+                Some(d) => {
+                    let req = hypha_dht::codec::request_from_wire(req)
+                        .map_err(|e| PeerError::Protocol(e.to_string()))?;
+                    let from = hypha_dht::Contact {
+                        id: peer.node_id,
+                        addr: conn.remote_address(),
+                    };
+                    match d.answer(from, req).await {
+                        Some(r) => hypha_dht::codec::reply_to_wire(&r),
+                        None => DhtReply::Refused,
+                    }
+                }
+                None => DhtReply::Refused,
+            };
+            send.send(&Message::DhtReply(reply)).await?;
+            send.finish();
+            Ok(())
+        }
+        Opening::Request(req) => match &state.seeder {
+            Some(seeder) => serve_request(send, recv, req, seeder, peer, conn).await,
+            None => {
+                state.metrics.count_request("peer", 404);
+                send.send(&Message::Error(ErrorReply {
+                    request_id: req.request_id,
+                    code: 404,
+                    message: "this node serves no model".into(),
+                }))
+                .await?;
+                send.finish();
+                Ok(())
+            }
+        },
+    }
+}

@@ -1,0 +1,538 @@
+//! The seeder's half of remote inference: admit a peer's request, stream
+//! the generation out as chunks, and exchange receipts along the way.
+//!
+//! A request stream carries exactly one `Request`; the seeder answers
+//! `Accepted` once the request is admitted, then `Chunk`s numbered from 0,
+//! and ends with `Done` or `Error`. A `Cancel`, a reset of the stream or a
+//! stop of the reply drops the engine's `Generation`, which frees the slot
+//! at the next decode step.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypha_engine::{Engine, Event};
+use hypha_ledger::{Ledger, Receipt, ReceiptKey, SignedReceipt, TokenDigest, VerifiedReceipt};
+use hypha_wire::{
+    Accepted, ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message,
+    ReceiptOffer, TokenChunk,
+};
+
+use crate::identity::Identity;
+use crate::inference::admission::{FreeTier, NetworkBalances, Unpaid};
+use crate::inference::convert::{prepare, reply_for};
+use crate::metrics::Metrics;
+use crate::net::hello::{Offer, VerifiedHello};
+use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError};
+use crate::services::announce::Capacity;
+use crate::services::dht::Discovery;
+use crate::util::unix_ms;
+
+/// How long the seeder waits for a consumer's countersignature when one is
+/// due (before more tokens, or after the last receipt).
+pub const COUNTERSIGN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tokens between two cumulative receipts by default.
+pub const DEFAULT_RECEIPT_INTERVAL: u32 = 64;
+/// What a seeder serves and how it counts.
+pub struct SeederState {
+    pub engine: Engine,
+    /// Names a request may use for the model (its id and aliases).
+    pub models: Vec<String>,
+    pub identity: Arc<Identity>,
+    /// What the hello offers: prices and the model's hash.
+    pub offer: Offer,
+    pub metrics: Arc<Metrics>,
+    pub ledger: Ledger,
+    /// Tokens between two cumulative receipts.
+    pub receipt_interval: u32,
+    /// Proof of work required of a peer's identity.
+    pub pow_bits: u32,
+    /// Limits consumers whose balance is used up.
+    pub free_tier: FreeTier,
+    /// Consumers that left receipts unsigned.
+    pub unpaid: Unpaid,
+    /// Requests running now, by (consumer, request id).
+    pub running: std::sync::Mutex<HashSet<ReceiptKey>>,
+    /// Decode speed of served streams, tokens/s (0 until one is measured).
+    pub decode_tps: std::sync::atomic::AtomicU32,
+    /// Where settled receipts are published.
+    pub discovery: Option<Discovery>,
+    /// Consumers' balances as the DHT's receipts show them.
+    pub balances: Arc<NetworkBalances>,
+}
+
+/// Streams shorter than this say more about prefill than decoding.
+const MIN_MEASURED_TOKENS: u32 = 8;
+
+impl SeederState {
+    /// Folds one stream's decode speed into the running figure (an
+    /// exponential average weighting the newest stream by a quarter).
+    fn measured(&self, tokens: u32, decoding: Duration) {
+        if tokens < MIN_MEASURED_TOKENS || decoding.is_zero() {
+            return;
+        }
+        let tps = (f64::from(tokens - 1) / decoding.as_secs_f64()).min(f64::from(u32::MAX)) as u32;
+        let old = self.decode_tps.load(Ordering::Relaxed);
+        let new = if old == 0 { tps } else { (old * 3 + tps) / 4 };
+        self.decode_tps.store(new, Ordering::Relaxed);
+    }
+}
+
+impl Capacity for SeederState {
+    fn free_slots(&self) -> u32 {
+        let stats = self.engine.stats();
+        let busy = stats.slots_busy.load(Ordering::Relaxed) + stats.queued.load(Ordering::Relaxed);
+        (self.engine.info().parallel as usize).saturating_sub(busy) as u32
+    }
+
+    fn decode_tokens_per_s(&self) -> u32 {
+        self.decode_tps.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves one inference request.
+pub(crate) async fn serve_request(
+    mut send: FramedSend,
+    mut recv: FramedRecv,
+    req: InferenceRequest,
+    state: &SeederState,
+    consumer: &VerifiedHello,
+    conn: &quinn::Connection,
+) -> Result<(), PeerError> {
+    let request_id = req.request_id;
+    let key = ReceiptKey {
+        consumer: consumer.node_id,
+        request_id,
+    };
+    // One request per (consumer, request id), ever: the ledger holds the
+    // finished ones, `running` the ones in flight.
+    let claim = RunningClaim::take(&state.running, key);
+    // Admission order follows the consumer's balance: the lower of what
+    // this node's own log and the receipts published in the DHT show (both
+    // are signed receipts; each may miss some); with nothing left it is
+    // served only behind everyone else and at the free tier's rate.
+    let totals = state.ledger.totals(&consumer.node_id);
+    let grant = crate::inference::admission::grant_for(&consumer.node_id, state.pow_bits);
+    let own = hypha_ledger::balance(grant, &totals);
+    let balance = match state
+        .balances
+        .get(&consumer.node_id, grant, state.discovery.as_ref())
+    {
+        Some(seen) => seen.min(own),
+        None => own,
+    };
+    let prepared = if state.ledger.contains(&key) || claim.is_none() {
+        Err(ErrorReply {
+            request_id,
+            code: 409,
+            message: format!("request id {request_id} was already used"),
+        })
+    } else if state.unpaid.owes(&consumer.node_id) {
+        Err(ErrorReply {
+            request_id,
+            code: 402,
+            message: "an earlier request's receipt was never countersigned".into(),
+        })
+    } else if balance <= 0
+        && !state
+            .free_tier
+            .allow(consumer.node_id, std::time::Instant::now())
+    {
+        Err(ErrorReply {
+            request_id,
+            code: 429,
+            message: format!(
+                "no credits left (balance {balance} micro-credits) and the free tier's {} requests per minute are used",
+                state.free_tier.per_minute
+            ),
+        })
+    } else {
+        prepare(&req, state).and_then(|mut r| {
+            r.priority =
+                i64::try_from(balance).unwrap_or(if balance < 0 { i64::MIN } else { i64::MAX - 1 });
+            state
+                .engine
+                .submit(r)
+                .map_err(|e| reply_for(request_id, &e))
+        })
+    };
+    let generation = match prepared {
+        Ok(g) => g,
+        Err(reply) => {
+            state.metrics.count_request("peer", reply.code);
+            send.send(&Message::Error(reply)).await?;
+            send.finish();
+            return Ok(());
+        }
+    };
+    send.send(&Message::Accepted(Accepted { request_id }))
+        .await?;
+    let mut billing = Billing::new(state, consumer, request_id, generation.prompt_tokens);
+    let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing, conn).await;
+    let lost_owing = match &outcome {
+        Ok(Outcome::Lost) => true,
+        // The connection failed while a receipt was out unsigned.
+        Err(PeerError::Connection(_) | PeerError::Timeout(_)) => !billing.settled(),
+        _ => false,
+    };
+    if lost_owing {
+        state.unpaid.note_silent(consumer.node_id);
+    }
+    // The receipt is durable before the consumer sees the stream end.
+    billing
+        .settle(matches!(outcome, Ok(Outcome::Done | Outcome::Unpaid)))
+        .await;
+    send.finish();
+    drop(claim);
+    let status = match &outcome {
+        Ok(Outcome::Done) => 200,
+        Ok(Outcome::Unpaid) => 402,
+        Ok(Outcome::Cancelled | Outcome::Lost) => 499,
+        Err(e) if e.is_violation() => 400,
+        Err(_) => 499,
+    };
+    state.metrics.count_request("peer", status);
+    if matches!(outcome, Ok(Outcome::Cancelled) | Err(PeerError::Reset(_))) {
+        state.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        return Ok(());
+    }
+    outcome.map(|_| ())
+}
+
+/// A (consumer, request id) marked as running until dropped.
+struct RunningClaim<'a> {
+    running: &'a std::sync::Mutex<HashSet<ReceiptKey>>,
+    key: ReceiptKey,
+}
+
+impl<'a> RunningClaim<'a> {
+    /// `None` when the key is already running.
+    fn take(running: &'a std::sync::Mutex<HashSet<ReceiptKey>>, key: ReceiptKey) -> Option<Self> {
+        let mut set = running.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(key).then_some(Self { running, key })
+    }
+}
+
+impl Drop for RunningClaim<'_> {
+    fn drop(&mut self) {
+        let mut set = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.key);
+    }
+}
+
+/// How a served request ended.
+enum Outcome {
+    Done,
+    Cancelled,
+    /// The consumer stopped countersigning receipts.
+    Unpaid,
+    /// Nothing at all arrived from the consumer while its signature was
+    /// due: the connection is gone.
+    Lost,
+}
+
+/// How waiting for a countersignature ended.
+enum Countersigned {
+    Yes,
+    /// Not within [`COUNTERSIGN_TIMEOUT`] though the consumer's connection
+    /// was alive, or the consumer finished its side.
+    No,
+    /// Nothing arrived on the connection while it was due.
+    Silent,
+    Cancelled,
+}
+
+/// What the consumer may send while its request runs.
+enum FromConsumer {
+    Cancel,
+    Countersign([u8; 64]),
+}
+
+/// While a request runs, the consumer may only cancel it or countersign.
+fn consumer_frame(msg: &ArchivedMessage, request_id: u64) -> Result<FromConsumer, PeerError> {
+    match msg {
+        ArchivedMessage::Cancel(_) => Ok(FromConsumer::Cancel),
+        ArchivedMessage::Countersign(c) if c.request_id.to_native() == request_id => {
+            Ok(FromConsumer::Countersign(c.consumer_sig))
+        }
+        other => Err(PeerError::Protocol(format!(
+            "{} sent while a request was running",
+            kind_of(other)
+        ))),
+    }
+}
+
+/// The receipts of one request: what was offered, what came back signed.
+struct Billing<'a> {
+    state: &'a SeederState,
+    consumer: &'a VerifiedHello,
+    request_id: u64,
+    prompt_tokens: u32,
+    started_ms: u64,
+    digest: TokenDigest,
+    /// Offered and not yet countersigned, oldest first (at most two: an
+    /// interval's receipt still travelling when the last one is offered).
+    pending: Vec<(Receipt, [u8; 64])>,
+    /// The latest receipt both signed.
+    signed: Option<VerifiedReceipt>,
+}
+
+impl<'a> Billing<'a> {
+    fn new(
+        state: &'a SeederState,
+        consumer: &'a VerifiedHello,
+        request_id: u64,
+        prompt_tokens: u32,
+    ) -> Self {
+        Self {
+            state,
+            consumer,
+            request_id,
+            prompt_tokens,
+            started_ms: unix_ms(),
+            digest: TokenDigest::default(),
+            pending: Vec::with_capacity(2),
+            signed: None,
+        }
+    }
+
+    /// A cumulative receipt for every token sent so far, signed.
+    fn offer(&mut self, last: bool) -> Message {
+        let offer = &self.state.offer;
+        let completion = self.digest.count();
+        let receipt = Receipt {
+            request_id: self.request_id,
+            consumer: self.consumer.node_id,
+            seeder: self.state.identity.id(),
+            model_sha256: offer.model_sha256,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion,
+            credits: hypha_ledger::price(
+                self.prompt_tokens,
+                completion,
+                offer.price_prompt_micro,
+                offer.price_completion_micro,
+            ),
+            started_ms: self.started_ms,
+            finished_ms: unix_ms().max(self.started_ms),
+            tokens_digest: self.digest.digest(),
+        };
+        let sig = receipt.sign(self.state.identity.signing_key());
+        let msg = Message::Receipt(ReceiptOffer {
+            request_id: self.request_id,
+            receipt: receipt.to_bytes().to_vec(),
+            seeder_sig: sig,
+            last,
+        });
+        self.pending.push((receipt, sig));
+        msg
+    }
+
+    /// Takes the consumer's signature over one of the pending receipts
+    /// (countersignatures arrive in offer order; one for an older receipt
+    /// may cross the offer of a newer one).
+    fn countersigned(&mut self, consumer_sig: [u8; 64]) -> Result<(), PeerError> {
+        for (i, (receipt, seeder_sig)) in self.pending.iter().enumerate() {
+            let signed = SignedReceipt {
+                receipt: receipt.clone(),
+                seeder_key: self.state.identity.public_key(),
+                seeder_sig: *seeder_sig,
+                consumer_key: self.consumer.public_key,
+                consumer_sig,
+            };
+            if let Ok(checked) = signed.verify() {
+                self.signed = Some(checked);
+                // It and every older offer are settled.
+                self.pending.drain(..=i);
+                return Ok(());
+            }
+        }
+        Err(PeerError::Protocol(if self.pending.is_empty() {
+            "countersignature with no receipt offered".into()
+        } else {
+            "countersignature matches no offered receipt".into()
+        }))
+    }
+
+    /// True when every offered receipt came back signed.
+    fn settled(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Appends the latest receipt both parties signed to the ledger, and
+    /// remembers a consumer that left a finished request's receipts
+    /// unsigned.
+    async fn settle(self, finished: bool) {
+        if finished && !self.settled() {
+            self.state.unpaid.note(self.consumer.node_id);
+        }
+        let Some(verified) = self.signed else {
+            return;
+        };
+        let credits = verified.receipt().credits;
+        let ledger = self.state.ledger.clone();
+        let published = verified.clone();
+        match tokio::task::spawn_blocking(move || ledger.append(verified)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(request_id = self.request_id, credits, "receipt recorded");
+                if let Some(d) = &self.state.discovery {
+                    if !d.publish_receipt(published) {
+                        tracing::warn!("receipt publication queue full: receipt not published");
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("cannot record receipt {}: {e}", self.request_id),
+            Err(e) => tracing::warn!("ledger task failed: {e}"),
+        }
+    }
+}
+
+/// Reads the consumer until its countersignature for the pending receipt
+/// arrives, or [`COUNTERSIGN_TIMEOUT`] passes.
+async fn await_countersign(
+    recv: &mut FramedRecv,
+    billing: &mut Billing<'_>,
+    conn: &quinn::Connection,
+) -> Result<Countersigned, PeerError> {
+    let request_id = billing.request_id;
+    let heard = conn.stats().udp_rx.datagrams;
+    let wait = async {
+        while !billing.settled() {
+            if recv.is_finished() {
+                return Ok(Countersigned::No);
+            }
+            match recv.next(|m| consumer_frame(m, request_id)).await? {
+                None => return Ok(Countersigned::No),
+                Some(FromConsumer::Cancel) => return Ok(Countersigned::Cancelled),
+                Some(FromConsumer::Countersign(sig)) => billing.countersigned(sig)?,
+            }
+        }
+        Ok(Countersigned::Yes)
+    };
+    match tokio::time::timeout(COUNTERSIGN_TIMEOUT, wait).await {
+        Ok(r) => r,
+        Err(_) if conn.stats().udp_rx.datagrams == heard => Ok(Countersigned::Silent),
+        Err(_) => Ok(Countersigned::No),
+    }
+}
+
+/// Streams the generation out with a receipt every `receipt_interval`
+/// tokens and a last one after `Done`.
+async fn stream_generation(
+    mut generation: hypha_engine::Generation,
+    send: &mut FramedSend,
+    recv: &mut FramedRecv,
+    billing: &mut Billing<'_>,
+    conn: &quinn::Connection,
+) -> Result<Outcome, PeerError> {
+    let request_id = billing.request_id;
+    // Receipts go out twice per interval, and each needs the one before it
+    // signed before more tokens follow: the consumer's signature can lag
+    // half an interval without a stall, and tokens sent beyond the last
+    // signed receipt never exceed one interval.
+    let step = (billing.state.receipt_interval / 2).max(1);
+    // One chunk message reused for every token: no allocation per token on
+    // the wire path.
+    let mut chunk = Message::Chunk(TokenChunk {
+        request_id,
+        seq: 0,
+        token_ids: Vec::with_capacity(1),
+        text: String::with_capacity(32),
+    });
+    let mut seq = 0u32;
+    let mut first_token: Option<std::time::Instant> = None;
+    loop {
+        let event = tokio::select! {
+            biased;
+            m = recv.next(|m| consumer_frame(m, request_id)), if !recv.is_finished() => {
+                match m? {
+                    // The consumer finished its side: nothing more to read.
+                    None => continue,
+                    Some(FromConsumer::Cancel) => return Ok(Outcome::Cancelled),
+                    Some(FromConsumer::Countersign(sig)) => {
+                        billing.countersigned(sig)?;
+                        continue;
+                    }
+                }
+            }
+            e = generation.next() => e,
+        };
+        match event {
+            Some(Event::Token { id, text }) => {
+                if let Message::Chunk(c) = &mut chunk {
+                    c.seq = seq;
+                    c.token_ids.clear();
+                    c.token_ids.push(id);
+                    c.text.clear();
+                    c.text.push_str(&text);
+                }
+                seq = seq.wrapping_add(1);
+                first_token.get_or_insert_with(std::time::Instant::now);
+                billing.digest.push(id);
+                send.send(&chunk).await?;
+                if billing.digest.count().is_multiple_of(step) {
+                    // The previous receipt must be signed before more
+                    // tokens go out: a consumer that stops paying gets at
+                    // most one interval for free.
+                    if !billing.settled() {
+                        match await_countersign(recv, billing, conn).await? {
+                            Countersigned::Cancelled => return Ok(Outcome::Cancelled),
+                            Countersigned::Silent => return Ok(Outcome::Lost),
+                            Countersigned::No => {
+                                send.send(&Message::Error(ErrorReply {
+                                    request_id,
+                                    code: 402,
+                                    message: "the last receipt was not countersigned".into(),
+                                }))
+                                .await?;
+                                return Ok(Outcome::Unpaid);
+                            }
+                            Countersigned::Yes => {}
+                        }
+                    }
+                    let offer = billing.offer(false);
+                    send.send(&offer).await?;
+                }
+            }
+            Some(Event::Done { text, finish }) => {
+                if let Some(t) = first_token {
+                    billing.state.measured(billing.digest.count(), t.elapsed());
+                }
+                let done = Message::Done(Done {
+                    request_id,
+                    prompt_tokens: finish.prompt_tokens,
+                    completion_tokens: finish.completion_tokens,
+                    finish_reason: match finish.reason {
+                        hypha_engine::FinishReason::Stop => FinishReason::Stop,
+                        hypha_engine::FinishReason::Length => FinishReason::Length,
+                    },
+                    text,
+                });
+                send.send(&done).await?;
+                // The last receipt covers everything; it replaces one still
+                // waiting for its countersignature.
+                let last = billing.offer(true);
+                send.send(&last).await?;
+                return Ok(match await_countersign(recv, billing, conn).await? {
+                    Countersigned::Silent => Outcome::Lost,
+                    _ => Outcome::Done,
+                });
+            }
+            Some(Event::Failed(e)) => {
+                send.send(&Message::Error(reply_for(request_id, &e)))
+                    .await?;
+                return Ok(Outcome::Done);
+            }
+            None => {
+                send.send(&Message::Error(ErrorReply {
+                    request_id,
+                    code: 500,
+                    message: "the engine stopped".into(),
+                }))
+                .await?;
+                return Ok(Outcome::Done);
+            }
+        }
+    }
+}
