@@ -21,26 +21,28 @@ use std::sync::Arc;
 use hypha_wire::{
     ArchivedMessage, DhtReply, DhtRequest, ErrorReply, InferenceRequest, Message, NodeId,
 };
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument as _;
 
 use crate::inference::serve::{serve_request, SeederState};
 use crate::metrics::Metrics;
+use crate::net::addr::is_virtual;
 use crate::net::endpoint::Endpoint;
 use crate::net::hello::VerifiedHello;
+use crate::net::paths::tie;
+use crate::net::pool::{Adopted, Connections};
 use crate::net::proto::{
     close_for_violation, hello_as_acceptor, kind_of, FramedRecv, FramedSend, PeerError,
     CLOSE_NORMAL, HELLO_TIMEOUT,
 };
 use crate::services::dht::Discovery;
-use crate::util::lock;
-
-/// Peers connected at once; each holds a connection's buffers and up to
-/// `MAX_STREAMS_PER_PEER` streams, so this bounds a seeder's peer memory.
-pub const MAX_PEERS: usize = 256;
+use crate::services::punch::Punches;
+use crate::services::relay_client::RelayClient;
+use crate::services::relay_server::RelayService;
+use crate::util::Tasks;
 
 /// What a node's QUIC listener serves.
-pub struct Listener {
+pub struct Inbound {
     pub hello: Message,
     pub metrics: Arc<Metrics>,
     /// Peers connected at once.
@@ -51,62 +53,37 @@ pub struct Listener {
     pub seeder: Option<Arc<SeederState>>,
     /// The DHT this node answers for.
     pub discovery: Option<Discovery>,
-    /// This node's id and its outgoing connections (punching dials out).
-    pub me: NodeId,
-    pub conns: Arc<crate::net::pool::Connections>,
-    /// Peers connected to this node, by id: a rendezvous forwards punch
-    /// requests over them. Bounded by `max_peers` (one per connection).
-    pub inbound: std::sync::Mutex<std::collections::HashMap<NodeId, quinn::Connection>>,
-    /// Punch requests handled in the current second.
-    pub punches: std::sync::Mutex<(std::time::Instant, u32)>,
-    /// Accepted punch requests, for the dialer task: the initiator and its
-    /// candidates.
-    pub punch_dials: tokio::sync::mpsc::Sender<(NodeId, Vec<std::net::SocketAddr>)>,
+    /// This node's connections: accepted ones are registered there (a
+    /// rendezvous forwards punch requests over them).
+    pub conns: Arc<Connections>,
+    /// Punch requests, as a rendezvous and as a target.
+    pub punches: Punches,
     /// The relay this node runs for others (`--relay`).
-    pub relay: Option<Arc<crate::services::relay_server::RelayService>>,
+    pub relay: Option<Arc<RelayService>>,
     /// The relays this node holds reservations at: only they may offer it
     /// relayed paths.
-    pub relay_client: Arc<crate::services::relay_client::RelayClient>,
-    /// This node's relayed paths.
-    pub paths: Arc<crate::net::paths::Paths>,
-    pub shutdown: watch::Receiver<bool>,
+    pub relay_client: Arc<RelayClient>,
+    pub tasks: Tasks,
 }
 
-impl Listener {
-    fn inbound_opened(&self, peer: NodeId, conn: &quinn::Connection) {
-        lock(&self.inbound).insert(peer, conn.clone());
-    }
-
-    fn inbound_closed(&self, peer: NodeId, conn: &quinn::Connection) {
-        let mut m = lock(&self.inbound);
-        if m.get(&peer)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            m.remove(&peer);
-        }
-    }
-
-    /// A live connection to `peer`, accepted or dialed.
-    pub fn connection_to(&self, peer: &NodeId) -> Option<quinn::Connection> {
-        let accepted = lock(&self.inbound)
-            .get(peer)
-            .filter(|c| c.close_reason().is_none())
-            .cloned();
-        accepted.or_else(|| self.conns.live(peer))
-    }
-}
-
-/// Accepts peers until `shutdown` turns true, then closes every connection.
+/// Accepts peers, and serves the connections the pool hands over
+/// ([`Adopted`]), until the node stops; then closes every connection.
 pub async fn run(
     endpoint: Arc<Endpoint>,
-    state: Arc<Listener>,
-    mut shutdown: watch::Receiver<bool>,
+    state: Arc<Inbound>,
+    mut adopted: mpsc::Receiver<Adopted>,
 ) {
     let permits = Arc::new(Semaphore::new(state.max_peers));
+    let tasks = state.tasks.clone();
     loop {
         let incoming = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|s| *s) => break,
+            () = tasks.stopping() => break,
+            Some(a) = adopted.recv() => {
+                let span = tracing::info_span!("peer", peer = %a.peer);
+                tasks.spawn(serve_streams(a.conn, a.peer, a.hello, state.clone()).instrument(span));
+                continue;
+            }
             i = endpoint.accept_incoming() => match i {
                 Some(i) => i,
                 None => break,
@@ -118,8 +95,7 @@ pub async fn run(
             continue;
         };
         let state = state.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _permit = permit;
             let remote = incoming.remote_address();
             let accepted = tokio::time::timeout(HELLO_TIMEOUT, Endpoint::handshake(incoming)).await;
@@ -135,9 +111,7 @@ pub async fn run(
                 }
             };
             let span = tracing::info_span!("peer", %peer);
-            serve_connection(conn, peer, state, shutdown)
-                .instrument(span)
-                .await;
+            serve_connection(conn, peer, state).instrument(span).await;
         });
     }
     endpoint.close();
@@ -145,12 +119,7 @@ pub async fn run(
     endpoint.wait_idle().await;
 }
 
-async fn serve_connection(
-    conn: quinn::Connection,
-    peer: NodeId,
-    state: Arc<Listener>,
-    shutdown: watch::Receiver<bool>,
-) {
+async fn serve_connection(conn: quinn::Connection, peer: NodeId, state: Arc<Inbound>) {
     let hello = match hello_as_acceptor(&conn, peer, &state.hello, state.pow_bits).await {
         Ok(h) => h,
         Err(e) => {
@@ -168,16 +137,16 @@ async fn serve_connection(
     };
     tracing::info!(remote = %conn.remote_address(), capabilities = hello.offer.capabilities, "peer connected");
     let hello = Arc::new(hello);
-    if crate::net::addr::is_virtual(&conn.remote_address()) {
-        crate::net::paths::tie(&state.paths, &conn);
+    if is_virtual(&conn.remote_address()) {
+        tie(state.conns.endpoint().paths(), &conn, &state.tasks);
     }
     state
         .metrics
         .peers_connected
         .fetch_add(1, Ordering::Relaxed);
-    state.inbound_opened(peer, &conn);
-    serve_streams(conn.clone(), peer, hello, state.clone(), shutdown).await;
-    state.inbound_closed(peer, &conn);
+    state.conns.accepted_opened(peer, &conn);
+    serve_streams(conn.clone(), peer, hello, state.clone()).await;
+    state.conns.accepted_closed(peer, &conn);
     state
         .metrics
         .peers_connected
@@ -187,17 +156,16 @@ async fn serve_connection(
 /// Serves the streams a peer opens on `conn` (accepted here, or dialed by
 /// this node: a peer may send requests either way) until it closes or the
 /// node stops.
-pub async fn serve_streams(
+async fn serve_streams(
     conn: quinn::Connection,
     peer: NodeId,
     hello: Arc<VerifiedHello>,
-    state: Arc<Listener>,
-    mut shutdown: watch::Receiver<bool>,
+    state: Arc<Inbound>,
 ) {
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|s| *s) => {
+            () = state.tasks.stopping() => {
                 conn.close(CLOSE_NORMAL, b"node shutting down");
                 break;
             }
@@ -210,17 +178,14 @@ pub async fn serve_streams(
                 break;
             }
         };
-        let state = state.clone();
+        let st = state.clone();
         let conn = conn.clone();
         let hello = hello.clone();
-        tokio::spawn(
+        state.tasks.spawn(
             async move {
-                if let Err(e) = serve_any(send, recv, &state, &hello, &conn).await {
+                if let Err(e) = serve_any(send, recv, &st, &hello, &conn).await {
                     if e.is_violation() {
-                        state
-                            .metrics
-                            .peer_violations
-                            .fetch_add(1, Ordering::Relaxed);
+                        st.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
                         close_for_violation(&conn, peer, &e);
                     } else {
                         tracing::debug!("request stream ended: {e}");
@@ -270,7 +235,7 @@ fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
 async fn serve_any(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
-    state: &Listener,
+    state: &Inbound,
     peer: &VerifiedHello,
     conn: &quinn::Connection,
 ) -> Result<(), PeerError> {
@@ -306,17 +271,15 @@ async fn serve_any(
                 send.finish();
                 return Ok(());
             }
-            if !state.paths.has_room() {
+            let paths = state.conns.endpoint().paths();
+            if !paths.has_room() {
                 send.send(&relay_reply(429)).await?;
                 send.finish();
                 return Ok(());
             }
             send.send(&relay_reply(200)).await?;
             let (recv, leftover) = recv.into_parts();
-            match state
-                .paths
-                .open(from, peer.node_id, send.stream, recv, leftover)
-            {
+            match paths.open(from, peer.node_id, send.stream, recv, leftover) {
                 Ok(addr) => {
                     tracing::info!(%from, via = %peer.node_id, %addr, "relayed path offered");
                     Ok(())
@@ -328,7 +291,7 @@ async fn serve_any(
             }
         }
         Opening::Punch(req) => {
-            let code = crate::services::punch::handle(state, req, peer.node_id).await;
+            let code = state.punches.handle(req, peer.node_id).await;
             send.send(&Message::PunchReply(hypha_wire::PunchReply { code }))
                 .await?;
             send.finish();

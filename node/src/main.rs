@@ -177,7 +177,7 @@ struct UpArgs {
     #[arg(long, env = "HYPHA_HOME")]
     data_dir: Option<PathBuf>,
     /// Peers served at once; more are refused.
-    #[arg(long, default_value_t = hypha_node::inbound::MAX_PEERS)]
+    #[arg(long, default_value_t = hypha_node::net::pool::MAX_PEERS)]
     max_peers: usize,
     /// Price a seeder publishes: micro-credits per prompt token.
     #[arg(long, default_value_t = hypha_node::DEFAULT_PRICE_PROMPT_MICRO)]

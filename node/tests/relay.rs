@@ -106,8 +106,8 @@ async fn a_seeder_reserved_at_a_relay_is_reached_through_it_in_ciphertext() {
     consumer
         .peers()
         .unwrap()
-        .connections()
-        .get_relayed(seeder.id().unwrap(), &relay_addr, true)
+        .dialer()
+        .relayed(seeder.id().unwrap(), &relay_addr, true)
         .await
         .expect("a relayed path");
     let setup_took = started.elapsed();

@@ -12,9 +12,10 @@ use axum::Json;
 use hypha_wire::NodeId;
 use serde_json::json;
 
+use crate::api::account;
 use crate::api::errors::ApiError;
 use crate::api::openai::{ModelCard, ModelList, ModelMeta};
-use crate::api::AppState;
+use crate::api::state::AppState;
 use crate::metrics::Gauges;
 
 impl AppState {
@@ -365,7 +366,7 @@ pub(crate) async fn peer_ledger(
         .into_response();
     };
     let totals = hypha_ledger::totals_of(&id, &receipts);
-    let mut v = crate::api::account::balance_json(
+    let mut v = account::balance_json(
         id,
         crate::inference::admission::grant_for(&id, account.pow_bits),
         &totals,
@@ -375,7 +376,7 @@ pub(crate) async fn peer_ledger(
     v["recent"] = receipts
         .iter()
         .take(LEDGER_RECENT)
-        .map(|r| crate::api::account::receipt_json(r.signed(), Some(id)))
+        .map(|r| account::receipt_json(r.signed(), Some(id)))
         .collect();
     Json(v).into_response()
 }
@@ -388,7 +389,7 @@ pub(crate) async fn ledger(State(st): State<Arc<AppState>>, headers: HeaderMap) 
         return e.into_response();
     }
     match &st.account {
-        Some(a) => Json(crate::api::account::ledger_json(
+        Some(a) => Json(account::ledger_json(
             a.id,
             a.grant,
             &a.ledger,

@@ -18,9 +18,15 @@ use hypha_wire::{InferenceRequest, NodeId, Prompt};
 
 use crate::api::errors::{ApiError, OpenAiJson};
 use crate::api::openai::{ChatRequest, CompletionRequest, PromptField, SamplingFields, Usage};
-use crate::api::{AppState, Route, CREDITS_HEADER, PEER_HEADER};
+use crate::api::state::{AppState, Route};
 use crate::inference::remote::{RemoteEvent, RemoteGeneration};
 use crate::inference::route::Peers;
+
+/// Header naming the peer that served a remote request.
+pub const PEER_HEADER: &str = "x-hypha-peer";
+/// Header with the micro-credits a remote request was charged (whole
+/// responses; a stream carries them in its usage chunk).
+pub const CREDITS_HEADER: &str = "x-hypha-credits";
 
 fn unix_now() -> u64 {
     SystemTime::now()

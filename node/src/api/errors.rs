@@ -8,9 +8,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::api::MAX_BODY_BYTES;
 use crate::inference::remote::RemoteError;
 
+/// Largest request body accepted: long prompts fit, runaway uploads do not.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Seconds a client is told to wait when every slot and the queue are full.
 const RETRY_AFTER_S: u64 = 1;
 

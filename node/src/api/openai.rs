@@ -9,13 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use hypha_engine::SamplingParams;
 
-/// At most this many stop strings, as OpenAI allows.
-pub const MAX_STOP_STRINGS: usize = 4;
-/// A stop string longer than this is refused: matching holds back up to its
-/// length of text per stream.
-pub const MAX_STOP_BYTES: usize = 256;
-/// At most this many messages in one chat request.
-pub const MAX_MESSAGES: usize = 1024;
+use crate::inference::convert::{chat_role, check_message_count, check_stops};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -98,16 +92,7 @@ impl SamplingFields {
             Some(StopField::One(s)) => vec![s.clone()],
             Some(StopField::Many(v)) => v.clone(),
         };
-        if stops.len() > MAX_STOP_STRINGS {
-            return Err(format!(
-                "at most {MAX_STOP_STRINGS} stop strings are allowed"
-            ));
-        }
-        if stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
-            return Err(format!(
-                "a stop string may be at most {MAX_STOP_BYTES} bytes"
-            ));
-        }
+        check_stops(&stops)?;
         Ok(stops)
     }
 }
@@ -144,21 +129,11 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     pub fn messages(&self) -> Result<Vec<hypha_engine::ChatMessage>, String> {
-        if self.messages.is_empty() {
-            return Err("messages must not be empty".into());
-        }
-        if self.messages.len() > MAX_MESSAGES {
-            return Err(format!("at most {MAX_MESSAGES} messages are allowed"));
-        }
+        check_message_count(self.messages.len())?;
         self.messages
             .iter()
             .map(|m| {
-                if !matches!(
-                    m.role.as_str(),
-                    "system" | "developer" | "user" | "assistant" | "tool"
-                ) {
-                    return Err(format!("unknown message role {:?}", m.role));
-                }
+                let role = chat_role(&m.role)?.to_owned();
                 let content = match &m.content {
                     None => String::new(),
                     Some(MessageContent::Text(t)) => t.clone(),
@@ -175,11 +150,6 @@ impl ChatRequest {
                         }
                         s
                     }
-                };
-                let role = if m.role == "developer" {
-                    "system".to_owned()
-                } else {
-                    m.role.clone()
                 };
                 Ok(hypha_engine::ChatMessage { role, content })
             })

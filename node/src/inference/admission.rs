@@ -3,14 +3,14 @@
 //! nothing left, and consumers that left receipts unsigned.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hypha_ledger::GRANT_MICRO;
 use hypha_wire::NodeId;
 
 use crate::services::dht::Discovery;
-use crate::util::lock;
+use crate::util::{lock, BoundedMap, Overflow, RateWindow, Tasks};
 
 /// The grant an id gets: [`GRANT_MICRO`] with enough proof of work, else 0.
 pub fn grant_for(id: &NodeId, pow_required: u32) -> u64 {
@@ -36,8 +36,10 @@ const FREE_TIER_WINDOW: Duration = Duration::from_secs(60);
 /// (Any request can leave at most one receipt interval unpaid; a request
 /// the consumer cancels is not held against it.)
 pub struct Unpaid {
-    until: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
-    silent: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
+    /// Refused until then.
+    until: Mutex<BoundedMap<NodeId, Instant>>,
+    /// Went silent then, once.
+    silent: Mutex<BoundedMap<NodeId, Instant>>,
 }
 
 /// How long a consumer that did not pay is refused.
@@ -46,37 +48,27 @@ pub const UNPAID_BAN: Duration = Duration::from_secs(10 * 60);
 impl Default for Unpaid {
     fn default() -> Self {
         Self {
-            until: std::sync::Mutex::new(std::collections::HashMap::new()),
-            silent: std::sync::Mutex::new(std::collections::HashMap::new()),
+            until: Mutex::new(BoundedMap::new(MAX_FREE_TIER_IDS, Overflow::Refuse)),
+            silent: Mutex::new(BoundedMap::new(MAX_FREE_TIER_IDS, Overflow::Refuse)),
         }
     }
 }
 
 impl Unpaid {
     pub(crate) fn note(&self, id: NodeId) {
-        let now = std::time::Instant::now();
-        let mut m = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() >= MAX_FREE_TIER_IDS {
-            m.retain(|_, t| *t > now);
-        }
-        if m.len() < MAX_FREE_TIER_IDS {
-            m.insert(id, now + UNPAID_BAN);
-        }
+        let now = Instant::now();
+        lock(&self.until).insert(id, now + UNPAID_BAN, |until| *until <= now);
     }
 
     /// `id`'s connection went silent while a signature was due.
     pub(crate) fn note_silent(&self, id: NodeId) {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let again = {
-            let mut m = self.silent.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m = lock(&self.silent);
             m.retain(|_, t| now.duration_since(*t) < UNPAID_BAN);
             // A full table counts as a second time: too many strangers
             // losing their links at once must not switch the rule off.
-            let again = m.contains_key(&id) || m.len() >= MAX_FREE_TIER_IDS;
-            if !again {
-                m.insert(id, now);
-            }
-            again
+            m.contains_key(&id) || !m.insert(id, now, |_| false)
         };
         if again {
             self.note(id);
@@ -84,43 +76,33 @@ impl Unpaid {
     }
 
     pub(crate) fn owes(&self, id: &NodeId) -> bool {
-        let m = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(id).is_some_and(|t| *t > std::time::Instant::now())
+        lock(&self.until)
+            .get(id)
+            .is_some_and(|t| *t > Instant::now())
     }
 }
 
 /// Counts free-tier requests per identity in one-minute windows.
 pub struct FreeTier {
     pub(crate) per_minute: u32,
-    windows: std::sync::Mutex<std::collections::HashMap<NodeId, (std::time::Instant, u32)>>,
+    windows: Mutex<BoundedMap<NodeId, RateWindow>>,
 }
 
 impl FreeTier {
     pub fn new(per_minute: u32) -> Self {
         Self {
             per_minute,
-            windows: std::sync::Mutex::new(std::collections::HashMap::new()),
+            windows: Mutex::new(BoundedMap::new(MAX_FREE_TIER_IDS, Overflow::Refuse)),
         }
     }
 
-    /// Counts one request by `id`; false when it is over the limit.
-    pub(crate) fn allow(&self, id: NodeId, now: std::time::Instant) -> bool {
-        let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        if w.len() >= MAX_FREE_TIER_IDS && !w.contains_key(&id) {
-            w.retain(|_, (start, _)| now.duration_since(*start) < FREE_TIER_WINDOW);
-            if w.len() >= MAX_FREE_TIER_IDS {
-                return false;
-            }
-        }
-        let entry = w.entry(id).or_insert((now, 0));
-        if now.duration_since(entry.0) >= FREE_TIER_WINDOW {
-            *entry = (now, 0);
-        }
-        if entry.1 >= self.per_minute {
-            return false;
-        }
-        entry.1 += 1;
-        true
+    /// Counts one request by `id`; false when it is over the limit (or the
+    /// limiter remembers [`MAX_FREE_TIER_IDS`] live windows already).
+    pub(crate) fn allow(&self, id: NodeId, now: Instant) -> bool {
+        let mut w = lock(&self.windows);
+        let new = || RateWindow::new(FREE_TIER_WINDOW, self.per_minute, now);
+        w.get_or_insert_with(id, |w| w.expired(now), new)
+            .is_some_and(|w| w.allow(now))
     }
 }
 
@@ -129,17 +111,29 @@ impl FreeTier {
 pub const BALANCE_FRESH: Duration = Duration::from_secs(30);
 /// Consumers whose network balance is remembered.
 const MAX_BALANCES: usize = 4096;
+/// Balance lookups running at once; more consumers wait for a later
+/// request (admission then uses this node's own log alone).
+const MAX_BALANCE_LOOKUPS: usize = 64;
 
 /// Consumers' balances computed from the receipts the DHT holds for them
 /// (each checked), looked up in the background so admission never waits
 /// on the network.
-#[derive(Default)]
 pub struct NetworkBalances {
-    known: std::sync::Mutex<std::collections::HashMap<NodeId, (i128, std::time::Instant)>>,
-    looking: std::sync::Mutex<HashSet<NodeId>>,
+    known: Mutex<BoundedMap<NodeId, (i128, Instant)>>,
+    looking: Mutex<HashSet<NodeId>>,
+    tasks: Tasks,
 }
 
 impl NetworkBalances {
+    /// Lookups run as tasks of `tasks`.
+    pub fn new(tasks: Tasks) -> Self {
+        Self {
+            known: Mutex::new(BoundedMap::new(MAX_BALANCES, Overflow::Clear)),
+            looking: Mutex::new(HashSet::new()),
+            tasks,
+        }
+    }
+
     /// The last balance seen for `id`; starts a lookup when there is none
     /// or it is older than [`BALANCE_FRESH`].
     pub fn get(
@@ -148,13 +142,17 @@ impl NetworkBalances {
         grant: u64,
         discovery: Option<&Discovery>,
     ) -> Option<i128> {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let seen = lock(&self.known).get(id).copied();
         let stale = seen.is_none_or(|(_, at)| now.duration_since(at) >= BALANCE_FRESH);
         if let (true, Some(d)) = (stale, discovery) {
-            if lock(&self.looking).insert(*id) {
+            let start = {
+                let mut looking = lock(&self.looking);
+                looking.len() < MAX_BALANCE_LOOKUPS && looking.insert(*id)
+            };
+            if start {
                 let (me, d, id) = (self.clone(), d.clone(), *id);
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let Some(receipts) = d.receipts_of(&id).await else {
                         // Not known, not remembered: the next request asks
                         // again.
@@ -162,16 +160,10 @@ impl NetworkBalances {
                         return;
                     };
                     let b = hypha_ledger::balance(grant, &hypha_ledger::totals_of(&id, &receipts));
-                    let mut known = lock(&me.known);
-                    if known.len() >= MAX_BALANCES && !known.contains_key(&id) {
-                        let now = std::time::Instant::now();
-                        known.retain(|_, (_, at)| now.duration_since(*at) < BALANCE_FRESH);
-                        if known.len() >= MAX_BALANCES {
-                            known.clear();
-                        }
-                    }
-                    known.insert(id, (b, std::time::Instant::now()));
-                    drop(known);
+                    let at = Instant::now();
+                    lock(&me.known).insert(id, (b, at), |(_, seen)| {
+                        at.duration_since(*seen) >= BALANCE_FRESH
+                    });
                     lock(&me.looking).remove(&id);
                 });
             }

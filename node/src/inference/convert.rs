@@ -1,16 +1,64 @@
-//! Between the wire and the engine: a peer's request checked and turned
-//! into tokens, engine errors as replies, sampling settings both ways.
+//! Between the edges and the engine: the one request validator the HTTP
+//! edge and a seeder share (stop strings, message count, roles), a peer's
+//! request checked and turned into tokens, engine errors as replies,
+//! sampling settings both ways.
 
-use hypha_engine::{ChatMessage, GenerateRequest, SamplingParams};
+use hypha_engine::{ChatMessage, Engine, GenerateRequest, SamplingParams};
 use hypha_wire::{ErrorReply, InferenceRequest};
 
-use crate::api::openai::{MAX_MESSAGES, MAX_STOP_BYTES, MAX_STOP_STRINGS};
-use crate::inference::serve::SeederState;
+/// At most this many stop strings, as OpenAI allows.
+pub const MAX_STOP_STRINGS: usize = 4;
+/// A stop string longer than this is refused: matching holds back up to its
+/// length of text per stream.
+pub const MAX_STOP_BYTES: usize = 256;
+/// At most this many messages in one chat request.
+pub const MAX_MESSAGES: usize = 1024;
 
-/// Checks a peer's request and turns it into tokens for the engine.
+/// The one check of a request's stop strings, at the HTTP edge and at a
+/// seeder alike.
+pub fn check_stops(stops: &[String]) -> Result<(), String> {
+    if stops.len() > MAX_STOP_STRINGS {
+        return Err(format!(
+            "at most {MAX_STOP_STRINGS} stop strings are allowed"
+        ));
+    }
+    if stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(format!(
+            "a stop string may be at most {MAX_STOP_BYTES} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// The one check of a chat request's message count.
+pub fn check_message_count(n: usize) -> Result<(), String> {
+    if n == 0 {
+        return Err("messages must not be empty".into());
+    }
+    if n > MAX_MESSAGES {
+        return Err(format!("at most {MAX_MESSAGES} messages are allowed"));
+    }
+    Ok(())
+}
+
+/// The role a chat message is templated with: the roles chat templates
+/// know, with `developer` (OpenAI's newer name) as `system`.
+pub fn chat_role(role: &str) -> Result<&'static str, String> {
+    Ok(match role {
+        "system" | "developer" => "system",
+        "user" => "user",
+        "assistant" => "assistant",
+        "tool" => "tool",
+        other => return Err(format!("unknown message role {other:?}")),
+    })
+}
+
+/// Checks a peer's request for a seeder serving `models` and turns it into
+/// tokens for `engine`.
 pub(crate) fn prepare(
     req: &InferenceRequest,
-    state: &SeederState,
+    models: &[String],
+    engine: &Engine,
 ) -> Result<GenerateRequest, ErrorReply> {
     let id = req.request_id;
     let bad = |code: u16, message: String| ErrorReply {
@@ -18,40 +66,29 @@ pub(crate) fn prepare(
         code,
         message,
     };
-    if !state.models.contains(&req.model) {
+    if !models.contains(&req.model) {
         return Err(bad(
             404,
             format!(
-                "the model {:?} is not served here; this seeder serves {:?}",
-                req.model, state.models
+                "the model {:?} is not served here; this seeder serves {models:?}",
+                req.model
             ),
         ));
     }
-    if req.stop.len() > MAX_STOP_STRINGS || req.stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
-        return Err(bad(
-            400,
-            format!("at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_BYTES} bytes"),
-        ));
-    }
-    let engine = &state.engine;
+    check_stops(&req.stop).map_err(|m| bad(400, m))?;
     let tokens = match &req.prompt {
         hypha_wire::Prompt::Chat(messages) => {
-            if messages.is_empty() || messages.len() > MAX_MESSAGES {
-                return Err(bad(400, format!("between 1 and {MAX_MESSAGES} messages")));
-            }
-            if let Some(m) = messages
+            check_message_count(messages.len()).map_err(|m| bad(400, m))?;
+            let messages = messages
                 .iter()
-                .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool"))
-            {
-                return Err(bad(400, format!("unknown message role {:?}", m.role)));
-            }
-            let messages: Vec<ChatMessage> = messages
-                .iter()
-                .map(|m| ChatMessage {
-                    role: m.role.clone(),
-                    content: m.content.clone(),
+                .map(|m| {
+                    Ok(ChatMessage {
+                        role: chat_role(&m.role)?.to_owned(),
+                        content: m.content.clone(),
+                    })
                 })
-                .collect();
+                .collect::<Result<Vec<ChatMessage>, String>>()
+                .map_err(|m| bad(400, m))?;
             engine
                 .apply_chat_template(&messages)
                 .and_then(|p| engine.tokenize(&p))

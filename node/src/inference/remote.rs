@@ -16,16 +16,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypha_engine::{Finish, FinishReason};
-use hypha_ledger::{Ledger, Receipt, SignedReceipt, TokenDigest, VerifiedReceipt};
+use hypha_ledger::Ledger;
 use hypha_wire::{ArchivedMessage, Countersign, InferenceRequest, Message, NodeId};
 
 use crate::identity::Identity;
+use crate::inference::receipts::{ConsumerReceipts, Party as ReceiptParty, Terms};
 use crate::metrics::Metrics;
 use crate::net::hello::VerifiedHello;
 use crate::net::proto::{
-    close_for_violation, kind_of, FramedRecv, FramedSend, PeerError, STREAM_CANCELLED,
+    close_for_violation, kind_of, FramedRecv, FramedSend, PeerError, RECV_STALL_TIMEOUT,
+    STREAM_CANCELLED,
 };
 use crate::services::dialer::RunningGuard;
+use crate::util::Tasks;
 
 /// How long a consumer waits for the last receipt after `Done`.
 pub const LAST_RECEIPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,6 +37,9 @@ pub const LAST_RECEIPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// a round trip, while a dead one's connection would look open until QUIC's
 /// idle timeout.
 pub const START_TIMEOUT: Duration = Duration::from_secs(3);
+// A seeder that answered but then went quiet is waited for longer than
+// one that never answered.
+const _: () = assert!(START_TIMEOUT.as_millis() < RECV_STALL_TIMEOUT.as_millis());
 /// Why a remote request could not run.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -79,6 +85,8 @@ pub struct Party {
     pub ledger: Ledger,
     /// Proof of work required of a peer's identity.
     pub pow_bits: u32,
+    /// Owns the ledger appends of requests cut short.
+    pub tasks: Tasks,
 }
 
 /// One generation running on a seeder. Dropping it before it ended resets
@@ -86,8 +94,6 @@ pub struct Party {
 pub struct RemoteGeneration {
     conn: quinn::Connection,
     peer: NodeId,
-    /// The seeder's hello: its key, model hash and prices.
-    terms: Arc<VerifiedHello>,
     party: Arc<Party>,
     send: FramedSend,
     recv: FramedRecv,
@@ -103,15 +109,12 @@ pub struct RemoteGeneration {
     metrics: Arc<Metrics>,
     /// Counts this request against its seeder while it runs.
     pub(crate) running: Option<RunningGuard>,
-    /// Every token id received, in order.
-    digest: TokenDigest,
+    /// The tokens that arrived and the receipts both signed.
+    receipts: ConsumerReceipts,
     /// `Done` arrived; the last receipt is due.
     done: Option<(String, Finish)>,
-    /// The latest receipt both signed, and whether the ledger has it.
-    signed: Option<VerifiedReceipt>,
+    /// The ledger has the latest receipt both signed.
     recorded: bool,
-    /// The most prompt tokens this request's prompt can honestly take.
-    prompt_bound: u32,
 }
 
 /// Prompt bytes a seeder is given an extra second for before it must
@@ -156,10 +159,23 @@ impl RemoteGeneration {
         let peer = terms.node_id;
         let failed = |source: PeerError| RemoteError::Failed { peer, source };
         let (send, recv) = conn.open_bi().await.map_err(|e| failed(e.into()))?;
+        let receipts = ConsumerReceipts::new(
+            req.request_id,
+            ReceiptParty::of(&party.identity),
+            ReceiptParty {
+                id: peer,
+                key: terms.public_key,
+            },
+            Terms {
+                model_sha256: terms.offer.model_sha256,
+                price_prompt_micro: terms.offer.price_prompt_micro,
+                price_completion_micro: terms.offer.price_completion_micro,
+            },
+            prompt_token_bound(&req.prompt),
+        );
         let mut g = Self {
             conn,
             peer,
-            terms,
             party: party.clone(),
             send: FramedSend::new(send),
             recv: FramedRecv::new(recv),
@@ -171,11 +187,9 @@ impl RemoteGeneration {
             start_limit: start_limit(&req.prompt),
             ended: false,
             metrics: metrics.clone(),
-            digest: TokenDigest::default(),
+            receipts,
             done: None,
-            signed: None,
             recorded: false,
-            prompt_bound: prompt_token_bound(&req.prompt),
         };
         g.send
             .send(&Message::Request(req.clone()))
@@ -238,8 +252,10 @@ impl RemoteGeneration {
         let peer = self.peer;
         let failed = |source: PeerError| RemoteError::Failed { peer, source };
         let (request_id, seq) = (self.request_id, self.next_seq);
-        let digest = &mut self.digest;
-        let next = self.recv.next(|m| reply_event(m, request_id, seq, digest));
+        let receipts = &mut self.receipts;
+        let next = self
+            .recv
+            .next(|m| reply_event(m, request_id, seq, receipts));
         let frame = if self.done.is_some() {
             match tokio::time::timeout(LAST_RECEIPT_TIMEOUT, next).await {
                 Ok(f) => f,
@@ -259,10 +275,7 @@ impl RemoteGeneration {
             }
         } else {
             let (limit, why) = if self.answered {
-                (
-                    crate::net::proto::RECV_STALL_TIMEOUT,
-                    "the seeder went silent",
-                )
+                (RECV_STALL_TIMEOUT, "the seeder went silent")
             } else {
                 (self.start_limit, "the seeder did not answer the request")
             };
@@ -300,14 +313,15 @@ impl RemoteGeneration {
                 seeder_sig,
                 last,
             } => {
-                let signed = self
-                    .check_offer(&receipt, seeder_sig, last)
-                    .map_err(failed)?;
+                let done = self.done.as_ref().map(|(_, f)| f.prompt_tokens);
+                let consumer_sig = self
+                    .receipts
+                    .check_offer(&self.party.identity, &receipt, seeder_sig, last, done)
+                    .map_err(|e| failed(e.into()))?;
                 let countersign = Message::Countersign(Countersign {
                     request_id: self.request_id,
-                    consumer_sig: signed.signed().consumer_sig,
+                    consumer_sig,
                 });
-                self.signed = Some(signed);
                 self.send.send(&countersign).await.map_err(failed)?;
                 if !last {
                     return Ok(None);
@@ -338,89 +352,13 @@ impl RemoteGeneration {
         }
     }
 
-    /// Checks an offered receipt against what arrived and countersigns it.
-    fn check_offer(
-        &self,
-        bytes: &[u8],
-        seeder_sig: [u8; 64],
-        last: bool,
-    ) -> Result<VerifiedReceipt, PeerError> {
-        let bad = |what: String| PeerError::Protocol(format!("receipt refused: {what}"));
-        let r = Receipt::from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
-        let me = self.party.identity.id();
-        let offer = &self.terms.offer;
-        if r.request_id != self.request_id || r.consumer != me || r.seeder != self.peer {
-            return Err(bad("it names another request or other parties".into()));
-        }
-        if r.model_sha256 != offer.model_sha256 {
-            return Err(bad("it names another model than the seeder's hello".into()));
-        }
-        if r.prompt_tokens > self.prompt_bound {
-            return Err(bad(format!(
-                "it bills {} prompt tokens for a prompt of at most {}",
-                r.prompt_tokens, self.prompt_bound
-            )));
-        }
-        if r.completion_tokens != self.digest.count() {
-            return Err(bad(format!(
-                "it claims {} tokens, {} arrived",
-                r.completion_tokens,
-                self.digest.count()
-            )));
-        }
-        if r.tokens_digest != self.digest.digest() {
-            return Err(bad(
-                "its token digest differs from the tokens that arrived".into()
-            ));
-        }
-        let want = hypha_ledger::price(
-            r.prompt_tokens,
-            r.completion_tokens,
-            offer.price_prompt_micro,
-            offer.price_completion_micro,
-        );
-        if r.credits != want {
-            return Err(bad(format!(
-                "it charges {} micro-credits, the published price gives {want}",
-                r.credits
-            )));
-        }
-        if let Some(prev) = &self.signed {
-            let prev = prev.receipt();
-            if prev.prompt_tokens != r.prompt_tokens || prev.started_ms != r.started_ms {
-                return Err(bad(
-                    "it changes the prompt or start of an earlier receipt".into()
-                ));
-            }
-        }
-        if last {
-            match &self.done {
-                Some((_, f)) if f.prompt_tokens == r.prompt_tokens => {}
-                Some(_) => return Err(bad("its prompt tokens differ from done".into())),
-                None => return Err(bad("a last receipt before done".into())),
-            }
-        }
-        let consumer_sig = r.sign(self.party.identity.signing_key());
-        // Checks the seeder's key against its id and its signature (ours
-        // holds by construction).
-        SignedReceipt {
-            receipt: r,
-            seeder_key: self.terms.public_key,
-            seeder_sig,
-            consumer_key: self.party.identity.public_key(),
-            consumer_sig,
-        }
-        .verify()
-        .map_err(|e| bad(e.to_string()))
-    }
-
     /// Appends the latest receipt both signed to the ledger (once); its
     /// credits.
     async fn record(&mut self) -> Option<u64> {
         if self.recorded {
             return None;
         }
-        let verified = self.signed.clone()?;
+        let verified = self.receipts.signed()?.clone();
         self.recorded = true;
         let credits = verified.receipt().credits;
         let ledger = self.party.ledger.clone();
@@ -453,11 +391,11 @@ fn empty_done() -> (String, Finish) {
 
 impl Drop for RemoteGeneration {
     fn drop(&mut self) {
-        if let (false, Some(signed)) = (self.recorded, self.signed.take()) {
+        if let (false, Some(signed)) = (self.recorded, self.receipts.signed().cloned()) {
             // Cut short: keep the last receipt both signed.
             let ledger = self.party.ledger.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn_blocking(move || {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                self.party.tasks.spawn_blocking(move || {
                     if let Err(e) = ledger.append(signed) {
                         tracing::warn!("cannot record receipt: {e}");
                     }
@@ -490,7 +428,7 @@ fn reply_event(
     msg: &ArchivedMessage,
     request_id: u64,
     seq: u32,
-    digest: &mut TokenDigest,
+    receipts: &mut ConsumerReceipts,
 ) -> Result<Reply, PeerError> {
     let check_id = |got: u64| {
         if got == request_id {
@@ -515,7 +453,7 @@ fn reply_event(
                 )));
             }
             for t in c.token_ids.iter() {
-                digest.push(t.to_native());
+                receipts.received(t.to_native());
             }
             Ok(Reply::Token(c.text.as_str().to_owned()))
         }

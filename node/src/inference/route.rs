@@ -12,7 +12,6 @@
 //! [`crate::inference::remote::START_TIMEOUT`]: a connection to a node that
 //! died without closing it looks open until QUIC's idle timeout.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,15 +21,17 @@ use hypha_wire::{InferenceRequest, NodeId};
 
 use crate::inference::remote::{Party, RemoteError, RemoteGeneration};
 use crate::metrics::Metrics;
-pub use crate::net::addr::PeerAddr;
-pub use crate::net::pool::{Connections, KnownPeer, DIAL_TIMEOUT};
+use crate::net::addr::PeerAddr;
+use crate::net::pool::{Connections, MAX_CONNECTIONS, MAX_PEERS};
 use crate::net::proto::PeerError;
 use crate::services::dht::Discovery;
-use crate::services::dialer::{Health, Running, RunningGuard, FAILURE_MEMORY};
-use crate::util::{lock, unix_ms};
+use crate::services::dialer::{Dialer, Health, Target, FAILURE_MEMORY};
+use crate::util::{lock, unix_ms, BoundedMap, Overflow};
 
 /// Peers one node may be configured with.
-pub const MAX_CONFIGURED_PEERS: usize = crate::inbound::MAX_PEERS;
+pub const MAX_CONFIGURED_PEERS: usize = MAX_PEERS;
+// Configured peers are pinned in the pool: all of them must fit.
+const _: () = assert!(MAX_CONFIGURED_PEERS <= MAX_CONNECTIONS);
 /// How long providers found through the DHT are reused before asking
 /// again (sooner when their records expire): long enough to spare a lookup
 /// per request, short enough to notice new seeders.
@@ -56,7 +57,7 @@ pub struct Candidate {
     /// Context tokens per request its record offers.
     pub context_length: Option<u32>,
     /// Relays its record names: used when no direct path opens within
-    /// [`DIRECT_BUDGET`].
+    /// [`crate::services::dialer::DIRECT_BUDGET`].
     pub relays: Vec<PeerAddr>,
 }
 
@@ -107,30 +108,23 @@ pub(crate) struct CachedProviders {
 
 /// The peers this node sends requests to.
 pub struct Peers {
-    pub(crate) conns: Arc<Connections>,
-    pub(crate) configured: Vec<PeerAddr>,
-    pub(crate) discovery: Option<Discovery>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) party: Arc<Party>,
-    pub(crate) next_request_id: AtomicU64,
-    pub(crate) health: std::sync::Mutex<HashMap<NodeId, Health>>,
-    pub(crate) cache: std::sync::Mutex<HashMap<String, CachedProviders>>,
-    pub(crate) running: Arc<Running>,
-    /// This node's own candidates, for punch requests.
-    pub(crate) reach: Option<Arc<crate::services::reach::Reachability>>,
-    /// Peers no direct path opened to lately (reached through a relay):
-    /// the next connection goes to their relays first.
-    pub(crate) no_direct: Arc<std::sync::Mutex<HashMap<NodeId, Instant>>>,
+    dialer: Arc<Dialer>,
+    configured: Vec<PeerAddr>,
+    discovery: Option<Discovery>,
+    metrics: Arc<Metrics>,
+    party: Arc<Party>,
+    next_request_id: AtomicU64,
+    /// Providers per model the DHT named lately.
+    cache: std::sync::Mutex<BoundedMap<String, CachedProviders>>,
 }
 
 impl Peers {
     pub fn new(
-        conns: Arc<Connections>,
+        dialer: Arc<Dialer>,
         configured: Vec<PeerAddr>,
         discovery: Option<Discovery>,
         metrics: Arc<Metrics>,
         party: Arc<Party>,
-        reach: Option<Arc<crate::services::reach::Reachability>>,
     ) -> Result<Self, String> {
         if configured.len() > MAX_CONFIGURED_PEERS {
             return Err(format!("at most {MAX_CONFIGURED_PEERS} peers"));
@@ -140,17 +134,13 @@ impl Peers {
         // random start keeps them apart across restarts.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
         Ok(Self {
-            conns,
+            dialer,
             configured,
             discovery,
             metrics,
             party,
             next_request_id: AtomicU64::new(u64::from_le_bytes(seed) >> 1),
-            health: std::sync::Mutex::new(HashMap::new()),
-            cache: std::sync::Mutex::new(HashMap::new()),
-            running: Arc::default(),
-            reach,
-            no_direct: Arc::default(),
+            cache: std::sync::Mutex::new(BoundedMap::new(MAX_CACHED_MODELS, Overflow::Clear)),
         })
     }
 
@@ -160,7 +150,17 @@ impl Peers {
     }
 
     pub fn connections(&self) -> &Arc<Connections> {
-        &self.conns
+        self.dialer.connections()
+    }
+
+    /// How this node reaches its peers.
+    pub fn dialer(&self) -> &Arc<Dialer> {
+        &self.dialer
+    }
+
+    /// What this node saw of a provider lately.
+    pub fn health(&self, id: &NodeId) -> Health {
+        self.dialer.health(id)
     }
 
     pub fn discovery(&self) -> Option<&Discovery> {
@@ -191,7 +191,7 @@ impl Peers {
             }
             None => out.push((model.to_owned(), vec![id])),
         };
-        for p in self.conns.known() {
+        for p in self.connections().known() {
             for m in &p.models {
                 add(m, p.addr.id);
             }
@@ -211,7 +211,7 @@ impl Peers {
 
     /// The configured peers and whether each is connected now.
     pub fn status(&self) -> Vec<(PeerAddr, bool)> {
-        let known = self.conns.known();
+        let known = self.connections().known();
         self.configured
             .iter()
             .map(|p| {
@@ -225,7 +225,7 @@ impl Peers {
     /// serve; the peers that could not be reached, and why.
     pub async fn connect_all(&self) -> Vec<(PeerAddr, PeerError)> {
         let dials = self.configured.iter().map(|p| async move {
-            match self.conns.get(p, false).await {
+            match self.connections().get(p, false).await {
                 Ok(_) => None,
                 Err(err) => {
                     tracing::warn!(peer = %p, "cannot connect: {err}");
@@ -263,19 +263,13 @@ impl Peers {
         let life = soonest.map_or(PROVIDER_CACHE, |ms| {
             Duration::from_millis(ms.saturating_sub(unix_ms())).min(PROVIDER_CACHE)
         });
-        let mut cache = lock(&self.cache);
-        if cache.len() >= MAX_CACHED_MODELS {
-            cache.retain(|_, c| c.until > now);
-            if cache.len() >= MAX_CACHED_MODELS {
-                cache.clear();
-            }
-        }
-        cache.insert(
+        lock(&self.cache).insert(
             model.to_owned(),
             CachedProviders {
                 records: records.clone(),
                 until: now + life,
             },
+            |c| c.until <= now,
         );
         records
     }
@@ -285,7 +279,7 @@ impl Peers {
     /// equally good seeders).
     pub async fn candidates(&self, model: &str, refresh: bool, salt: u64) -> Vec<Candidate> {
         let mut out: Vec<Candidate> = self
-            .conns
+            .connections()
             .known()
             .into_iter()
             .filter(|k| k.models.iter().any(|m| m == model))
@@ -346,11 +340,11 @@ impl Peers {
         let mut scored: Vec<((u64, u64), Candidate)> = out
             .into_iter()
             .map(|c| {
-                let running = lock(&self.running.0).get(&c.addr.id).copied().unwrap_or(0);
+                let running = self.dialer.running_on(&c.addr.id);
                 let s = score(
                     &c,
                     &self.health(&c.addr.id),
-                    self.conns.rtt(&c.addr.id),
+                    self.connections().rtt(&c.addr.id),
                     running,
                     now,
                 );
@@ -402,10 +396,15 @@ impl Peers {
                 // Bounded: a provider that cannot be punched to is dialed
                 // anyway, then reached through its relays, and the next
                 // one tried if all that fails.
-                let (conn, terms) = match self.connect(c, fresh).await {
+                let target = Target {
+                    addr: &c.addr,
+                    punch: c.punch,
+                    relays: &c.relays,
+                };
+                let (conn, terms) = match self.dialer.connect(target, fresh).await {
                     Ok(c) => c,
                     Err(source) => {
-                        self.failed(peer);
+                        self.dialer.failed(peer);
                         last = Some(RemoteError::Failed { peer, source });
                         break;
                     }
@@ -414,11 +413,11 @@ impl Peers {
                     // Its record outlived its offer.
                     break;
                 }
-                let guard = RunningGuard::new(&self.running, peer, &conn);
+                let guard = self.dialer.count_request(peer, &conn);
                 let mark = Some((conn.stable_id(), conn.stats().udp_rx.datagrams));
                 match RemoteGeneration::open(conn, terms, &req, &self.metrics, &self.party).await {
                     Ok(mut g) => {
-                        self.succeeded(&peer);
+                        self.dialer.succeeded(&peer);
                         g.running = Some(guard);
                         return Ok(g);
                     }
@@ -448,15 +447,15 @@ impl Peers {
                         },
                     ) => {
                         tracing::info!(%peer, "seeder did not answer, trying the next: {err}");
-                        self.conns.discard_if_silent(&peer, mark);
-                        self.failed(peer);
+                        self.connections().discard_if_silent(&peer, mark);
+                        self.dialer.failed(peer);
                         last = Some(err);
                         break;
                     }
                     Err(err) => {
                         tracing::info!(%peer, fresh, "request could not start: {err}");
                         if fresh {
-                            self.failed(peer);
+                            self.dialer.failed(peer);
                         }
                         last = Some(err);
                     }

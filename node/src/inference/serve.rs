@@ -13,15 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypha_engine::{Engine, Event};
-use hypha_ledger::{Ledger, Receipt, ReceiptKey, SignedReceipt, TokenDigest, VerifiedReceipt};
+use hypha_ledger::{Ledger, ReceiptKey};
 use hypha_wire::{
-    Accepted, ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message,
-    ReceiptOffer, TokenChunk,
+    Accepted, ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, NodeId,
+    TokenChunk,
 };
 
 use crate::identity::Identity;
 use crate::inference::admission::{FreeTier, NetworkBalances, Unpaid};
 use crate::inference::convert::{prepare, reply_for};
+use crate::inference::receipts::{Due, Party, SeederReceipts, Terms};
 use crate::metrics::Metrics;
 use crate::net::hello::{Offer, VerifiedHello};
 use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError};
@@ -148,7 +149,7 @@ pub(crate) async fn serve_request(
             ),
         })
     } else {
-        prepare(&req, state).and_then(|mut r| {
+        prepare(&req, &state.models, &state.engine).and_then(|mut r| {
             r.priority =
                 i64::try_from(balance).unwrap_or(if balance < 0 { i64::MIN } else { i64::MAX - 1 });
             state
@@ -263,101 +264,60 @@ fn consumer_frame(msg: &ArchivedMessage, request_id: u64) -> Result<FromConsumer
     }
 }
 
-/// The receipts of one request: what was offered, what came back signed.
+/// The receipts of one request ([`SeederReceipts`]) and where they go once
+/// settled.
 struct Billing<'a> {
     state: &'a SeederState,
-    consumer: &'a VerifiedHello,
-    request_id: u64,
-    prompt_tokens: u32,
-    started_ms: u64,
-    digest: TokenDigest,
-    /// Offered and not yet countersigned, oldest first (at most two: an
-    /// interval's receipt still travelling when the last one is offered).
-    pending: Vec<(Receipt, [u8; 64])>,
-    /// The latest receipt both signed.
-    signed: Option<VerifiedReceipt>,
+    consumer: NodeId,
+    receipts: SeederReceipts,
 }
 
 impl<'a> Billing<'a> {
     fn new(
         state: &'a SeederState,
-        consumer: &'a VerifiedHello,
+        consumer: &VerifiedHello,
         request_id: u64,
         prompt_tokens: u32,
     ) -> Self {
+        let terms = Terms {
+            model_sha256: state.offer.model_sha256,
+            price_prompt_micro: state.offer.price_prompt_micro,
+            price_completion_micro: state.offer.price_completion_micro,
+        };
+        let receipts = SeederReceipts::new(
+            request_id,
+            Party {
+                id: consumer.node_id,
+                key: consumer.public_key,
+            },
+            Party::of(&state.identity),
+            terms,
+            prompt_tokens,
+            state.receipt_interval,
+            unix_ms(),
+        );
         Self {
             state,
-            consumer,
-            request_id,
-            prompt_tokens,
-            started_ms: unix_ms(),
-            digest: TokenDigest::default(),
-            pending: Vec::with_capacity(2),
-            signed: None,
+            consumer: consumer.node_id,
+            receipts,
         }
     }
 
-    /// A cumulative receipt for every token sent so far, signed.
+    fn request_id(&self) -> u64 {
+        self.receipts.request_id()
+    }
+
+    /// A cumulative receipt for every token sent so far, signed now.
     fn offer(&mut self, last: bool) -> Message {
-        let offer = &self.state.offer;
-        let completion = self.digest.count();
-        let receipt = Receipt {
-            request_id: self.request_id,
-            consumer: self.consumer.node_id,
-            seeder: self.state.identity.id(),
-            model_sha256: offer.model_sha256,
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: completion,
-            credits: hypha_ledger::price(
-                self.prompt_tokens,
-                completion,
-                offer.price_prompt_micro,
-                offer.price_completion_micro,
-            ),
-            started_ms: self.started_ms,
-            finished_ms: unix_ms().max(self.started_ms),
-            tokens_digest: self.digest.digest(),
-        };
-        let sig = receipt.sign(self.state.identity.signing_key());
-        let msg = Message::Receipt(ReceiptOffer {
-            request_id: self.request_id,
-            receipt: receipt.to_bytes().to_vec(),
-            seeder_sig: sig,
-            last,
-        });
-        self.pending.push((receipt, sig));
-        msg
+        Message::Receipt(self.receipts.offer(&self.state.identity, unix_ms(), last))
     }
 
-    /// Takes the consumer's signature over one of the pending receipts
-    /// (countersignatures arrive in offer order; one for an older receipt
-    /// may cross the offer of a newer one).
     fn countersigned(&mut self, consumer_sig: [u8; 64]) -> Result<(), PeerError> {
-        for (i, (receipt, seeder_sig)) in self.pending.iter().enumerate() {
-            let signed = SignedReceipt {
-                receipt: receipt.clone(),
-                seeder_key: self.state.identity.public_key(),
-                seeder_sig: *seeder_sig,
-                consumer_key: self.consumer.public_key,
-                consumer_sig,
-            };
-            if let Ok(checked) = signed.verify() {
-                self.signed = Some(checked);
-                // It and every older offer are settled.
-                self.pending.drain(..=i);
-                return Ok(());
-            }
-        }
-        Err(PeerError::Protocol(if self.pending.is_empty() {
-            "countersignature with no receipt offered".into()
-        } else {
-            "countersignature matches no offered receipt".into()
-        }))
+        Ok(self.receipts.countersigned(consumer_sig)?)
     }
 
-    /// True when every offered receipt came back signed.
     fn settled(&self) -> bool {
-        self.pending.is_empty()
+        self.receipts.settled()
     }
 
     /// Appends the latest receipt both parties signed to the ledger, and
@@ -365,9 +325,10 @@ impl<'a> Billing<'a> {
     /// unsigned.
     async fn settle(self, finished: bool) {
         if finished && !self.settled() {
-            self.state.unpaid.note(self.consumer.node_id);
+            self.state.unpaid.note(self.consumer);
         }
-        let Some(verified) = self.signed else {
+        let request_id = self.request_id();
+        let Some(verified) = self.receipts.into_signed() else {
             return;
         };
         let credits = verified.receipt().credits;
@@ -375,14 +336,14 @@ impl<'a> Billing<'a> {
         let published = verified.clone();
         match tokio::task::spawn_blocking(move || ledger.append(verified)).await {
             Ok(Ok(())) => {
-                tracing::debug!(request_id = self.request_id, credits, "receipt recorded");
+                tracing::debug!(request_id, credits, "receipt recorded");
                 if let Some(d) = &self.state.discovery {
                     if !d.publish_receipt(published) {
                         tracing::warn!("receipt publication queue full: receipt not published");
                     }
                 }
             }
-            Ok(Err(e)) => tracing::warn!("cannot record receipt {}: {e}", self.request_id),
+            Ok(Err(e)) => tracing::warn!("cannot record receipt {request_id}: {e}"),
             Err(e) => tracing::warn!("ledger task failed: {e}"),
         }
     }
@@ -395,7 +356,7 @@ async fn await_countersign(
     billing: &mut Billing<'_>,
     conn: &quinn::Connection,
 ) -> Result<Countersigned, PeerError> {
-    let request_id = billing.request_id;
+    let request_id = billing.request_id();
     let heard = conn.stats().udp_rx.datagrams;
     let wait = async {
         while !billing.settled() {
@@ -426,12 +387,7 @@ async fn stream_generation(
     billing: &mut Billing<'_>,
     conn: &quinn::Connection,
 ) -> Result<Outcome, PeerError> {
-    let request_id = billing.request_id;
-    // Receipts go out twice per interval, and each needs the one before it
-    // signed before more tokens follow: the consumer's signature can lag
-    // half an interval without a stall, and tokens sent beyond the last
-    // signed receipt never exceed one interval.
-    let step = (billing.state.receipt_interval / 2).max(1);
+    let request_id = billing.request_id();
     // One chunk message reused for every token: no allocation per token on
     // the wire path.
     let mut chunk = Message::Chunk(TokenChunk {
@@ -469,13 +425,14 @@ async fn stream_generation(
                 }
                 seq = seq.wrapping_add(1);
                 first_token.get_or_insert_with(std::time::Instant::now);
-                billing.digest.push(id);
+                // Receipts go out twice per interval, and each needs the
+                // one before it signed before more tokens follow (see
+                // `receipts`): a consumer that stops paying gets at most
+                // one interval for free.
+                let due = billing.receipts.sent(id);
                 send.send(&chunk).await?;
-                if billing.digest.count().is_multiple_of(step) {
-                    // The previous receipt must be signed before more
-                    // tokens go out: a consumer that stops paying gets at
-                    // most one interval for free.
-                    if !billing.settled() {
+                if due != Due::Nothing {
+                    if due == Due::Countersign {
                         match await_countersign(recv, billing, conn).await? {
                             Countersigned::Cancelled => return Ok(Outcome::Cancelled),
                             Countersigned::Silent => return Ok(Outcome::Lost),
@@ -497,7 +454,9 @@ async fn stream_generation(
             }
             Some(Event::Done { text, finish }) => {
                 if let Some(t) = first_token {
-                    billing.state.measured(billing.digest.count(), t.elapsed());
+                    billing
+                        .state
+                        .measured(billing.receipts.tokens(), t.elapsed());
                 }
                 let done = Message::Done(Done {
                     request_id,

@@ -20,6 +20,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::identity::{node_id_of, Identity};
+use crate::util::Tasks;
 
 /// Errors setting up QUIC or reaching a peer.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,16 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 pub const RELAYED_IDLE_TIMEOUT: Duration = Duration::from_secs(8);
 /// Keep-alive interval over a relayed path, well inside its idle timeout.
 pub const RELAYED_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+// A live peer's keep-alives arrive well inside the idle timeout, on both
+// kinds of path, and a relayed connection gives up no later than a direct
+// one.
+const _: () = assert!(KEEP_ALIVE.as_millis() * 2 <= IDLE_TIMEOUT.as_millis());
+const _: () = assert!(RELAYED_KEEP_ALIVE.as_millis() * 2 <= RELAYED_IDLE_TIMEOUT.as_millis());
+const _: () = assert!(RELAYED_IDLE_TIMEOUT.as_millis() <= IDLE_TIMEOUT.as_millis());
+// A relayed path carrying a live connection is never idle: its keep-alives
+// come more often than the path's idle limit.
+const _: () = assert!(RELAYED_KEEP_ALIVE.as_millis() < crate::net::paths::PATH_IDLE.as_millis());
 
 /// Connection limits and timers.
 #[derive(Debug, Clone)]
@@ -106,11 +117,23 @@ impl Endpoint {
         Self::bind_with(identity, addr, &TransportLimits::default())
     }
 
-    /// [`Endpoint::bind`] with explicit limits.
+    /// [`Endpoint::bind`] with explicit limits; the endpoint owns the tasks
+    /// of its relayed paths.
     pub fn bind_with(
         identity: &Identity,
         addr: SocketAddr,
         limits: &TransportLimits,
+    ) -> Result<Self, TransportError> {
+        Self::bind_in(identity, addr, limits, Tasks::new())
+    }
+
+    /// [`Endpoint::bind_with`], its relayed paths' tasks owned by `tasks`
+    /// (a node's).
+    pub fn bind_in(
+        identity: &Identity,
+        addr: SocketAddr,
+        limits: &TransportLimits,
+        tasks: Tasks,
     ) -> Result<Self, TransportError> {
         crate::util::install_crypto_provider();
         let transport = limits.config()?;
@@ -140,8 +163,10 @@ impl Endpoint {
         let bind_err = |source| TransportError::Bind { addr, source };
         let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-        let (stun, responses) =
-            crate::net::socket::StunSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_err)?);
+        let (stun, responses) = crate::net::socket::StunSocket::new(
+            runtime.wrap_udp_socket(socket).map_err(bind_err)?,
+            tasks,
+        );
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server),

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::net::addr::{canonical, is_virtual};
 use crate::net::proto::{PeerError, CLOSE_NORMAL};
-use crate::util::lock;
+use crate::util::{lock, Tasks};
 
 /// Packets waiting to enter one path's stream; more are dropped (QUIC
 /// retransmits, and slows down on loss).
@@ -79,6 +79,8 @@ pub struct Paths {
     routes: Mutex<HashMap<SocketAddr, Route>>,
     inbound_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     inbound_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
+    /// Owns each path's pump task.
+    tasks: Tasks,
     next: AtomicU32,
     /// The endpoint's socket is IPv6: it sees every address in that form.
     v6: bool,
@@ -95,12 +97,13 @@ impl std::fmt::Debug for Paths {
 
 impl Paths {
     /// Paths for an endpoint whose socket is IPv6 (`v6`) or IPv4.
-    pub fn new(v6: bool) -> Arc<Self> {
+    pub fn new(v6: bool, tasks: Tasks) -> Arc<Self> {
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_PACKET_QUEUE);
         Arc::new(Self {
             routes: Mutex::new(HashMap::new()),
             inbound_tx,
             inbound_rx: Mutex::new(inbound_rx),
+            tasks,
             next: AtomicU32::new(1),
             v6,
             stats: PathStats::default(),
@@ -223,7 +226,7 @@ impl Paths {
         };
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         let paths = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let why = tokio::select! {
                 why = paths.pump(addr, send, recv, out_rx, leftover) => why,
                 () = async {
@@ -336,7 +339,7 @@ impl Paths {
 /// Ties a QUIC connection over a relayed path to the path: when either
 /// ends, the other is ended too, so a lost relay fails the connection's
 /// requests at once and a closed connection frees the relay.
-pub fn tie(paths: &Arc<Paths>, conn: &quinn::Connection) {
+pub fn tie(paths: &Arc<Paths>, conn: &quinn::Connection, tasks: &Tasks) {
     let addr = conn.remote_address();
     let Some(mut ended) = paths.tie_to(&addr) else {
         conn.close(CLOSE_NORMAL, b"relayed path gone");
@@ -344,7 +347,7 @@ pub fn tie(paths: &Arc<Paths>, conn: &quinn::Connection) {
     };
     let paths = paths.clone();
     let conn = conn.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         tokio::select! {
             _ = conn.closed() => paths.close(&addr),
             _ = ended.wait_for(|e| *e) => {

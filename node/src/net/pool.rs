@@ -1,5 +1,5 @@
-//! The node-wide pool of connections this node dialed: one slot per peer,
-//! bounded.
+//! The node-wide pool of connections: one slot per peer this node dialed,
+//! bounded, and the connections peers opened to it.
 //!
 //! [`Connections`] holds one slot per peer. The first user of a slot (a
 //! request, a DHT query, the start-up probe) dials it under a lock, so
@@ -7,6 +7,11 @@
 //! while it is open, and a closed one is redialed. Configured peers stay in
 //! the cache; others are evicted, least recently used first, when it is
 //! full.
+//!
+//! The pool serves nothing itself: a peer may open streams on a connection
+//! this node dialed (a rendezvous forwards punch requests that way), so
+//! every new dialed connection is handed to the inbound dispatcher as an
+//! [`Adopted`] event on a bounded channel, and the dispatcher serves it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,9 +25,9 @@ use crate::metrics::Metrics;
 use crate::net::addr::{is_virtual, PeerAddr};
 use crate::net::endpoint::Endpoint;
 use crate::net::hello::VerifiedHello;
-use crate::net::paths::{tie, PathGuard};
+use crate::net::paths::tie;
 use crate::net::proto::{close_for_violation, hello_as_dialer, PeerError, CLOSE_NORMAL};
-use crate::util::{lock, unix_ms};
+use crate::util::{lock, unix_ms, Tasks};
 
 /// How long a dial may take before the peer counts as down. A QUIC
 /// handshake is one or two round trips; a silent address would otherwise
@@ -31,6 +36,25 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections cached at once (configured peers, providers, DHT contacts):
 /// a few buckets' worth of contacts plus the providers in use.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Peers connected to this node at once; each holds a connection's buffers
+/// and up to `MAX_STREAMS_PER_PEER` streams, so this bounds a node's peer
+/// memory.
+pub const MAX_PEERS: usize = 256;
+/// Dialed connections waiting for the inbound dispatcher. Each slot holds
+/// one connection, so the queue never holds more than the pool: it cannot
+/// fill while the dispatcher runs.
+pub const ADOPTED_QUEUE: usize = MAX_CONNECTIONS;
+
+const _: () = assert!(ADOPTED_QUEUE >= MAX_CONNECTIONS);
+
+/// A connection this node dialed, for the inbound dispatcher to serve the
+/// streams the peer opens on it.
+pub struct Adopted {
+    pub conn: quinn::Connection,
+    pub peer: NodeId,
+    pub hello: Arc<VerifiedHello>,
+}
+
 struct Entry {
     /// Where the peer was last dialed (set under the `conn` lock).
     addr: std::sync::Mutex<SocketAddr>,
@@ -75,7 +99,18 @@ pub struct KnownPeer {
     pub configured: bool,
 }
 
-/// This node's outgoing connections, one slot per peer, bounded.
+/// How the pool dials: this node's hello, the proof of work it requires
+/// of peers, the dial timeout and the peers it is configured with.
+pub struct PoolConfig {
+    pub hello: Message,
+    pub pow_bits: u32,
+    pub dial_timeout: Duration,
+    /// Configured peers: never evicted.
+    pub pinned: Vec<PeerAddr>,
+}
+
+/// This node's connections: one slot per peer it dialed (bounded), and the
+/// connections peers opened to it.
 pub struct Connections {
     endpoint: Arc<Endpoint>,
     hello: Message,
@@ -83,47 +118,77 @@ pub struct Connections {
     pow_bits: u32,
     dial_timeout: Duration,
     entries: std::sync::Mutex<HashMap<NodeId, Arc<Entry>>>,
-    /// Configured peers: never evicted.
     pinned: Vec<PeerAddr>,
-    /// Serves the streams peers open on connections this node dialed (a
-    /// rendezvous forwards punch requests that way).
-    listener: std::sync::OnceLock<std::sync::Weak<crate::inbound::Listener>>,
+    /// Connections peers opened to this node, by id: a rendezvous forwards
+    /// punch requests over them. Bounded by the accept limit (one per
+    /// connection).
+    accepted: std::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// Every new dialed connection, for the inbound dispatcher.
+    adopted: tokio::sync::mpsc::Sender<Adopted>,
+    tasks: Tasks,
 }
 
 impl Connections {
+    /// The pool, and the receiving end of its [`Adopted`] events.
     pub fn new(
         endpoint: Arc<Endpoint>,
-        hello: Message,
+        cfg: PoolConfig,
         metrics: Arc<Metrics>,
-        pow_bits: u32,
-        dial_timeout: Duration,
-        pinned: &[PeerAddr],
-    ) -> Self {
-        let entries = pinned
+        tasks: Tasks,
+    ) -> (Self, tokio::sync::mpsc::Receiver<Adopted>) {
+        let entries = cfg
+            .pinned
             .iter()
             .map(|p| (p.id, Arc::new(Entry::new(p.addr))))
             .collect();
-        Self {
+        let (adopted, events) = tokio::sync::mpsc::channel(ADOPTED_QUEUE);
+        let pool = Self {
             endpoint,
-            hello,
+            hello: cfg.hello,
             metrics,
-            pow_bits,
-            dial_timeout,
+            pow_bits: cfg.pow_bits,
+            dial_timeout: cfg.dial_timeout,
             entries: std::sync::Mutex::new(entries),
-            pinned: pinned.to_vec(),
-            listener: std::sync::OnceLock::new(),
-        }
+            pinned: cfg.pinned,
+            accepted: std::sync::Mutex::new(HashMap::new()),
+            adopted,
+            tasks,
+        };
+        (pool, events)
     }
 
-    /// Where streams peers open on dialed connections are served.
-    pub fn set_listener(&self, listener: &Arc<crate::inbound::Listener>) {
-        let _ = self.listener.set(Arc::downgrade(listener));
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
     }
 
-    /// The open connection to `id`, if any.
+    /// The open connection to `id` this node dialed, if any.
     pub fn live(&self, id: &NodeId) -> Option<quinn::Connection> {
         let e = lock(&self.entries).get(id).cloned()?;
         e.live()
+    }
+
+    /// A connection `peer` opened to this node.
+    pub fn accepted_opened(&self, peer: NodeId, conn: &quinn::Connection) {
+        lock(&self.accepted).insert(peer, conn.clone());
+    }
+
+    /// `conn`, which `peer` opened, has closed.
+    pub fn accepted_closed(&self, peer: NodeId, conn: &quinn::Connection) {
+        let mut m = lock(&self.accepted);
+        if m.get(&peer)
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            m.remove(&peer);
+        }
+    }
+
+    /// A live connection to `peer`, accepted or dialed.
+    pub fn connection_to(&self, peer: &NodeId) -> Option<quinn::Connection> {
+        let accepted = lock(&self.accepted)
+            .get(peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned();
+        accepted.or_else(|| self.live(peer))
     }
 
     /// The slot for `peer`, made if needed: one per peer, whatever address
@@ -197,30 +262,10 @@ impl Connections {
         self.get_at(peer, fresh, false).await
     }
 
-    /// A connection to `target` through `relay`; an open connection to it
-    /// (made meanwhile, by another request or the DHT) is used instead,
-    /// unless `fresh` asks to replace it.
-    pub async fn get_relayed(
-        &self,
-        target: NodeId,
-        relay: &PeerAddr,
-        fresh: bool,
-    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
-        let paths = self.endpoint.paths();
-        let addr = crate::services::relay_client::connect_via(self, paths, relay, target).await?;
-        // Closes the path unless a connection over it came of it, also when
-        // this future is dropped half way.
-        let path = PathGuard::new(paths, addr);
-        let (conn, hello) = self
-            .get_at(&PeerAddr { id: target, addr }, fresh, true)
-            .await?;
-        if path.keep(&conn) {
-            self.metrics.relayed_dials.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok((conn, hello))
-    }
-
-    pub(crate) async fn get_at(
+    /// The open connection to `peer`, or a dial to its address: a
+    /// relayed path's virtual address (made by the caller) only when
+    /// `relayed`.
+    pub async fn get_at(
         &self,
         peer: &PeerAddr,
         fresh: bool,
@@ -311,28 +356,30 @@ impl Connections {
         Ok(true)
     }
 
-    /// Starts watching and serving a new connection.
+    /// Starts watching a new connection and hands it to the inbound
+    /// dispatcher.
     fn adopt(&self, conn: &quinn::Connection, id: NodeId, hello: &Arc<VerifiedHello>) {
         if is_virtual(&conn.remote_address()) {
-            tie(self.endpoint.paths(), conn);
+            tie(self.endpoint.paths(), conn, &self.tasks);
         }
         self.metrics.peers_connected.fetch_add(1, Ordering::Relaxed);
         let watched = conn.clone();
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let why = watched.closed().await;
             metrics.peers_connected.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(peer = %id, "peer connection closed: {why}");
         });
-        if let Some(l) = self.listener.get().and_then(std::sync::Weak::upgrade) {
-            let shutdown = l.shutdown.clone();
-            // Boxed as `dyn Send`: serving a stream can dial (punching),
-            // which leads back here, and a recursive future needs a
-            // named type.
-            let serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(
-                crate::inbound::serve_streams(conn.clone(), id, hello.clone(), l, shutdown),
-            );
-            tokio::spawn(serve);
+        let event = Adopted {
+            conn: conn.clone(),
+            peer: id,
+            hello: hello.clone(),
+        };
+        if self.adopted.try_send(event).is_err() && !self.tasks.is_stopping() {
+            // Only while the dispatcher is gone or ADOPTED_QUEUE (the
+            // pool's own size) connections wait for it: the connection
+            // still carries this node's requests.
+            tracing::warn!(peer = %id, "streams the peer opens on this connection go unserved");
         }
     }
 

@@ -45,6 +45,8 @@ pub enum PeerError {
     Protocol(String),
     #[error("hello refused: {0}")]
     Hello(#[from] HelloError),
+    #[error("protocol violation: {0}")]
+    Receipt(#[from] ReceiptError),
     #[error("connection lost: {0}")]
     Connection(String),
     #[error("stream reset by the peer (code {0})")]
@@ -55,10 +57,45 @@ pub enum PeerError {
     Unreachable(String),
 }
 
+/// Why a receipt or a countersignature was refused (see
+/// `crate::inference::receipts`): the peer broke the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiptError {
+    #[error("receipt refused: {0}")]
+    Malformed(String),
+    #[error("receipt refused: it names another request or other parties")]
+    WrongParties,
+    #[error("receipt refused: it names another model than the seeder's hello")]
+    WrongModel,
+    #[error("receipt refused: it bills {billed} prompt tokens for a prompt of at most {bound}")]
+    PromptOverBound { billed: u32, bound: u32 },
+    #[error("receipt refused: it claims {claimed} tokens, {arrived} arrived")]
+    WrongCount { claimed: u32, arrived: u32 },
+    #[error("receipt refused: its token digest differs from the tokens that arrived")]
+    WrongDigest,
+    #[error(
+        "receipt refused: it charges {charged} micro-credits, the published price gives {want}"
+    )]
+    WrongPrice { charged: u64, want: u64 },
+    #[error("receipt refused: it changes the prompt or start of an earlier receipt")]
+    ChangedTerms,
+    #[error("receipt refused: its prompt tokens differ from done")]
+    PromptDiffersFromDone,
+    #[error("receipt refused: a last receipt before done")]
+    LastBeforeDone,
+    #[error("receipt refused: {0}")]
+    BadSignature(String),
+    #[error("countersignature with no receipt offered")]
+    NoneOffered,
+    #[error("countersignature matches no offered receipt")]
+    MatchesNoOffer,
+}
+
 impl PeerError {
     /// True when the peer broke the protocol and its connection must close.
     pub fn is_violation(&self) -> bool {
-        matches!(self, Self::Protocol(_) | Self::Hello(_))
+        matches!(self, Self::Protocol(_) | Self::Hello(_) | Self::Receipt(_))
     }
 
     fn wire(e: WireError) -> Self {

@@ -19,11 +19,15 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
+
+use crate::net::addr::is_virtual;
+use crate::net::paths::Paths;
+use crate::util::{lock, RateWindow, Tasks};
 
 /// STUN requests answered per second at most: a binding response is about
 /// twice its request's size, so an unbounded answerer could be used to
@@ -48,10 +52,10 @@ pub struct StunStats {
 pub struct StunSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     responses: mpsc::Sender<StunResponse>,
-    window: Mutex<(Instant, u32)>,
+    window: Mutex<RateWindow>,
     pub stats: Arc<StunStats>,
     /// Relayed paths, reached through virtual addresses.
-    pub paths: Arc<crate::net::paths::Paths>,
+    pub paths: Arc<Paths>,
     /// Which source `poll_recv` reads first, alternating, so neither the
     /// socket nor the relayed paths can starve the other.
     relayed_first: AtomicBool,
@@ -67,16 +71,23 @@ impl fmt::Debug for StunSocket {
 
 impl StunSocket {
     /// Wraps `inner`; binding responses go to the returned receiver.
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>) -> (Arc<Self>, mpsc::Receiver<StunResponse>) {
+    pub fn new(
+        inner: Arc<dyn AsyncUdpSocket>,
+        tasks: Tasks,
+    ) -> (Arc<Self>, mpsc::Receiver<StunResponse>) {
         let (responses, rx) = mpsc::channel(STUN_RESPONSE_QUEUE);
         let v6 = inner.local_addr().is_ok_and(|a| a.is_ipv6());
         (
             Arc::new(Self {
                 inner,
                 responses,
-                window: Mutex::new((Instant::now(), 0)),
+                window: Mutex::new(RateWindow::new(
+                    Duration::from_secs(1),
+                    MAX_STUN_ANSWERS_PER_SECOND,
+                    Instant::now(),
+                )),
                 stats: Arc::default(),
-                paths: crate::net::paths::Paths::new(v6),
+                paths: Paths::new(v6, tasks),
                 relayed_first: AtomicBool::new(false),
             }),
             rx,
@@ -96,13 +107,7 @@ impl StunSocket {
     }
 
     fn allow_answer(&self) -> bool {
-        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if now.duration_since(w.0).as_secs() >= 1 {
-            *w = (now, 0);
-        }
-        w.1 += 1;
-        w.1 <= MAX_STUN_ANSWERS_PER_SECOND
+        lock(&self.window).allow(Instant::now())
     }
 
     /// Handles one STUN datagram.
@@ -148,7 +153,7 @@ impl StunSocket {
             let m = meta[i];
             // A coalesced batch (GRO) holds several datagrams of one flow,
             // always QUIC.
-            if crate::net::addr::is_virtual(&m.addr) {
+            if is_virtual(&m.addr) {
                 // Only relayed paths speak from these addresses; a real
                 // datagram claiming one is forged.
                 continue;

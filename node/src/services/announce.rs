@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypha_dht::ProviderRecord;
-use tokio::sync::watch;
 
+use crate::identity::Identity;
 use crate::services::dht::Discovery;
-use crate::util::unix_ms;
+use crate::services::reach::Reachability;
+use crate::services::relay_client::RelayClient;
+use crate::services::relay_server::RelayService;
+use crate::util::{unix_ms, Tasks};
 
 /// Lifetime of the provider records a seeder publishes.
 pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(10 * 60);
@@ -28,9 +31,9 @@ pub struct Announcement {
     pub explicit: bool,
     /// Otherwise the NAT's public address for us, once peers agree on it,
     /// goes first.
-    pub reach: Option<Arc<crate::services::reach::Reachability>>,
+    pub reach: Option<Arc<Reachability>>,
     /// Relays the node holds reservations at, named in its records.
-    pub relays: Option<Arc<crate::services::relay_client::RelayClient>>,
+    pub relays: Option<Arc<RelayClient>>,
     /// Also list the names under the catalog key (models do; the relay
     /// service does not).
     pub catalog: bool,
@@ -46,6 +49,17 @@ pub struct Announcement {
 pub trait Capacity: Send + Sync {
     fn free_slots(&self) -> u32;
     fn decode_tokens_per_s(&self) -> u32;
+}
+
+impl Capacity for RelayService {
+    /// A relay's record tells how many more reservations it takes.
+    fn free_slots(&self) -> u32 {
+        self.free()
+    }
+
+    fn decode_tokens_per_s(&self) -> u32 {
+        0
+    }
 }
 
 impl Announcement {
@@ -83,15 +97,15 @@ impl Announcement {
 /// How often a publisher checks whether its addresses changed.
 const ADDRS_CHECK: Duration = Duration::from_secs(1);
 
-/// Publishes the seeder's records until `shutdown`, republishing at half
+/// Publishes the seeder's records until the node stops, republishing at half
 /// their lifetime, and at once when its addresses change (its NAT's public
 /// address became known).
 pub async fn publish_loop(
     discovery: Discovery,
-    identity: Arc<crate::identity::Identity>,
+    identity: Arc<Identity>,
     what: Announcement,
     capacity: Arc<dyn Capacity>,
-    mut shutdown: watch::Receiver<bool>,
+    tasks: Tasks,
 ) {
     let half_life = what.ttl / 2;
     let mut retry = PUBLISH_RETRY;
@@ -149,7 +163,7 @@ pub async fn publish_loop(
                 .saturating_duration_since(tokio::time::Instant::now())
                 .min(ADDRS_CHECK);
             tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => return,
+                () = tasks.stopping() => return,
                 () = tokio::time::sleep(step) => {}
             }
         }

@@ -23,12 +23,12 @@ use hypha_dht::codec::{reply_from_wire, request_to_wire};
 use hypha_dht::{Contact, Dht, Event, ProviderRecord, QueryId, QueryResult, Request, Response};
 use hypha_ledger::VerifiedReceipt;
 use hypha_wire::{ArchivedMessage, Message, NodeId};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::net::addr::PeerAddr;
+use crate::net::addr::{is_virtual, PeerAddr};
 use crate::net::pool::Connections;
 use crate::net::proto::{FramedRecv, FramedSend, PeerError};
-use crate::util::unix_ms;
+use crate::util::{unix_ms, Tasks};
 
 /// Commands waiting for the DHT task: peers' requests and replies arrive
 /// here, so the bound caps the work a burst of peers can queue.
@@ -40,9 +40,11 @@ pub const RPC_TIMEOUT: Duration = Duration::from_millis(hypha_dht::REQUEST_TIMEO
 /// Shorter than [`RPC_TIMEOUT`], so a busy node refuses before its
 /// requester gives up.
 const ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
+const _: () = assert!(ANSWER_TIMEOUT.as_millis() < RPC_TIMEOUT.as_millis());
 /// A lookup that has not finished by then is given up (its caller gets
 /// nothing).
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+const _: () = assert!(RPC_TIMEOUT.as_millis() < LOOKUP_TIMEOUT.as_millis());
 /// How often a node whose routing table is empty asks its bootstrap nodes
 /// again (they may have started after it).
 pub const BOOTSTRAP_RETRY: Duration = Duration::from_secs(3);
@@ -52,6 +54,8 @@ pub const REJOIN_EVERY: Duration = Duration::from_secs(30);
 /// Settled receipts waiting to be published; beyond it the oldest
 /// waiting are dropped from publication (they stay in both ledgers).
 pub const RECEIPT_QUEUE: usize = 4096;
+// One batch never needs more than the queue holds.
+const _: () = assert!(hypha_dht::receipts::MAX_RECEIPTS_PER_PUT <= RECEIPT_QUEUE);
 /// How long receipts gather before a batch is published.
 const RECEIPT_BATCH_WAIT: Duration = Duration::from_millis(200);
 /// A snapshot of the DHT for `/v1/network`.
@@ -130,7 +134,7 @@ impl Discovery {
         local: Contact,
         conns: Arc<Connections>,
         bootstrap: Vec<PeerAddr>,
-        shutdown: watch::Receiver<bool>,
+        tasks: Tasks,
     ) -> Self {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let mut seed = [0u8; 8];
@@ -147,14 +151,14 @@ impl Discovery {
                 addr: p.addr,
             })
             .collect();
-        tokio::spawn(run(dht, rx, tx.clone(), conns, bootstrap, shutdown.clone()));
+        tasks.spawn(run(dht, rx, tx.clone(), conns, bootstrap, tasks.clone()));
         let (receipts, queue) = mpsc::channel(RECEIPT_QUEUE);
         let me = Self {
             tx,
             receipts,
             local,
         };
-        tokio::spawn(publish_receipts(me.clone(), queue, shutdown));
+        tasks.spawn(publish_receipts(me.clone(), queue, tasks.clone()));
         me
     }
 
@@ -262,7 +266,7 @@ async fn run(
     tx: mpsc::Sender<Cmd>,
     conns: Arc<Connections>,
     bootstrap: Vec<Contact>,
-    mut shutdown: watch::Receiver<bool>,
+    tasks: Tasks,
 ) {
     let mut waiters: HashMap<QueryId, Waiter> = HashMap::new();
     let mut next_bootstrap = unix_ms();
@@ -299,7 +303,7 @@ async fn run(
         let sleep = Duration::from_millis(wake.saturating_sub(now).min(60_000));
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|s| *s) => break,
+            () = tasks.stopping() => break,
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 handle(&mut dht, cmd, &mut waiters);
@@ -313,7 +317,7 @@ async fn run(
         while let Some(t) = dht.poll_transmit() {
             let conns = conns.clone();
             let tx = tx.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let peer = PeerAddr {
                     id: t.to.id,
                     addr: t.to.addr,
@@ -381,7 +385,7 @@ fn handle(dht: &mut Dht, cmd: Cmd, waiters: &mut HashMap<QueryId, Waiter>) {
             request,
             reply,
         } => {
-            let answer = if crate::net::addr::is_virtual(&from.addr) {
+            let answer = if is_virtual(&from.addr) {
                 dht.handle_request_unlisted(now, from, request)
             } else {
                 dht.handle_request(now, from, request)
@@ -470,11 +474,11 @@ async fn rpc(
 async fn publish_receipts(
     discovery: Discovery,
     mut queue: mpsc::Receiver<VerifiedReceipt>,
-    mut shutdown: watch::Receiver<bool>,
+    tasks: Tasks,
 ) {
     loop {
         let first = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
+            () = tasks.stopping() => return,
             r = queue.recv() => match r {
                 Some(r) => r,
                 None => return,

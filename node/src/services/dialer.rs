@@ -1,24 +1,35 @@
 //! How this node reaches a provider: the open connection; else a direct
 //! dial (a hole punched first when its record says it sits behind a NAT);
-//! else one of the relays its record names, with a direct path tried again
-//! in the background and swapped in once it opens.
+//! else, when no direct path opened within [`DIRECT_BUDGET`], one of the
+//! relays its record names, with a direct path tried again in the
+//! background ([`UPGRADE_FIRST_WAIT`], doubling) and swapped in once it
+//! opens; the relayed connection closes when this node's requests on it are
+//! done.
+//!
+//! The dialer also keeps what the node saw of each peer lately (failures in
+//! a row, peers no direct path opened to) and counts this node's requests
+//! running on each seeder and connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hypha_wire::NodeId;
 
 use crate::identity::Identity;
-use crate::inference::route::{Candidate, Connections, Peers};
 use crate::metrics::Metrics;
-use crate::net::addr::PeerAddr;
+use crate::net::addr::{is_virtual, PeerAddr};
 use crate::net::hello::VerifiedHello;
+use crate::net::paths::PathGuard;
+use crate::net::pool::Connections;
 use crate::net::proto::{PeerError, CLOSE_NORMAL};
 use crate::services::dht::Discovery;
-use crate::util::lock;
+use crate::services::punch;
+use crate::services::reach::Reachability;
+use crate::services::relay_client::connect_via;
+use crate::util::{lock, BoundedMap, Overflow, Tasks};
 
 /// The most time spent asking for a punch before dialing a provider.
 pub const PUNCH_BUDGET: Duration = Duration::from_secs(3);
@@ -35,7 +46,14 @@ pub const UPGRADE_MAX_WAIT: Duration = Duration::from_secs(5 * 60);
 const DRAIN_CHECK: Duration = Duration::from_secs(2);
 /// ... and at the latest after this long.
 const DRAIN_MAX: Duration = Duration::from_secs(10 * 60);
-/// How long a failure counts against a provider in [`score`].
+
+// A punch request leaves time for the dial inside the direct budget, and
+// the waits grow toward their caps.
+const _: () = assert!(PUNCH_BUDGET.as_millis() < DIRECT_BUDGET.as_millis());
+const _: () = assert!(UPGRADE_FIRST_WAIT.as_millis() <= UPGRADE_MAX_WAIT.as_millis());
+const _: () = assert!(DRAIN_CHECK.as_millis() < DRAIN_MAX.as_millis());
+/// How long a failure counts against a provider (in routing's score, and
+/// for its relays).
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(120);
 /// Health entries kept (one per provider tried).
 const MAX_HEALTH: usize = 4096;
@@ -51,27 +69,32 @@ pub struct Health {
 /// This node's requests running per seeder.
 #[derive(Default)]
 pub(crate) struct Running(
-    pub(crate) std::sync::Mutex<HashMap<NodeId, u32>>,
+    std::sync::Mutex<HashMap<NodeId, u32>>,
     /// By connection (`stable_id`): a relayed connection replaced by a
     /// direct one closes when its last request ends.
     std::sync::Mutex<HashMap<usize, u32>>,
 );
 
 impl Running {
+    /// This node's requests running on `peer`.
+    fn on_peer(&self, peer: &NodeId) -> u32 {
+        lock(&self.0).get(peer).copied().unwrap_or(0)
+    }
+
     fn on(&self, conn: &quinn::Connection) -> u32 {
         lock(&self.1).get(&conn.stable_id()).copied().unwrap_or(0)
     }
 }
 
 /// Counts one request on a seeder (and its connection) until dropped.
-pub(crate) struct RunningGuard {
+pub struct RunningGuard {
     running: Arc<Running>,
     peer: NodeId,
     conn: usize,
 }
 
 impl RunningGuard {
-    pub(crate) fn new(running: &Arc<Running>, peer: NodeId, conn: &quinn::Connection) -> Self {
+    fn new(running: &Arc<Running>, peer: NodeId, conn: &quinn::Connection) -> Self {
         *lock(&running.0).entry(peer).or_default() += 1;
         *lock(&running.1).entry(conn.stable_id()).or_default() += 1;
         Self {
@@ -103,21 +126,212 @@ impl Drop for RunningGuard {
     }
 }
 
-/// What punching and upgrading need of a node, owned, for background
-/// tasks.
-struct Puncher {
-    conns: Arc<Connections>,
-    discovery: Option<Discovery>,
-    reach: Option<Arc<crate::services::reach::Reachability>>,
-    identity: Arc<Identity>,
-    metrics: Arc<Metrics>,
-    no_direct: Arc<std::sync::Mutex<HashMap<NodeId, Instant>>>,
-    running: Arc<Running>,
+/// A provider to reach: where, whether to punch first, its relays.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub addr: &'a PeerAddr,
+    /// Its record named several addresses (its own and its NAT's): it sits
+    /// behind a NAT, so a hole is punched before dialing it.
+    pub punch: bool,
+    /// Relays its record names: used when no direct path opens within
+    /// [`DIRECT_BUDGET`].
+    pub relays: &'a [PeerAddr],
 }
 
-impl Puncher {
-    /// See [`Peers::punch`]; true when a rendezvous forwarded the request
-    /// and the target took it.
+/// This node's way to its peers, shared by every request and the
+/// background upgrades it starts.
+pub struct Dialer {
+    conns: Arc<Connections>,
+    discovery: Option<Discovery>,
+    /// This node's own candidates, for punch requests.
+    reach: Option<Arc<Reachability>>,
+    identity: Arc<Identity>,
+    metrics: Arc<Metrics>,
+    health: Mutex<BoundedMap<NodeId, Health>>,
+    /// Peers no direct path opened to lately (reached through a relay):
+    /// the next connection goes to their relays first.
+    no_direct: Mutex<BoundedMap<NodeId, Instant>>,
+    running: Arc<Running>,
+    tasks: Tasks,
+}
+
+/// A failure older than [`FAILURE_MEMORY`] counts for nothing.
+fn forgotten(h: &Health) -> bool {
+    h.last_failure.is_none_or(|t| t.elapsed() >= FAILURE_MEMORY)
+}
+
+impl Dialer {
+    pub fn new(
+        conns: Arc<Connections>,
+        discovery: Option<Discovery>,
+        reach: Option<Arc<Reachability>>,
+        identity: Arc<Identity>,
+        metrics: Arc<Metrics>,
+        tasks: Tasks,
+    ) -> Self {
+        Self {
+            conns,
+            discovery,
+            reach,
+            identity,
+            metrics,
+            health: Mutex::new(BoundedMap::new(MAX_HEALTH, Overflow::Refuse)),
+            no_direct: Mutex::new(BoundedMap::new(MAX_HEALTH, Overflow::Refuse)),
+            running: Arc::default(),
+            tasks,
+        }
+    }
+
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.conns
+    }
+
+    /// Health as this node saw it.
+    pub fn health(&self, id: &NodeId) -> Health {
+        lock(&self.health).get(id).copied().unwrap_or_default()
+    }
+
+    /// Counts a failure of `id`.
+    pub fn failed(&self, id: NodeId) {
+        let mut h = lock(&self.health);
+        if let Some(e) = h.get_or_insert_with(id, forgotten, Health::default) {
+            e.failures = e.failures.saturating_add(1);
+            e.last_failure = Some(Instant::now());
+        }
+    }
+
+    pub fn succeeded(&self, id: &NodeId) {
+        lock(&self.health).remove(id);
+    }
+
+    /// This node's requests running on `peer` now.
+    pub fn running_on(&self, peer: &NodeId) -> u32 {
+        self.running.on_peer(peer)
+    }
+
+    /// Counts a request on `peer` over `conn` until the guard is dropped.
+    pub fn count_request(&self, peer: NodeId, conn: &quinn::Connection) -> RunningGuard {
+        RunningGuard::new(&self.running, peer, conn)
+    }
+
+    /// The connection to `t`: the open one; else a direct dial (a hole
+    /// punched first when `t.punch`); else, when no direct path opened
+    /// within [`DIRECT_BUDGET`], through one of `t.relays`, with a direct
+    /// path tried again in the background.
+    pub async fn connect(
+        self: &Arc<Self>,
+        t: Target<'_>,
+        fresh: bool,
+    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
+        let peer = t.addr.id;
+        let live = self.conns.live(&peer).is_some();
+        if live && !fresh {
+            // The open connection, whatever path it takes.
+            return self.conns.get_at(t.addr, false, false).await;
+        }
+        let started = Instant::now();
+        let direct = || async {
+            let punched = t.punch
+                && tokio::time::timeout(PUNCH_BUDGET, self.punch(peer))
+                    .await
+                    .unwrap_or(false);
+            let got = self.conns.get(t.addr, fresh).await;
+            if got.is_ok() && punched {
+                self.punched(started);
+            }
+            got
+        };
+        let skip_direct = !t.relays.is_empty()
+            && lock(&self.no_direct)
+                .get(&peer)
+                .is_some_and(|at| at.elapsed() < FAILURE_MEMORY);
+        let direct_failed = if skip_direct {
+            // A background task keeps trying the direct path.
+            PeerError::Unreachable(format!("no direct path to {} lately", t.addr))
+        } else if t.relays.is_empty() {
+            return direct().await;
+        } else {
+            match tokio::time::timeout(DIRECT_BUDGET, direct()).await {
+                Ok(Ok(got)) => return Ok(got),
+                Ok(Err(e)) => e,
+                Err(_) => PeerError::Unreachable(format!(
+                    "no direct path to {} within {DIRECT_BUDGET:?}",
+                    t.addr
+                )),
+            }
+        };
+        if self.conns.live(&peer).is_some() {
+            // A connection opened meanwhile (the DHT dialed the peer at an
+            // address its NAT opened toward this node).
+            return self.conns.get_at(t.addr, false, false).await;
+        }
+        tracing::info!(%peer, "no direct path ({direct_failed}); trying its relays");
+        lock(&self.no_direct).insert(peer, Instant::now(), |at| at.elapsed() >= FAILURE_MEMORY);
+        let mut last = direct_failed;
+        // Relays that failed lately go last.
+        let mut relays = t.relays.to_vec();
+        relays.sort_by_key(|r| self.health(&r.id).failures);
+        for relay in &relays {
+            match self.relayed(peer, relay, false).await {
+                Ok((conn, hello)) => {
+                    tracing::info!(%peer, via = %relay.id, "connected through a relay");
+                    let me = self.clone();
+                    let direct = t.addr.clone();
+                    let relayed = conn.clone();
+                    let punch = t.punch;
+                    self.tasks.spawn(async move {
+                        me.upgrade(direct, relayed, punch).await;
+                    });
+                    return Ok((conn, hello));
+                }
+                Err(e) => {
+                    tracing::info!(%peer, via = %relay.id, "relay gave no path: {e}");
+                    self.failed(relay.id);
+                    last = e;
+                }
+            }
+        }
+        if skip_direct {
+            // Every relay failed: the direct path is the last chance.
+            return direct().await;
+        }
+        Err(last)
+    }
+
+    /// A connection to `target` through `relay`; an open connection to it
+    /// (made meanwhile, by another request or the DHT) is used instead,
+    /// unless `fresh` asks to replace it.
+    pub async fn relayed(
+        &self,
+        target: NodeId,
+        relay: &PeerAddr,
+        fresh: bool,
+    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
+        let paths = self.conns.endpoint().paths();
+        let addr = connect_via(&self.conns, paths, relay, target).await?;
+        debug_assert!(is_virtual(&addr));
+        // Closes the path unless a connection over it came of it, also when
+        // this future is dropped half way.
+        let path = PathGuard::new(paths, addr);
+        let (conn, hello) = self
+            .conns
+            .get_at(&PeerAddr { id: target, addr }, fresh, true)
+            .await?;
+        if path.keep(&conn) {
+            self.metrics.relayed_dials.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((conn, hello))
+    }
+
+    /// A punched direct path opened, `started` ago.
+    fn punched(&self, started: Instant) {
+        self.metrics.punch_successes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.direct_path.observe(started.elapsed());
+    }
+
+    /// Asks `target` (through rendezvous nodes near it in the DHT) to dial
+    /// this node's candidates, so the dial that follows meets an open hole;
+    /// true when a rendezvous forwarded the request and the target took it.
     async fn punch(&self, target: NodeId) -> bool {
         let (Some(d), Some(reach)) = (&self.discovery, &self.reach) else {
             return false;
@@ -135,8 +349,8 @@ impl Puncher {
                 .collect(),
             None => Vec::new(),
         };
-        let req = crate::services::punch::request(&self.identity, target, &mine);
-        let ok = crate::services::punch::ask(&self.conns, &rendezvous, &req).await;
+        let req = punch::request(&self.identity, target, &mine);
+        let ok = punch::ask(&self.conns, &rendezvous, &req).await;
         self.metrics.punch_attempts.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%target, forwarded = ok, "punch requested");
         ok
@@ -194,147 +408,5 @@ impl Puncher {
             }
             wait = (wait * 2).min(UPGRADE_MAX_WAIT);
         }
-    }
-}
-
-impl Peers {
-    /// Health as this node saw it.
-    pub fn health(&self, id: &NodeId) -> Health {
-        lock(&self.health).get(id).copied().unwrap_or_default()
-    }
-
-    pub(crate) fn failed(&self, id: NodeId) {
-        let mut h = lock(&self.health);
-        if h.len() >= MAX_HEALTH && !h.contains_key(&id) {
-            // Failures older than FAILURE_MEMORY no longer count.
-            h.retain(|_, v| v.last_failure.is_some_and(|t| t.elapsed() < FAILURE_MEMORY));
-            if h.len() >= MAX_HEALTH {
-                return;
-            }
-        }
-        let e = h.entry(id).or_default();
-        e.failures = e.failures.saturating_add(1);
-        e.last_failure = Some(Instant::now());
-    }
-
-    pub(crate) fn succeeded(&self, id: &NodeId) {
-        lock(&self.health).remove(id);
-    }
-
-    /// Asks `target` (through rendezvous nodes near it in the DHT) to dial
-    /// this node's candidates, so the dial that follows meets an open hole.
-    async fn punch(&self, target: NodeId) -> bool {
-        self.puncher().punch(target).await
-    }
-
-    fn puncher(&self) -> Puncher {
-        Puncher {
-            conns: self.conns.clone(),
-            discovery: self.discovery.clone(),
-            reach: self.reach.clone(),
-            identity: self.party.identity.clone(),
-            metrics: self.metrics.clone(),
-            no_direct: self.no_direct.clone(),
-            running: self.running.clone(),
-        }
-    }
-
-    /// The connection to provider `c`: the open one; else a direct dial
-    /// (a hole punched first when its record says it sits behind a NAT);
-    /// else, when no direct path opened within [`DIRECT_BUDGET`], through
-    /// one of the relays its record names, with a direct path tried again
-    /// in the background.
-    pub(crate) async fn connect(
-        &self,
-        c: &Candidate,
-        fresh: bool,
-    ) -> Result<(quinn::Connection, Arc<VerifiedHello>), PeerError> {
-        let peer = c.addr.id;
-        let live = self.conns.live(&peer).is_some();
-        if live && !fresh {
-            // The open connection, whatever path it takes.
-            return self.conns.get_at(&c.addr, false, false).await;
-        }
-        let started = Instant::now();
-        let direct = || async {
-            let punched = c.punch
-                && tokio::time::timeout(PUNCH_BUDGET, self.punch(peer))
-                    .await
-                    .unwrap_or(false);
-            let got = self.conns.get(&c.addr, fresh).await;
-            if got.is_ok() && punched {
-                self.punched(started);
-            }
-            got
-        };
-        let skip_direct = !c.relays.is_empty()
-            && lock(&self.no_direct)
-                .get(&peer)
-                .is_some_and(|t| t.elapsed() < FAILURE_MEMORY);
-        let direct_failed = if skip_direct {
-            // A background task keeps trying the direct path.
-            PeerError::Unreachable(format!("no direct path to {} lately", c.addr))
-        } else if c.relays.is_empty() {
-            return direct().await;
-        } else {
-            match tokio::time::timeout(DIRECT_BUDGET, direct()).await {
-                Ok(Ok(got)) => return Ok(got),
-                Ok(Err(e)) => e,
-                Err(_) => PeerError::Unreachable(format!(
-                    "no direct path to {} within {DIRECT_BUDGET:?}",
-                    c.addr
-                )),
-            }
-        };
-        if self.conns.live(&peer).is_some() {
-            // A connection opened meanwhile (the DHT dialed the peer at an
-            // address its NAT opened toward this node).
-            return self.conns.get_at(&c.addr, false, false).await;
-        }
-        tracing::info!(%peer, "no direct path ({direct_failed}); trying its relays");
-        {
-            let mut m = lock(&self.no_direct);
-            if m.len() >= MAX_HEALTH {
-                m.retain(|_, t| t.elapsed() < FAILURE_MEMORY);
-            }
-            if m.len() < MAX_HEALTH {
-                m.insert(peer, Instant::now());
-            }
-        }
-        let mut last = direct_failed;
-        // Relays that failed lately go last.
-        let mut relays = c.relays.clone();
-        relays.sort_by_key(|r| self.health(&r.id).failures);
-        for relay in &relays {
-            match self.conns.get_relayed(peer, relay, false).await {
-                Ok((conn, hello)) => {
-                    tracing::info!(%peer, via = %relay.id, "connected through a relay");
-                    let puncher = self.puncher();
-                    let direct = c.addr.clone();
-                    let relayed = conn.clone();
-                    let punch = c.punch;
-                    tokio::spawn(async move {
-                        puncher.upgrade(direct, relayed, punch).await;
-                    });
-                    return Ok((conn, hello));
-                }
-                Err(e) => {
-                    tracing::info!(%peer, via = %relay.id, "relay gave no path: {e}");
-                    self.failed(relay.id);
-                    last = e;
-                }
-            }
-        }
-        if skip_direct {
-            // Every relay failed: the direct path is the last chance.
-            return direct().await;
-        }
-        Err(last)
-    }
-
-    /// A punched direct path opened, `started` ago.
-    fn punched(&self, started: Instant) {
-        self.metrics.punch_successes.fetch_add(1, Ordering::Relaxed);
-        self.metrics.direct_path.observe(started.elapsed());
     }
 }

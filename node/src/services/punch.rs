@@ -12,16 +12,19 @@
 //! initiator did not name; requests are rate-limited per node.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::{Signature, Signer as _, Verifier as _, VerifyingKey};
 use hypha_wire::{ArchivedMessage, Message, NodeId, PunchRequest};
+use tokio::sync::mpsc;
 
 use crate::identity::Identity;
-use crate::inbound::Listener;
-use crate::inference::route::{Connections, PeerAddr};
-use crate::net::proto::{FramedRecv, FramedSend, PeerError};
-use crate::util::unix_ms;
+use crate::net::addr::PeerAddr;
+use crate::net::hello::check_pow;
+use crate::net::pool::Connections;
+use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError};
+use crate::util::{lock, unix_ms, RateWindow, Tasks};
 
 /// How old (or how far in the future) a request may be: it is acted on
 /// within a round trip; this allows for clock skew.
@@ -95,7 +98,7 @@ async fn send(conn: &quinn::Connection, req: &PunchRequest) -> Result<u16, PeerE
         ArchivedMessage::PunchReply(p) => Ok(p.code.to_native()),
         other => Err(PeerError::Protocol(format!(
             "{} in answer to a punch request",
-            crate::net::proto::kind_of(other)
+            kind_of(other)
         ))),
     })
     .await?
@@ -121,28 +124,92 @@ pub async fn ask(conns: &Connections, rendezvous: &[PeerAddr], req: &PunchReques
     false
 }
 
-fn allowed(state: &Listener) -> bool {
-    let mut w = state.punches.lock().unwrap_or_else(|e| e.into_inner());
-    let now = std::time::Instant::now();
-    if now.duration_since(w.0) >= Duration::from_secs(1) {
-        *w = (now, 0);
-    }
-    w.1 += 1;
-    w.1 <= MAX_PUNCHES_PER_SECOND
-}
-
 /// Punch dials waiting for the dialer: more are refused (429).
 pub const PUNCH_QUEUE: usize = 64;
 
+/// An accepted punch request, for the dialer task: the initiator and its
+/// candidates.
+pub type PunchDial = (NodeId, Vec<SocketAddr>);
+
+/// The punch requests this node handles, as a rendezvous and as a target.
+pub struct Punches {
+    me: NodeId,
+    /// Proof of work required of an initiator's identity.
+    pow_bits: u32,
+    conns: Arc<Connections>,
+    /// Punch requests handled in the current second.
+    window: Mutex<RateWindow>,
+    dials: mpsc::Sender<PunchDial>,
+}
+
+impl Punches {
+    /// The service, and the queue of dials it accepts for [`dialer`].
+    pub fn new(
+        me: NodeId,
+        pow_bits: u32,
+        conns: Arc<Connections>,
+    ) -> (Self, mpsc::Receiver<PunchDial>) {
+        let (dials, queue) = mpsc::channel(PUNCH_QUEUE);
+        let window = RateWindow::new(
+            Duration::from_secs(1),
+            MAX_PUNCHES_PER_SECOND,
+            Instant::now(),
+        );
+        (
+            Self {
+                me,
+                pow_bits,
+                conns,
+                window: Mutex::new(window),
+                dials,
+            },
+            queue,
+        )
+    }
+
+    /// Handles a punch request that arrived from `from`: as its target,
+    /// queues a dial to the initiator; as a rendezvous, forwards it. The
+    /// answer's code.
+    pub async fn handle(&self, req: PunchRequest, from: NodeId) -> u16 {
+        if !lock(&self.window).allow(Instant::now()) {
+            return 429;
+        }
+        let (initiator, candidates) = match check(&req, unix_ms()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(%from, "{e}");
+                return 400;
+            }
+        };
+        // Identities cost proof of work here as everywhere: a punch makes the
+        // target dial, and free identities could make it dial without end.
+        if check_pow(&initiator, self.pow_bits).is_err() {
+            tracing::info!(%from, %initiator, "punch request from an identity without proof of work");
+            return 400;
+        }
+        if NodeId(req.target) == self.me {
+            tracing::debug!(%initiator, ?candidates, "punching toward a peer");
+            return match self.dials.try_send((initiator, candidates)) {
+                Ok(()) => 200,
+                Err(_) => 429,
+            };
+        }
+        let Some(conn) = self.conns.connection_to(&NodeId(req.target)) else {
+            return 404;
+        };
+        match tokio::time::timeout(PUNCH_REPLY_TIMEOUT, send(&conn, &req)).await {
+            Ok(Ok(code)) => code,
+            _ => 502,
+        }
+    }
+}
+
 /// Dials the initiators of accepted punch requests, each candidate in turn
 /// until one connects, until the queue closes.
-pub async fn dialer(
-    conns: std::sync::Arc<Connections>,
-    mut queue: tokio::sync::mpsc::Receiver<(NodeId, Vec<SocketAddr>)>,
-) {
+pub async fn dialer(conns: Arc<Connections>, mut queue: mpsc::Receiver<PunchDial>, tasks: Tasks) {
     while let Some((initiator, candidates)) = queue.recv().await {
         let conns = conns.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             for addr in candidates {
                 let peer = PeerAddr {
                     id: initiator,
@@ -158,40 +225,5 @@ pub async fn dialer(
                 }
             }
         });
-    }
-}
-
-/// Handles a punch request that arrived from `from`: as its target, dials
-/// the initiator; as a rendezvous, forwards it. The answer's code.
-pub async fn handle(state: &Listener, req: PunchRequest, from: NodeId) -> u16 {
-    if !allowed(state) {
-        return 429;
-    }
-    let (initiator, candidates) = match check(&req, unix_ms()) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::info!(%from, "{e}");
-            return 400;
-        }
-    };
-    // Identities cost proof of work here as everywhere: a punch makes the
-    // target dial, and free identities could make it dial without end.
-    if crate::net::hello::check_pow(&initiator, state.pow_bits).is_err() {
-        tracing::info!(%from, %initiator, "punch request from an identity without proof of work");
-        return 400;
-    }
-    if NodeId(req.target) == state.me {
-        tracing::debug!(%initiator, ?candidates, "punching toward a peer");
-        return match state.punch_dials.try_send((initiator, candidates)) {
-            Ok(()) => 200,
-            Err(_) => 429,
-        };
-    }
-    let Some(conn) = state.connection_to(&NodeId(req.target)) else {
-        return 404;
-    };
-    match tokio::time::timeout(PUNCH_REPLY_TIMEOUT, send(&conn, &req)).await {
-        Ok(Ok(code)) => code,
-        _ => 502,
     }
 }

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hypha_nat::{Candidate, Mapping, Observation, Prober};
-use tokio::sync::watch;
 
 use crate::net::endpoint::Endpoint;
+use crate::net::socket::StunStats;
 use crate::services::dht::Discovery;
+use crate::util::Tasks;
 
 /// Between rounds while the mapping is unknown.
 pub const PROBE_EVERY_UNKNOWN: Duration = Duration::from_secs(15);
@@ -46,11 +47,11 @@ pub struct ReachView {
 pub struct Reachability {
     view: Mutex<ReachView>,
     /// The QUIC socket's STUN counters.
-    pub stun: Arc<crate::net::socket::StunStats>,
+    pub stun: Arc<StunStats>,
 }
 
 impl Reachability {
-    pub fn new(local: SocketAddr, stun: Arc<crate::net::socket::StunStats>) -> Self {
+    pub fn new(local: SocketAddr, stun: Arc<StunStats>) -> Self {
         Self {
             view: Mutex::new(ReachView {
                 local,
@@ -74,13 +75,13 @@ impl Reachability {
     }
 }
 
-/// Probes until `shutdown`.
+/// Probes until the node stops.
 pub async fn run(
     endpoint: Arc<Endpoint>,
     discovery: Discovery,
     stun_servers: Vec<SocketAddr>,
     reach: Arc<Reachability>,
-    mut shutdown: watch::Receiver<bool>,
+    tasks: Tasks,
 ) {
     let Some(mut responses) = endpoint.take_stun_responses() else {
         return;
@@ -100,7 +101,7 @@ pub async fn run(
         let sleep = Duration::from_millis(wake.saturating_sub(now));
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|s| *s) => return,
+            () = tasks.stopping() => return,
             r = responses.recv() => {
                 let Some((from, bytes)) = r else { return };
                 match prober.handle_response(from, &bytes, ms(Instant::now())) {
@@ -115,7 +116,7 @@ pub async fn run(
             () = tokio::time::sleep(sleep) => {}
         }
         // Timer work runs outside the select: its output holds the
-        // shutdown watch's guard type, which must not live across an await.
+        // stop future's guard type, which must not live across an await.
         let now = ms(Instant::now());
         if prober.poll_timeout().is_some_and(|t| t <= now) {
             prober.handle_timeout(now);

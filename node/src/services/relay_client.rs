@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use hypha_dht::Contact;
 use hypha_wire::{Message, NodeId, RelayConnect, RelayReserve};
-use tokio::sync::watch;
 
 use crate::net::addr::PeerAddr;
 use crate::net::paths::Paths;
 use crate::net::pool::Connections;
 use crate::net::proto::{FramedRecv, FramedSend, PeerError};
+use crate::services::dht::Discovery;
+use crate::services::reach::Reachability;
 use crate::services::relay_server::{read_reply, MAX_SESSIONS_PER_PEER, RELAY_SETUP_TIMEOUT};
-use crate::util::lock;
+use crate::util::{lock, Tasks};
 
 /// Relays a node behind a NAT holds reservations at: one to use, one in
 /// case it goes away.
@@ -25,6 +26,7 @@ pub const RELAYS_PER_NODE: usize = 2;
 const RESERVE_CHECK: Duration = Duration::from_secs(2);
 /// ... backing off to this while no relay can be found or will reserve.
 const RESERVE_BACKOFF_MAX: Duration = Duration::from_secs(60);
+const _: () = assert!(RESERVE_CHECK.as_millis() <= RESERVE_BACKOFF_MAX.as_millis());
 /// Asks `relay` for a path to `target`: the path's virtual address.
 pub async fn connect_via(
     conns: &Connections,
@@ -113,14 +115,14 @@ async fn reserve_at(conns: &Connections, relay: &PeerAddr) -> Result<quinn::Conn
 
 /// Keeps [`RELAYS_PER_NODE`] reservations while the node needs them
 /// (configured relays, or relays from the DHT once peers see it behind a
-/// NAT), until `shutdown`.
+/// NAT), until the node stops.
 pub async fn keep_reservations(
     client: Arc<RelayClient>,
     conns: Arc<Connections>,
-    discovery: crate::services::dht::Discovery,
-    reach: Arc<crate::services::reach::Reachability>,
+    discovery: Discovery,
+    reach: Arc<Reachability>,
     me: NodeId,
-    mut shutdown: watch::Receiver<bool>,
+    tasks: Tasks,
 ) {
     let mut wait = RESERVE_CHECK;
     loop {
@@ -174,7 +176,7 @@ pub async fn keep_reservations(
             RESERVE_CHECK
         };
         tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
+            () = tasks.stopping() => return,
             () = tokio::time::sleep(wait) => {}
         }
     }

@@ -23,8 +23,8 @@ use bytes::Bytes;
 use hypha_wire::{ArchivedMessage, Message, NodeId, RelayIncoming, RelayReply};
 
 use crate::net::paths::{PATH_IDLE, READ_CHUNK_BYTES};
-use crate::net::proto::{FramedRecv, FramedSend, PeerError};
-use crate::util::lock;
+use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError};
+use crate::util::{lock, TokenBucket};
 
 /// How long a relay, and the node it asks, may take to set a path up.
 pub const RELAY_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -40,6 +40,10 @@ pub const MAX_SESSIONS_PER_TARGET: usize = 64;
 pub const MAX_SESSIONS_PER_PAIR: usize = 2;
 /// Paths a relay carries at once.
 pub const MAX_RELAY_SESSIONS: usize = 512;
+// Each limit fits inside the next wider one.
+const _: () = assert!(MAX_SESSIONS_PER_PAIR <= MAX_SESSIONS_PER_PEER);
+const _: () = assert!(MAX_SESSIONS_PER_PEER <= MAX_SESSIONS_PER_TARGET);
+const _: () = assert!(MAX_SESSIONS_PER_TARGET <= MAX_RELAY_SESSIONS);
 /// Bytes per second a relay forwards for one peer by default: hundreds of
 /// token streams, or a long prompt in well under a second.
 pub const DEFAULT_RELAY_RATE: u64 = 4 * 1024 * 1024;
@@ -49,7 +53,7 @@ pub(crate) async fn read_reply(recv: &mut FramedRecv) -> Result<u16, PeerError> 
         ArchivedMessage::RelayReply(r) => Ok(r.code.to_native()),
         other => Err(PeerError::Protocol(format!(
             "{} in answer to a relay message",
-            crate::net::proto::kind_of(other)
+            kind_of(other)
         ))),
     })
     .await?
@@ -93,18 +97,13 @@ pub struct RelayStats {
     pub sessions: AtomicUsize,
 }
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// The relay this node runs for others (`hypha up --relay`).
 pub struct RelayService {
     config: RelayConfig,
     /// Reserved nodes: their connection and how many paths they take.
     reservations: Mutex<HashMap<NodeId, (quinn::Connection, usize)>>,
     /// Open paths per peer (either end), and their byte buckets.
-    sessions: Mutex<HashMap<NodeId, (usize, Bucket)>>,
+    sessions: Mutex<HashMap<NodeId, (usize, TokenBucket)>>,
     /// Open paths per (asker, target).
     pairs: Mutex<HashMap<(NodeId, NodeId), usize>>,
     capture: Option<Mutex<std::fs::File>>,
@@ -193,17 +192,10 @@ impl RelayService {
         }
         *pairs.entry((a, b)).or_default() += 1;
         for id in [a, b] {
-            let rate = self.config.bytes_per_second_per_peer as f64;
+            // A second's worth may pass at once.
+            let rate = self.config.bytes_per_second_per_peer;
             s.entry(id)
-                .or_insert_with(|| {
-                    (
-                        0,
-                        Bucket {
-                            tokens: rate,
-                            at: Instant::now(),
-                        },
-                    )
-                })
+                .or_insert_with(|| (0, TokenBucket::new(rate, rate, Instant::now())))
                 .0 += 1;
         }
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
@@ -216,20 +208,11 @@ impl RelayService {
     /// Takes `n` bytes from `peer`'s bucket: how long to wait before
     /// forwarding them.
     fn charge(&self, peer: &NodeId, n: usize) -> Duration {
-        let rate = self.config.bytes_per_second_per_peer.max(1) as f64;
         let mut s = lock(&self.sessions);
         let Some((_, b)) = s.get_mut(peer) else {
             return Duration::ZERO;
         };
-        let now = Instant::now();
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(rate);
-        b.at = now;
-        b.tokens -= n as f64;
-        if b.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-b.tokens / rate)
-        }
+        b.take(n as u64, Instant::now())
     }
 
     fn captured(&self, bytes: &[u8]) {
@@ -346,17 +329,6 @@ impl RelayService {
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             send.write_chunk(bytes).await?;
         }
-    }
-}
-
-impl crate::services::announce::Capacity for RelayService {
-    /// A relay's record tells how many more reservations it takes.
-    fn free_slots(&self) -> u32 {
-        self.free()
-    }
-
-    fn decode_tokens_per_s(&self) -> u32 {
-        0
     }
 }
 

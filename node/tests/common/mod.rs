@@ -284,6 +284,9 @@ pub fn lines_of(
     out: impl std::io::Read + Send + 'static,
     echo: Option<String>,
 ) -> std::sync::mpsc::Receiver<String> {
+    // Unbounded on purpose: the reader must never block, or the child
+    // would stall writing its log. A test's child writes a bounded log.
+    #[allow(clippy::disallowed_methods)]
     let (tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead as _;

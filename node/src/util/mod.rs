@@ -1,5 +1,12 @@
 //! L0: small mechanisms every layer uses, each written once: the clock,
-//! the lock helper, the crypto provider.
+//! the lock helper, the crypto provider, task ownership ([`Tasks`]) and
+//! bounded state ([`BoundedMap`], [`RateWindow`], [`TokenBucket`]).
+
+mod bounded;
+mod tasks;
+
+pub use bounded::{BoundedMap, Overflow, RateWindow, TokenBucket};
+pub use tasks::Tasks;
 
 /// Milliseconds since the Unix epoch: the clock provider records and
 /// receipts are dated by.

@@ -1,0 +1,102 @@
+//! What every handler shares ([`AppState`]): the local model, the peers,
+//! the node's services for the admin views, and the API key check.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::http::{header, HeaderMap, StatusCode};
+use hypha_engine::Engine;
+
+use crate::api::account::Account;
+use crate::api::errors::ApiError;
+use crate::inference::route::Peers;
+use crate::metrics::Metrics;
+use crate::net::paths::Paths;
+use crate::services::reach::Reachability;
+use crate::services::relay_client::RelayClient;
+use crate::services::relay_server::RelayService;
+
+/// A model this node runs itself.
+pub struct LocalModel {
+    pub engine: Engine,
+    pub model_id: String,
+    /// Other names requests may use for it (e.g. `default`).
+    pub aliases: Vec<String>,
+}
+
+impl LocalModel {
+    pub(crate) fn answers_to(&self, model: &str) -> bool {
+        model == self.model_id || self.aliases.iter().any(|a| a == model)
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub local: Option<LocalModel>,
+    pub peers: Option<Arc<Peers>>,
+    /// How peers see this node: NAT mapping and candidates.
+    pub reach: Option<Arc<Reachability>>,
+    /// The node's identity and receipts, when it talks to peers.
+    pub account: Option<Account>,
+    /// Relaying: the service this node runs, its own reservations, and
+    /// its relayed paths.
+    pub relay: Option<Arc<RelayService>>,
+    pub relay_client: Option<Arc<RelayClient>>,
+    pub paths: Option<Arc<Paths>>,
+    pub api_key: Option<String>,
+    pub metrics: Arc<Metrics>,
+    pub started: SystemTime,
+}
+
+/// Where a request runs.
+pub(crate) enum Route<'a> {
+    Local(&'a Engine),
+    Remote(&'a Peers),
+}
+
+impl AppState {
+    pub(crate) fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(key) = &self.api_key else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compare in constant time so the key cannot be guessed byte by byte.
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()));
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "missing or wrong API key (send Authorization: Bearer KEY)",
+            )
+            .code("invalid_api_key"))
+        }
+    }
+
+    /// The local engine when this node runs `model`, else the peers.
+    pub(crate) fn route(&self, model: &str) -> Result<Route<'_>, ApiError> {
+        if let Some(local) = self.local.as_ref().filter(|l| l.answers_to(model)) {
+            return Ok(Route::Local(&local.engine));
+        }
+        if let Some(peers) = &self.peers {
+            return Ok(Route::Remote(peers));
+        }
+        let serves = self.local.as_ref().map(|l| l.model_id.as_str());
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model {model:?} does not exist on this node; it serves {serves:?}"),
+        )
+        .code("model_not_found")
+        .param("model"))
+    }
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
