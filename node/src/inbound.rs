@@ -19,11 +19,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hypha_wire::{
-    ArchivedMessage, DhtReply, DhtRequest, ErrorReply, InferenceRequest, Message, NodeId,
+    ArchivedMessage, DhtReply, DhtRequest, ErrorReply, InferenceRequest, Message, NodeId, Refusal,
 };
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument as _;
 
+use crate::inference::convert::http_status;
 use crate::inference::serve::{serve_request, SeederState};
 use crate::metrics::Metrics;
 use crate::net::addr::is_virtual;
@@ -245,21 +246,21 @@ async fn serve_any(
         .await
         .map_err(|_| PeerError::Protocol("stream carried no request".into()))??
         .ok_or_else(|| PeerError::Protocol("stream ended before its request".into()))?;
-    let relay_reply = |code| Message::RelayReply(hypha_wire::RelayReply { code });
+    let relay_reply = |refusal| Message::RelayReply(hypha_wire::RelayReply { refusal });
     match first {
         Opening::RelayReserve(max_sessions) => {
-            let code = match &state.relay {
+            let answer = match &state.relay {
                 Some(r) => r.reserve(peer.node_id, conn, max_sessions),
-                None => 403,
+                None => Some(Refusal::Forbidden),
             };
-            send.send(&relay_reply(code)).await?;
+            send.send(&relay_reply(answer)).await?;
             send.finish();
             Ok(())
         }
         Opening::RelayConnect(target) => match &state.relay {
             Some(r) => r.connect(peer.node_id, target, send, recv).await,
             None => {
-                send.send(&relay_reply(403)).await?;
+                send.send(&relay_reply(Some(Refusal::Forbidden))).await?;
                 send.finish();
                 Ok(())
             }
@@ -267,17 +268,17 @@ async fn serve_any(
         Opening::RelayIncoming(from) => {
             // Only a relay this node reserved at may offer it paths.
             if !state.relay_client.reserved_at(&peer.node_id) {
-                send.send(&relay_reply(403)).await?;
+                send.send(&relay_reply(Some(Refusal::Forbidden))).await?;
                 send.finish();
                 return Ok(());
             }
             let paths = state.conns.endpoint().paths();
             if !paths.has_room() {
-                send.send(&relay_reply(429)).await?;
+                send.send(&relay_reply(Some(Refusal::TooMany))).await?;
                 send.finish();
                 return Ok(());
             }
-            send.send(&relay_reply(200)).await?;
+            send.send(&relay_reply(None)).await?;
             let (recv, leftover) = recv.into_parts();
             match paths.open(from, peer.node_id, send.stream, recv, leftover) {
                 Ok(addr) => {
@@ -291,8 +292,8 @@ async fn serve_any(
             }
         }
         Opening::Punch(req) => {
-            let code = state.punches.handle(req, peer.node_id).await;
-            send.send(&Message::PunchReply(hypha_wire::PunchReply { code }))
+            let refusal = state.punches.handle(req, peer.node_id).await;
+            send.send(&Message::PunchReply(hypha_wire::PunchReply { refusal }))
                 .await?;
             send.finish();
             Ok(())
@@ -320,10 +321,12 @@ async fn serve_any(
         Opening::Request(req) => match &state.seeder {
             Some(seeder) => serve_request(send, recv, req, seeder, peer, conn).await,
             None => {
-                state.metrics.count_request("peer", 404);
+                state
+                    .metrics
+                    .count_request("peer", http_status(Refusal::NotFound));
                 send.send(&Message::Error(ErrorReply {
                     request_id: req.request_id,
-                    code: 404,
+                    refusal: Refusal::NotFound,
                     message: "this node serves no model".into(),
                 }))
                 .await?;

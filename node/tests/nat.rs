@@ -104,8 +104,12 @@ async fn nodes_learn_how_peers_see_them() {
     }
 }
 
-/// Sends a punch request on a new stream of `conn`; the answer's code.
-async fn punch_via(conn: &quinn::Connection, req: &hypha_wire::PunchRequest) -> u16 {
+/// Sends a punch request on a new stream of `conn`; the answer (`None`:
+/// the target is dialing).
+async fn punch_via(
+    conn: &quinn::Connection,
+    req: &hypha_wire::PunchRequest,
+) -> Option<hypha_wire::Refusal> {
     use hypha_node::net::proto::{FramedRecv, FramedSend};
     let (s, r) = conn.open_bi().await.unwrap();
     let mut s = FramedSend::new(s);
@@ -115,7 +119,9 @@ async fn punch_via(conn: &quinn::Connection, req: &hypha_wire::PunchRequest) -> 
     s.finish();
     let mut r = FramedRecv::new(r);
     r.next(|m| match m {
-        hypha_wire::ArchivedMessage::PunchReply(p) => Ok(p.code.to_native()),
+        hypha_wire::ArchivedMessage::PunchReply(p) => {
+            Ok(p.refusal.as_ref().map(hypha_wire::Refusal::from))
+        }
         other => panic!("{other:?}"),
     })
     .await
@@ -131,6 +137,7 @@ async fn punch_via(conn: &quinn::Connection, req: &hypha_wire::PunchRequest) -> 
 async fn a_rendezvous_forwards_signed_punch_requests_and_the_target_dials() {
     use hypha_node::identity::Identity;
     use hypha_node::net::endpoint::Endpoint;
+    use hypha_wire::Refusal;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let r = plain_node(dirs.0.path(), Vec::new()).await;
     let t = plain_node(dirs.1.path(), vec![r.peer_addr().unwrap()]).await;
@@ -166,17 +173,17 @@ async fn a_rendezvous_forwards_signed_punch_requests_and_the_target_dials() {
     // the rendezvous is not connected to.
     let mut forged = hypha_node::services::punch::request(&me, t_id, &[my_addr]);
     forged.candidates = vec!["198.18.0.99:9".into()];
-    assert_eq!(punch_via(&conn, &forged).await, 400);
+    assert_eq!(punch_via(&conn, &forged).await, Some(Refusal::BadRequest));
     let mut stale = hypha_node::services::punch::request(&me, t_id, &[my_addr]);
     stale.issued_ms -= hypha_node::services::punch::PUNCH_MAX_AGE_MS + 1_000;
-    assert_eq!(punch_via(&conn, &stale).await, 400);
+    assert_eq!(punch_via(&conn, &stale).await, Some(Refusal::BadRequest));
     let nowhere =
         hypha_node::services::punch::request(&me, hypha_wire::NodeId([7; 32]), &[my_addr]);
-    assert_eq!(punch_via(&conn, &nowhere).await, 404);
+    assert_eq!(punch_via(&conn, &nowhere).await, Some(Refusal::NotFound));
 
     // Forwarded: the target dials our candidate and completes a hello.
     let good = hypha_node::services::punch::request(&me, t_id, &[my_addr]);
-    assert_eq!(punch_via(&conn, &good).await, 200);
+    assert_eq!(punch_via(&conn, &good).await, None, "the target is dialing");
     let (dialed, who) = tokio::time::timeout(Duration::from_secs(10), ep.accept())
         .await
         .expect("the target dials back")

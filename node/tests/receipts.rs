@@ -8,7 +8,7 @@ use std::time::Duration;
 use hypha_ledger::{node_id_of, Receipt};
 use hypha_node::net::endpoint::Endpoint;
 use hypha_node::net::proto::{self, FramedRecv, FramedSend};
-use hypha_wire::{ArchivedMessage, Message};
+use hypha_wire::{ArchivedMessage, Message, Refusal};
 use serde_json::{json, Value};
 
 mod common;
@@ -20,7 +20,7 @@ struct Seen {
     accepted: bool,
     chunks: u32,
     receipts: Vec<(u32, bool)>,
-    error: Option<u16>,
+    error: Option<Refusal>,
     done: bool,
 }
 
@@ -55,7 +55,7 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
                         let receipt = Receipt::from_bytes(r.receipt.as_slice()).unwrap();
                         seen.receipts.push((receipt.completion_tokens, r.last));
                     }
-                    ArchivedMessage::Error(e) => seen.error = Some(e.code.to_native()),
+                    ArchivedMessage::Error(e) => seen.error = Some(Refusal::from(&e.refusal)),
                     ArchivedMessage::Done(_) => seen.done = true,
                     other => panic!("{other:?}"),
                 }
@@ -70,7 +70,7 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     tokio::time::timeout(Duration::from_secs(15), read)
         .await
         .expect("the seeder ends the stream");
-    assert_eq!(seen.error, Some(402), "{seen:?}");
+    assert_eq!(seen.error, Some(Refusal::Unpaid), "{seen:?}");
     assert!(seen.accepted, "the seeder accepted the request first");
     assert!(!seen.done);
     // Receipts every half interval: the first (4 tokens) went unsigned, so
@@ -96,16 +96,17 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     let mut recv = FramedRecv::new(recv);
     let refused = recv
         .next(|m| match m {
-            ArchivedMessage::Error(e) => {
-                Ok(Some((e.code.to_native(), e.message.as_str().to_owned())))
-            }
+            ArchivedMessage::Error(e) => Ok(Some((
+                Refusal::from(&e.refusal),
+                e.message.as_str().to_owned(),
+            ))),
             _ => Ok(None),
         })
         .await
         .unwrap()
         .flatten();
-    let (code, message) = refused.expect("an error first");
-    assert_eq!(code, 402);
+    let (refusal, message) = refused.expect("an error first");
+    assert_eq!(refusal, Refusal::Unpaid);
     assert!(message.contains("never countersigned"), "{message}");
 }
 
@@ -227,7 +228,7 @@ async fn a_request_id_cannot_be_paid_for_twice() {
                 Ok(match m {
                     ArchivedMessage::Receipt(r) => Some(r.receipt.as_slice().to_vec()),
                     ArchivedMessage::Error(e) => {
-                        error = Some(e.code.to_native());
+                        error = Some(Refusal::from(&e.refusal));
                         None
                     }
                     _ => None,
@@ -250,7 +251,11 @@ async fn a_request_id_cannot_be_paid_for_twice() {
         if round == 0 {
             assert_eq!(error, None);
         } else {
-            assert_eq!(error, Some(409), "the same request id again is refused");
+            assert_eq!(
+                error,
+                Some(Refusal::Duplicate),
+                "the same request id again is refused"
+            );
         }
     }
     let ledger = net.seeder.ledger().unwrap();

@@ -1,5 +1,5 @@
-//! The messages of protocol version 1. Archived forms are flat: strings,
-//! vectors and plain integers, no shared pointers.
+//! The messages of protocol version 2. Archived forms are flat: strings,
+//! vectors, plain integers and field-less enums, no shared pointers.
 
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -34,11 +34,11 @@ pub enum Message {
     /// [`Message::RelayConnect`]s for it.
     RelayReserve(RelayReserve),
     /// A node asks a relay for a path to `target`, which holds a
-    /// reservation there. After a 200 [`RelayReply`] the stream carries
+    /// reservation there. After a granting [`RelayReply`] the stream carries
     /// the two ends' own QUIC packets (see [`crate::packet`]).
     RelayConnect(RelayConnect),
     /// The relay tells a reserved node that `from` asked for a path; after
-    /// the node's 200 the stream carries packets.
+    /// the node grants it the stream carries packets.
     RelayIncoming(RelayIncoming),
     /// The answer to the three relay messages above.
     RelayReply(RelayReply),
@@ -163,9 +163,53 @@ pub struct Done {
 #[rkyv(derive(Debug))]
 pub struct ErrorReply {
     pub request_id: u64,
-    /// HTTP-like status: 400 bad request, 404 unknown model, 503 busy, ...
-    pub code: u16,
+    pub refusal: Refusal,
     pub message: String,
+}
+
+/// Why a peer refused, or could not carry out, what it was asked: the
+/// answer of every reply that is not a success. Each edge maps it to its
+/// own terms (the node's HTTP API to statuses).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[rkyv(derive(Debug, PartialEq, Eq))]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The request itself is wrong (too long for the context, a bad role
+    /// or stop string, a bad signature): it stays wrong elsewhere.
+    BadRequest,
+    /// No such model, service or reservation here.
+    NotFound,
+    /// The asker may not ask this here (not on an allow list, no
+    /// reservation held with it).
+    Forbidden,
+    /// Credits are owed: a receipt was never countersigned.
+    Unpaid,
+    /// The request id was used before.
+    Duplicate,
+    /// Over a rate or count limit (the free tier, punches, relayed paths).
+    TooMany,
+    /// Every slot and the queue are full: try again soon.
+    Busy,
+    /// A node further on did not answer (a relay's target).
+    Unreachable,
+    /// The serving side failed.
+    Internal,
+}
+
+impl From<&ArchivedRefusal> for Refusal {
+    fn from(a: &ArchivedRefusal) -> Self {
+        match a {
+            ArchivedRefusal::BadRequest => Self::BadRequest,
+            ArchivedRefusal::NotFound => Self::NotFound,
+            ArchivedRefusal::Forbidden => Self::Forbidden,
+            ArchivedRefusal::Unpaid => Self::Unpaid,
+            ArchivedRefusal::Duplicate => Self::Duplicate,
+            ArchivedRefusal::TooMany => Self::TooMany,
+            ArchivedRefusal::Busy => Self::Busy,
+            ArchivedRefusal::Unreachable => Self::Unreachable,
+            ArchivedRefusal::Internal => Self::Internal,
+        }
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -312,12 +356,14 @@ impl PunchRequest {
     }
 }
 
-/// See [`Message::PunchReply`]: 200 the target is dialing, 404 the
-/// rendezvous has no connection to the target, 400 refused, 429 too many.
+/// See [`Message::PunchReply`]: no refusal when the target is dialing;
+/// `NotFound` when the rendezvous has no connection to the target,
+/// `BadRequest` for a request that does not check, `TooMany` over the rate,
+/// `Unreachable` when the target did not answer the rendezvous.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[rkyv(derive(Debug))]
 pub struct PunchReply {
-    pub code: u16,
+    pub refusal: Option<Refusal>,
 }
 
 /// See [`Message::RelayReserve`].
@@ -345,10 +391,11 @@ pub struct RelayIncoming {
     pub from: [u8; 32],
 }
 
-/// See [`Message::RelayReply`]: 200 granted, 403 not served here, 404 no
-/// such reservation, 429 over a limit, 502 the target did not answer.
+/// See [`Message::RelayReply`]: no refusal when granted; `Forbidden` not
+/// served here, `NotFound` no such reservation, `TooMany` over a limit,
+/// `Unreachable` the target did not answer.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[rkyv(derive(Debug))]
 pub struct RelayReply {
-    pub code: u16,
+    pub refusal: Option<Refusal>,
 }

@@ -53,7 +53,7 @@ fn samples() -> Vec<Message> {
         }),
         Message::Error(ErrorReply {
             request_id: 2,
-            code: 503,
+            refusal: Refusal::Busy,
             message: "busy".into(),
         }),
         Message::Cancel(Cancel { request_id: 3 }),
@@ -84,7 +84,13 @@ fn samples() -> Vec<Message> {
         Message::RelayReserve(RelayReserve { max_sessions: 8 }),
         Message::RelayConnect(RelayConnect { target: [4; 32] }),
         Message::RelayIncoming(RelayIncoming { from: [5; 32] }),
-        Message::RelayReply(RelayReply { code: 429 }),
+        Message::RelayReply(RelayReply {
+            refusal: Some(Refusal::TooMany),
+        }),
+        Message::RelayReply(RelayReply { refusal: None }),
+        Message::PunchReply(PunchReply {
+            refusal: Some(Refusal::Unreachable),
+        }),
     ]
 }
 

@@ -8,6 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use hypha_wire::Refusal;
+
 use crate::inference::remote::RemoteError;
 
 /// Largest request body accepted: long prompts fit, runaway uploads do not.
@@ -72,23 +74,39 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A peer's refusal as the client sees it: the client's own mistakes and
+/// limits pass through (400, 404, 429, 503); anything else is the peer's
+/// failure, a 502.
 impl From<RemoteError> for ApiError {
     fn from(e: RemoteError) -> Self {
         let message = e.to_string();
         match e {
-            RemoteError::Refused { code: 400, .. } => Self::invalid(message),
-            RemoteError::Refused { code: 404, .. } | RemoteError::NoProvider { .. } => {
+            RemoteError::Refused {
+                refusal: Refusal::BadRequest,
+                ..
+            } => Self::invalid(message),
+            RemoteError::Refused {
+                refusal: Refusal::NotFound,
+                ..
+            }
+            | RemoteError::NoProvider { .. } => {
                 Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
                     .code("model_not_found")
                     .param("model")
             }
-            RemoteError::Refused { code: 429, .. } => Self::new(
+            RemoteError::Refused {
+                refusal: Refusal::TooMany,
+                ..
+            } => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_exceeded",
                 message,
             )
             .code("free_tier_exhausted"),
-            RemoteError::Refused { code: 503, .. } => {
+            RemoteError::Refused {
+                refusal: Refusal::Busy,
+                ..
+            } => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_busy", message).code("peer_busy")
             }
             _ => {

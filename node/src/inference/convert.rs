@@ -4,7 +4,7 @@
 //! sampling settings both ways.
 
 use hypha_engine::{ChatMessage, Engine, GenerateRequest, SamplingParams};
-use hypha_wire::{ErrorReply, InferenceRequest};
+use hypha_wire::{ErrorReply, InferenceRequest, Refusal};
 
 /// At most this many stop strings, as OpenAI allows.
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -61,24 +61,24 @@ pub(crate) fn prepare(
     engine: &Engine,
 ) -> Result<GenerateRequest, ErrorReply> {
     let id = req.request_id;
-    let bad = |code: u16, message: String| ErrorReply {
+    let bad = |refusal: Refusal, message: String| ErrorReply {
         request_id: id,
-        code,
+        refusal,
         message,
     };
     if !models.contains(&req.model) {
         return Err(bad(
-            404,
+            Refusal::NotFound,
             format!(
                 "the model {:?} is not served here; this seeder serves {models:?}",
                 req.model
             ),
         ));
     }
-    check_stops(&req.stop).map_err(|m| bad(400, m))?;
+    check_stops(&req.stop).map_err(|m| bad(Refusal::BadRequest, m))?;
     let tokens = match &req.prompt {
         hypha_wire::Prompt::Chat(messages) => {
-            check_message_count(messages.len()).map_err(|m| bad(400, m))?;
+            check_message_count(messages.len()).map_err(|m| bad(Refusal::BadRequest, m))?;
             let messages = messages
                 .iter()
                 .map(|m| {
@@ -88,7 +88,7 @@ pub(crate) fn prepare(
                     })
                 })
                 .collect::<Result<Vec<ChatMessage>, String>>()
-                .map_err(|m| bad(400, m))?;
+                .map_err(|m| bad(Refusal::BadRequest, m))?;
             engine
                 .apply_chat_template(&messages)
                 .and_then(|p| engine.tokenize(&p))
@@ -105,20 +105,36 @@ pub(crate) fn prepare(
     })
 }
 
-/// The error a consumer gets for an engine error, with an HTTP-like code.
+/// The error a consumer gets for an engine error.
 pub(crate) fn reply_for(request_id: u64, e: &hypha_engine::Error) -> ErrorReply {
     use hypha_engine::Error as E;
-    let code = match e {
+    let refusal = match e {
         E::ContextExceeded { .. } | E::InvalidRequest(_) | E::PromptTooLarge | E::Template(_) => {
-            400
+            Refusal::BadRequest
         }
-        E::QueueFull { .. } => 503,
-        _ => 500,
+        E::QueueFull { .. } => Refusal::Busy,
+        _ => Refusal::Internal,
     };
     ErrorReply {
         request_id,
-        code,
+        refusal,
         message: e.to_string(),
+    }
+}
+
+/// The HTTP status a refusal stands for: the one map from peers' answers
+/// to HTTP, used by the API's errors and the peer request metrics.
+pub const fn http_status(r: Refusal) -> u16 {
+    match r {
+        Refusal::BadRequest => 400,
+        Refusal::Unpaid => 402,
+        Refusal::Forbidden => 403,
+        Refusal::NotFound => 404,
+        Refusal::Duplicate => 409,
+        Refusal::TooMany => 429,
+        Refusal::Unreachable => 502,
+        Refusal::Busy => 503,
+        _ => 500,
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use hypha_engine::{Finish, FinishReason};
 use hypha_ledger::Ledger;
-use hypha_wire::{ArchivedMessage, Countersign, InferenceRequest, Message, NodeId};
+use hypha_wire::{ArchivedMessage, Countersign, InferenceRequest, Message, NodeId, Refusal};
 
 use crate::identity::Identity;
 use crate::inference::receipts::{ConsumerReceipts, Party as ReceiptParty, Terms};
@@ -44,11 +44,11 @@ const _: () = assert!(START_TIMEOUT.as_millis() < RECV_STALL_TIMEOUT.as_millis()
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RemoteError {
-    /// The seeder answered with an error (HTTP-like code).
+    /// The seeder refused the request.
     #[error("seeder {peer} refused: {message}")]
     Refused {
         peer: NodeId,
-        code: u16,
+        refusal: Refusal,
         message: String,
     },
     /// No known peer serves the model.
@@ -340,12 +340,12 @@ impl RemoteGeneration {
                     credits,
                 }))
             }
-            Reply::Error(code, message) => {
+            Reply::Error(refusal, message) => {
                 self.ended = true;
                 self.send.finish();
                 Err(RemoteError::Refused {
                     peer,
-                    code,
+                    refusal,
                     message,
                 })
             }
@@ -420,7 +420,7 @@ enum Reply {
         seeder_sig: [u8; 64],
         last: bool,
     },
-    Error(u16, String),
+    Error(Refusal, String),
 }
 
 /// Checks one frame from a seeder against the request it answers.
@@ -483,7 +483,7 @@ fn reply_event(
         ArchivedMessage::Error(e) => {
             check_id(e.request_id.to_native())?;
             Ok(Reply::Error(
-                e.code.to_native(),
+                Refusal::from(&e.refusal),
                 e.message.as_str().to_owned(),
             ))
         }

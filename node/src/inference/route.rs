@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypha_dht::ProviderRecord;
-use hypha_wire::{InferenceRequest, NodeId};
+use hypha_wire::{InferenceRequest, NodeId, Refusal};
 
 use crate::inference::remote::{Party, RemoteError, RemoteGeneration};
 use crate::metrics::Metrics;
@@ -421,7 +421,12 @@ impl Peers {
                         g.running = Some(guard);
                         return Ok(g);
                     }
-                    Err(err @ RemoteError::Refused { code: 400, .. }) => {
+                    Err(
+                        err @ RemoteError::Refused {
+                            refusal: Refusal::BadRequest,
+                            ..
+                        },
+                    ) => {
                         // A bad request stays bad elsewhere, unless a
                         // provider further down offers a longer context
                         // (the prompt may only be too long for this one).

@@ -16,12 +16,12 @@ use hypha_engine::{Engine, Event};
 use hypha_ledger::{Ledger, ReceiptKey};
 use hypha_wire::{
     Accepted, ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, NodeId,
-    TokenChunk,
+    Refusal, TokenChunk,
 };
 
 use crate::identity::Identity;
 use crate::inference::admission::{FreeTier, NetworkBalances, Unpaid};
-use crate::inference::convert::{prepare, reply_for};
+use crate::inference::convert::{http_status, prepare, reply_for};
 use crate::inference::receipts::{Due, Party, SeederReceipts, Terms};
 use crate::metrics::Metrics;
 use crate::net::hello::{Offer, VerifiedHello};
@@ -126,13 +126,13 @@ pub(crate) async fn serve_request(
     let prepared = if state.ledger.contains(&key) || claim.is_none() {
         Err(ErrorReply {
             request_id,
-            code: 409,
+            refusal: Refusal::Duplicate,
             message: format!("request id {request_id} was already used"),
         })
     } else if state.unpaid.owes(&consumer.node_id) {
         Err(ErrorReply {
             request_id,
-            code: 402,
+            refusal: Refusal::Unpaid,
             message: "an earlier request's receipt was never countersigned".into(),
         })
     } else if balance <= 0
@@ -142,7 +142,7 @@ pub(crate) async fn serve_request(
     {
         Err(ErrorReply {
             request_id,
-            code: 429,
+            refusal: Refusal::TooMany,
             message: format!(
                 "no credits left (balance {balance} micro-credits) and the free tier's {} requests per minute are used",
                 state.free_tier.per_minute
@@ -161,7 +161,9 @@ pub(crate) async fn serve_request(
     let generation = match prepared {
         Ok(g) => g,
         Err(reply) => {
-            state.metrics.count_request("peer", reply.code);
+            state
+                .metrics
+                .count_request("peer", http_status(reply.refusal));
             send.send(&Message::Error(reply)).await?;
             send.finish();
             return Ok(());
@@ -439,7 +441,7 @@ async fn stream_generation(
                             Countersigned::No => {
                                 send.send(&Message::Error(ErrorReply {
                                     request_id,
-                                    code: 402,
+                                    refusal: Refusal::Unpaid,
                                     message: "the last receipt was not countersigned".into(),
                                 }))
                                 .await?;
@@ -486,7 +488,7 @@ async fn stream_generation(
             None => {
                 send.send(&Message::Error(ErrorReply {
                     request_id,
-                    code: 500,
+                    refusal: Refusal::Internal,
                     message: "the engine stopped".into(),
                 }))
                 .await?;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::{Signature, Signer as _, Verifier as _, VerifyingKey};
-use hypha_wire::{ArchivedMessage, Message, NodeId, PunchRequest};
+use hypha_wire::{ArchivedMessage, Message, NodeId, PunchRequest, Refusal};
 use tokio::sync::mpsc;
 
 use crate::identity::Identity;
@@ -87,15 +87,16 @@ pub fn check(req: &PunchRequest, now_ms: u64) -> Result<(NodeId, Vec<SocketAddr>
     Ok((NodeId(req.initiator), candidates))
 }
 
-/// Sends `req` on a new stream of `conn` and reads the answer's code.
-async fn send(conn: &quinn::Connection, req: &PunchRequest) -> Result<u16, PeerError> {
+/// Sends `req` on a new stream of `conn` and reads the answer: `None`
+/// when the target took it.
+async fn send(conn: &quinn::Connection, req: &PunchRequest) -> Result<Option<Refusal>, PeerError> {
     let (s, r) = conn.open_bi().await?;
     let mut s = FramedSend::new(s);
     s.send(&Message::Punch(req.clone())).await?;
     s.finish();
     let mut r = FramedRecv::new(r);
     r.next(|m| match m {
-        ArchivedMessage::PunchReply(p) => Ok(p.code.to_native()),
+        ArchivedMessage::PunchReply(p) => Ok(p.refusal.as_ref().map(Refusal::from)),
         other => Err(PeerError::Protocol(format!(
             "{} in answer to a punch request",
             kind_of(other)
@@ -115,8 +116,10 @@ pub async fn ask(conns: &Connections, rendezvous: &[PeerAddr], req: &PunchReques
         })
         .await;
         match asked {
-            Ok(Ok(200)) => return true,
-            Ok(Ok(code)) => tracing::debug!(rendezvous = %r, code, "punch not forwarded"),
+            Ok(Ok(None)) => return true,
+            Ok(Ok(Some(refusal))) => {
+                tracing::debug!(rendezvous = %r, ?refusal, "punch not forwarded");
+            }
             Ok(Err(e)) => tracing::debug!(rendezvous = %r, "punch request failed: {e}"),
             Err(_) => tracing::debug!(rendezvous = %r, "punch request timed out"),
         }
@@ -124,7 +127,7 @@ pub async fn ask(conns: &Connections, rendezvous: &[PeerAddr], req: &PunchReques
     false
 }
 
-/// Punch dials waiting for the dialer: more are refused (429).
+/// Punch dials waiting for the dialer: more are refused (`TooMany`).
 pub const PUNCH_QUEUE: usize = 64;
 
 /// An accepted punch request, for the dialer task: the initiator and its
@@ -169,37 +172,37 @@ impl Punches {
 
     /// Handles a punch request that arrived from `from`: as its target,
     /// queues a dial to the initiator; as a rendezvous, forwards it. The
-    /// answer's code.
-    pub async fn handle(&self, req: PunchRequest, from: NodeId) -> u16 {
+    /// answer: `None` when the target took it.
+    pub async fn handle(&self, req: PunchRequest, from: NodeId) -> Option<Refusal> {
         if !lock(&self.window).allow(Instant::now()) {
-            return 429;
+            return Some(Refusal::TooMany);
         }
         let (initiator, candidates) = match check(&req, unix_ms()) {
             Ok(c) => c,
             Err(e) => {
                 tracing::info!(%from, "{e}");
-                return 400;
+                return Some(Refusal::BadRequest);
             }
         };
         // Identities cost proof of work here as everywhere: a punch makes the
         // target dial, and free identities could make it dial without end.
         if check_pow(&initiator, self.pow_bits).is_err() {
             tracing::info!(%from, %initiator, "punch request from an identity without proof of work");
-            return 400;
+            return Some(Refusal::BadRequest);
         }
         if NodeId(req.target) == self.me {
             tracing::debug!(%initiator, ?candidates, "punching toward a peer");
             return match self.dials.try_send((initiator, candidates)) {
-                Ok(()) => 200,
-                Err(_) => 429,
+                Ok(()) => None,
+                Err(_) => Some(Refusal::TooMany),
             };
         }
         let Some(conn) = self.conns.connection_to(&NodeId(req.target)) else {
-            return 404;
+            return Some(Refusal::NotFound);
         };
         match tokio::time::timeout(PUNCH_REPLY_TIMEOUT, send(&conn, &req)).await {
-            Ok(Ok(code)) => code,
-            _ => 502,
+            Ok(Ok(answer)) => answer,
+            _ => Some(Refusal::Unreachable),
         }
     }
 }

@@ -41,15 +41,15 @@ pub async fn connect_via(
         send.send(&Message::RelayConnect(RelayConnect { target: target.0 }))
             .await?;
         let mut recv = FramedRecv::new(r);
-        let code = read_reply(&mut recv).await?;
-        Ok::<_, PeerError>((code, send, recv))
+        let answer = read_reply(&mut recv).await?;
+        Ok::<_, PeerError>((answer, send, recv))
     };
-    let (code, send, recv) = tokio::time::timeout(RELAY_SETUP_TIMEOUT, setup)
+    let (answer, send, recv) = tokio::time::timeout(RELAY_SETUP_TIMEOUT, setup)
         .await
         .map_err(|_| PeerError::Timeout("setting up a relayed path"))??;
-    if code != 200 {
+    if let Some(refusal) = answer {
         return Err(PeerError::Unreachable(format!(
-            "relay {} gave no path to {target} (code {code})",
+            "relay {} gave no path to {target} ({refusal:?})",
             relay.id
         )));
     }
@@ -105,9 +105,9 @@ async fn reserve_at(conns: &Connections, relay: &PeerAddr) -> Result<quinn::Conn
     send.finish();
     let mut recv = FramedRecv::new(r);
     match read_reply(&mut recv).await? {
-        200 => Ok(conn),
-        code => Err(PeerError::Unreachable(format!(
-            "relay {} refused a reservation (code {code})",
+        None => Ok(conn),
+        Some(refusal) => Err(PeerError::Unreachable(format!(
+            "relay {} refused a reservation ({refusal:?})",
             relay.id
         ))),
     }

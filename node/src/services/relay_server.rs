@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hypha_wire::{ArchivedMessage, Message, NodeId, RelayIncoming, RelayReply};
+use hypha_wire::{ArchivedMessage, Message, NodeId, Refusal, RelayIncoming, RelayReply};
 
 use crate::net::paths::{PATH_IDLE, READ_CHUNK_BYTES};
 use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError};
@@ -47,10 +47,12 @@ const _: () = assert!(MAX_SESSIONS_PER_TARGET <= MAX_RELAY_SESSIONS);
 /// Bytes per second a relay forwards for one peer by default: hundreds of
 /// token streams, or a long prompt in well under a second.
 pub const DEFAULT_RELAY_RATE: u64 = 4 * 1024 * 1024;
-/// Reads the one [`RelayReply`] a relay message is answered with.
-pub(crate) async fn read_reply(recv: &mut FramedRecv) -> Result<u16, PeerError> {
+
+/// Reads the one [`RelayReply`] a relay message is answered with: `None`
+/// when granted.
+pub(crate) async fn read_reply(recv: &mut FramedRecv) -> Result<Option<Refusal>, PeerError> {
     recv.next(|m| match m {
-        ArchivedMessage::RelayReply(r) => Ok(r.code.to_native()),
+        ArchivedMessage::RelayReply(r) => Ok(r.refusal.as_ref().map(Refusal::from)),
         other => Err(PeerError::Protocol(format!(
             "{} in answer to a relay message",
             kind_of(other)
@@ -146,30 +148,35 @@ impl RelayService {
             .saturating_sub(self.reservations()) as u32
     }
 
-    fn refuse(&self, code: u16) -> u16 {
+    fn refuse(&self, refusal: Refusal) -> Option<Refusal> {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        code
+        Some(refusal)
     }
 
     /// A reservation request from `peer` on `conn`, to be reached over at
-    /// most `max_sessions` paths at once; the answer's code.
-    pub fn reserve(&self, peer: NodeId, conn: &quinn::Connection, max_sessions: u32) -> u16 {
+    /// most `max_sessions` paths at once; the answer: `None` when granted.
+    pub fn reserve(
+        &self,
+        peer: NodeId,
+        conn: &quinn::Connection,
+        max_sessions: u32,
+    ) -> Option<Refusal> {
         if !self.config.allow.is_empty() && !self.config.allow.contains(&peer) {
             tracing::info!(%peer, "relay reservation refused: not on the allow list");
-            return self.refuse(403);
+            return self.refuse(Refusal::Forbidden);
         }
         {
             let mut r = lock(&self.reservations);
             r.retain(|_, (c, _)| c.close_reason().is_none());
             if r.len() >= self.config.max_reservations && !r.contains_key(&peer) {
                 drop(r);
-                return self.refuse(429);
+                return self.refuse(Refusal::TooMany);
             }
             let sessions = (max_sessions as usize).clamp(1, MAX_SESSIONS_PER_TARGET);
             r.insert(peer, (conn.clone(), sessions));
         }
         tracing::info!(%peer, "relay reservation granted");
-        200
+        None
     }
 
     /// Counts a path from asker `a` to target `b` (which takes at most
@@ -232,18 +239,18 @@ impl RelayService {
         mut send: FramedSend,
         recv: FramedRecv,
     ) -> Result<(), PeerError> {
-        let answer = |code| Message::RelayReply(RelayReply { code });
+        let answer = |refusal| Message::RelayReply(RelayReply { refusal });
         let reserved = lock(&self.reservations)
             .get(&target)
             .filter(|(c, _)| c.close_reason().is_none())
             .cloned();
         let Some((conn, target_max)) = reserved else {
-            send.send(&answer(self.refuse(404))).await?;
+            send.send(&answer(self.refuse(Refusal::NotFound))).await?;
             send.finish();
             return Ok(());
         };
         let Some(_guard) = self.admit(from, target, target_max) else {
-            send.send(&answer(self.refuse(429))).await?;
+            send.send(&answer(self.refuse(Refusal::TooMany))).await?;
             send.finish();
             return Ok(());
         };
@@ -254,30 +261,32 @@ impl RelayService {
                 .send(&Message::RelayIncoming(RelayIncoming { from: from.0 }))
                 .await?;
             let mut from_target = FramedRecv::new(r);
-            let code = read_reply(&mut from_target).await?;
-            Ok::<_, PeerError>((code, to_target, from_target))
+            let answer = read_reply(&mut from_target).await?;
+            Ok::<_, PeerError>((answer, to_target, from_target))
         })
         .await;
         let (to_target, from_target) = match asked {
-            Ok(Ok((200, s, r))) => (s, r),
-            Ok(Ok((code, _, _))) => {
-                send.send(&answer(self.refuse(code))).await?;
+            Ok(Ok((None, s, r))) => (s, r),
+            Ok(Ok((Some(refusal), _, _))) => {
+                send.send(&answer(self.refuse(refusal))).await?;
                 send.finish();
                 return Ok(());
             }
             Ok(Err(e)) => {
                 tracing::debug!(%target, "relay target failed: {e}");
-                send.send(&answer(self.refuse(502))).await?;
+                send.send(&answer(self.refuse(Refusal::Unreachable)))
+                    .await?;
                 send.finish();
                 return Ok(());
             }
             Err(_) => {
-                send.send(&answer(self.refuse(502))).await?;
+                send.send(&answer(self.refuse(Refusal::Unreachable)))
+                    .await?;
                 send.finish();
                 return Ok(());
             }
         };
-        send.send(&answer(200)).await?;
+        send.send(&answer(None)).await?;
         self.stats.sessions_opened.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%from, %target, "relaying");
         let (a_recv, a_left) = recv.into_parts();
