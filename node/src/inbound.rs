@@ -33,7 +33,7 @@ use crate::net::hello::VerifiedHello;
 use crate::net::paths::tie;
 use crate::net::pool::{Adopted, Connections};
 use crate::net::proto::{
-    close_for_violation, hello_as_acceptor, kind_of, FramedRecv, FramedSend, PeerError,
+    close_for_violation, hello_as_acceptor, kind_of, FramedRecv, FramedSend, PeerError, Violation,
     CLOSE_NORMAL, HELLO_TIMEOUT,
 };
 use crate::services::dht::Discovery;
@@ -209,14 +209,13 @@ enum Opening {
 }
 
 fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
-    let bad = |e: hypha_wire::WireError| PeerError::Protocol(format!("bad request: {e}"));
+    let bad = |e: hypha_wire::WireError| PeerError::Protocol(Violation::BadRequest(e));
     match msg {
         ArchivedMessage::Request(r) => hypha_wire::owned_request(r)
             .map(Opening::Request)
             .map_err(bad),
         ArchivedMessage::Dht(d) => {
-            hypha_dht::codec::check_archived_request(d)
-                .map_err(|e| PeerError::Protocol(e.to_string()))?;
+            hypha_dht::codec::check_archived_request(d).map_err(Violation::Dht)?;
             hypha_wire::owned_dht_request(d)
                 .map(Opening::Dht)
                 .map_err(bad)
@@ -225,10 +224,7 @@ fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
         ArchivedMessage::RelayReserve(r) => Ok(Opening::RelayReserve(r.max_sessions.to_native())),
         ArchivedMessage::RelayConnect(c) => Ok(Opening::RelayConnect(NodeId(c.target))),
         ArchivedMessage::RelayIncoming(i) => Ok(Opening::RelayIncoming(NodeId(i.from))),
-        other => Err(PeerError::Protocol(format!(
-            "a stream must start with a request, not a {}",
-            kind_of(other)
-        ))),
+        other => Err(Violation::Opening(kind_of(other)).into()),
     }
 }
 
@@ -244,8 +240,8 @@ async fn serve_any(
     let mut send = FramedSend::new(send);
     let first = tokio::time::timeout(HELLO_TIMEOUT, recv.next(opening))
         .await
-        .map_err(|_| PeerError::Protocol("stream carried no request".into()))??
-        .ok_or_else(|| PeerError::Protocol("stream ended before its request".into()))?;
+        .map_err(|_| PeerError::Protocol(Violation::NoRequest))??
+        .ok_or(PeerError::Protocol(Violation::EndedBefore("its request")))?;
     let relay_reply = |refusal| Message::RelayReply(hypha_wire::RelayReply { refusal });
     match first {
         Opening::RelayReserve(max_sessions) => {
@@ -301,8 +297,7 @@ async fn serve_any(
         Opening::Dht(req) => {
             let reply = match &state.discovery {
                 Some(d) => {
-                    let req = hypha_dht::codec::request_from_wire(req)
-                        .map_err(|e| PeerError::Protocol(e.to_string()))?;
+                    let req = hypha_dht::codec::request_from_wire(req).map_err(Violation::Dht)?;
                     let from = hypha_dht::Contact {
                         id: peer.node_id,
                         addr: conn.remote_address(),

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::util::lock;
+
 /// Bucket upper bounds in seconds for time to first token.
 const TTFT_BUCKETS_S: [f64; 12] = [
     0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
@@ -136,7 +138,7 @@ pub struct Gauges {
 
 impl Metrics {
     pub fn count_request(&self, endpoint: &'static str, status: u16) {
-        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.requests);
         *map.entry((endpoint, status)).or_default() += 1;
     }
 
@@ -147,7 +149,7 @@ impl Metrics {
         );
         out.push_str("# TYPE hypha_requests_total counter\n");
         {
-            let map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            let map = lock(&self.requests);
             for ((endpoint, status), n) in map.iter() {
                 let _ = writeln!(
                     out,

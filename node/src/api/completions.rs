@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -21,6 +21,7 @@ use crate::api::openai::{ChatRequest, CompletionRequest, PromptField, SamplingFi
 use crate::api::state::{AppState, Route};
 use crate::inference::remote::{RemoteEvent, RemoteGeneration};
 use crate::inference::route::Peers;
+use crate::util::unix_ms;
 
 /// Header naming the peer that served a remote request.
 pub const PEER_HEADER: &str = "x-hypha-peer";
@@ -29,9 +30,7 @@ pub const PEER_HEADER: &str = "x-hypha-peer";
 pub const CREDITS_HEADER: &str = "x-hypha-credits";
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    unix_ms() / 1000
 }
 
 fn new_id(prefix: &str) -> String {
@@ -244,7 +243,7 @@ async fn submit_remote(
     fields: &SamplingFields,
 ) -> Result<Job, ApiError> {
     let req = InferenceRequest {
-        request_id: peers.next_request_id(),
+        request_id: peers.next_request_id().0,
         model: model.to_owned(),
         prompt,
         sampling: crate::inference::convert::sampling_to_wire(&fields.sampling()),

@@ -6,6 +6,8 @@
 use hypha_engine::{ChatMessage, Engine, GenerateRequest, SamplingParams};
 use hypha_wire::{ErrorReply, InferenceRequest, Refusal};
 
+use crate::inference::RequestId;
+
 /// At most this many stop strings, as OpenAI allows.
 pub const MAX_STOP_STRINGS: usize = 4;
 /// A stop string longer than this is refused: matching holds back up to its
@@ -95,7 +97,7 @@ pub(crate) fn prepare(
         }
         hypha_wire::Prompt::Text(t) => engine.tokenize(t),
     }
-    .map_err(|e| reply_for(id, &e))?;
+    .map_err(|e| reply_for(RequestId(id), &e))?;
     Ok(GenerateRequest {
         prompt: tokens,
         sampling: sampling_from_wire(&req.sampling),
@@ -106,7 +108,7 @@ pub(crate) fn prepare(
 }
 
 /// The error a consumer gets for an engine error.
-pub(crate) fn reply_for(request_id: u64, e: &hypha_engine::Error) -> ErrorReply {
+pub(crate) fn reply_for(request_id: RequestId, e: &hypha_engine::Error) -> ErrorReply {
     use hypha_engine::Error as E;
     let refusal = match e {
         E::ContextExceeded { .. } | E::InvalidRequest(_) | E::PromptTooLarge | E::Template(_) => {
@@ -116,7 +118,7 @@ pub(crate) fn reply_for(request_id: u64, e: &hypha_engine::Error) -> ErrorReply 
         _ => Refusal::Internal,
     };
     ErrorReply {
-        request_id,
+        request_id: request_id.0,
         refusal,
         message: e.to_string(),
     }

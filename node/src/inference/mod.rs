@@ -7,3 +7,15 @@ pub mod receipts;
 pub mod remote;
 pub mod route;
 pub mod serve;
+
+/// A request's id as its consumer numbered it: unique among that
+/// consumer's requests, so a seeder keys a request by (consumer, id). It
+/// crosses the wire and the ledger as its `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}

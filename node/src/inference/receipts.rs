@@ -32,6 +32,7 @@ use hypha_ledger::{price, Receipt, SignedReceipt, TokenDigest, VerifiedReceipt};
 use hypha_wire::{NodeId, ReceiptOffer};
 
 use crate::identity::Identity;
+use crate::inference::RequestId;
 pub use crate::net::proto::ReceiptError;
 
 /// What a request costs and for which model: the seeder's signed hello.
@@ -76,7 +77,7 @@ const MAX_PENDING: usize = 2;
 
 /// The seeder's half: tokens sent, offers made, countersignatures taken.
 pub struct SeederReceipts {
-    request_id: u64,
+    request_id: RequestId,
     consumer: Party,
     seeder: Party,
     terms: Terms,
@@ -96,7 +97,7 @@ impl SeederReceipts {
     /// took `prompt_tokens`, started at `started_ms`; an offer every half
     /// `interval` tokens.
     pub fn new(
-        request_id: u64,
+        request_id: RequestId,
         consumer: Party,
         seeder: Party,
         terms: Terms,
@@ -118,7 +119,7 @@ impl SeederReceipts {
         }
     }
 
-    pub fn request_id(&self) -> u64 {
+    pub fn request_id(&self) -> RequestId {
         self.request_id
     }
 
@@ -145,7 +146,7 @@ impl SeederReceipts {
         debug_assert_eq!(seeder.id(), self.seeder.id);
         let completion = self.digest.count();
         let receipt = Receipt {
-            request_id: self.request_id,
+            request_id: self.request_id.0,
             consumer: self.consumer.id,
             seeder: self.seeder.id,
             model_sha256: self.terms.model_sha256,
@@ -163,7 +164,7 @@ impl SeederReceipts {
         };
         let sig = receipt.sign(seeder.signing_key());
         let offer = ReceiptOffer {
-            request_id: self.request_id,
+            request_id: self.request_id.0,
             receipt: receipt.to_bytes().to_vec(),
             seeder_sig: sig,
             last,
@@ -218,7 +219,7 @@ impl SeederReceipts {
 
 /// The consumer's half: chunks received, offers checked and countersigned.
 pub struct ConsumerReceipts {
-    request_id: u64,
+    request_id: RequestId,
     consumer: Party,
     seeder: Party,
     terms: Terms,
@@ -232,7 +233,7 @@ pub struct ConsumerReceipts {
 
 impl ConsumerReceipts {
     pub fn new(
-        request_id: u64,
+        request_id: RequestId,
         consumer: Party,
         seeder: Party,
         terms: Terms,
@@ -272,7 +273,7 @@ impl ConsumerReceipts {
     ) -> Result<[u8; 64], ReceiptError> {
         debug_assert_eq!(consumer.id(), self.consumer.id);
         let r = Receipt::from_bytes(receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        if r.request_id != self.request_id
+        if r.request_id != self.request_id.0
             || r.consumer != self.consumer.id
             || r.seeder != self.seeder.id
         {
@@ -366,8 +367,8 @@ mod tests {
         let consumer_id = Identity::from_seed([2; 32]);
         let (s, c) = (Party::of(&seeder_id), Party::of(&consumer_id));
         Pair {
-            seeder: SeederReceipts::new(7, c, s, TERMS, PROMPT, interval, 1_000),
-            consumer: ConsumerReceipts::new(7, c, s, TERMS, 100),
+            seeder: SeederReceipts::new(RequestId(7), c, s, TERMS, PROMPT, interval, 1_000),
+            consumer: ConsumerReceipts::new(RequestId(7), c, s, TERMS, 100),
             seeder_id,
             consumer_id,
         }

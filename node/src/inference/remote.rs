@@ -21,10 +21,11 @@ use hypha_wire::{ArchivedMessage, Countersign, InferenceRequest, Message, NodeId
 
 use crate::identity::Identity;
 use crate::inference::receipts::{ConsumerReceipts, Party as ReceiptParty, Terms};
+use crate::inference::RequestId;
 use crate::metrics::Metrics;
 use crate::net::hello::VerifiedHello;
 use crate::net::proto::{
-    close_for_violation, kind_of, FramedRecv, FramedSend, PeerError, RECV_STALL_TIMEOUT,
+    close_for_violation, kind_of, FramedRecv, FramedSend, PeerError, Violation, RECV_STALL_TIMEOUT,
     STREAM_CANCELLED,
 };
 use crate::services::dialer::RunningGuard;
@@ -97,7 +98,7 @@ pub struct RemoteGeneration {
     party: Arc<Party>,
     send: FramedSend,
     recv: FramedRecv,
-    request_id: u64,
+    request_id: RequestId,
     next_seq: u32,
     first: Option<RemoteEvent>,
     /// Some frame of the seeder's answer arrived.
@@ -160,7 +161,7 @@ impl RemoteGeneration {
         let failed = |source: PeerError| RemoteError::Failed { peer, source };
         let (send, recv) = conn.open_bi().await.map_err(|e| failed(e.into()))?;
         let receipts = ConsumerReceipts::new(
-            req.request_id,
+            RequestId(req.request_id),
             ReceiptParty::of(&party.identity),
             ReceiptParty {
                 id: peer,
@@ -179,7 +180,7 @@ impl RemoteGeneration {
             party: party.clone(),
             send: FramedSend::new(send),
             recv: FramedRecv::new(recv),
-            request_id: req.request_id,
+            request_id: RequestId(req.request_id),
             next_seq: 0,
             first: None,
             running: None,
@@ -261,7 +262,7 @@ impl RemoteGeneration {
                 Ok(f) => f,
                 Err(_) => {
                     // No last receipt: the request is over all the same.
-                    tracing::warn!(%peer, request_id, "no last receipt after done");
+                    tracing::warn!(%peer, %request_id, "no last receipt after done");
                     self.ended = true;
                     self.send.finish();
                     let credits = self.record().await;
@@ -287,23 +288,23 @@ impl RemoteGeneration {
         let first_frame = !self.answered;
         self.answered = true;
         let frame = frame
-            .and_then(|r| r.ok_or_else(|| PeerError::Protocol("stream ended before done".into())))
+            .and_then(|r| r.ok_or(PeerError::Protocol(Violation::EndedBefore("done"))))
             .map_err(failed)?;
         match frame {
             Reply::Accepted if first_frame => Ok(None),
-            Reply::Accepted => Err(failed(PeerError::Protocol(
-                "accepted in the middle of an answer".into(),
-            ))),
+            Reply::Accepted => Err(failed(
+                Violation::OutOfOrder("accepted in the middle of an answer").into(),
+            )),
             Reply::Token(text) => {
                 if self.done.is_some() {
-                    return Err(failed(PeerError::Protocol("a chunk after done".into())));
+                    return Err(failed(Violation::OutOfOrder("a chunk after done").into()));
                 }
                 self.next_seq = self.next_seq.wrapping_add(1);
                 Ok(Some(RemoteEvent::Token(text)))
             }
             Reply::Done(text, finish) => {
                 if self.done.is_some() {
-                    return Err(failed(PeerError::Protocol("a second done".into())));
+                    return Err(failed(Violation::OutOfOrder("a second done").into()));
                 }
                 self.done = Some((text, finish));
                 Ok(None)
@@ -319,7 +320,7 @@ impl RemoteGeneration {
                     .check_offer(&self.party.identity, &receipt, seeder_sig, last, done)
                     .map_err(|e| failed(e.into()))?;
                 let countersign = Message::Countersign(Countersign {
-                    request_id: self.request_id,
+                    request_id: self.request_id.0,
                     consumer_sig,
                 });
                 self.send.send(&countersign).await.map_err(failed)?;
@@ -327,9 +328,9 @@ impl RemoteGeneration {
                     return Ok(None);
                 }
                 let Some((text, finish)) = self.done.take() else {
-                    return Err(failed(PeerError::Protocol(
-                        "a last receipt before done".into(),
-                    )));
+                    return Err(failed(
+                        Violation::OutOfOrder("a last receipt before done").into(),
+                    ));
                 };
                 self.ended = true;
                 self.send.finish();
@@ -366,7 +367,7 @@ impl RemoteGeneration {
         match appended {
             Ok(Ok(())) => Some(credits),
             Ok(Err(e)) => {
-                tracing::warn!(request_id = self.request_id, "cannot record receipt: {e}");
+                tracing::warn!(request_id = %self.request_id, "cannot record receipt: {e}");
                 None
             }
             Err(e) => {
@@ -426,17 +427,18 @@ enum Reply {
 /// Checks one frame from a seeder against the request it answers.
 fn reply_event(
     msg: &ArchivedMessage,
-    request_id: u64,
+    request_id: RequestId,
     seq: u32,
     receipts: &mut ConsumerReceipts,
 ) -> Result<Reply, PeerError> {
     let check_id = |got: u64| {
-        if got == request_id {
+        if got == request_id.0 {
             Ok(())
         } else {
-            Err(PeerError::Protocol(format!(
-                "reply for request {got} on the stream of request {request_id}"
-            )))
+            Err(PeerError::Protocol(Violation::WrongRequest {
+                got,
+                want: request_id.0,
+            }))
         }
     };
     match msg {
@@ -448,9 +450,7 @@ fn reply_event(
             check_id(c.request_id.to_native())?;
             let got = c.seq.to_native();
             if got != seq {
-                return Err(PeerError::Protocol(format!(
-                    "chunk {got} arrived where chunk {seq} was due"
-                )));
+                return Err(Violation::OutOfSequence { got, want: seq }.into());
             }
             for t in c.token_ids.iter() {
                 receipts.received(t.to_native());
@@ -487,9 +487,6 @@ fn reply_event(
                 e.message.as_str().to_owned(),
             ))
         }
-        other => Err(PeerError::Protocol(format!(
-            "a seeder sent a {} on a request stream",
-            kind_of(other)
-        ))),
+        other => Err(Violation::OnRequestStream(kind_of(other)).into()),
     }
 }

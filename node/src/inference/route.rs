@@ -20,6 +20,7 @@ use hypha_dht::ProviderRecord;
 use hypha_wire::{InferenceRequest, NodeId, Refusal};
 
 use crate::inference::remote::{Party, RemoteError, RemoteGeneration};
+use crate::inference::RequestId;
 use crate::metrics::Metrics;
 use crate::net::addr::PeerAddr;
 use crate::net::pool::{Connections, MAX_CONNECTIONS, MAX_PEERS};
@@ -145,8 +146,8 @@ impl Peers {
     }
 
     /// A fresh request id.
-    pub fn next_request_id(&self) -> u64 {
-        self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    pub fn next_request_id(&self) -> RequestId {
+        RequestId(self.next_request_id.fetch_add(1, Ordering::Relaxed))
     }
 
     pub fn connections(&self) -> &Arc<Connections> {

@@ -23,12 +23,13 @@ use crate::identity::Identity;
 use crate::inference::admission::{FreeTier, NetworkBalances, Unpaid};
 use crate::inference::convert::{http_status, prepare, reply_for};
 use crate::inference::receipts::{Due, Party, SeederReceipts, Terms};
+use crate::inference::RequestId;
 use crate::metrics::Metrics;
 use crate::net::hello::{Offer, VerifiedHello};
-use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError};
+use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError, Violation};
 use crate::services::announce::Capacity;
 use crate::services::dht::Discovery;
-use crate::util::unix_ms;
+use crate::util::{lock, unix_ms};
 
 /// How long the seeder waits for a consumer's countersignature when one is
 /// due (before more tokens, or after the last receipt).
@@ -155,7 +156,7 @@ pub(crate) async fn serve_request(
             state
                 .engine
                 .submit(r)
-                .map_err(|e| reply_for(request_id, &e))
+                .map_err(|e| reply_for(RequestId(request_id), &e))
         })
     };
     let generation = match prepared {
@@ -171,7 +172,12 @@ pub(crate) async fn serve_request(
     };
     send.send(&Message::Accepted(Accepted { request_id }))
         .await?;
-    let mut billing = Billing::new(state, consumer, request_id, generation.prompt_tokens);
+    let mut billing = Billing::new(
+        state,
+        consumer,
+        RequestId(request_id),
+        generation.prompt_tokens,
+    );
     let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing, conn).await;
     let lost_owing = match &outcome {
         Ok(Outcome::Lost) => true,
@@ -212,14 +218,14 @@ struct RunningClaim<'a> {
 impl<'a> RunningClaim<'a> {
     /// `None` when the key is already running.
     fn take(running: &'a std::sync::Mutex<HashSet<ReceiptKey>>, key: ReceiptKey) -> Option<Self> {
-        let mut set = running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = lock(running);
         set.insert(key).then_some(Self { running, key })
     }
 }
 
 impl Drop for RunningClaim<'_> {
     fn drop(&mut self) {
-        let mut set = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = lock(self.running);
         set.remove(&self.key);
     }
 }
@@ -253,16 +259,13 @@ enum FromConsumer {
 }
 
 /// While a request runs, the consumer may only cancel it or countersign.
-fn consumer_frame(msg: &ArchivedMessage, request_id: u64) -> Result<FromConsumer, PeerError> {
+fn consumer_frame(msg: &ArchivedMessage, request_id: RequestId) -> Result<FromConsumer, PeerError> {
     match msg {
         ArchivedMessage::Cancel(_) => Ok(FromConsumer::Cancel),
-        ArchivedMessage::Countersign(c) if c.request_id.to_native() == request_id => {
+        ArchivedMessage::Countersign(c) if c.request_id.to_native() == request_id.0 => {
             Ok(FromConsumer::Countersign(c.consumer_sig))
         }
-        other => Err(PeerError::Protocol(format!(
-            "{} sent while a request was running",
-            kind_of(other)
-        ))),
+        other => Err(Violation::WhileRunning(kind_of(other)).into()),
     }
 }
 
@@ -278,7 +281,7 @@ impl<'a> Billing<'a> {
     fn new(
         state: &'a SeederState,
         consumer: &VerifiedHello,
-        request_id: u64,
+        request_id: RequestId,
         prompt_tokens: u32,
     ) -> Self {
         let terms = Terms {
@@ -305,7 +308,7 @@ impl<'a> Billing<'a> {
         }
     }
 
-    fn request_id(&self) -> u64 {
+    fn request_id(&self) -> RequestId {
         self.receipts.request_id()
     }
 
@@ -338,7 +341,7 @@ impl<'a> Billing<'a> {
         let published = verified.clone();
         match tokio::task::spawn_blocking(move || ledger.append(verified)).await {
             Ok(Ok(())) => {
-                tracing::debug!(request_id, credits, "receipt recorded");
+                tracing::debug!(%request_id, credits, "receipt recorded");
                 if let Some(d) = &self.state.discovery {
                     if !d.publish_receipt(published) {
                         tracing::warn!("receipt publication queue full: receipt not published");
@@ -393,7 +396,7 @@ async fn stream_generation(
     // One chunk message reused for every token: no allocation per token on
     // the wire path.
     let mut chunk = Message::Chunk(TokenChunk {
-        request_id,
+        request_id: request_id.0,
         seq: 0,
         token_ids: Vec::with_capacity(1),
         text: String::with_capacity(32),
@@ -440,7 +443,7 @@ async fn stream_generation(
                             Countersigned::Silent => return Ok(Outcome::Lost),
                             Countersigned::No => {
                                 send.send(&Message::Error(ErrorReply {
-                                    request_id,
+                                    request_id: request_id.0,
                                     refusal: Refusal::Unpaid,
                                     message: "the last receipt was not countersigned".into(),
                                 }))
@@ -461,7 +464,7 @@ async fn stream_generation(
                         .measured(billing.receipts.tokens(), t.elapsed());
                 }
                 let done = Message::Done(Done {
-                    request_id,
+                    request_id: request_id.0,
                     prompt_tokens: finish.prompt_tokens,
                     completion_tokens: finish.completion_tokens,
                     finish_reason: match finish.reason {
@@ -487,7 +490,7 @@ async fn stream_generation(
             }
             None => {
                 send.send(&Message::Error(ErrorReply {
-                    request_id,
+                    request_id: request_id.0,
                     refusal: Refusal::Internal,
                     message: "the engine stopped".into(),
                 }))

@@ -20,7 +20,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::identity::{node_id_of, Identity};
-use crate::util::Tasks;
+use crate::util::{lock, Tasks};
 
 /// Errors setting up QUIC or reaching a peer.
 #[derive(Debug, thiserror::Error)]
@@ -204,10 +204,7 @@ impl Endpoint {
     pub fn take_stun_responses(
         &self,
     ) -> Option<tokio::sync::mpsc::Receiver<crate::net::socket::StunResponse>> {
-        self.stun_responses
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        lock(&self.stun_responses).take()
     }
 
     /// The next incoming connection that completes its handshake, with the

@@ -24,7 +24,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use tokio::sync::{mpsc, watch};
 
 use crate::net::addr::{canonical, is_virtual};
-use crate::net::proto::{PeerError, CLOSE_NORMAL};
+use crate::net::proto::{PeerError, Violation, CLOSE_NORMAL};
 use crate::util::{lock, Tasks};
 
 /// Packets waiting to enter one path's stream; more are dropped (QUIC
@@ -257,10 +257,11 @@ impl Paths {
             let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
             while let Some(p) = out_rx.recv().await {
                 buf.clear();
-                encode_packet(&mut buf, &p).map_err(|e| PeerError::Protocol(e.to_string()))?;
+                encode_packet(&mut buf, &p).map_err(|e| PeerError::Protocol(Violation::Wire(e)))?;
                 while buf.len() < WRITE_BATCH_BYTES {
                     let Ok(p) = out_rx.try_recv() else { break };
-                    encode_packet(&mut buf, &p).map_err(|e| PeerError::Protocol(e.to_string()))?;
+                    encode_packet(&mut buf, &p)
+                        .map_err(|e| PeerError::Protocol(Violation::Wire(e)))?;
                 }
                 send.write_all(&buf).await?;
             }
@@ -273,7 +274,7 @@ impl Paths {
             loop {
                 while let Some(p) = dec
                     .next_packet()
-                    .map_err(|e| PeerError::Protocol(e.to_string()))?
+                    .map_err(|e| PeerError::Protocol(Violation::Wire(e)))?
                 {
                     self.stats
                         .received_bytes

@@ -42,7 +42,7 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 #[non_exhaustive]
 pub enum PeerError {
     #[error("protocol violation: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
     #[error("hello refused: {0}")]
     Hello(#[from] HelloError),
     #[error("protocol violation: {0}")]
@@ -99,8 +99,56 @@ impl PeerError {
     }
 
     fn wire(e: WireError) -> Self {
-        Self::Protocol(e.to_string())
+        Self::Protocol(Violation::Wire(e))
     }
+}
+
+/// How a peer broke the protocol: each closes its connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Violation {
+    /// Bytes that are no valid frame or message.
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("stream ended inside a frame ({left} bytes left over)")]
+    CutFrame { left: usize },
+    #[error("expected {expected}, got {got}")]
+    Expected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// A reply of the wrong kind to one of this node's requests.
+    #[error("{got} in answer to {what}")]
+    Answer {
+        what: &'static str,
+        got: &'static str,
+    },
+    #[error("a stream must start with a request, not a {0}")]
+    Opening(&'static str),
+    #[error("{0} sent while a request was running")]
+    WhileRunning(&'static str),
+    #[error("a seeder sent a {0} on a request stream")]
+    OnRequestStream(&'static str),
+    #[error("stream ended before {0}")]
+    EndedBefore(&'static str),
+    #[error("{0} stream ended without a reply")]
+    NoReply(&'static str),
+    #[error("stream carried no request")]
+    NoRequest,
+    #[error("reply for request {got} on the stream of request {want}")]
+    WrongRequest { got: u64, want: u64 },
+    #[error("chunk {got} arrived where chunk {want} was due")]
+    OutOfSequence { got: u32, want: u32 },
+    /// A frame of the right kind at the wrong point of an answer.
+    #[error("{0}")]
+    OutOfOrder(&'static str),
+    /// A request whose fields do not check.
+    #[error("bad request: {0}")]
+    BadRequest(WireError),
+    #[error("{0}")]
+    Dht(#[from] hypha_dht::DhtError),
+    #[error("punch request refused: {0}")]
+    Punch(&'static str),
 }
 
 impl From<quinn::ConnectionError> for PeerError {
@@ -162,10 +210,7 @@ impl FramedSend {
 
     /// Encodes and writes one frame.
     pub async fn send(&mut self, msg: &Message) -> Result<(), PeerError> {
-        let bytes = self
-            .enc
-            .encode(msg)
-            .map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let bytes = self.enc.encode(msg).map_err(PeerError::wire)?;
         tokio::time::timeout(SEND_STALL_TIMEOUT, self.stream.write_all(bytes))
             .await
             .map_err(|_| PeerError::Timeout("the peer stopped reading"))??;
@@ -212,10 +257,10 @@ impl FramedRecv {
                 return if self.dec.buffered() == 0 {
                     Ok(None)
                 } else {
-                    Err(PeerError::Protocol(format!(
-                        "stream ended inside a frame ({} bytes left over)",
-                        self.dec.buffered()
-                    )))
+                    Err(Violation::CutFrame {
+                        left: self.dec.buffered(),
+                    }
+                    .into())
                 };
             }
             match self.stream.read_chunk(READ_CHUNK_BYTES, true).await? {
@@ -271,10 +316,11 @@ fn expect_hello(
             check_pow(&peer, pow_required)?;
             Ok(hello)
         }
-        other => Err(PeerError::Protocol(format!(
-            "expected hello, got {}",
-            kind_of(other)
-        ))),
+        other => Err(Violation::Expected {
+            expected: "hello",
+            got: kind_of(other),
+        }
+        .into()),
     }
 }
 
@@ -295,7 +341,7 @@ pub async fn hello_as_dialer(
         let mut recv = FramedRecv::new(recv);
         recv.next(|m| expect_hello(m, peer, pow_required))
             .await?
-            .ok_or_else(|| PeerError::Protocol("stream ended before the hello".into()))
+            .ok_or(PeerError::Protocol(Violation::EndedBefore("the hello")))
     };
     tokio::time::timeout(HELLO_TIMEOUT, exchange)
         .await
@@ -316,7 +362,7 @@ pub async fn hello_as_acceptor(
         let hello = recv
             .next(|m| expect_hello(m, peer, pow_required))
             .await?
-            .ok_or_else(|| PeerError::Protocol("stream ended before the hello".into()))?;
+            .ok_or(PeerError::Protocol(Violation::EndedBefore("the hello")))?;
         let mut send = FramedSend::new(send);
         send.send(ours).await?;
         send.finish();

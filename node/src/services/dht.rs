@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::net::addr::{is_virtual, PeerAddr};
 use crate::net::pool::Connections;
-use crate::net::proto::{FramedRecv, FramedSend, PeerError};
+use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError, Violation};
 use crate::util::{unix_ms, Tasks};
 
 /// Commands waiting for the DHT task: peers' requests and replies arrive
@@ -455,18 +455,18 @@ async fn rpc(
     let reply = recv
         .next(|m| match m {
             ArchivedMessage::DhtReply(r) => {
-                hypha_dht::codec::check_archived_reply(r)
-                    .map_err(|e| PeerError::Protocol(e.to_string()))?;
-                hypha_wire::owned_dht_reply(r).map_err(|e| PeerError::Protocol(e.to_string()))
+                hypha_dht::codec::check_archived_reply(r).map_err(Violation::Dht)?;
+                Ok(hypha_wire::owned_dht_reply(r).map_err(Violation::Wire)?)
             }
-            other => Err(PeerError::Protocol(format!(
-                "{} in answer to a DHT request",
-                crate::net::proto::kind_of(other)
-            ))),
+            other => Err(Violation::Answer {
+                what: "a DHT request",
+                got: kind_of(other),
+            }
+            .into()),
         })
         .await?
-        .ok_or_else(|| PeerError::Protocol("DHT stream ended without a reply".into()))?;
-    reply_from_wire(reply).map_err(|e| PeerError::Protocol(e.to_string()))
+        .ok_or(PeerError::Protocol(Violation::NoReply("DHT")))?;
+    Ok(reply_from_wire(reply).map_err(Violation::Dht)?)
 }
 
 /// Publishes queued receipts in batches: each under its consumer's and its

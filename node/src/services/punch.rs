@@ -23,7 +23,7 @@ use crate::identity::Identity;
 use crate::net::addr::PeerAddr;
 use crate::net::hello::check_pow;
 use crate::net::pool::Connections;
-use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError};
+use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError, Violation};
 use crate::util::{lock, unix_ms, RateWindow, Tasks};
 
 /// How old (or how far in the future) a request may be: it is acted on
@@ -63,7 +63,7 @@ pub fn request(identity: &Identity, target: NodeId, candidates: &[SocketAddr]) -
 /// covers it, it is recent, its candidates parse. The initiator and its
 /// candidates.
 pub fn check(req: &PunchRequest, now_ms: u64) -> Result<(NodeId, Vec<SocketAddr>), PeerError> {
-    let bad = |why: &str| PeerError::Protocol(format!("punch request refused: {why}"));
+    let bad = |why: &'static str| PeerError::Protocol(Violation::Punch(why));
     if req.candidates.len() > MAX_PUNCH_CANDIDATES {
         return Err(bad("too many candidates"));
     }
@@ -97,13 +97,14 @@ async fn send(conn: &quinn::Connection, req: &PunchRequest) -> Result<Option<Ref
     let mut r = FramedRecv::new(r);
     r.next(|m| match m {
         ArchivedMessage::PunchReply(p) => Ok(p.refusal.as_ref().map(Refusal::from)),
-        other => Err(PeerError::Protocol(format!(
-            "{} in answer to a punch request",
-            kind_of(other)
-        ))),
+        other => Err(Violation::Answer {
+            what: "a punch request",
+            got: kind_of(other),
+        }
+        .into()),
     })
     .await?
-    .ok_or_else(|| PeerError::Protocol("punch stream ended without a reply".into()))
+    .ok_or(PeerError::Protocol(Violation::NoReply("punch")))
 }
 
 /// Asks rendezvous nodes in turn to forward `req`; true when one did and

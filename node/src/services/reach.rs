@@ -19,7 +19,7 @@ use hypha_nat::{Candidate, Mapping, Observation, Prober};
 use crate::net::endpoint::Endpoint;
 use crate::net::socket::StunStats;
 use crate::services::dht::Discovery;
-use crate::util::Tasks;
+use crate::util::{lock, Tasks};
 
 /// Between rounds while the mapping is unknown.
 pub const PROBE_EVERY_UNKNOWN: Duration = Duration::from_secs(15);
@@ -64,11 +64,11 @@ impl Reachability {
     }
 
     pub fn view(&self) -> ReachView {
-        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.view).clone()
     }
 
     fn update(&self, prober: &Prober) {
-        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = lock(&self.view);
         v.mapping = prober.mapping();
         v.observations = prober.observations().to_vec();
         v.candidates = hypha_nat::candidates(v.local, &v.mapping, &[]);

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use hypha_wire::{ArchivedMessage, Message, NodeId, Refusal, RelayIncoming, RelayReply};
 
 use crate::net::paths::{PATH_IDLE, READ_CHUNK_BYTES};
-use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError};
+use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError, Violation};
 use crate::util::{lock, TokenBucket};
 
 /// How long a relay, and the node it asks, may take to set a path up.
@@ -53,13 +53,14 @@ pub const DEFAULT_RELAY_RATE: u64 = 4 * 1024 * 1024;
 pub(crate) async fn read_reply(recv: &mut FramedRecv) -> Result<Option<Refusal>, PeerError> {
     recv.next(|m| match m {
         ArchivedMessage::RelayReply(r) => Ok(r.refusal.as_ref().map(Refusal::from)),
-        other => Err(PeerError::Protocol(format!(
-            "{} in answer to a relay message",
-            kind_of(other)
-        ))),
+        other => Err(Violation::Answer {
+            what: "a relay message",
+            got: kind_of(other),
+        }
+        .into()),
     })
     .await?
-    .ok_or_else(|| PeerError::Protocol("relay stream ended without a reply".into()))
+    .ok_or(PeerError::Protocol(Violation::NoReply("relay")))
 }
 
 /// A relay's limits and who it serves.
