@@ -1,18 +1,17 @@
-//! The listening side of a node's QUIC endpoint: accept peers, exchange
-//! hellos, answer DHT requests, and (on a seeder) serve each request stream
-//! from the local engine.
+//! L4, the QUIC edge: accept peers, exchange hellos, and dispatch every
+//! stream a peer opens by its first frame to the service that answers it.
 //!
 //! Every node with an identity listens: the DHT needs every node to answer.
-//! A stream opening with `Dht` gets one `DhtReply`; one opening with
-//! `Request` is served when the node runs a model and refused (404) when it
-//! does not. One task accepts connections (at most [`MAX_PEERS`] at once; more are
-//! refused before their handshake). Each connection gets a task that performs
-//! the handshake and hello exchange, then spawns one task per request
-//! stream (QUIC bounds them per peer). A request stream carries exactly one
-//! `Request`; the seeder answers `Accepted` once the request is admitted,
-//! then `Chunk`s numbered from 0, and ends with `Done` or `Error`. A `Cancel`, a reset of the stream or a stop of the
-//! reply drops the engine's `Generation`, which frees the slot at the next
-//! decode step. A protocol violation on any stream closes the whole
+//! One task accepts connections (at most `max_peers`, bounded by
+//! [`crate::net::pool::MAX_PEERS`]; more are refused before their
+//! handshake) and takes the connections this node dialed from the pool
+//! ([`Adopted`]): a peer may open streams on those too. Each connection gets
+//! a task for the handshake and hello, then one task per stream (QUIC
+//! bounds them per peer). A stream opening with `Request` goes to the
+//! seeder ([`crate::inference::serve`]) or is refused `NotFound` on a node
+//! without a model; `Dht` gets one `DhtReply`; `Punch` goes to
+//! [`Punches`]; the relay messages to the relay service or this node's
+//! relayed paths. A protocol violation on any stream closes the whole
 //! connection with the reason; other peers are unaffected.
 
 use std::sync::atomic::Ordering;

@@ -261,8 +261,10 @@ impl Node {
         self.tasks.len()
     }
 
-    /// Stops accepting requests, waits for open ones to finish, then
-    /// cancels every task of the node and waits for them to end.
+    /// Stops accepting requests and cancels every task of the node (a local
+    /// generation in progress still finishes; a remote one ends with the
+    /// node's connections), then waits for the HTTP server, the close of
+    /// the QUIC endpoint and every task.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.http_stop.cancel();
         self.tasks.cancel();

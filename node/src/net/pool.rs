@@ -252,8 +252,8 @@ impl Connections {
     /// none (or when `fresh` asks to replace the current one). An open
     /// connection serves whatever address it was made to (a relayed path,
     /// or a NAT mapping the peer opened itself); a relayed path's virtual
-    /// address is never dialed here: [`Connections::get_relayed`] makes
-    /// those.
+    /// address is dialed only by [`Connections::get_at`] with `relayed`
+    /// (the dialer's relay path).
     pub async fn get(
         &self,
         peer: &PeerAddr,

@@ -24,7 +24,7 @@ use hypha_wire::{ArchivedMessage, Message, NodeId, Refusal, RelayIncoming, Relay
 
 use crate::net::paths::{PATH_IDLE, READ_CHUNK_BYTES};
 use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError, Violation};
-use crate::util::{lock, TokenBucket};
+use crate::util::{lock, BoundedMap, Overflow, TokenBucket};
 
 /// How long a relay, and the node it asks, may take to set a path up.
 pub const RELAY_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -104,7 +104,7 @@ pub struct RelayStats {
 pub struct RelayService {
     config: RelayConfig,
     /// Reserved nodes: their connection and how many paths they take.
-    reservations: Mutex<HashMap<NodeId, (quinn::Connection, usize)>>,
+    reservations: Mutex<BoundedMap<NodeId, (quinn::Connection, usize)>>,
     /// Open paths per peer (either end), and their byte buckets.
     sessions: Mutex<HashMap<NodeId, (usize, TokenBucket)>>,
     /// Open paths per (asker, target).
@@ -124,9 +124,10 @@ impl RelayService {
             )),
             None => None,
         };
+        let reservations = BoundedMap::new(config.max_reservations, Overflow::Refuse);
         Ok(Self {
             config,
-            reservations: Mutex::new(HashMap::new()),
+            reservations: Mutex::new(reservations),
             sessions: Mutex::new(HashMap::new()),
             pairs: Mutex::new(HashMap::new()),
             capture,
@@ -167,14 +168,14 @@ impl RelayService {
             return self.refuse(Refusal::Forbidden);
         }
         {
-            let mut r = lock(&self.reservations);
-            r.retain(|_, (c, _)| c.close_reason().is_none());
-            if r.len() >= self.config.max_reservations && !r.contains_key(&peer) {
-                drop(r);
+            let sessions = (max_sessions as usize).clamp(1, MAX_SESSIONS_PER_TARGET);
+            // A full table first forgets reservations whose connection closed.
+            let held = lock(&self.reservations).insert(peer, (conn.clone(), sessions), |(c, _)| {
+                c.close_reason().is_some()
+            });
+            if !held {
                 return self.refuse(Refusal::TooMany);
             }
-            let sessions = (max_sessions as usize).clamp(1, MAX_SESSIONS_PER_TARGET);
-            r.insert(peer, (conn.clone(), sessions));
         }
         tracing::info!(%peer, "relay reservation granted");
         None
