@@ -27,8 +27,9 @@ fn layer(top: &str) -> Option<u8> {
     })
 }
 
-/// A module path (`services::dht`; the crate root is ``) and its source.
-type Module = (String, String);
+/// A module path (`services::dht`; the crate root is ``), its file and its
+/// source.
+type Module = (String, String, String);
 
 fn module_of(src_root: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src_root).unwrap().with_extension("");
@@ -228,14 +229,14 @@ fn top(module: &str) -> &str {
 /// The faults of a tree of modules: edges up a layer or across top-level
 /// modules of one layer, modules in no layer, and circles.
 fn check(modules: &[Module]) -> Vec<String> {
-    let names: BTreeSet<String> = modules.iter().map(|(m, _)| m.clone()).collect();
+    let names: BTreeSet<String> = modules.iter().map(|(m, _, _)| m.clone()).collect();
     let mut faults = Vec::new();
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (module, src) in modules {
+    for (module, file, src) in modules {
         let code = code_only(src);
         let from_top = top(module);
         let Some(from_layer) = layer(from_top) else {
-            faults.push(format!("{module}: module in no layer"));
+            faults.push(format!("{file} ({module}): module in no layer"));
             continue;
         };
         for path in referenced(module, &code) {
@@ -256,7 +257,7 @@ fn check(modules: &[Module]) -> Vec<String> {
                 || (to_layer == 0 && from_layer == 0);
             if !allowed {
                 faults.push(format!(
-                    "{module} -> {target}: points up or across a layer (L{from_layer} -> L{to_layer}, via `{path}`)"
+                    "{file}: {module} -> {target}: points up or across a layer (L{from_layer} -> L{to_layer}, via `{path}`)"
                 ));
             }
             if target != *module {
@@ -274,7 +275,16 @@ fn check(modules: &[Module]) -> Vec<String> {
                     .map(move |b| format!("{a} -> {b}"))
             })
             .collect();
-        faults.push(format!("modules in a circle: {}", edges.join(", ")));
+        let files: Vec<&str> = modules
+            .iter()
+            .filter(|(m, _, _)| circle.contains(m))
+            .map(|(_, f, _)| f.as_str())
+            .collect();
+        faults.push(format!(
+            "modules in a circle: {} (in {})",
+            edges.join(", "),
+            files.join(", ")
+        ));
     }
     faults
 }
@@ -354,7 +364,16 @@ fn node_src_imports_point_down_the_layers_and_form_no_circle() {
             // The binary is a client of the library, not a module of it.
             continue;
         }
-        modules.push((module_of(&root, f), std::fs::read_to_string(f).unwrap()));
+        let file = f
+            .strip_prefix(root.parent().unwrap())
+            .unwrap()
+            .display()
+            .to_string();
+        modules.push((
+            module_of(&root, f),
+            file,
+            std::fs::read_to_string(f).unwrap(),
+        ));
     }
     assert!(modules.len() > 20, "read only {} modules", modules.len());
     let faults = check(&modules);
@@ -367,7 +386,10 @@ fn node_src_imports_point_down_the_layers_and_form_no_circle() {
 
 #[test]
 fn the_check_names_upward_edges_and_circles() {
-    let m = |name: &str, src: &str| (name.to_owned(), src.to_owned());
+    let m = |name: &str, src: &str| {
+        let file = format!("src/{}.rs", name.replace("::", "/"));
+        (name.to_owned(), file, src.to_owned())
+    };
     let modules = vec![
         m(
             "net::pool",
@@ -390,10 +412,16 @@ fn the_check_names_upward_edges_and_circles() {
     ];
     let faults = check(&modules);
     let text = faults.join("\n");
-    assert!(text.contains("net::pool -> inbound: points up"), "{text}");
+    assert!(
+        text.contains("src/net/pool.rs: net::pool -> inbound: points up"),
+        "{text}"
+    );
     assert!(!text.contains("api ->"), "a string is no edge: {text}");
     assert!(!text.contains("-> api"), "a comment is no edge: {text}");
-    assert!(text.contains("wild: module in no layer"), "{text}");
+    assert!(
+        text.contains("src/wild.rs (wild): module in no layer"),
+        "{text}"
+    );
     assert!(
         text.contains(
             "modules in a circle: services::a -> services::b, services::b -> services::a"
