@@ -256,11 +256,6 @@ impl Node {
         })
     }
 
-    /// Tasks of the node still running (the HTTP server aside).
-    pub fn running_tasks(&self) -> usize {
-        self.tasks.len()
-    }
-
     /// Stops accepting requests and cancels every task of the node (a local
     /// generation in progress still finishes; a remote one ends with the
     /// node's connections), then waits for the HTTP server, the close of
