@@ -221,6 +221,14 @@ struct UpArgs {
     /// Require `Authorization: Bearer KEY` on /v1 requests.
     #[arg(long, env = "HYPHA_API_KEY")]
     api_key: Option<String>,
+    /// A web origin (`https://app.example`, or `*`) whose pages may call
+    /// the API from a browser; others are refused (repeatable).
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
+    /// A DNS name the node answers to besides `localhost` and IP addresses
+    /// (repeatable); requests naming any other host are refused.
+    #[arg(long = "allow-host")]
+    allowed_hosts: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -468,6 +476,8 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     let mut cfg = NodeConfig::new(engine);
     cfg.http_addr = a.http;
     cfg.api_key = a.api_key;
+    cfg.cors_origins = a.cors_origins;
+    cfg.allowed_hosts = a.allowed_hosts;
     cfg.model_aliases = aliases;
     cfg.quic_addr = a.quic;
     cfg.peers = a.peers;

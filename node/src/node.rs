@@ -12,6 +12,7 @@ use hypha_engine::{Engine, EngineConfig};
 use hypha_wire::{NodeId, CAP_SEEDER};
 use tokio::net::TcpListener;
 
+use crate::api::state::EdgePolicy;
 use crate::api::{self, account::Account, AppState, LocalModel};
 use crate::identity::{self, Identity};
 use crate::inbound::{self, Inbound};
@@ -52,6 +53,10 @@ pub struct NodeConfig {
     pub engine: Option<EngineConfig>,
     pub http_addr: SocketAddr,
     pub api_key: Option<String>,
+    /// Web origins whose pages may call the API (`*` for any).
+    pub cors_origins: Vec<String>,
+    /// DNS names the API answers to besides `localhost` and addresses.
+    pub allowed_hosts: Vec<String>,
     /// Other names the model answers to in requests (e.g. `default`).
     pub model_aliases: Vec<String>,
     /// Serve the local model to peers on this UDP address.
@@ -106,6 +111,8 @@ impl NodeConfig {
             engine,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             api_key: None,
+            cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             model_aliases: Vec::new(),
             quic_addr: None,
             peers: Vec::new(),
@@ -203,6 +210,11 @@ impl Node {
             relay_client: net.as_ref().map(|n| n.relay_client.clone()),
             paths: net.as_ref().map(|n| n.paths.clone()),
             api_key: cfg.api_key,
+            edge: EdgePolicy {
+                loopback_only: http_addr.ip().is_loopback(),
+                allowed_hosts: cfg.allowed_hosts,
+                cors_origins: cfg.cors_origins,
+            },
             metrics,
             started: SystemTime::now(),
         });

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -59,12 +59,10 @@ impl Kind {
 
 pub(crate) async fn chat_completions(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<OpenAiJson<ChatRequest>, ApiError>,
 ) -> Response {
     let received = Instant::now();
     let prepared = async {
-        st.authorize(&headers)?;
         let OpenAiJson(req) = body?;
         let route = st.route(&req.model)?;
         let stops = req.fields.check().map_err(ApiError::invalid)?;
@@ -103,12 +101,10 @@ pub(crate) async fn chat_completions(
 
 pub(crate) async fn completions(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     body: Result<OpenAiJson<CompletionRequest>, ApiError>,
 ) -> Response {
     let received = Instant::now();
     let prepared = async {
-        st.authorize(&headers)?;
         let OpenAiJson(req) = body?;
         let route = st.route(&req.model)?;
         let stops = req.fields.check().map_err(ApiError::invalid)?;

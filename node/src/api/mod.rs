@@ -14,6 +14,7 @@ pub mod account;
 pub mod admin;
 pub mod completions;
 pub mod errors;
+pub mod guard;
 pub mod openai;
 pub mod state;
 
@@ -40,6 +41,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(admin::metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard,
+        ))
         .with_state(state)
 }
 

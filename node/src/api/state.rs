@@ -1,6 +1,8 @@
 //! What every handler shares ([`AppState`]): the local model, the peers,
-//! the node's services for the admin views, and the API key check.
+//! the node's services for the admin views, the API key check, and the
+//! [`EdgePolicy`] of hosts and web origins the edge's guard applies.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -44,6 +46,8 @@ pub struct AppState {
     pub relay_client: Option<Arc<RelayClient>>,
     pub paths: Option<Arc<Paths>>,
     pub api_key: Option<String>,
+    /// Which hosts and web origins may reach the API.
+    pub edge: EdgePolicy,
     pub metrics: Arc<Metrics>,
     pub started: SystemTime,
 }
@@ -99,4 +103,85 @@ impl AppState {
 /// Equality whose time does not depend on where the inputs differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Who may reach the API: the names it answers to and the origins allowed
+/// to call it from a browser.
+#[derive(Debug, Clone, Default)]
+pub struct EdgePolicy {
+    /// The HTTP listener is on a loopback address: only loopback names and
+    /// addresses reach it. Otherwise any IP literal does (DNS rebinding
+    /// needs a name).
+    pub loopback_only: bool,
+    /// DNS names besides `localhost` that `Host` may carry (`--allow-host`).
+    pub allowed_hosts: Vec<String>,
+    /// Origins that may call the API from a browser (`--cors-origin`; `*`
+    /// for any).
+    pub cors_origins: Vec<String>,
+}
+
+impl EdgePolicy {
+    /// True when `host` (a `Host` header: name or address, maybe a port)
+    /// names this node.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let name = host_name(host);
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return ip.is_loopback() || !self.loopback_only;
+        }
+        name.eq_ignore_ascii_case("localhost")
+            || self
+                .allowed_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
+    }
+
+    pub(crate) fn cors_allowed(&self, origin: &str) -> bool {
+        self.cors_origins.iter().any(|o| o == "*" || o == origin)
+    }
+}
+
+/// The name or address in a `Host` value, without its port or the
+/// brackets of an IPv6 address.
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_checked_by_name_and_address() {
+        let local = EdgePolicy {
+            loopback_only: true,
+            allowed_hosts: vec!["hypha.lan".into()],
+            cors_origins: Vec::new(),
+        };
+        for ok in [
+            "127.0.0.1:8420",
+            "localhost:8420",
+            "LOCALHOST",
+            "[::1]:8420",
+            "127.9.9.9",
+            "hypha.lan:8420",
+        ] {
+            assert!(local.host_allowed(ok), "{ok}");
+        }
+        for bad in ["evil.example:8420", "192.168.1.5:8420", "", "[fd00::1]:1"] {
+            assert!(!local.host_allowed(bad), "{bad}");
+        }
+        let open = EdgePolicy {
+            loopback_only: false,
+            ..local
+        };
+        assert!(open.host_allowed("192.168.1.5:8420"));
+        assert!(open.host_allowed("[fd00::1]:1"));
+        assert!(!open.host_allowed("evil.example"));
+    }
 }

@@ -1,0 +1,199 @@
+//! The HTTP edge against a hostile web page and DNS rebinding, over real
+//! sockets: a text/plain "simple" POST, a foreign `Origin`, a `Host` that is
+//! not the node's, CORS for an allowed origin, and an API key checked
+//! before the body is read.
+
+use std::time::{Duration, Instant};
+
+use hypha_node::{Node, NodeConfig};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// A node without a model or peers: every request that passes the edge
+/// ends in `model_not_found`, so a 404 proves it passed.
+async fn node(api_key: Option<&str>, cors: &[&str]) -> Node {
+    let mut cfg = NodeConfig::new(None);
+    cfg.api_key = api_key.map(str::to_owned);
+    cfg.cors_origins = cors.iter().map(|s| s.to_string()).collect();
+    Node::start(cfg).await.expect("node starts")
+}
+
+/// Sends `head` (request line and headers, without the blank line) and
+/// `body` on a fresh connection; the status, the headers and the body.
+async fn raw(n: &Node, head: &str, body: &str) -> (u16, String, String) {
+    let mut s = tokio::net::TcpStream::connect(n.http_addr()).await.unwrap();
+    let req = format!("{head}\r\nConnection: close\r\n\r\n{body}");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the node answers")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, headers.to_ascii_lowercase(), body.to_owned())
+}
+
+fn code(body: &str) -> String {
+    // A chunked body: the JSON sits between the chunk sizes.
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map_or(body.len(), |e| e + 1);
+    let v: Value = serde_json::from_str(&body[start..end]).unwrap_or(Value::Null);
+    v["error"]["code"].as_str().unwrap_or_default().to_owned()
+}
+
+fn post(n: &Node, extra: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}{extra}",
+        n.http_addr(),
+        body.len()
+    )
+}
+
+const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_and_rebound_names_cannot_use_the_api() {
+    let n = node(None, &[]).await;
+    let own = format!("http://{}", n.http_addr());
+
+    // The node's own clients pass (and find no such model here).
+    let (status, _, body) = raw(&n, &post(&n, "", "application/json", CHAT), CHAT).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (404, "model_not_found"),
+        "{body}"
+    );
+    let same = format!("\r\nOrigin: {own}");
+    let (status, _, body) = raw(
+        &n,
+        &post(&n, &same, "application/json; charset=utf-8", CHAT),
+        CHAT,
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "a page the node serves itself is same-origin: {body}"
+    );
+
+    // A simple cross-site POST: text/plain needs no preflight.
+    let (status, _, body) = raw(&n, &post(&n, "", "text/plain", CHAT), CHAT).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (415, "unsupported_content_type"),
+        "{body}"
+    );
+
+    // A foreign page, even with a JSON body.
+    let evil = "\r\nOrigin: http://evil.example";
+    let (status, headers, body) = raw(&n, &post(&n, evil, "application/json", CHAT), CHAT).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (403, "origin_not_allowed"),
+        "{body}"
+    );
+    assert!(
+        !headers.contains("access-control-allow-origin"),
+        "{headers}"
+    );
+    let (status, _, _) = raw(
+        &n,
+        "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\nAccess-Control-Request-Method: POST",
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "no preflight for a foreign origin");
+
+    // DNS rebinding: a page's own name resolved to 127.0.0.1.
+    for path in ["/v1/ledger", "/v1/network", "/v1/models"] {
+        let (status, _, body) = raw(
+            &n,
+            &format!("GET {path} HTTP/1.1\r\nHost: evil.example:8420"),
+            "",
+        )
+        .await;
+        assert_eq!(
+            (status, code(&body).as_str()),
+            (403, "host_not_allowed"),
+            "{path}: {body}"
+        );
+    }
+    let (status, _, _) = raw(&n, "GET /v1/models HTTP/1.1\r\nHost: localhost:8420", "").await;
+    assert_eq!(status, 200);
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_origin_gets_cors_answers() {
+    let n = node(None, &["http://app.example"]).await;
+    let (status, headers, _) = raw(
+        &n,
+        &format!(
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nOrigin: http://app.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type",
+            n.http_addr()
+        ),
+        "",
+    )
+    .await;
+    assert_eq!(status, 204, "{headers}");
+    assert!(
+        headers.contains("access-control-allow-origin: http://app.example"),
+        "{headers}"
+    );
+    assert!(
+        headers.contains("access-control-allow-headers: authorization, content-type"),
+        "{headers}"
+    );
+    assert!(
+        headers.contains("access-control-allow-methods:"),
+        "{headers}"
+    );
+    let origin = "\r\nOrigin: http://app.example";
+    let (status, headers, body) = raw(&n, &post(&n, origin, "application/json", CHAT), CHAT).await;
+    assert_eq!(status, 404, "served (no such model here): {body}");
+    assert!(
+        headers.contains("access-control-allow-origin: http://app.example"),
+        "{headers}"
+    );
+    let other = "\r\nOrigin: http://other.example";
+    let (status, _, _) = raw(&n, &post(&n, other, "application/json", CHAT), CHAT).await;
+    assert_eq!(status, 403);
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_is_checked_before_the_body_is_read() {
+    let n = node(Some("s3cret"), &[]).await;
+    // Headers announcing a 4 MiB body that never comes: the answer must
+    // not wait for it.
+    let mut s = tokio::net::TcpStream::connect(n.http_addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        n.http_addr(),
+        4 * 1024 * 1024
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("refused without waiting for the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..got]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.contains("invalid_api_key"), "{text}");
+    eprintln!("refused in {:?} with the body unsent", started.elapsed());
+    // With the key it passes the edge.
+    let auth = "\r\nAuthorization: Bearer s3cret";
+    let (status, _, body) = raw(&n, &post(&n, auth, "application/json", CHAT), CHAT).await;
+    assert_eq!(status, 404, "{body}");
+    // Health stays open for probes.
+    let (status, _, _) = raw(&n, "GET /health HTTP/1.1\r\nHost: 127.0.0.1", "").await;
+    assert_eq!(status, 200);
+    n.stop().await.unwrap();
+}
