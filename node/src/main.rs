@@ -229,6 +229,10 @@ struct UpArgs {
     /// (repeatable); requests naming any other host are refused.
     #[arg(long = "allow-host")]
     allowed_hosts: Vec<String>,
+    /// HTTP client connections served at once; more get a 503 and are
+    /// closed.
+    #[arg(long, default_value_t = hypha_node::api::conns::DEFAULT_MAX_HTTP_CONNECTIONS)]
+    max_http_connections: usize,
 }
 
 #[derive(Subcommand)]
@@ -478,6 +482,7 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     cfg.api_key = a.api_key;
     cfg.cors_origins = a.cors_origins;
     cfg.allowed_hosts = a.allowed_hosts;
+    cfg.max_http_connections = a.max_http_connections;
     cfg.model_aliases = aliases;
     cfg.quic_addr = a.quic;
     cfg.peers = a.peers;

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub direct_path: Histogram,
     /// Peers disconnected for breaking the protocol.
     pub peer_violations: AtomicU64,
+    /// HTTP connections refused at the connection cap.
+    pub http_connections_refused: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
 }
@@ -122,6 +124,7 @@ impl Default for Metrics {
             upgrades: AtomicU64::new(0),
             direct_path: Histogram::new(&DIRECT_PATH_BUCKETS_S),
             peer_violations: AtomicU64::new(0),
+            http_connections_refused: AtomicU64::new(0),
             ttft: Histogram::new(&TTFT_BUCKETS_S),
             inter_token: Histogram::new(&ITL_BUCKETS_S),
         }
@@ -186,6 +189,12 @@ impl Metrics {
             "hypha_peer_violations_total",
             "Peers disconnected for breaking the protocol.",
             self.peer_violations.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_http_connections_refused_total",
+            "HTTP connections refused at the connection cap.",
+            self.http_connections_refused.load(Ordering::Relaxed),
         );
         self.ttft.render(
             &mut out,

@@ -12,6 +12,7 @@ use hypha_engine::{Engine, EngineConfig};
 use hypha_wire::{NodeId, CAP_SEEDER};
 use tokio::net::TcpListener;
 
+use crate::api::conns::{CappedListener, DEFAULT_MAX_HTTP_CONNECTIONS};
 use crate::api::state::EdgePolicy;
 use crate::api::{self, account::Account, AppState, LocalModel};
 use crate::identity::{self, Identity};
@@ -57,6 +58,8 @@ pub struct NodeConfig {
     pub cors_origins: Vec<String>,
     /// DNS names the API answers to besides `localhost` and addresses.
     pub allowed_hosts: Vec<String>,
+    /// HTTP client connections served at once; more are refused (503).
+    pub max_http_connections: usize,
     /// Other names the model answers to in requests (e.g. `default`).
     pub model_aliases: Vec<String>,
     /// Serve the local model to peers on this UDP address.
@@ -113,6 +116,7 @@ impl NodeConfig {
             api_key: None,
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
+            max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
             model_aliases: Vec::new(),
             quic_addr: None,
             peers: Vec::new(),
@@ -215,10 +219,11 @@ impl Node {
                 allowed_hosts: cfg.allowed_hosts,
                 cors_origins: cfg.cors_origins,
             },
-            metrics,
+            metrics: metrics.clone(),
             started: SystemTime::now(),
         });
         let http_stop = tokio_util::sync::CancellationToken::new();
+        let listener = CappedListener::new(listener, cfg.max_http_connections, metrics.clone());
         let server = serve_http(listener, api::router(state), http_stop.clone());
         tracing::info!("OpenAI API on http://{http_addr}/v1");
         Ok(Self {
@@ -331,18 +336,10 @@ impl Drop for Node {
 
 /// Serves the API on `listener` until `stop`, then finishes open requests.
 fn serve_http(
-    listener: TcpListener,
+    listener: CappedListener,
     app: axum::Router,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    // Token events are small writes a few milliseconds apart: without
-    // TCP_NODELAY, Nagle holds each one until the client's delayed ACK
-    // (up to 40 ms) arrives.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
     tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })

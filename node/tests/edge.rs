@@ -1,7 +1,7 @@
-//! The HTTP edge against a hostile web page and DNS rebinding, over real
-//! sockets: a text/plain "simple" POST, a foreign `Origin`, a `Host` that is
-//! not the node's, CORS for an allowed origin, and an API key checked
-//! before the body is read.
+//! The HTTP edge against a hostile web page, DNS rebinding and a flood of
+//! connections, over real sockets: a text/plain "simple" POST, a foreign
+//! `Origin`, a `Host` that is not the node's, CORS for an allowed origin,
+//! an API key checked before the body is read, and the connection cap.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,17 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 /// A node without a model or peers: every request that passes the edge
 /// ends in `model_not_found`, so a 404 proves it passed.
 async fn node(api_key: Option<&str>, cors: &[&str]) -> Node {
+    node_with(
+        api_key,
+        cors,
+        hypha_node::api::conns::DEFAULT_MAX_HTTP_CONNECTIONS,
+    )
+    .await
+}
+
+async fn node_with(api_key: Option<&str>, cors: &[&str], max_connections: usize) -> Node {
     let mut cfg = NodeConfig::new(None);
+    cfg.max_http_connections = max_connections;
     cfg.api_key = api_key.map(str::to_owned);
     cfg.cors_origins = cors.iter().map(|s| s.to_string()).collect();
     Node::start(cfg).await.expect("node starts")
@@ -195,5 +205,54 @@ async fn the_api_key_is_checked_before_the_body_is_read() {
     // Health stays open for probes.
     let (status, _, _) = raw(&n, "GET /health HTTP/1.1\r\nHost: 127.0.0.1", "").await;
     assert_eq!(status, 200);
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_refused_and_the_rest_served() {
+    const CAP: usize = 4;
+    let n = node_with(None, &[], CAP).await;
+    // Idle clients take every permit: connected, never sending a byte.
+    let mut idle = Vec::new();
+    for _ in 0..CAP {
+        idle.push(tokio::net::TcpStream::connect(n.http_addr()).await.unwrap());
+    }
+    // Let the node accept them all before the next one knocks.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(n.http_addr()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut out))
+        .await
+        .expect("refused at once")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("too_many_connections"), "{text}");
+    // A connection within the cap is still served.
+    let s = &mut idle[0];
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    // Once the idle ones leave, new clients get in again.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, body) = raw(&n, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1", "").await;
+        if status == 200 {
+            assert!(
+                body.contains("hypha_http_connections_refused_total 1"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     n.stop().await.unwrap();
 }

@@ -13,6 +13,7 @@
 pub mod account;
 pub mod admin;
 pub mod completions;
+pub mod conns;
 pub mod errors;
 pub mod guard;
 pub mod openai;
