@@ -233,6 +233,10 @@ struct UpArgs {
     /// closed.
     #[arg(long, default_value_t = hypha_node::api::conns::DEFAULT_MAX_HTTP_CONNECTIONS)]
     max_http_connections: usize,
+    /// Answer `/health` without the API key (for probes); `/metrics` and
+    /// everything else still need it when one is set.
+    #[arg(long)]
+    public_health: bool,
 }
 
 #[derive(Subcommand)]
@@ -483,6 +487,7 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     cfg.cors_origins = a.cors_origins;
     cfg.allowed_hosts = a.allowed_hosts;
     cfg.max_http_connections = a.max_http_connections;
+    cfg.public_health = a.public_health;
     cfg.model_aliases = aliases;
     cfg.quic_addr = a.quic;
     cfg.peers = a.peers;

@@ -60,6 +60,9 @@ pub struct NodeConfig {
     pub allowed_hosts: Vec<String>,
     /// HTTP client connections served at once; more are refused (503).
     pub max_http_connections: usize,
+    /// `/health` answers without the API key (probes); every other route
+    /// needs it when one is set.
+    pub public_health: bool,
     /// Other names the model answers to in requests (e.g. `default`).
     pub model_aliases: Vec<String>,
     /// Serve the local model to peers on this UDP address.
@@ -117,6 +120,7 @@ impl NodeConfig {
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
+            public_health: false,
             model_aliases: Vec::new(),
             quic_addr: None,
             peers: Vec::new(),
@@ -218,6 +222,7 @@ impl Node {
                 loopback_only: http_addr.ip().is_loopback(),
                 allowed_hosts: cfg.allowed_hosts,
                 cors_origins: cfg.cors_origins,
+                public_health: cfg.public_health,
             },
             metrics: metrics.clone(),
             started: SystemTime::now(),

@@ -177,7 +177,7 @@ async fn an_allowed_origin_gets_cors_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_key_is_checked_before_the_body_is_read() {
+async fn the_api_key_is_checked_before_the_body_is_read_and_guards_every_route() {
     let n = node(Some("s3cret"), &[]).await;
     // Headers announcing a 4 MiB body that never comes: the answer must
     // not wait for it.
@@ -202,9 +202,24 @@ async fn the_api_key_is_checked_before_the_body_is_read() {
     let auth = "\r\nAuthorization: Bearer s3cret";
     let (status, _, body) = raw(&n, &post(&n, auth, "application/json", CHAT), CHAT).await;
     assert_eq!(status, 404, "{body}");
-    // Health stays open for probes.
+    // With a key set, health and metrics need it too ...
+    for path in ["/health", "/metrics"] {
+        let (status, _, _) = raw(&n, &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1"), "").await;
+        assert_eq!(status, 401, "{path}");
+        let with_key = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1{auth}");
+        let (status, _, _) = raw(&n, &with_key, "").await;
+        assert_eq!(status, 200, "{path}");
+    }
+    n.stop().await.unwrap();
+    // ... unless health is opened for probes; metrics stay closed.
+    let mut cfg = NodeConfig::new(None);
+    cfg.api_key = Some("s3cret".into());
+    cfg.public_health = true;
+    let n = Node::start(cfg).await.unwrap();
     let (status, _, _) = raw(&n, "GET /health HTTP/1.1\r\nHost: 127.0.0.1", "").await;
     assert_eq!(status, 200);
+    let (status, _, _) = raw(&n, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1", "").await;
+    assert_eq!(status, 401);
     n.stop().await.unwrap();
 }
 

@@ -4,7 +4,9 @@
 //! `Host` must name this node (a page that rebinds a DNS name to 127.0.0.1
 //! cannot reach the API); a browser's `Origin` must be the node's own (a
 //! page served by the node itself) or one the operator allowed with
-//! `--cors-origin`; the API key, when one is set, must be present; a body
+//! `--cors-origin`; the API key, when one is set, must be present (on every
+//! route, `/metrics` and `/health` included, unless `--public-health` opens
+//! `/health` to probes); a body
 //! must be `application/json` (a page may send a "simple" `text/plain`
 //! POST to any address without a preflight). Each refusal is an
 //! OpenAI-style JSON error, and none of them reads the body.
@@ -71,7 +73,7 @@ pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
         }
         return resp;
     }
-    let open = matches!(req.uri().path(), "/health" | "/metrics");
+    let open = policy.public_health && req.uri().path() == "/health";
     if !open {
         if let Err(e) = st.authorize(headers) {
             return with_cors(e.into_response(), cors.as_deref());

@@ -118,6 +118,8 @@ pub struct EdgePolicy {
     /// Origins that may call the API from a browser (`--cors-origin`; `*`
     /// for any).
     pub cors_origins: Vec<String>,
+    /// `/health` answers without the API key (`--public-health`).
+    pub public_health: bool,
 }
 
 impl EdgePolicy {
@@ -162,6 +164,7 @@ mod tests {
             loopback_only: true,
             allowed_hosts: vec!["hypha.lan".into()],
             cors_origins: Vec::new(),
+            public_health: false,
         };
         for ok in [
             "127.0.0.1:8420",
