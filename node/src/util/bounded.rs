@@ -86,14 +86,6 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
         self.map.get(key)
     }
 
-    pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.map.get_mut(key)
-    }
-
     pub fn contains_key<Q>(&self, key: &Q) -> bool
     where
         K: Borrow<Q>,
@@ -124,10 +116,6 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
 
     pub fn is_full(&self) -> bool {
         self.map.len() >= self.max
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.map.iter()
     }
 
     pub fn values(&self) -> impl Iterator<Item = &V> {
