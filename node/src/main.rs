@@ -233,6 +233,10 @@ struct UpArgs {
     /// closed.
     #[arg(long, default_value_t = hypha_node::api::conns::DEFAULT_MAX_HTTP_CONNECTIONS)]
     max_http_connections: usize,
+    /// Completions (chat or text, streaming or not) in flight at once;
+    /// more get a 503 at once.
+    #[arg(long, default_value_t = hypha_node::api::conns::DEFAULT_MAX_HTTP_STREAMS)]
+    max_http_streams: usize,
     /// Answer `/health` without the API key (for probes); `/metrics` and
     /// everything else still need it when one is set.
     #[arg(long)]
@@ -487,6 +491,7 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     cfg.cors_origins = a.cors_origins;
     cfg.allowed_hosts = a.allowed_hosts;
     cfg.max_http_connections = a.max_http_connections;
+    cfg.max_http_streams = a.max_http_streams;
     cfg.public_health = a.public_health;
     cfg.model_aliases = aliases;
     cfg.quic_addr = a.quic;

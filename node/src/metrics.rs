@@ -106,6 +106,8 @@ pub struct Metrics {
     pub peer_violations: AtomicU64,
     /// HTTP connections refused at the connection cap.
     pub http_connections_refused: AtomicU64,
+    /// Completions refused at the stream cap.
+    pub http_streams_refused: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
 }
@@ -125,6 +127,7 @@ impl Default for Metrics {
             direct_path: Histogram::new(&DIRECT_PATH_BUCKETS_S),
             peer_violations: AtomicU64::new(0),
             http_connections_refused: AtomicU64::new(0),
+            http_streams_refused: AtomicU64::new(0),
             ttft: Histogram::new(&TTFT_BUCKETS_S),
             inter_token: Histogram::new(&ITL_BUCKETS_S),
         }
@@ -195,6 +198,12 @@ impl Metrics {
             "hypha_http_connections_refused_total",
             "HTTP connections refused at the connection cap.",
             self.http_connections_refused.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_http_streams_refused_total",
+            "Completions refused at the stream cap.",
+            self.http_streams_refused.load(Ordering::Relaxed),
         );
         self.ttft.render(
             &mut out,

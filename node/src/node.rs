@@ -12,7 +12,9 @@ use hypha_engine::{Engine, EngineConfig};
 use hypha_wire::{NodeId, CAP_SEEDER};
 use tokio::net::TcpListener;
 
-use crate::api::conns::{CappedListener, DEFAULT_MAX_HTTP_CONNECTIONS};
+use crate::api::conns::{
+    CappedListener, HttpTimeouts, DEFAULT_MAX_HTTP_CONNECTIONS, DEFAULT_MAX_HTTP_STREAMS,
+};
 use crate::api::state::EdgePolicy;
 use crate::api::{self, account::Account, AppState, LocalModel};
 use crate::identity::{self, Identity};
@@ -60,6 +62,10 @@ pub struct NodeConfig {
     pub allowed_hosts: Vec<String>,
     /// HTTP client connections served at once; more are refused (503).
     pub max_http_connections: usize,
+    /// Completions in flight at once; more are refused (503).
+    pub max_http_streams: usize,
+    /// How long the HTTP server waits on a client's head and body.
+    pub http_timeouts: HttpTimeouts,
     /// `/health` answers without the API key (probes); every other route
     /// needs it when one is set.
     pub public_health: bool,
@@ -120,6 +126,8 @@ impl NodeConfig {
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
+            max_http_streams: DEFAULT_MAX_HTTP_STREAMS,
+            http_timeouts: HttpTimeouts::default(),
             public_health: false,
             model_aliases: Vec::new(),
             quic_addr: None,
@@ -224,12 +232,19 @@ impl Node {
                 cors_origins: cfg.cors_origins,
                 public_health: cfg.public_health,
             },
+            streams: Arc::new(tokio::sync::Semaphore::new(cfg.max_http_streams.max(1))),
+            body_timeout: cfg.http_timeouts.body,
             metrics: metrics.clone(),
             started: SystemTime::now(),
         });
         let http_stop = tokio_util::sync::CancellationToken::new();
         let listener = CappedListener::new(listener, cfg.max_http_connections, metrics.clone());
-        let server = serve_http(listener, api::router(state), http_stop.clone());
+        let server = api::conns::serve(
+            listener,
+            api::router(state),
+            cfg.http_timeouts.header,
+            http_stop.clone(),
+        );
         tracing::info!("OpenAI API on http://{http_addr}/v1");
         Ok(Self {
             http_addr,
@@ -340,18 +355,6 @@ impl Drop for Node {
 }
 
 /// Serves the API on `listener` until `stop`, then finishes open requests.
-fn serve_http(
-    listener: CappedListener,
-    app: axum::Router,
-    stop: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    })
-}
-
 impl Network {
     /// The identity and ledger, the QUIC endpoint and every network
     /// service, started in order: the pool and the DHT, reachability and

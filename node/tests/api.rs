@@ -295,6 +295,67 @@ async fn client_leaving_mid_stream_frees_the_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_holds_its_permit_until_the_client_leaves() {
+    let mut engine = EngineConfig::new(test_model());
+    engine.parallel = 2;
+    engine.ctx_per_slot = 512;
+    engine.threads = 1;
+    let mut cfg = NodeConfig::new(Some(engine));
+    cfg.model_aliases = vec!["default".into()];
+    cfg.max_http_streams = 1;
+    let n = Node::start(cfg).await.expect("node starts");
+    let c = client();
+    let url = format!("http://{}/v1/chat/completions", n.http_addr());
+    let resp = c
+        .post(&url)
+        .json(&chat_body(
+            "Write a very long essay about the sea.",
+            500,
+            true,
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = 0;
+    while seen < 3 {
+        let chunk = body.next().await.unwrap().unwrap();
+        seen += String::from_utf8_lossy(&chunk).matches("data:").count();
+    }
+    // A free slot, but no free stream permit: refused at once.
+    let (status, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        chat_body("Hi", 4, false).to_string().into(),
+    )
+    .await;
+    assert_error(status, &v, 503, "too_many_streams");
+    drop(body);
+    // The stream's end gives its permit back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, v) = post(
+            &c,
+            &n,
+            "/v1/chat/completions",
+            chat_body("Hi", 4, false).to_string().into(),
+        )
+        .await;
+        if status == 200 {
+            break;
+        }
+        assert_error(status, &v, 503, "too_many_streams");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the permit never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_tokens_and_latency() {
     let n = node(2, 4, None).await;
     let c = client();

@@ -1,10 +1,13 @@
 //! The HTTP edge against a hostile web page, DNS rebinding and a flood of
 //! connections, over real sockets: a text/plain "simple" POST, a foreign
 //! `Origin`, a `Host` that is not the node's, CORS for an allowed origin,
-//! an API key checked before the body is read, and the connection cap.
+//! an API key checked before the body is read, the connection cap, clients
+//! that trickle a head or a body or idle on a kept-alive connection, and
+//! the cap on completions in flight.
 
 use std::time::{Duration, Instant};
 
+use hypha_node::api::conns::HttpTimeouts;
 use hypha_node::{Node, NodeConfig};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -269,5 +272,115 @@ async fn connections_beyond_the_cap_are_refused_and_the_rest_served() {
         assert!(Instant::now() < deadline, "never served again: {status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    n.stop().await.unwrap();
+}
+
+/// Reads until the node closes the connection (or `limit` passes: a
+/// failure); what it sent and how long the close took.
+async fn until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> (String, Duration) {
+    let t = Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut out))
+        .await
+        .expect("the node closes the connection")
+        .ok();
+    (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_slow_bodies_and_idle_connections_are_cut_off() {
+    let mut cfg = NodeConfig::new(None);
+    cfg.http_timeouts = HttpTimeouts {
+        header: Duration::from_millis(800),
+        body: Duration::from_millis(800),
+    };
+    let n = Node::start(cfg).await.expect("node starts");
+
+    // A head trickled a byte at a time is cut off at the header deadline,
+    // however steadily the bytes come.
+    let mut s = tokio::net::TcpStream::connect(n.http_addr()).await.unwrap();
+    let head = post(&n, "", "application/json", CHAT);
+    let t = Instant::now();
+    let mut cut = false;
+    for b in head.bytes() {
+        if s.write_all(&[b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if t.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    let (_, waited) = until_closed(&mut s, Duration::from_secs(5)).await;
+    let total = t.elapsed();
+    assert!(
+        cut || total < Duration::from_secs(3),
+        "a trickled head held its connection for {total:?} ({waited:?} after the last byte)"
+    );
+
+    // A body that stops half-way gets a 408 at the body deadline.
+    let mut s = tokio::net::TcpStream::connect(n.http_addr()).await.unwrap();
+    let req = format!(
+        "{}\r\n\r\n{}",
+        post(&n, "", "application/json", CHAT),
+        &CHAT[..10]
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (text, waited) = until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(code(text.split_once("\r\n\r\n").unwrap().1), "body_timeout");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+
+    // A kept-alive connection is closed once idle for the header deadline.
+    let mut s = tokio::net::TcpStream::connect(n.http_addr()).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let (text, waited) = until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(3),
+        "an idle kept-alive connection closed after {waited:?}"
+    );
+    n.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_beyond_the_stream_cap_are_refused_and_the_rest_served() {
+    let mut cfg = NodeConfig::new(None);
+    cfg.max_http_streams = 1;
+    let n = Node::start(cfg).await.expect("node starts");
+    // A completion whose body is still arriving holds the one permit.
+    let mut first = tokio::net::TcpStream::connect(n.http_addr()).await.unwrap();
+    let head = format!(
+        "{}\r\nConnection: close\r\n\r\n",
+        post(&n, "", "application/json", CHAT)
+    );
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(&CHAT.as_bytes()[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, headers, body) = raw(&n, &post(&n, "", "application/json", CHAT), CHAT).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (503, "too_many_streams"),
+        "{body}"
+    );
+    assert!(headers.contains("retry-after: 1"), "{headers}");
+    // Reads are not completions: they still pass.
+    let (status, _, _) = raw(&n, "GET /health HTTP/1.1\r\nHost: 127.0.0.1", "").await;
+    assert_eq!(status, 200);
+    // The first one ends (no such model here) and frees its permit.
+    first.write_all(&CHAT.as_bytes()[10..]).await.unwrap();
+    let (text, _) = until_closed(&mut first, Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    let (status, _, body) = raw(&n, &post(&n, "", "application/json", CHAT), CHAT).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (404, "model_not_found"),
+        "{body}"
+    );
+    let (_, _, m) = raw(&n, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1", "").await;
+    assert!(m.contains("hypha_http_streams_refused_total 1"), "{m}");
     n.stop().await.unwrap();
 }

@@ -47,6 +47,15 @@ impl ApiError {
         self
     }
 
+    pub(crate) fn too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        )
+        .code("request_too_large")
+    }
+
     pub(crate) fn param(mut self, param: &'static str) -> Self {
         self.param = Some(param);
         self
@@ -154,12 +163,7 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-                )
-                .code("request_too_large")
+                ApiError::too_large()
             } else {
                 ApiError::invalid(format!("cannot read the request body: {rej}"))
             }

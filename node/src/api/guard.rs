@@ -8,17 +8,28 @@
 //! route, `/metrics` and `/health` included, unless `--public-health` opens
 //! `/health` to probes); a body
 //! must be `application/json` (a page may send a "simple" `text/plain`
-//! POST to any address without a preflight). Each refusal is an
-//! OpenAI-style JSON error, and none of them reads the body.
+//! POST to any address without a preflight); and a request with a body (a
+//! completion) must find a free stream permit (`--max-http-streams`),
+//! which its response holds until it is sent or dropped. Each refusal is
+//! an OpenAI-style JSON error, and none of them reads the body. Only then
+//! is the body read, whole, within its deadline and size cap (408 or 413
+//! otherwise), so the handler never waits on the client.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
+use hyper::body::{Frame, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
+
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::api::errors::ApiError;
+use crate::api::errors::{ApiError, MAX_BODY_BYTES};
 use crate::api::state::AppState;
 
 /// How long a browser may cache a preflight's answer.
@@ -89,7 +100,107 @@ pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
         .code("unsupported_content_type");
         return with_cors(e.into_response(), cors.as_deref());
     }
-    with_cors(next.run(req).await, cors.as_deref())
+    let permit = if has_body {
+        match st.streams.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                st.metrics
+                    .http_streams_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_busy",
+                    "this node is serving as many completions as it allows at once; try again shortly",
+                )
+                .code("too_many_streams");
+                return with_cors(e.into_response(), cors.as_deref());
+            }
+        }
+    } else {
+        None
+    };
+    let req = if has_body {
+        match read_body(req, st.body_timeout).await {
+            Ok(r) => r,
+            Err(e) => return with_cors(e.into_response(), cors.as_deref()),
+        }
+    } else {
+        req
+    };
+    let resp = next.run(req).await;
+    let resp = match permit {
+        // The permit goes with the body: a stream holds it until its last
+        // event is written or the client leaves.
+        Some(permit) => resp.map(|body| {
+            Body::new(Held {
+                body,
+                _permit: permit,
+            })
+        }),
+        None => resp,
+    };
+    with_cors(resp, cors.as_deref())
+}
+
+/// `req` with its body read whole, within `deadline` and
+/// [`MAX_BODY_BYTES`].
+async fn read_body(req: Request, deadline: Duration) -> Result<Request, ApiError> {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} s",
+                deadline.as_secs_f32()
+            ),
+        )
+        .code("body_timeout")),
+        Ok(Err(e)) if is_length_limit(&e) => Err(ApiError::too_large()),
+        Ok(Err(e)) => Err(ApiError::invalid(format!(
+            "cannot read the request body: {e}"
+        ))),
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
+    }
+}
+
+/// True when reading a body stopped at its size cap.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// A response body and the stream permit it holds; every call passes
+/// through, so length and end are those of the body.
+struct Held {
+    body: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HttpBody for Held {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

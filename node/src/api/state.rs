@@ -48,6 +48,12 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Which hosts and web origins may reach the API.
     pub edge: EdgePolicy,
+    /// One permit per request with a body (a completion) in flight: held
+    /// from the guard until its response, stream or JSON, has been sent or
+    /// dropped.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// A request body must arrive whole within this long.
+    pub body_timeout: std::time::Duration,
     pub metrics: Arc<Metrics>,
     pub started: SystemTime,
 }
