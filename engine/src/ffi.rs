@@ -495,6 +495,29 @@ impl Model {
         }
     }
 
+    /// The longest text any one token stands for, control tokens' own
+    /// text included: no token covers more bytes of a prompt.
+    pub fn longest_piece(&self) -> usize {
+        let mut buf = [0u8; 256];
+        let mut longest = 0usize;
+        for token in 0..self.n_vocab() {
+            // SAFETY: `buf` is writable for its length; a negative answer
+            // is the length the piece needs, and nothing is written.
+            let n = unsafe {
+                sys::llama_token_to_piece(
+                    self.vocab.as_ptr(),
+                    token,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                    0,
+                    true,
+                )
+            };
+            longest = longest.max(n.unsigned_abs() as usize);
+        }
+        longest
+    }
+
     pub fn is_eog(&self, token: Token) -> bool {
         // SAFETY: read-only query on a valid vocab.
         unsafe { sys::llama_vocab_is_eog(self.vocab.as_ptr(), token) }

@@ -62,6 +62,10 @@ pub enum Error {
     Template(String),
     #[error("prompt is too large")]
     PromptTooLarge,
+    #[error(
+        "the prompt's {bytes} bytes cannot fit the context of {max_tokens} tokens per request"
+    )]
+    PromptBytes { bytes: usize, max_tokens: u32 },
     #[error("prompt has {prompt_tokens} tokens but the context holds {max_tokens} per request")]
     ContextExceeded { prompt_tokens: u32, max_tokens: u32 },
     #[error("invalid request: {0}")]
@@ -197,6 +201,9 @@ pub struct ModelInfo {
     pub size_bytes: u64,
     pub description: String,
     pub chat_template: Option<String>,
+    /// The most prompt bytes one token can stand for (the longest piece in
+    /// the vocabulary).
+    pub longest_piece: usize,
     /// The device the model runs on, in words.
     pub device: String,
     pub threads: u32,
@@ -439,6 +446,7 @@ impl Engine {
             size_bytes: model.size_bytes(),
             description: model.description(),
             chat_template: model.chat_template(),
+            longest_piece: model.longest_piece(),
             device: placement.described.clone(),
             threads: cfg.threads,
         };
@@ -496,6 +504,34 @@ impl Engine {
         }
         let template = self.inner.info.chat_template.as_deref().unwrap_or("chatml");
         self.inner.model.apply_template(template, messages)
+    }
+
+    /// Refuses, without tokenizing, a prompt of `bytes` bytes that cannot
+    /// fit a slot's context whatever its tokens: no token stands for more
+    /// than [`ModelInfo::longest_piece`] bytes, and a template only adds.
+    /// Twice that bound is allowed, so no prompt that fits is refused.
+    pub fn check_prompt_bytes(&self, bytes: usize) -> Result<(), Error> {
+        let info = &self.inner.info;
+        let max = (info.ctx_per_slot as usize)
+            .saturating_mul(info.longest_piece.max(1))
+            .saturating_mul(2);
+        if bytes > max {
+            return Err(Error::PromptBytes {
+                bytes,
+                max_tokens: info.ctx_per_slot,
+            });
+        }
+        Ok(())
+    }
+
+    /// Fails with [`Error::QueueFull`] when a request submitted now would
+    /// be refused for a full queue: checked before work a refusal wastes.
+    pub fn check_queue(&self) -> Result<(), Error> {
+        let q = self.inner.stats.queued.load(Ordering::Acquire);
+        if q >= self.inner.queue_max {
+            return Err(Error::QueueFull { queued: q });
+        }
+        Ok(())
     }
 
     /// Tokenizes text, adding the model's start token when it wants one.

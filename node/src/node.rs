@@ -20,6 +20,7 @@ use crate::api::{self, account::Account, AppState, LocalModel};
 use crate::identity::{self, Identity};
 use crate::inbound::{self, Inbound};
 use crate::inference::admission::{self, grant_for, FreeTier, NetworkBalances, Unpaid};
+use crate::inference::prep::Preparer;
 use crate::inference::remote::Party;
 use crate::inference::route::Peers;
 use crate::inference::serve::{self, SeederState};
@@ -193,6 +194,9 @@ impl Node {
             .with_context(|| format!("cannot listen on {}", cfg.http_addr))?;
         let http_addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::default());
+        // One gate for all prompt work: the API's and peers' requests share
+        // its permits.
+        let prep = Arc::new(Preparer::default());
         let local = engine.as_ref().map(|e| LocalModel {
             engine: e.clone(),
             model_id: e.info().name.clone(),
@@ -201,7 +205,7 @@ impl Node {
         let on_network =
             cfg.quic_addr.is_some() || !cfg.peers.is_empty() || !cfg.bootstrap.is_empty();
         let net = if on_network {
-            let started = Network::start(&cfg, engine.as_ref(), &metrics, &tasks).await;
+            let started = Network::start(&cfg, engine.as_ref(), &metrics, &prep, &tasks).await;
             match started {
                 Ok(n) => Some(n),
                 Err(e) => {
@@ -234,6 +238,7 @@ impl Node {
             },
             streams: Arc::new(tokio::sync::Semaphore::new(cfg.max_http_streams.max(1))),
             body_timeout: cfg.http_timeouts.body,
+            prep,
             metrics: metrics.clone(),
             started: SystemTime::now(),
         });
@@ -363,6 +368,7 @@ impl Network {
         cfg: &NodeConfig,
         engine: Option<&Engine>,
         metrics: &Arc<Metrics>,
+        prep: &Arc<Preparer>,
         tasks: &Tasks,
     ) -> anyhow::Result<Self> {
         let (identity, ledger) = open_identity(cfg).await?;
@@ -467,6 +473,7 @@ impl Network {
                     decode_tps: std::sync::atomic::AtomicU32::new(0),
                     discovery: Some(discovery.clone()),
                     balances: Arc::new(NetworkBalances::new(tasks.clone())),
+                    prep: prep.clone(),
                 });
                 if announce.addrs.is_empty() {
                     tracing::warn!(

@@ -19,6 +19,7 @@ use hypha_wire::{InferenceRequest, NodeId, Prompt};
 use crate::api::errors::{ApiError, OpenAiJson};
 use crate::api::openai::{ChatRequest, CompletionRequest, PromptField, SamplingFields, Usage};
 use crate::api::state::{AppState, Route};
+use crate::inference::prep::Input;
 use crate::inference::remote::{RemoteEvent, RemoteGeneration};
 use crate::inference::route::Peers;
 use crate::util::unix_ms;
@@ -71,8 +72,7 @@ pub(crate) async fn chat_completions(
             .map_err(|m| ApiError::invalid(m).param("messages"))?;
         let job = match route {
             Route::Local(engine) => {
-                let prompt = engine.apply_chat_template(&messages)?;
-                let tokens = engine.tokenize(&prompt)?;
+                let tokens = st.prep.tokens(engine, None, Input::Chat(messages)).await?;
                 submit_local(engine, tokens, stops, &req.fields)?
             }
             Route::Remote(peers) => {
@@ -124,7 +124,8 @@ pub(crate) async fn completions(
         };
         let job = match (route, text) {
             (Route::Local(engine), Some(t)) => {
-                submit_local(engine, engine.tokenize(t)?, stops, &req.fields)?
+                let tokens = st.prep.tokens(engine, None, Input::Text(t.clone())).await?;
+                submit_local(engine, tokens, stops, &req.fields)?
             }
             (Route::Local(engine), None) => {
                 let PromptField::Tokens(tokens) = &req.prompt else {

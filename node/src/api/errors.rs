@@ -132,6 +132,9 @@ impl From<hypha_engine::Error> for ApiError {
             E::ContextExceeded { .. } => Self::invalid(e.to_string())
                 .code("context_length_exceeded")
                 .param("messages"),
+            E::PromptBytes { .. } => Self::invalid(e.to_string())
+                .code("context_length_exceeded")
+                .param("messages"),
             E::InvalidRequest(_) | E::PromptTooLarge | E::Template(_) => {
                 Self::invalid(e.to_string())
             }

@@ -54,6 +54,9 @@ pub struct AppState {
     pub streams: Arc<tokio::sync::Semaphore>,
     /// A request body must arrive whole within this long.
     pub body_timeout: std::time::Duration,
+    /// Templating and tokenizing for the local model, off the async
+    /// workers.
+    pub prep: Arc<crate::inference::prep::Preparer>,
     pub metrics: Arc<Metrics>,
     pub started: SystemTime,
 }

@@ -1,11 +1,13 @@
 //! Between the edges and the engine: the one request validator the HTTP
 //! edge and a seeder share (stop strings, message count, roles), a peer's
-//! request checked and turned into tokens, engine errors as replies,
-//! sampling settings both ways.
+//! request checked and turned into what is to be tokenized (see
+//! [`crate::inference::prep`]), engine errors as replies, sampling settings
+//! both ways.
 
-use hypha_engine::{ChatMessage, Engine, GenerateRequest, SamplingParams};
+use hypha_engine::{ChatMessage, GenerateRequest, SamplingParams};
 use hypha_wire::{ErrorReply, InferenceRequest, Refusal};
 
+use crate::inference::prep::Input;
 use crate::inference::RequestId;
 
 /// At most this many stop strings, as OpenAI allows.
@@ -55,13 +57,12 @@ pub fn chat_role(role: &str) -> Result<&'static str, String> {
     })
 }
 
-/// Checks a peer's request for a seeder serving `models` and turns it into
-/// tokens for `engine`.
+/// Checks a peer's request for a seeder serving `models`: what is to be
+/// tokenized, and the request to submit once its prompt is filled in.
 pub(crate) fn prepare(
     req: &InferenceRequest,
     models: &[String],
-    engine: &Engine,
-) -> Result<GenerateRequest, ErrorReply> {
+) -> Result<(Input, GenerateRequest), ErrorReply> {
     let id = req.request_id;
     let bad = |refusal: Refusal, message: String| ErrorReply {
         request_id: id,
@@ -78,7 +79,7 @@ pub(crate) fn prepare(
         ));
     }
     check_stops(&req.stop).map_err(|m| bad(Refusal::BadRequest, m))?;
-    let tokens = match &req.prompt {
+    let input = match &req.prompt {
         hypha_wire::Prompt::Chat(messages) => {
             check_message_count(messages.len()).map_err(|m| bad(Refusal::BadRequest, m))?;
             let messages = messages
@@ -91,29 +92,31 @@ pub(crate) fn prepare(
                 })
                 .collect::<Result<Vec<ChatMessage>, String>>()
                 .map_err(|m| bad(Refusal::BadRequest, m))?;
-            engine
-                .apply_chat_template(&messages)
-                .and_then(|p| engine.tokenize(&p))
+            Input::Chat(messages)
         }
-        hypha_wire::Prompt::Text(t) => engine.tokenize(t),
-    }
-    .map_err(|e| reply_for(RequestId(id), &e))?;
-    Ok(GenerateRequest {
-        prompt: tokens,
-        sampling: sampling_from_wire(&req.sampling),
-        max_tokens: req.max_tokens,
-        stop: req.stop.clone(),
-        priority: 0,
-    })
+        hypha_wire::Prompt::Text(t) => Input::Text(t.clone()),
+    };
+    Ok((
+        input,
+        GenerateRequest {
+            prompt: Vec::new(),
+            sampling: sampling_from_wire(&req.sampling),
+            max_tokens: req.max_tokens,
+            stop: req.stop.clone(),
+            priority: 0,
+        },
+    ))
 }
 
 /// The error a consumer gets for an engine error.
 pub(crate) fn reply_for(request_id: RequestId, e: &hypha_engine::Error) -> ErrorReply {
     use hypha_engine::Error as E;
     let refusal = match e {
-        E::ContextExceeded { .. } | E::InvalidRequest(_) | E::PromptTooLarge | E::Template(_) => {
-            Refusal::BadRequest
-        }
+        E::ContextExceeded { .. }
+        | E::PromptBytes { .. }
+        | E::InvalidRequest(_)
+        | E::PromptTooLarge
+        | E::Template(_) => Refusal::BadRequest,
         E::QueueFull { .. } => Refusal::Busy,
         _ => Refusal::Internal,
     };

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod convert;
+pub mod prep;
 pub mod receipts;
 pub mod remote;
 pub mod route;

@@ -22,6 +22,7 @@ use hypha_wire::{
 use crate::identity::Identity;
 use crate::inference::admission::{FreeTier, NetworkBalances, Unpaid};
 use crate::inference::convert::{http_status, prepare, reply_for};
+use crate::inference::prep::Preparer;
 use crate::inference::receipts::{Due, Party, SeederReceipts, Terms};
 use crate::inference::RequestId;
 use crate::metrics::Metrics;
@@ -62,6 +63,8 @@ pub struct SeederState {
     pub discovery: Option<Discovery>,
     /// Consumers' balances as the DHT's receipts show them.
     pub balances: Arc<NetworkBalances>,
+    /// Templating and tokenizing, off the async workers.
+    pub prep: Arc<Preparer>,
 }
 
 /// Streams shorter than this say more about prefill than decoding.
@@ -150,14 +153,26 @@ pub(crate) async fn serve_request(
             ),
         })
     } else {
-        prepare(&req, &state.models, &state.engine).and_then(|mut r| {
-            r.priority =
-                i64::try_from(balance).unwrap_or(if balance < 0 { i64::MIN } else { i64::MAX - 1 });
-            state
-                .engine
-                .submit(r)
-                .map_err(|e| reply_for(RequestId(request_id), &e))
-        })
+        match prepare(&req, &state.models) {
+            Err(reply) => Err(reply),
+            Ok((input, mut r)) => {
+                let tokens = state
+                    .prep
+                    .tokens(&state.engine, Some(consumer.node_id), input)
+                    .await;
+                r.priority = i64::try_from(balance).unwrap_or(if balance < 0 {
+                    i64::MIN
+                } else {
+                    i64::MAX - 1
+                });
+                tokens
+                    .and_then(|t| {
+                        r.prompt = t;
+                        state.engine.submit(r)
+                    })
+                    .map_err(|e| reply_for(RequestId(request_id), &e))
+            }
+        }
     };
     let generation = match prepared {
         Ok(g) => g,

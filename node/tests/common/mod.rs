@@ -396,3 +396,33 @@ pub fn metric_value(metrics: &str, name: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// Dials `net`'s seeder as a peer and completes a correct hello exchange.
+pub async fn dial_with_hello(
+    net: &Net,
+    seed: u8,
+) -> (hypha_node::net::endpoint::Endpoint, quinn::Connection) {
+    use hypha_node::net::proto;
+    let ident = peer_identity(seed);
+    let ep =
+        hypha_node::net::endpoint::Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let to = net.seeder.peer_addr().unwrap();
+    let conn = ep.dial(to.addr, to.id).await.expect("transport connects");
+    let hello = proto::hello_message(&ident, Default::default());
+    let theirs = proto::hello_as_dialer(&conn, to.id, &hello, TEST_POW_BITS)
+        .await
+        .unwrap();
+    assert_eq!(theirs.offer.capabilities, hypha_wire::CAP_SEEDER);
+    (ep, conn)
+}
+
+/// A chat completion through `net`'s consumer succeeds.
+pub async fn assert_still_serves(net: &Net) {
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", net.consumer_base()))
+        .json(&serde_json::json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the seeder keeps serving others");
+}
