@@ -14,7 +14,7 @@ use hypha_wire::{Hello, Message, TokenChunk, CAP_SEEDER, MAX_FRAME_BYTES, PROTOC
 use serde_json::{json, Value};
 
 mod common;
-use common::{metrics, Net};
+use common::{assert_still_serves, dial_with_hello, metrics, Net};
 
 fn endpoint(seed: u8) -> (Identity, Endpoint) {
     let ident = Identity::from_seed([seed; 32]);
@@ -27,20 +27,6 @@ async fn dial(net: &Net, seed: u8) -> (Identity, Endpoint, quinn::Connection) {
     let to = net.seeder.peer_addr().unwrap();
     let conn = ep.dial(to.addr, to.id).await.expect("transport connects");
     (ident, ep, conn)
-}
-
-/// Dials and completes a correct hello exchange.
-async fn dial_with_hello(net: &Net, seed: u8) -> (Endpoint, quinn::Connection) {
-    let ident = common::peer_identity(seed);
-    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let to = net.seeder.peer_addr().unwrap();
-    let conn = ep.dial(to.addr, to.id).await.expect("transport connects");
-    let hello = proto::hello_message(&ident, Default::default());
-    let theirs = proto::hello_as_dialer(&conn, to.id, &hello, common::TEST_POW_BITS)
-        .await
-        .unwrap();
-    assert_eq!(theirs.offer.capabilities, CAP_SEEDER);
-    (ep, conn)
 }
 
 /// The reason the node gave when it closed the connection.
@@ -70,17 +56,6 @@ async fn raw_stream(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> qui
     // Keep the send side alive until the node reacts.
     std::mem::forget(send);
     recv
-}
-
-async fn assert_still_serves(net: &Net) {
-    let c = common::client();
-    let resp = c
-        .post(format!("{}/v1/chat/completions", net.consumer_base()))
-        .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "the seeder keeps serving others");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +265,13 @@ enum Fake {
     Overcharges,
     /// One token, done, and a receipt billing a million prompt tokens.
     BillsPrompt,
+    /// Chunks of one token each, without end.
+    FloodsTokens,
+    /// One token that carries 100 KB of text.
+    HugeText,
+    /// Reads each request, answers nothing, and holds the stream (and so
+    /// the stream's credit) for ten seconds.
+    Silent,
 }
 
 /// A seeder that completes the handshake and hello correctly, then answers
@@ -320,6 +302,14 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                 proto::hello_as_acceptor(&conn, peer, &hello, 0)
                     .await
                     .unwrap();
+                if let Fake::Silent = mode {
+                    // Streams are accepted and held, never answered.
+                    let mut held = Vec::new();
+                    while let Ok(s) = conn.accept_bi().await {
+                        held.push(s);
+                    }
+                    return;
+                }
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let mut recv = FramedRecv::new(recv);
                     let Ok(Some(id)) = recv
@@ -341,6 +331,24 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                         })
                     };
                     match mode {
+                        Fake::Silent => unreachable!("answered above"),
+                        Fake::FloodsTokens => {
+                            for seq in 0.. {
+                                if send.send(&chunk(seq)).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        Fake::HugeText => {
+                            let _ = send
+                                .send(&Message::Chunk(TokenChunk {
+                                    request_id: id,
+                                    seq: 0,
+                                    token_ids: vec![1],
+                                    text: "x".repeat(100_000),
+                                }))
+                                .await;
+                        }
                         Fake::SkipsAhead => {
                             let _ = send.send(&chunk(3)).await;
                         }
@@ -493,6 +501,64 @@ async fn a_consumer_refuses_a_seeder_that_breaks_the_protocol() {
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("bills 1000000 prompt tokens"), "{msg}");
     assert_eq!(consumer.ledger().unwrap().receipts(), 0);
+    fake.abort();
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_cannot_send_more_than_the_request_asked_for() {
+    let c = common::client();
+    let body = json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8});
+
+    // Tokens without end: cut off at max_tokens, whether streamed or not.
+    let (consumer, _dir, fake, base) = consumer_of_fake(Fake::FloodsTokens).await;
+    let resp = post_in_time(&c, &base, &body).await;
+    assert_eq!(resp.status(), 500, "failed after the first token");
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("9 tokens for a request of at most 8"), "{msg}");
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let resp = post_in_time(&c, &base, &sbody).await;
+    let text = tokio::time::timeout(Duration::from_secs(10), resp.text())
+        .await
+        .expect("the stream ends")
+        .unwrap();
+    assert_eq!(text.matches("\"content\":\"ok\"").count(), 8, "{text}");
+    assert!(
+        text.contains("9 tokens for a request of at most 8"),
+        "{text}"
+    );
+    fake.abort();
+    consumer.stop().await.unwrap();
+
+    // One token carrying 100 KB.
+    let (consumer, _dir, fake, base) = consumer_of_fake(Fake::HugeText).await;
+    let resp = post_in_time(&c, &base, &body).await;
+    assert_eq!(resp.status(), 502, "failed at the first token");
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("100000 bytes of text for 1 tokens"), "{msg}");
+    fake.abort();
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_that_holds_every_stream_cannot_hang_requests() {
+    // More requests than the seeder grants streams: each one still ends,
+    // refused, within the start deadline.
+    let requests = hypha_node::net::endpoint::MAX_STREAMS_PER_PEER as usize + 6;
+    let c = common::client();
+    let body = json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8});
+    let (consumer, _dir, fake, base) = consumer_of_fake(Fake::Silent).await;
+    let started = std::time::Instant::now();
+    let all =
+        futures_util::future::join_all((0..requests).map(|_| post_in_time(&c, &base, &body))).await;
+    for resp in all {
+        assert_eq!(resp.status(), 502);
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "{took:?}");
     fake.abort();
     consumer.stop().await.unwrap();
 }

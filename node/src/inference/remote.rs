@@ -10,6 +10,16 @@
 //! `Done`) is appended to this node's ledger before the client hears that
 //! the request finished; a request cut short records the last receipt
 //! both signed.
+//!
+//! Bounds: whatever a seeder sends, a request costs the consumer a bounded
+//! amount. Every wait has a deadline (a stream to open and the first
+//! answer: [`START_TIMEOUT`] and more for a long prompt; each later frame:
+//! [`RECV_STALL_TIMEOUT`]; the last receipt: [`LAST_RECEIPT_TIMEOUT`]; each
+//! write: the stream's stall timeout). The tokens that arrive may not pass
+//! the request's `max_tokens` (or [`MAX_REMOTE_TOKENS`]), each chunk
+//! carries at least one, their text may not pass
+//! [`MAX_TOKEN_TEXT_BYTES`] per token, and `Done` must count the tokens
+//! that came: a seeder breaking any of these is a protocol violation.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,6 +51,14 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(3);
 // A seeder that answered but then went quiet is waited for longer than
 // one that never answered.
 const _: () = assert!(START_TIMEOUT.as_millis() < RECV_STALL_TIMEOUT.as_millis());
+/// Tokens a request without `max_tokens` may bring: the longest context
+/// of the models in use.
+pub const MAX_REMOTE_TOKENS: u32 = 128 * 1024;
+/// Text one generated token may stand for: longer than any token of the
+/// vocabularies in use (their longest run a few dozen bytes), so a
+/// non-streaming answer collects at most this much per token.
+pub const MAX_TOKEN_TEXT_BYTES: usize = 256;
+
 /// Why a remote request could not run.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -116,6 +134,11 @@ pub struct RemoteGeneration {
     done: Option<(String, Finish)>,
     /// The ledger has the latest receipt both signed.
     recorded: bool,
+    /// Tokens the request may bring at most.
+    max_tokens: u32,
+    /// Tokens and bytes of text that arrived.
+    tokens: u32,
+    text_bytes: usize,
 }
 
 /// Prompt bytes a seeder is given an extra second for before it must
@@ -159,7 +182,11 @@ impl RemoteGeneration {
     ) -> Result<Self, RemoteError> {
         let peer = terms.node_id;
         let failed = |source: PeerError| RemoteError::Failed { peer, source };
-        let (send, recv) = conn.open_bi().await.map_err(|e| failed(e.into()))?;
+        // A seeder at its stream limit would keep this waiting.
+        let (send, recv) = tokio::time::timeout(START_TIMEOUT, conn.open_bi())
+            .await
+            .map_err(|_| failed(PeerError::Timeout("no request stream could be opened")))?
+            .map_err(|e| failed(e.into()))?;
         let receipts = ConsumerReceipts::new(
             RequestId(req.request_id),
             ReceiptParty::of(&party.identity),
@@ -191,6 +218,9 @@ impl RemoteGeneration {
             receipts,
             done: None,
             recorded: false,
+            max_tokens: req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
+            tokens: 0,
+            text_bytes: 0,
         };
         g.send
             .send(&Message::Request(req.clone()))
@@ -295,10 +325,24 @@ impl RemoteGeneration {
             Reply::Accepted => Err(failed(
                 Violation::OutOfOrder("accepted in the middle of an answer").into(),
             )),
-            Reply::Token(text) => {
+            Reply::Token(text, tokens) => {
                 if self.done.is_some() {
                     return Err(failed(Violation::OutOfOrder("a chunk after done").into()));
                 }
+                if tokens == 0 {
+                    return Err(failed(Violation::EmptyChunk.into()));
+                }
+                self.tokens = self.tokens.saturating_add(tokens);
+                if self.tokens > self.max_tokens {
+                    return Err(failed(
+                        Violation::TooManyTokens {
+                            got: self.tokens,
+                            max: self.max_tokens,
+                        }
+                        .into(),
+                    ));
+                }
+                self.count_text(text.len()).map_err(failed)?;
                 self.next_seq = self.next_seq.wrapping_add(1);
                 Ok(Some(RemoteEvent::Token(text)))
             }
@@ -306,6 +350,16 @@ impl RemoteGeneration {
                 if self.done.is_some() {
                     return Err(failed(Violation::OutOfOrder("a second done").into()));
                 }
+                if finish.completion_tokens != self.tokens {
+                    return Err(failed(
+                        Violation::WrongCount {
+                            claimed: finish.completion_tokens,
+                            got: self.tokens,
+                        }
+                        .into(),
+                    ));
+                }
+                self.count_text(text.len()).map_err(failed)?;
                 self.done = Some((text, finish));
                 Ok(None)
             }
@@ -351,6 +405,20 @@ impl RemoteGeneration {
                 })
             }
         }
+    }
+
+    /// Counts `bytes` more of text: no more than the tokens so far carry.
+    fn count_text(&mut self, bytes: usize) -> Result<(), PeerError> {
+        self.text_bytes = self.text_bytes.saturating_add(bytes);
+        let most = (self.tokens as usize).saturating_mul(MAX_TOKEN_TEXT_BYTES);
+        if self.text_bytes > most {
+            return Err(Violation::TooMuchText {
+                bytes: self.text_bytes,
+                tokens: self.tokens,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Appends the latest receipt both signed to the ledger (once); its
@@ -414,7 +482,8 @@ impl Drop for RemoteGeneration {
 
 enum Reply {
     Accepted,
-    Token(String),
+    /// A chunk's text and how many tokens it carried.
+    Token(String, u32),
     Done(String, Finish),
     Offer {
         receipt: Vec<u8>,
@@ -455,7 +524,8 @@ fn reply_event(
             for t in c.token_ids.iter() {
                 receipts.received(t.to_native());
             }
-            Ok(Reply::Token(c.text.as_str().to_owned()))
+            let tokens = u32::try_from(c.token_ids.len()).unwrap_or(u32::MAX);
+            Ok(Reply::Token(c.text.as_str().to_owned(), tokens))
         }
         ArchivedMessage::Done(d) => {
             check_id(d.request_id.to_native())?;

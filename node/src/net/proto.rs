@@ -149,6 +149,14 @@ pub enum Violation {
     Dht(#[from] hypha_dht::DhtError),
     #[error("punch request refused: {0}")]
     Punch(&'static str),
+    #[error("a chunk carried no token")]
+    EmptyChunk,
+    #[error("{got} tokens for a request of at most {max}")]
+    TooManyTokens { got: u32, max: u32 },
+    #[error("{bytes} bytes of text for {tokens} tokens")]
+    TooMuchText { bytes: usize, tokens: u32 },
+    #[error("done counts {claimed} tokens where {got} arrived")]
+    WrongCount { claimed: u32, got: u32 },
 }
 
 impl From<quinn::ConnectionError> for PeerError {
