@@ -3,9 +3,10 @@
 //!
 //! Every node with an identity listens: the DHT needs every node to answer.
 //! One task accepts connections (at most `max_peers`, bounded by
-//! [`crate::net::pool::MAX_PEERS`]; more are refused before their
-//! handshake) and takes the connections this node dialed from the pool
-//! ([`Adopted`]): a peer may open streams on those too. Each connection gets
+//! [`crate::net::pool::MAX_PEERS`], and shares per address and identity:
+//! see [`Slots`]; an attempt beyond them is refused before its handshake,
+//! or sheds an idle peer) and takes the connections this node dialed from
+//! the pool ([`Adopted`]): a peer may open streams on those too. Each connection gets
 //! a task for the handshake and hello, then one task per stream (QUIC
 //! bounds them per peer). A stream opening with `Request` goes to the
 //! seeder ([`crate::inference::serve`]) or is refused `NotFound` on a node
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use hypha_wire::{
     ArchivedMessage, DhtReply, DhtRequest, ErrorReply, InferenceRequest, Message, NodeId, Refusal,
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use crate::inference::convert::http_status;
@@ -35,6 +36,7 @@ use crate::net::proto::{
     close_for_violation, hello_as_acceptor, kind_of, FramedRecv, FramedSend, PeerError, Violation,
     CLOSE_NORMAL, HELLO_TIMEOUT,
 };
+use crate::net::slots::{Admit, SlotGuard, Slots};
 use crate::services::dht::Discovery;
 use crate::services::punch::Punches;
 use crate::services::relay_client::RelayClient;
@@ -73,7 +75,7 @@ pub async fn run(
     state: Arc<Inbound>,
     mut adopted: mpsc::Receiver<Adopted>,
 ) {
-    let permits = Arc::new(Semaphore::new(state.max_peers));
+    let slots = Slots::new(state.max_peers);
     let tasks = state.tasks.clone();
     loop {
         let incoming = tokio::select! {
@@ -81,7 +83,7 @@ pub async fn run(
             () = tasks.stopping() => break,
             Some(a) = adopted.recv() => {
                 let span = tracing::info_span!("peer", peer = %a.peer);
-                tasks.spawn(serve_streams(a.conn, a.peer, a.hello, state.clone()).instrument(span));
+                tasks.spawn(serve_streams(a.conn, a.peer, a.hello, state.clone(), None).instrument(span));
                 continue;
             }
             i = endpoint.accept_incoming() => match i {
@@ -89,15 +91,25 @@ pub async fn run(
                 None => break,
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "refusing peer: {} peers connected", state.max_peers);
-            incoming.refuse();
-            continue;
+        let remote = incoming.remote_address();
+        let validated = incoming.remote_address_validated();
+        let slot = match slots.admit(remote.ip(), validated, std::time::Instant::now()) {
+            Admit::Slot(s) => s,
+            Admit::Retry => {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Admit::Refuse(why) => {
+                state.metrics.peers_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%remote, "refusing peer: {why}");
+                incoming.refuse();
+                continue;
+            }
         };
         let state = state.clone();
         tasks.spawn(async move {
-            let _permit = permit;
-            let remote = incoming.remote_address();
             let accepted = tokio::time::timeout(HELLO_TIMEOUT, Endpoint::handshake(incoming)).await;
             let (conn, peer) = match accepted {
                 Ok(Ok(c)) => c,
@@ -110,8 +122,16 @@ pub async fn run(
                     return;
                 }
             };
+            if let Err(why) = slot.identified(peer, &conn, std::time::Instant::now()) {
+                state.metrics.peers_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%remote, %peer, "closing connection: {why}");
+                conn.close(CLOSE_NORMAL, why.to_string().as_bytes());
+                return;
+            }
             let span = tracing::info_span!("peer", %peer);
-            serve_connection(conn, peer, state).instrument(span).await;
+            serve_connection(conn, peer, state, slot)
+                .instrument(span)
+                .await;
         });
     }
     endpoint.close();
@@ -119,7 +139,12 @@ pub async fn run(
     endpoint.wait_idle().await;
 }
 
-async fn serve_connection(conn: quinn::Connection, peer: NodeId, state: Arc<Inbound>) {
+async fn serve_connection(
+    conn: quinn::Connection,
+    peer: NodeId,
+    state: Arc<Inbound>,
+    slot: SlotGuard,
+) {
     let hello = match hello_as_acceptor(&conn, peer, &state.hello, state.pow_bits).await {
         Ok(h) => h,
         Err(e) => {
@@ -145,7 +170,14 @@ async fn serve_connection(conn: quinn::Connection, peer: NodeId, state: Arc<Inbo
         .peers_connected
         .fetch_add(1, Ordering::Relaxed);
     state.conns.accepted_opened(peer, &conn);
-    serve_streams(conn.clone(), peer, hello, state.clone()).await;
+    serve_streams(
+        conn.clone(),
+        peer,
+        hello,
+        state.clone(),
+        Some(Arc::new(slot)),
+    )
+    .await;
     state.conns.accepted_closed(peer, &conn);
     state
         .metrics
@@ -155,12 +187,14 @@ async fn serve_connection(conn: quinn::Connection, peer: NodeId, state: Arc<Inbo
 
 /// Serves the streams a peer opens on `conn` (accepted here, or dialed by
 /// this node: a peer may send requests either way) until it closes or the
-/// node stops.
+/// node stops. `slot`, for an accepted connection, learns when streams
+/// open and end: a peer without any may be shed.
 async fn serve_streams(
     conn: quinn::Connection,
     peer: NodeId,
     hello: Arc<VerifiedHello>,
     state: Arc<Inbound>,
+    slot: Option<Arc<SlotGuard>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -181,9 +215,17 @@ async fn serve_streams(
         let st = state.clone();
         let conn = conn.clone();
         let hello = hello.clone();
+        let slot = slot.clone();
+        if let Some(s) = &slot {
+            s.stream(true, std::time::Instant::now());
+        }
         state.tasks.spawn(
             async move {
-                if let Err(e) = serve_any(send, recv, &st, &hello, &conn).await {
+                let served = serve_any(send, recv, &st, &hello, &conn).await;
+                if let Some(s) = &slot {
+                    s.stream(false, std::time::Instant::now());
+                }
+                if let Err(e) = served {
                     if e.is_violation() {
                         st.metrics.peer_violations.fetch_add(1, Ordering::Relaxed);
                         close_for_violation(&conn, peer, &e);

@@ -92,6 +92,9 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     /// Peer connections open now (both directions).
     pub peers_connected: AtomicU64,
+    /// Connection attempts refused or closed for want of a slot (see
+    /// `net::slots`).
+    pub peers_refused: AtomicU64,
     /// Hole punches this node asked for.
     pub punch_attempts: AtomicU64,
     /// Direct paths that opened after a punch (at once, or upgrading a
@@ -120,6 +123,7 @@ impl Default for Metrics {
             completion_tokens: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             peers_connected: AtomicU64::new(0),
+            peers_refused: AtomicU64::new(0),
             punch_attempts: AtomicU64::new(0),
             punch_successes: AtomicU64::new(0),
             relayed_dials: AtomicU64::new(0),
@@ -238,6 +242,12 @@ impl Metrics {
             "hypha_peers_connected",
             "Peer connections open.",
             self.peers_connected.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_peers_refused_total",
+            "Peer connections refused or closed: no slot, or over the share of their address or identity.",
+            self.peers_refused.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

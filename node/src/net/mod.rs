@@ -8,4 +8,5 @@ pub mod hello;
 pub mod paths;
 pub mod pool;
 pub mod proto;
+pub mod slots;
 pub mod socket;
