@@ -23,8 +23,14 @@ pub const HEADER_BYTES: usize = 20;
 /// Largest STUN message hypha sends or reads: a binding message with an
 /// address and a short software name is far smaller.
 pub const MAX_STUN_BYTES: usize = 548;
-/// What a node names itself in its responses.
-const SOFTWARE: &str = "hypha";
+/// What a node names itself in its requests: 20 bytes, so a request is
+/// as long as the longest answer (an IPv6 address), and a node that
+/// answers only requests at least as long as its answer amplifies nothing.
+const SOFTWARE: &str = "hypha stun probe 1.0";
+const _: () = assert!(SOFTWARE.len() == 20);
+/// The longest binding response this module writes: the header and an
+/// IPv6 XOR-MAPPED-ADDRESS.
+pub const MAX_RESPONSE_BYTES: usize = HEADER_BYTES + 4 + 20;
 
 /// True when `packet` is a STUN message rather than QUIC.
 pub fn is_stun(packet: &[u8]) -> bool {
@@ -44,20 +50,20 @@ pub enum Message {
 
 /// A binding request with `txid`.
 pub fn binding_request(txid: [u8; 12]) -> Result<Vec<u8>, NatError> {
+    let software = Software::new(SOFTWARE).map_err(|e| NatError::Encode(e.to_string()))?;
     let msg = StunMessageBuilder::new(BINDING, MessageClass::Request)
         .with_transaction_id(TransactionId::from(txid))
+        .with_attribute(software)
         .build();
     encode(&msg)
 }
 
 /// The success response to request `txid`: the requester's address as we
-/// saw it.
+/// saw it, and nothing else (at most [`MAX_RESPONSE_BYTES`]).
 pub fn binding_response(txid: [u8; 12], mapped: SocketAddr) -> Result<Vec<u8>, NatError> {
-    let software = Software::new(SOFTWARE).map_err(|e| NatError::Encode(e.to_string()))?;
     let msg = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
         .with_transaction_id(TransactionId::from(txid))
         .with_attribute(XorMappedAddress::from(mapped))
-        .with_attribute(software)
         .build();
     encode(&msg)
 }
@@ -105,5 +111,22 @@ pub fn decode(packet: &[u8]) -> Result<Message, NatError> {
             Ok(Message::Response { txid, mapped })
         }
         _ => Err(NatError::Unexpected("an indication or error response")),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_as_long_as_any_answer_to_it() {
+        let req = binding_request([7; 12]).unwrap();
+        for mapped in ["198.18.0.1:9", "[2a00:1:2:3:4:5:6:7]:65535"] {
+            let resp = binding_response([7; 12], mapped.parse().unwrap()).unwrap();
+            assert!(resp.len() <= MAX_RESPONSE_BYTES, "{}", resp.len());
+            assert!(resp.len() <= req.len(), "{} > {}", resp.len(), req.len());
+        }
+        assert_eq!(decode(&req).unwrap(), Message::Request { txid: [7; 12] });
     }
 }

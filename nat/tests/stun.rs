@@ -73,7 +73,11 @@ fn rfc5769_responses_decode_to_their_mapped_addresses() {
 fn requests_and_responses_round_trip() {
     let txid = [7; 12];
     let req = binding_request(txid).unwrap();
-    assert_eq!(req.len(), 20, "a bare binding request is its header");
+    assert_eq!(
+        req.len(),
+        hypha_nat::stun::MAX_RESPONSE_BYTES,
+        "a request is padded to the longest answer"
+    );
     assert_eq!(decode(&req).unwrap(), Message::Request { txid });
     for mapped in [a("198.18.0.7:4433"), a("[2001:db8::5]:9")] {
         let resp = binding_response(txid, mapped).unwrap();

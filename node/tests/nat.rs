@@ -196,3 +196,149 @@ async fn a_rendezvous_forwards_signed_punch_requests_and_the_target_dials() {
     t.stop().await.unwrap();
     r.stop().await.unwrap();
 }
+
+/// A rendezvous and a target that joined through it; waits until the
+/// rendezvous knows the target.
+async fn rendezvous_and_target(
+    dirs: &(tempfile::TempDir, tempfile::TempDir),
+) -> (hypha_node::Node, hypha_node::Node) {
+    let r = plain_node(dirs.0.path(), Vec::new()).await;
+    let t = plain_node(dirs.1.path(), vec![r.peer_addr().unwrap()]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r
+        .peers()
+        .unwrap()
+        .discovery()
+        .unwrap()
+        .view()
+        .await
+        .unwrap()
+        .contacts
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the target never joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (r, t)
+}
+
+/// A peer of `to` with a fresh endpoint: its identity, endpoint and
+/// connection after a hello.
+async fn initiator(
+    seed: u8,
+    to: &hypha_node::net::addr::PeerAddr,
+) -> (
+    hypha_node::identity::Identity,
+    hypha_node::net::endpoint::Endpoint,
+    quinn::Connection,
+) {
+    let me = common::peer_identity(seed);
+    let ep =
+        hypha_node::net::endpoint::Endpoint::bind(&me, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.dial(to.addr, to.id).await.unwrap();
+    let hello = hypha_node::net::proto::hello_message(&me, Default::default());
+    hypha_node::net::proto::hello_as_dialer(&conn, to.id, &hello, TEST_POW_BITS)
+        .await
+        .unwrap();
+    (me, ep, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_use_up_the_punches_and_no_punch_goes_into_a_private_network() {
+    use hypha_node::services::punch::{request, PUNCHES_PER_SENDER_PER_SECOND};
+    use hypha_wire::Refusal;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (r, t) = rendezvous_and_target(&dirs).await;
+    let (r_addr, t_id) = (r.peer_addr().unwrap(), t.id().unwrap());
+
+    // A flood of requests that do not verify: refused, then cut off per
+    // sender, without touching the node's own budget.
+    let (bad, bad_ep, bad_conn) = initiator(80, &r_addr).await;
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        let mut forged = request(&bad, t_id, &[bad_ep.local_addr().unwrap()]);
+        forged.signature[0] ^= 1;
+        answers.push(punch_via(&bad_conn, &forged).await);
+    }
+    let refused = answers
+        .iter()
+        .filter(|a| **a == Some(Refusal::BadRequest))
+        .count();
+    let limited = answers
+        .iter()
+        .filter(|a| **a == Some(Refusal::TooMany))
+        .count();
+    assert!(
+        refused <= PUNCHES_PER_SENDER_PER_SECOND as usize * 2 && limited >= 20,
+        "{answers:?}"
+    );
+    // Another peer's good request in the same second is forwarded and dialed.
+    let (me, ep, conn) = initiator(81, &r_addr).await;
+    let good = request(&me, t_id, &[ep.local_addr().unwrap()]);
+    assert_eq!(punch_via(&conn, &good).await, None, "the target is dialing");
+    let (_dialed, who) = tokio::time::timeout(Duration::from_secs(10), ep.accept())
+        .await
+        .expect("the target dials back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(who, t_id);
+
+    // Candidates a punch cannot use: a private network the target is not
+    // in, multicast, port 0. The target refuses rather than send there.
+    let (me, _ep, conn) = initiator(82, &r_addr).await;
+    let inside = ["10.0.0.1:22", "224.0.0.251:5353", "198.18.0.1:0"].map(|a| a.parse().unwrap());
+    let probe = request(&me, t_id, &inside);
+    assert_eq!(punch_via(&conn, &probe).await, Some(Refusal::BadRequest));
+    t.stop().await.unwrap();
+    r.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_answers_amplify_nothing_and_are_limited_per_source() {
+    use hypha_node::net::socket::STUN_ANSWERS_PER_SOURCE_PER_SECOND;
+    let dir = tempfile::tempdir().unwrap();
+    let a = plain_node(dir.path(), Vec::new()).await;
+    let quic = a.quic_addr().unwrap();
+    let mut buf = [0u8; 600];
+
+    // A bare 20-byte request would get a longer answer: none comes.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut bare = binding_request([3; 12]).unwrap();
+    bare.truncate(20);
+    bare[2] = 0;
+    bare[3] = 0; // the message length: no attributes
+    assert!(matches!(decode(&bare), Ok(Message::Request { .. })));
+    sock.send_to(&bare, quic).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "a request shorter than its answer is not answered"
+    );
+
+    // One source flooding gets its share of answers, each no longer than
+    // its request; another source is still answered.
+    let req = binding_request([4; 12]).unwrap();
+    for _ in 0..50 {
+        sock.send_to(&req, quic).await.unwrap();
+    }
+    let mut answers = 0;
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await
+    {
+        assert!(n <= req.len(), "{n} bytes for a {}-byte request", req.len());
+        answers += 1;
+    }
+    assert!(
+        answers >= 1 && answers <= STUN_ANSWERS_PER_SOURCE_PER_SECOND as usize * 2,
+        "{answers} answers to 50 requests"
+    );
+    let other = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other.send_to(&req, quic).await.unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), other.recv_from(&mut buf))
+        .await
+        .expect("another source is answered")
+        .unwrap();
+    assert!(matches!(decode(&buf[..n]), Ok(Message::Response { .. })));
+    a.stop().await.unwrap();
+}

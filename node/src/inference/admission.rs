@@ -56,8 +56,17 @@ impl Default for Unpaid {
 
 impl Unpaid {
     pub(crate) fn note(&self, id: NodeId) {
-        let now = Instant::now();
-        lock(&self.until).insert(id, now + UNPAID_BAN, |until| *until <= now);
+        self.note_at(id, Instant::now());
+    }
+
+    fn note_at(&self, id: NodeId, now: Instant) {
+        // A full table drops the ban that ends soonest: bans never stop.
+        lock(&self.until).insert_evicting(
+            id,
+            now + UNPAID_BAN,
+            |until| *until <= now,
+            |until| *until,
+        );
     }
 
     /// `id`'s connection went silent while a signature was due.
@@ -169,5 +178,30 @@ impl NetworkBalances {
             }
         }
         seen.map(|(b, _)| b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_ban_table_still_bans_and_drops_the_oldest_ban() {
+        let unpaid = Unpaid::default();
+        let id = |i: usize| {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            NodeId(b)
+        };
+        let start = Instant::now();
+        for i in 0..MAX_FREE_TIER_IDS {
+            unpaid.note_at(id(i), start + Duration::from_millis(i as u64));
+        }
+        assert!(unpaid.owes(&id(0)) && unpaid.owes(&id(MAX_FREE_TIER_IDS - 1)));
+        let newcomer = id(MAX_FREE_TIER_IDS);
+        unpaid.note_at(newcomer, start + Duration::from_secs(10));
+        assert!(unpaid.owes(&newcomer), "a full table still bans");
+        assert!(!unpaid.owes(&id(0)), "the oldest ban made room");
+        assert!(unpaid.owes(&id(1)));
     }
 }

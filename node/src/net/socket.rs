@@ -27,12 +27,19 @@ use tokio::sync::mpsc;
 
 use crate::net::addr::is_virtual;
 use crate::net::paths::Paths;
-use crate::util::{lock, RateWindow, Tasks};
+use crate::util::{lock, BoundedMap, Overflow, RateWindow, Tasks};
 
-/// STUN requests answered per second at most: a binding response is about
-/// twice its request's size, so an unbounded answerer could be used to
-/// amplify floods.
+/// STUN requests answered per second at most, from everyone together.
 pub const MAX_STUN_ANSWERS_PER_SECOND: u32 = 2000;
+/// STUN requests answered per second to one source address: a prober's
+/// retransmissions with room to spare. With answers never longer than the
+/// request ([`hypha_nat::stun::MAX_RESPONSE_BYTES`]; shorter requests go
+/// unanswered), a forged source gets no more bytes than were sent in its
+/// name, and few of them.
+pub const STUN_ANSWERS_PER_SOURCE_PER_SECOND: u32 = 8;
+/// Sources whose windows are kept; beyond, new sources wait for stale
+/// windows to go.
+const MAX_STUN_SOURCES: usize = 4096;
 /// Binding responses waiting for the prober; more are dropped (the prober
 /// retransmits).
 pub const STUN_RESPONSE_QUEUE: usize = 256;
@@ -53,6 +60,7 @@ pub struct StunSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     responses: mpsc::Sender<StunResponse>,
     window: Mutex<RateWindow>,
+    sources: Mutex<BoundedMap<std::net::IpAddr, RateWindow>>,
     pub stats: Arc<StunStats>,
     /// Relayed paths, reached through virtual addresses.
     pub paths: Arc<Paths>,
@@ -86,6 +94,7 @@ impl StunSocket {
                     MAX_STUN_ANSWERS_PER_SECOND,
                     Instant::now(),
                 )),
+                sources: Mutex::new(BoundedMap::new(MAX_STUN_SOURCES, Overflow::Refuse)),
                 stats: Arc::default(),
                 paths: Paths::new(v6, tasks),
                 relayed_first: AtomicBool::new(false),
@@ -106,21 +115,38 @@ impl StunSocket {
         })
     }
 
-    fn allow_answer(&self) -> bool {
-        lock(&self.window).allow(Instant::now())
+    fn allow_answer(&self, from: SocketAddr) -> bool {
+        let now = Instant::now();
+        let own = lock(&self.sources)
+            .get_or_insert_with(
+                from.ip(),
+                |w| w.expired(now),
+                || {
+                    RateWindow::new(
+                        Duration::from_secs(1),
+                        STUN_ANSWERS_PER_SOURCE_PER_SECOND,
+                        now,
+                    )
+                },
+            )
+            .is_some_and(|w| w.allow(now));
+        own && lock(&self.window).allow(now)
     }
 
     /// Handles one STUN datagram.
     fn on_stun(&self, meta: &RecvMeta, packet: &[u8]) {
         match hypha_nat::stun::decode(packet) {
             Ok(hypha_nat::stun::Message::Request { txid }) => {
-                if !self.allow_answer() {
+                let resp = hypha_nat::stun::binding_response(txid, meta.addr);
+                let Ok(resp) = resp.map_err(|e| tracing::debug!("cannot answer STUN: {e}")) else {
+                    return;
+                };
+                // No amplification: the answer is never longer than what
+                // was sent in the source's name.
+                if resp.len() > packet.len() || !self.allow_answer(meta.addr) {
                     self.stats.requests_dropped.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                let Ok(resp) = hypha_nat::stun::binding_response(txid, meta.addr) else {
-                    return;
-                };
                 let sent = self.inner.try_send(&Transmit {
                     destination: meta.addr,
                     ecn: None,

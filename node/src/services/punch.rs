@@ -9,7 +9,14 @@
 //! unchanged; the target checks the signature and age and dials the
 //! initiator's candidates, while the initiator dials the target's. The
 //! signature means no rendezvous can make a node dial addresses the
-//! initiator did not name; requests are rate-limited per node.
+//! initiator did not name. Limits, in order: each sender of requests
+//! ([`PUNCHES_PER_SENDER_PER_SECOND`], before any signature is checked);
+//! then, once the request checks, each initiator
+//! ([`PUNCHES_PER_INITIATOR_PER_SECOND`]) and the node in all
+//! ([`MAX_PUNCHES_PER_SECOND`]), so one peer cannot use up everyone's
+//! punches with requests that do not even verify. A target dials only the
+//! candidates a punch can use ([`hypha_nat::punchable`]): never into a
+//! private network it is not itself in.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -24,7 +31,7 @@ use crate::net::addr::PeerAddr;
 use crate::net::hello::check_pow;
 use crate::net::pool::Connections;
 use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError, Violation};
-use crate::util::{lock, unix_ms, RateWindow, Tasks};
+use crate::util::{lock, unix_ms, BoundedMap, Overflow, RateWindow, Tasks};
 
 /// How old (or how far in the future) a request may be: it is acted on
 /// within a round trip; this allows for clock skew.
@@ -33,6 +40,17 @@ pub const PUNCH_MAX_AGE_MS: u64 = 30_000;
 pub const MAX_PUNCH_CANDIDATES: usize = 8;
 /// Punch requests a node handles per second (as rendezvous and target).
 pub const MAX_PUNCHES_PER_SECOND: u32 = 32;
+/// Requests one peer may send per second, counted before they are
+/// checked: a few punches in flight, as a rendezvous forwards them.
+pub const PUNCHES_PER_SENDER_PER_SECOND: u32 = 8;
+/// Checked requests of one initiator per second: one punch tries every
+/// rendezvous in turn.
+pub const PUNCHES_PER_INITIATOR_PER_SECOND: u32 = 4;
+/// Senders and initiators whose windows are kept; beyond, a stale window
+/// makes room, or the request waits for the next second.
+const MAX_PUNCH_WINDOWS: usize = 1024;
+const _: () = assert!(PUNCHES_PER_INITIATOR_PER_SECOND <= PUNCHES_PER_SENDER_PER_SECOND);
+const _: () = assert!(PUNCHES_PER_SENDER_PER_SECOND <= MAX_PUNCHES_PER_SECOND);
 /// Rendezvous nodes asked, one after another, until one forwards.
 pub const RENDEZVOUS_TRIES: usize = 3;
 /// How long a rendezvous may take to answer (it forwards and waits for the
@@ -143,6 +161,9 @@ pub struct Punches {
     conns: Arc<Connections>,
     /// Punch requests handled in the current second.
     window: Mutex<RateWindow>,
+    /// Requests per sender, and checked ones per initiator, this second.
+    senders: Mutex<BoundedMap<NodeId, RateWindow>>,
+    initiators: Mutex<BoundedMap<NodeId, RateWindow>>,
     dials: mpsc::Sender<PunchDial>,
 }
 
@@ -165,6 +186,8 @@ impl Punches {
                 pow_bits,
                 conns,
                 window: Mutex::new(window),
+                senders: Mutex::new(BoundedMap::new(MAX_PUNCH_WINDOWS, Overflow::Refuse)),
+                initiators: Mutex::new(BoundedMap::new(MAX_PUNCH_WINDOWS, Overflow::Refuse)),
                 dials,
             },
             queue,
@@ -175,7 +198,8 @@ impl Punches {
     /// queues a dial to the initiator; as a rendezvous, forwards it. The
     /// answer: `None` when the target took it.
     pub async fn handle(&self, req: PunchRequest, from: NodeId) -> Option<Refusal> {
-        if !lock(&self.window).allow(Instant::now()) {
+        let now = Instant::now();
+        if !allow(&self.senders, from, PUNCHES_PER_SENDER_PER_SECOND, now) {
             return Some(Refusal::TooMany);
         }
         let (initiator, candidates) = match check(&req, unix_ms()) {
@@ -191,7 +215,29 @@ impl Punches {
             tracing::info!(%from, %initiator, "punch request from an identity without proof of work");
             return Some(Refusal::BadRequest);
         }
+        if !allow(
+            &self.initiators,
+            initiator,
+            PUNCHES_PER_INITIATOR_PER_SECOND,
+            now,
+        ) || !lock(&self.window).allow(now)
+        {
+            return Some(Refusal::TooMany);
+        }
         if NodeId(req.target) == self.me {
+            let local = self
+                .conns
+                .endpoint()
+                .local_addr()
+                .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+            let candidates: Vec<SocketAddr> = candidates
+                .into_iter()
+                .filter(|c| hypha_nat::punchable(*c, local))
+                .collect();
+            if candidates.is_empty() {
+                tracing::info!(%initiator, "punch request names no address a punch can use");
+                return Some(Refusal::BadRequest);
+            }
             tracing::debug!(%initiator, ?candidates, "punching toward a peer");
             return match self.dials.try_send((initiator, candidates)) {
                 Ok(()) => None,
@@ -206,6 +252,23 @@ impl Punches {
             _ => Some(Refusal::Unreachable),
         }
     }
+}
+
+/// Counts one event for `id` in its one-second window; false when its
+/// limit is used up (or no window can be kept for it).
+fn allow(
+    windows: &Mutex<BoundedMap<NodeId, RateWindow>>,
+    id: NodeId,
+    limit: u32,
+    now: Instant,
+) -> bool {
+    lock(windows)
+        .get_or_insert_with(
+            id,
+            |w| w.expired(now),
+            || RateWindow::new(Duration::from_secs(1), limit, now),
+        )
+        .is_some_and(|w| w.allow(now))
 }
 
 /// Dials the initiators of accepted punch requests, each candidate in turn

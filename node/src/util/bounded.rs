@@ -65,6 +65,34 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
         true
     }
 
+    /// Inserts `value` under `key`; when the map is full of entries that
+    /// are not stale, the one with the least `rank` (the oldest, for a
+    /// ban) makes room. What the map remembers stays bounded, and a flood
+    /// of new keys pushes out the oldest rather than being let through.
+    pub fn insert_evicting<R: Ord>(
+        &mut self,
+        key: K,
+        value: V,
+        stale: impl FnMut(&V) -> bool,
+        rank: impl Fn(&V) -> R,
+    ) where
+        K: Clone,
+    {
+        if !self.make_room(&key, stale) {
+            let least = self
+                .map
+                .iter()
+                .min_by_key(|(_, v)| rank(v))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = least {
+                self.map.remove(&k);
+            }
+        }
+        if self.max > 0 {
+            self.map.insert(key, value);
+        }
+    }
+
     /// The entry for `key`, made with `new` if there is room for it.
     pub fn get_or_insert_with(
         &mut self,
@@ -214,6 +242,11 @@ mod tests {
         );
         assert_eq!(bans.get(&2), None);
         assert_eq!((bans.get(&1), bans.get(&3)), (Some(&11), Some(&30)));
+        // Evicting: the least-ranked entry makes room for a new one.
+        bans.insert_evicting(4, 40, |_| false, |v| *v);
+        assert_eq!(bans.len(), 2);
+        assert_eq!((bans.get(&1), bans.get(&4)), (None, Some(&40)));
+        assert_eq!(bans.get(&3), Some(&30));
 
         let mut cache: BoundedMap<u32, u32> = BoundedMap::new(2, Overflow::Clear);
         cache.insert(1, 1, |_| false);
