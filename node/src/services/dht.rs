@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::net::addr::{is_virtual, PeerAddr};
 use crate::net::pool::Connections;
 use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError, Violation};
-use crate::util::{unix_ms, Tasks};
+use crate::util::{lock, unix_ms, BoundedMap, Overflow, Tasks, TokenBucket};
 
 /// Commands waiting for the DHT task: peers' requests and replies arrive
 /// here, so the bound caps the work a burst of peers can queue.
@@ -120,12 +120,35 @@ enum Waiter {
     Receipts(oneshot::Sender<Vec<VerifiedReceipt>>),
 }
 
+/// Work units one peer's requests may cost the DHT task per second, and in
+/// a burst: a request costs one, plus two per signature it makes the task
+/// check (a record one, a receipt two). A full `PutReceipts` (129 units)
+/// fits the burst; a flood from one peer takes at most this share of the
+/// task (128 signature checks a second, a few milliseconds), and what it
+/// can have queued ahead of another peer's request is one burst.
+pub const DHT_UNITS_PER_PEER_PER_SECOND: u64 = 256;
+pub const DHT_BURST_PER_PEER: u64 = 512;
+const _: () = assert!((2 * hypha_dht::receipts::MAX_RECEIPTS_PER_PUT as u64) < DHT_BURST_PER_PEER);
+/// Peers whose buckets are kept; a full bucket is forgotten first.
+const MAX_DHT_PEERS: usize = 4096;
+
+/// What `request` costs the DHT task, in the units above.
+fn cost(request: &Request) -> u64 {
+    match request {
+        Request::AddProvider { .. } => 1 + 2,
+        Request::PutReceipts { receipts, .. } => 1 + 2 * receipts.len() as u64,
+        _ => 1,
+    }
+}
+
 /// A handle on the node's DHT task; cheap to clone.
 #[derive(Clone)]
 pub struct Discovery {
     tx: mpsc::Sender<Cmd>,
     receipts: mpsc::Sender<VerifiedReceipt>,
     local: Contact,
+    /// Each peer's budget for requests to the DHT task.
+    budgets: Arc<std::sync::Mutex<BoundedMap<NodeId, TokenBucket>>>,
 }
 
 impl Discovery {
@@ -157,6 +180,10 @@ impl Discovery {
             tx,
             receipts,
             local,
+            budgets: Arc::new(std::sync::Mutex::new(BoundedMap::new(
+                MAX_DHT_PEERS,
+                Overflow::Refuse,
+            ))),
         };
         tasks.spawn(publish_receipts(me.clone(), queue, tasks.clone()));
         me
@@ -190,9 +217,21 @@ impl Discovery {
         self.local
     }
 
-    /// Answers a peer's request; `None` when the DHT task is overloaded
+    /// Answers a peer's request; `None` when the peer used up its budget
+    /// ([`DHT_UNITS_PER_PEER_PER_SECOND`]), or the DHT task is overloaded
     /// or gone.
     pub async fn answer(&self, from: Contact, request: Request) -> Option<Response> {
+        let now = std::time::Instant::now();
+        let within = lock(&self.budgets)
+            .get_or_insert_with(
+                from.id,
+                |b| b.full(now),
+                || TokenBucket::new(DHT_UNITS_PER_PEER_PER_SECOND, DHT_BURST_PER_PEER, now),
+            )
+            .is_some_and(|b| b.try_take(cost(&request), now));
+        if !within {
+            return None;
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send(Cmd::Incoming {

@@ -211,11 +211,34 @@ impl TokenBucket {
         }
     }
 
-    /// Takes `n` units at `now`: how long to wait before using them.
-    pub fn take(&mut self, n: u64, now: Instant) -> Duration {
+    fn refill(&mut self, now: Instant) {
         let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.burst);
         self.at = now;
+    }
+
+    /// Takes `n` units at `now` if that many are left; false (taking
+    /// nothing) otherwise.
+    pub fn try_take(&mut self, n: u64, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// True when the bucket is full again at `now`: it says nothing any
+    /// more.
+    pub fn full(&self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens + refill >= self.burst
+    }
+
+    /// Takes `n` units at `now`: how long to wait before using them.
+    pub fn take(&mut self, n: u64, now: Instant) -> Duration {
+        self.refill(now);
         self.tokens -= n as f64;
         if self.tokens >= 0.0 {
             Duration::ZERO
