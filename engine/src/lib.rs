@@ -10,6 +10,8 @@
 //!
 //! Everything that touches llama.cpp's C API lives in `ffi`; this crate is the
 //! only one in hypha allowed `unsafe`.
+// Peer and client bytes reach this crate: nothing here may panic on them.
+#![deny(clippy::unwrap_used)]
 
 mod ffi;
 mod sched;

@@ -11,6 +11,8 @@
 //! it so): `node` (L5, the wiring) -> `api` and `inbound` (L4, the edges)
 //! -> `inference` (L3) -> `services` (L2) -> `net` (L1) -> `util` (L0);
 //! `metrics`, `identity` and `models` are leaves anyone may use.
+// Peer and client bytes reach this crate: nothing here may panic on them.
+#![deny(clippy::unwrap_used)]
 
 pub mod api;
 pub mod chat;
