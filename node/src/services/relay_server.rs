@@ -11,6 +11,12 @@
 //! publish a record under [`hypha_dht::relay_key`], serve only the nodes
 //! their allow list names (everyone when it is empty), and bound
 //! reservations, paths per peer, paths in all and bytes per second per peer.
+//!
+//! A target's paths are shared fairly among those asking for it: when all
+//! its paths are taken, an asker that holds none there takes one from the
+//! asker holding the most, if that one holds more than one (its oldest
+//! path there ends). A few identities cannot take every path to a node,
+//! however early they came.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -25,6 +31,7 @@ use hypha_wire::{ArchivedMessage, Message, NodeId, Refusal, RelayIncoming, Relay
 use crate::net::paths::{PATH_IDLE, READ_CHUNK_BYTES};
 use crate::net::proto::{kind_of, FramedRecv, FramedSend, PeerError, Violation};
 use crate::util::{lock, BoundedMap, Overflow, TokenBucket};
+use tokio_util::sync::CancellationToken;
 
 /// How long a relay, and the node it asks, may take to set a path up.
 pub const RELAY_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -100,6 +107,10 @@ pub struct RelayStats {
     pub sessions: AtomicUsize,
 }
 
+/// Open paths per (asker, target), oldest first: each path's id and the
+/// token that ends it.
+type PairPaths = HashMap<(NodeId, NodeId), Vec<(u64, CancellationToken)>>;
+
 /// The relay this node runs for others (`hypha up --relay`).
 pub struct RelayService {
     config: RelayConfig,
@@ -107,8 +118,10 @@ pub struct RelayService {
     reservations: Mutex<BoundedMap<NodeId, (quinn::Connection, usize)>>,
     /// Open paths per peer (either end), and their byte buckets.
     sessions: Mutex<HashMap<NodeId, (usize, TokenBucket)>>,
-    /// Open paths per (asker, target).
-    pairs: Mutex<HashMap<(NodeId, NodeId), usize>>,
+    /// Open paths per (asker, target), oldest first: each one's id and
+    /// what ends it when another asker takes its place.
+    pairs: Mutex<PairPaths>,
+    next_path: AtomicU64,
     capture: Option<Mutex<std::fs::File>>,
     pub stats: RelayStats,
 }
@@ -130,6 +143,7 @@ impl RelayService {
             reservations: Mutex::new(reservations),
             sessions: Mutex::new(HashMap::new()),
             pairs: Mutex::new(HashMap::new()),
+            next_path: AtomicU64::new(0),
             capture,
             stats: RelayStats::default(),
         })
@@ -193,13 +207,39 @@ impl RelayService {
             return None;
         }
         let busy = |id: &NodeId| s.get(id).map_or(0, |(n, _)| *n);
-        if busy(&a) >= self.config.max_sessions_per_peer
-            || busy(&b) >= b_max
-            || pairs.get(&(a, b)).copied().unwrap_or(0) >= MAX_SESSIONS_PER_PAIR
+        let held = |pairs: &HashMap<(NodeId, NodeId), Vec<(u64, CancellationToken)>>, a: NodeId| {
+            pairs.get(&(a, b)).map_or(0, Vec::len)
+        };
+        if busy(&a) >= self.config.max_sessions_per_peer || held(&pairs, a) >= MAX_SESSIONS_PER_PAIR
         {
             return None;
         }
-        *pairs.entry((a, b)).or_default() += 1;
+        if busy(&b) >= b_max {
+            // Full: a newcomer to this target takes a path from whoever
+            // holds the most there, if that is more than one.
+            if held(&pairs, a) > 0 {
+                return None;
+            }
+            let most = pairs
+                .iter()
+                .filter(|((x, y), v)| *y == b && *x != a && v.len() > 1)
+                .max_by_key(|(_, v)| v.len())
+                .map(|(k, _)| *k);
+            let k = most?;
+            // Its path ends at once; its count goes when its task does.
+            if let Some((_, oldest)) = pairs.get(&k).and_then(|v| v.first()) {
+                tracing::info!(asker = %k.0, target = %b, "relayed path ended to share the target fairly");
+                oldest.cancel();
+            }
+            if let Some(v) = pairs.get_mut(&k) {
+                if !v.is_empty() {
+                    v.remove(0);
+                }
+            }
+        }
+        let id = self.next_path.fetch_add(1, Ordering::Relaxed);
+        let ended = CancellationToken::new();
+        pairs.entry((a, b)).or_default().push((id, ended.clone()));
         for id in [a, b] {
             // A second's worth may pass at once.
             let rate = self.config.bytes_per_second_per_peer;
@@ -211,6 +251,8 @@ impl RelayService {
         Some(SessionGuard {
             svc: self.clone(),
             ends: [a, b],
+            id,
+            ended,
         })
     }
 
@@ -251,7 +293,7 @@ impl RelayService {
             send.finish();
             return Ok(());
         };
-        let Some(_guard) = self.admit(from, target, target_max) else {
+        let Some(guard) = self.admit(from, target, target_max) else {
             send.send(&answer(self.refuse(Refusal::TooMany))).await?;
             send.finish();
             return Ok(());
@@ -298,6 +340,7 @@ impl RelayService {
         let why = tokio::select! {
             r = there => r,
             r = back => r,
+            () = guard.ended.cancelled() => Err(PeerError::Timeout("taken by another asker for a fair share")),
         };
         tracing::info!(%from, %target, "relayed path ended: {why:?}");
         Ok(())
@@ -347,6 +390,9 @@ impl RelayService {
 struct SessionGuard {
     svc: Arc<RelayService>,
     ends: [NodeId; 2],
+    id: u64,
+    /// Cancelled when another asker takes this path's place.
+    ended: CancellationToken,
 }
 
 impl Drop for SessionGuard {
@@ -354,9 +400,9 @@ impl Drop for SessionGuard {
         {
             let mut pairs = lock(&self.svc.pairs);
             let pair = (self.ends[0], self.ends[1]);
-            if let Some(n) = pairs.get_mut(&pair) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
+            if let Some(v) = pairs.get_mut(&pair) {
+                v.retain(|(id, _)| *id != self.id);
+                if v.is_empty() {
                     pairs.remove(&pair);
                 }
             }
@@ -418,6 +464,40 @@ mod tests {
         drop((second, third, pair1, pair2));
         assert_eq!(svc.stats.sessions.load(Ordering::Relaxed), 0);
         assert!(lock(&svc.sessions).is_empty(), "buckets of idle peers go");
+        assert!(lock(&svc.pairs).is_empty());
+    }
+
+    #[test]
+    fn a_full_target_is_shared_fairly_among_askers() {
+        let svc = service(MAX_SESSIONS_PER_PEER, DEFAULT_RELAY_RATE);
+        let target = NodeId([9; 32]);
+        let sybils: Vec<NodeId> = (1..=2).map(|i| NodeId([i; 32])).collect();
+        // Two identities take all four paths to the target, two each.
+        let mut held: Vec<SessionGuard> = Vec::new();
+        for s in &sybils {
+            for _ in 0..MAX_SESSIONS_PER_PAIR {
+                held.push(svc.admit(*s, target, 4).expect("room"));
+            }
+        }
+        // A newcomer gets in: one of theirs ends.
+        let honest = NodeId([20; 32]);
+        let h = svc.admit(honest, target, 4).expect("a fair share");
+        assert_eq!(held.iter().filter(|g| g.ended.is_cancelled()).count(), 1);
+        // The one that lost a path may not take it back; nor may the
+        // newcomer take a second while others hold one each ... at most.
+        let loser = held.iter().find(|g| g.ended.is_cancelled()).unwrap().ends[0];
+        held.retain(|g| !g.ended.is_cancelled());
+        assert!(svc.admit(loser, target, 4).is_none());
+        assert!(svc.admit(honest, target, 4).is_none());
+        // A second newcomer takes from the one still holding two.
+        let other = NodeId([21; 32]);
+        let o = svc.admit(other, target, 4).expect("a fair share");
+        assert_eq!(held.iter().filter(|g| g.ended.is_cancelled()).count(), 1);
+        held.retain(|g| !g.ended.is_cancelled());
+        // Now every asker holds one: a fifth is refused, nobody is cut.
+        assert!(svc.admit(NodeId([22; 32]), target, 4).is_none());
+        assert!(held.iter().all(|g| !g.ended.is_cancelled()));
+        drop((h, o, held));
         assert!(lock(&svc.pairs).is_empty());
     }
 
