@@ -96,6 +96,7 @@ pub async fn run(
         let slot = match slots.admit(remote.ip(), validated, std::time::Instant::now()) {
             Admit::Slot(s) => s,
             Admit::Retry => {
+                state.metrics.quic_retries.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = incoming.retry() {
                     e.into_incoming().refuse();
                 }

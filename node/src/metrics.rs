@@ -95,6 +95,8 @@ pub struct Metrics {
     /// Connection attempts refused or closed for want of a slot (see
     /// `net::slots`).
     pub peers_refused: AtomicU64,
+    /// Connection attempts sent a Retry to prove their address.
+    pub quic_retries: AtomicU64,
     /// Hole punches this node asked for.
     pub punch_attempts: AtomicU64,
     /// Direct paths that opened after a punch (at once, or upgrading a
@@ -124,6 +126,7 @@ impl Default for Metrics {
             cancelled: AtomicU64::new(0),
             peers_connected: AtomicU64::new(0),
             peers_refused: AtomicU64::new(0),
+            quic_retries: AtomicU64::new(0),
             punch_attempts: AtomicU64::new(0),
             punch_successes: AtomicU64::new(0),
             relayed_dials: AtomicU64::new(0),
@@ -248,6 +251,12 @@ impl Metrics {
             "hypha_peers_refused_total",
             "Peer connections refused or closed: no slot, or over the share of their address or identity.",
             self.peers_refused.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_quic_retries_total",
+            "Connection attempts answered with a Retry (address validation under load).",
+            self.quic_retries.load(Ordering::Relaxed),
         );
         counter(
             &mut out,
