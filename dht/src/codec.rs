@@ -19,6 +19,30 @@ use crate::{Contact, DhtError, Request, Response, K};
 /// Longest address text accepted (`[v6%scope]:port` fits well within).
 const MAX_ADDR_BYTES: usize = 64;
 
+/// Most records one `Providers` reply may carry: what the fullest key (the
+/// catalog) holds.
+pub const MAX_RECORDS_PER_REPLY: usize = if MAX_CATALOG_MODELS > MAX_PROVIDERS_PER_KEY {
+    MAX_CATALOG_MODELS
+} else {
+    MAX_PROVIDERS_PER_KEY
+};
+/// An upper bound on one record's archived size: its strings at their
+/// limits, each with a length header, and 512 bytes for the fixed fields
+/// (ids, key, hash, signature, integers and alignment).
+const MAX_RECORD_WIRE_BYTES: usize = 2048;
+const _: () = assert!(
+    MAX_RECORD_ADDRS * (MAX_ADDR_BYTES + 8)
+        + MAX_RECORD_RELAYS * (MAX_RELAY_BYTES + 8)
+        + 2 * (crate::record::MAX_RECORD_NAME_BYTES + 8)
+        + 512
+        <= MAX_RECORD_WIRE_BYTES
+);
+// The fullest reply, with its contacts, fits in one frame.
+const _: () = assert!(
+    MAX_RECORDS_PER_REPLY * MAX_RECORD_WIRE_BYTES + K * (32 + MAX_ADDR_BYTES + 16)
+        <= hypha_wire::MAX_FRAME_BYTES
+);
+
 fn addr_from_wire(s: &str) -> Result<SocketAddr, DhtError> {
     if s.len() > MAX_ADDR_BYTES {
         return Err(DhtError::BadMessage("address too long"));
@@ -202,7 +226,7 @@ pub fn reply_from_wire(r: DhtReply) -> Result<Response, DhtError> {
             closer: contacts_from_wire(&closer)?,
         },
         DhtReply::Providers { records, closer } => {
-            if records.len() > MAX_PROVIDERS_PER_KEY.max(MAX_CATALOG_MODELS) {
+            if records.len() > MAX_RECORDS_PER_REPLY {
                 return Err(DhtError::BadMessage("more records than a key holds"));
             }
             Response::Providers {
@@ -257,7 +281,7 @@ pub fn check_archived_reply(r: &hypha_wire::ArchivedDhtReply) -> Result<(), DhtE
     }
     match r {
         A::Providers { records, .. } => {
-            if records.len() > MAX_PROVIDERS_PER_KEY.max(MAX_CATALOG_MODELS) {
+            if records.len() > MAX_RECORDS_PER_REPLY {
                 return Err(DhtError::BadMessage("more records than a key holds"));
             }
             for rec in records.iter() {

@@ -42,6 +42,12 @@ pub enum DhtError {
     BadRecord(&'static str),
     #[error("the record store is full")]
     StoreFull,
+    #[error("publisher id carries {bits} bits of proof of work, {required} required")]
+    NoProofOfWork { bits: u32, required: u32 },
+    #[error("the key already holds its {max} records")]
+    KeyFull { max: usize },
+    #[error("the publisher already holds its {max} records here")]
+    PublisherQuota { max: usize },
     #[error("too many queries running")]
     TooManyQueries,
     #[error("malformed DHT message: {0}")]

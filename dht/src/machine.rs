@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use hypha_wire::NodeId;
 
 use crate::receipts::{self, ReceiptStore, MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT};
-use crate::record::{ProviderRecord, RecordStore};
+use crate::record::{self, ProviderRecord, RecordStore};
 use crate::table::{bucket_index, Contact, RoutingTable, Update};
 use crate::{DhtError, Distance, Rng, ALPHA, K};
 use hypha_ledger::{SignedReceipt, VerifiedReceipt};
@@ -38,6 +38,11 @@ pub struct Config {
     pub refresh_interval_ms: u64,
     /// Seeds the random ids of refresh lookups.
     pub seed: u64,
+    /// Proof of work (bits, [`hypha_ledger::pow_bits`]) a record's
+    /// publisher id must carry to be stored here or taken from a lookup's
+    /// answers: the same value nodes require at hello, so that records cost
+    /// what connections cost.
+    pub min_publisher_pow_bits: u32,
 }
 
 impl Default for Config {
@@ -48,6 +53,7 @@ impl Default for Config {
             request_timeout_ms: REQUEST_TIMEOUT_MS,
             refresh_interval_ms: REFRESH_INTERVAL_MS,
             seed: 1,
+            min_publisher_pow_bits: hypha_ledger::DEFAULT_POW_BITS,
         }
     }
 }
@@ -236,9 +242,9 @@ impl Dht {
             table: RoutingTable::new(local.id),
             rng: Rng::new(cfg.seed),
             next_refresh_ms: now_ms.saturating_add(cfg.refresh_interval_ms),
+            store: RecordStore::new(cfg.min_publisher_pow_bits),
             local,
             cfg,
-            store: RecordStore::default(),
             receipts: ReceiptStore::default(),
             queries: HashMap::new(),
             inflight: HashMap::new(),
@@ -453,7 +459,7 @@ impl Dht {
     }
 
     fn finish_lookup(&mut self, qid: QueryId, now_ms: u64) {
-        let k = self.cfg.k;
+        let (k, pow) = (self.cfg.k, self.cfg.min_publisher_pow_bits);
         let Some(q) = self.queries.get_mut(&qid) else {
             return;
         };
@@ -506,7 +512,7 @@ impl Dht {
                 self.queries.remove(&qid);
                 // Ours too: this node may hold the key itself.
                 for r in self.store.get(&target, now_ms) {
-                    add_record(&mut records, &target, r, now_ms);
+                    add_record(&mut records, &target, r, now_ms, pow);
                 }
                 self.events.push_back(Event::QueryDone {
                     id: qid,
@@ -719,7 +725,7 @@ impl Dht {
         now_ms: u64,
     ) {
         let local = self.local.id;
-        let k = self.cfg.k;
+        let (k, pow) = (self.cfg.k, self.cfg.min_publisher_pow_bits);
         let Some(q) = self.queries.get_mut(&qid) else {
             return;
         };
@@ -760,7 +766,7 @@ impl Dht {
         }
         if let Purpose::GetProviders { records: found } = &mut q.purpose {
             for r in records {
-                add_record(found, &target, r, now_ms);
+                add_record(found, &target, r, now_ms, pow);
             }
         }
         self.advance(qid, now_ms);
@@ -866,23 +872,61 @@ impl Dht {
     }
 }
 
-/// Adds a record a lookup found, once: per publisher under a model's key,
-/// per model name under the catalog key; checked and bounded.
-fn add_record(found: &mut Vec<ProviderRecord>, key: &NodeId, r: ProviderRecord, now_ms: u64) {
-    let catalog = *key == crate::record::catalog_key();
+/// Adds a record a lookup found, once: per publisher under a model's key
+/// (its latest record), per model name under the catalog key, and at most
+/// `MAX_CATALOG_NAMES_PER_PUBLISHER` names per publisher there (an
+/// identity may list different names at different storers); checked
+/// (proof of work, then signature) and bounded by what one key holds. So
+/// the `MAX_SYBIL_IDENTITIES` that answers may name fill at most what they
+/// could fill at one storer, and honest records keep their room in the
+/// result.
+fn add_record(
+    found: &mut Vec<ProviderRecord>,
+    key: &NodeId,
+    r: ProviderRecord,
+    now_ms: u64,
+    min_pow_bits: u32,
+) {
+    let catalog = *key == record::catalog_key();
     let limit = if catalog {
-        crate::record::MAX_CATALOG_MODELS
+        record::MAX_CATALOG_MODELS
     } else {
-        crate::record::MAX_PROVIDERS_PER_KEY
+        record::MAX_PROVIDERS_PER_KEY
     };
-    let dup = found.iter().any(|x| {
-        if catalog {
-            x.model == r.model
-        } else {
-            x.publisher == r.publisher
+    let checked = |r: &ProviderRecord| {
+        record::key_fits(key, r)
+            && record::check_publisher_pow(&r.publisher, min_pow_bits).is_ok()
+            && r.verify(now_ms).is_ok()
+    };
+    if !catalog {
+        match found.iter_mut().find(|x| x.publisher == r.publisher) {
+            // The same publisher's newer record: its current addresses.
+            Some(x) => {
+                if r.expires_ms > x.expires_ms && checked(&r) {
+                    *x = r;
+                }
+            }
+            None => {
+                if found.len() < limit && checked(&r) {
+                    found.push(r);
+                }
+            }
         }
-    });
-    if !dup && found.len() < limit && crate::record::key_fits(key, &r) && r.verify(now_ms).is_ok() {
+        return;
+    }
+    let mut names_of_publisher = 0;
+    for x in found.iter() {
+        if x.model == r.model {
+            return;
+        }
+        if x.publisher == r.publisher {
+            names_of_publisher += 1;
+        }
+    }
+    if names_of_publisher < record::MAX_CATALOG_NAMES_PER_PUBLISHER
+        && found.len() < limit
+        && checked(&r)
+    {
         found.push(r);
     }
 }

@@ -412,8 +412,13 @@ impl Network {
             id: identity.id(),
             addr: endpoint.local_addr()?,
         };
-        let discovery =
-            Discovery::start(local, conns.clone(), cfg.bootstrap.clone(), tasks.clone());
+        let discovery = Discovery::start(
+            local,
+            conns.clone(),
+            cfg.bootstrap.clone(),
+            cfg.pow_bits,
+            tasks.clone(),
+        );
         let reach = Arc::new(Reachability::new(
             endpoint.local_addr()?,
             endpoint.stun().stats.clone(),

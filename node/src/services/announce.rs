@@ -15,8 +15,10 @@ use crate::services::relay_client::RelayClient;
 use crate::services::relay_server::RelayService;
 use crate::util::{unix_ms, Tasks};
 
-/// Lifetime of the provider records a seeder publishes.
-pub const DEFAULT_RECORD_TTL: Duration = Duration::from_secs(10 * 60);
+/// Lifetime of the provider records a seeder publishes: the longest a DHT
+/// node keeps one.
+pub const DEFAULT_RECORD_TTL: Duration =
+    Duration::from_millis(hypha_dht::record::MAX_RECORD_TTL_MS);
 /// First retry of a publication no node stored; doubles up to half the
 /// record's lifetime.
 const PUBLISH_RETRY: Duration = Duration::from_secs(2);

@@ -157,6 +157,7 @@ impl Discovery {
         local: Contact,
         conns: Arc<Connections>,
         bootstrap: Vec<PeerAddr>,
+        pow_bits: u32,
         tasks: Tasks,
     ) -> Self {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -164,6 +165,9 @@ impl Discovery {
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
         let cfg = hypha_dht::Config {
             seed: u64::from_le_bytes(seed),
+            // Records need what connections need: free identities would
+            // otherwise publish without end.
+            min_publisher_pow_bits: pow_bits,
             ..hypha_dht::Config::default()
         };
         let dht = Dht::new(local, cfg, unix_ms());
