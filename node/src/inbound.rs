@@ -34,7 +34,7 @@ use crate::net::paths::tie;
 use crate::net::pool::{Adopted, Connections};
 use crate::net::proto::{
     close_for_violation, hello_as_acceptor, kind_of, FramedRecv, FramedSend, PeerError, Violation,
-    CLOSE_NORMAL, HELLO_TIMEOUT,
+    CLOSE_NORMAL, HELLO_TIMEOUT, OPENING_FRAME_TIMEOUT,
 };
 use crate::net::slots::{Admit, SlotGuard, Slots};
 use crate::services::dht::Discovery;
@@ -280,10 +280,18 @@ async fn serve_any(
 ) -> Result<(), PeerError> {
     let mut recv = FramedRecv::new(recv);
     let mut send = FramedSend::new(send);
-    let first = tokio::time::timeout(HELLO_TIMEOUT, recv.next(opening))
-        .await
-        .map_err(|_| PeerError::Protocol(Violation::NoRequest))??
-        .ok_or(PeerError::Protocol(Violation::EndedBefore("its request")))?;
+    // The first bytes must come soon; a long frame then gets time to
+    // arrive whole (`next` keeps what it read when its timer fires).
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, recv.next(opening)).await {
+        Ok(r) => r,
+        Err(_) if recv.buffered() > 0 => {
+            tokio::time::timeout(OPENING_FRAME_TIMEOUT - HELLO_TIMEOUT, recv.next(opening))
+                .await
+                .map_err(|_| PeerError::Protocol(Violation::NoRequest))?
+        }
+        Err(_) => return Err(PeerError::Protocol(Violation::NoRequest)),
+    }?
+    .ok_or(PeerError::Protocol(Violation::EndedBefore("its request")))?;
     let relay_reply = |refusal| Message::RelayReply(hypha_wire::RelayReply { refusal });
     match first {
         Opening::RelayReserve(max_sessions) => {

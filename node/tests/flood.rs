@@ -12,8 +12,12 @@ use hypha_wire::Message;
 mod common;
 use common::{assert_still_serves, dial_with_hello, Net};
 
+/// The tests here run one at a time: each measures while it floods.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_prompts_from_32_peers_leave_health_fast() {
+    let _alone = ALONE.lock().await;
     const PEERS: u8 = 32;
     let net = Net::start(1, 64).await;
     let health = format!("{}/health", net.seeder_base());
@@ -116,6 +120,7 @@ fn p(v: &[Duration], pct: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dht_flood_from_one_identity_does_not_delay_another_peers_lookups() {
+    let _alone = ALONE.lock().await;
     const FLOODERS: usize = 32;
     let dir = tempfile::tempdir().unwrap();
     let node = common::plain_node(dir.path(), Vec::new()).await;

@@ -27,6 +27,13 @@ pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(1);
 /// A peer has this long after the handshake to send its hello (and the
 /// acceptor to answer it); a silent peer is dropped.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A stream's opening frame has begun to arrive within [`HELLO_TIMEOUT`]
+/// must be whole within this long: a frame of `MAX_FRAME_BYTES` at 256
+/// KiB/s, so a long prompt on a slow uplink (or among many peers' uploads)
+/// is not taken for a silent peer.
+pub const OPENING_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+const _: () =
+    assert!(hypha_wire::MAX_FRAME_BYTES as u64 / (256 * 1024) < OPENING_FRAME_TIMEOUT.as_secs());
 /// A write that makes no progress for this long fails: a peer that stops
 /// reading must not hold a generation (and its engine slot) forever.
 pub const SEND_STALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -282,6 +289,11 @@ impl FramedRecv {
     pub fn into_parts(mut self) -> (quinn::RecvStream, Vec<u8>) {
         let rest = self.dec.take_buffered();
         (self.stream, rest)
+    }
+
+    /// Bytes read but not yet handed out as a frame.
+    pub fn buffered(&self) -> usize {
+        self.dec.buffered()
     }
 
     /// True once the peer finished its side and every frame was read.
