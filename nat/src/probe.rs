@@ -3,11 +3,15 @@
 //! The [`Prober`] sends binding requests to peers' QUIC ports (they answer
 //! STUN there), retransmits a lost one (RFC 8489's doubling timeout, fewer
 //! tries), and records each answer as an [`Observation`]: which peer, and
-//! the address it saw us at. Two observations from different peers tell
-//! the NAT's mapping behaviour (RFC 4787): the same public address toward
-//! both means endpoint-independent mapping, which hole punching can use;
-//! different ones mean the NAT maps per destination ("symmetric"), and only
-//! a relay reaches such a node.
+//! the address it saw us at. Observations from peers in different networks
+//! tell the NAT's mapping behaviour (RFC 4787): the same public address
+//! toward all means endpoint-independent mapping, which hole punching can
+//! use; different ones mean the NAT maps per destination ("symmetric"),
+//! and only a relay reaches such a node. Peers count by network group
+//! ([`network_group`]), and a classification needs [`MIN_GROUPS`] of them:
+//! two peers lying together, or many in one operator's block, cannot make
+//! up a mapping or the public address this node publishes; at worst they
+//! make it look per-destination, which costs a relay, not a hijack.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,7 +41,7 @@ pub struct Observation {
 /// The NAT's mapping behaviour, as far as the observations tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mapping {
-    /// Fewer than two peers answered.
+    /// Fewer than [`MIN_GROUPS`] networks' peers answered.
     Unknown,
     /// Every peer saw our own address: no NAT in the way.
     Public { addr: SocketAddr },
@@ -59,19 +63,71 @@ impl Mapping {
     }
 }
 
-/// Classifies the mapping from observations by distinct peers (the newest
-/// per peer), given the local address of the socket.
-pub fn classify(local: SocketAddr, observations: &[Observation]) -> Mapping {
-    let mut per_server: Vec<Observation> = Vec::new();
-    for o in observations.iter().rev() {
-        if !per_server.iter().any(|p| p.server == o.server) {
-            per_server.push(*o);
+/// Network groups a classification needs: more than two, so that two
+/// peers cannot decide it together.
+pub const MIN_GROUPS: usize = 3;
+
+/// The group a peer's address counts in: a public IPv4 address by its /16
+/// and a public IPv6 one by its /32 (one operator's block counts once);
+/// an address outside the public internet's allocation (private,
+/// loopback, shared, benchmarking ranges: a LAN or a lab, where strangers
+/// cannot send from) by itself and its port.
+pub fn network_group(addr: SocketAddr) -> (u8, u128) {
+    let port = u128::from(addr.port());
+    use std::net::IpAddr;
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            let special = v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18);
+            let bits = u128::from(u32::from(v4));
+            if special {
+                (4, bits << 16 | port)
+            } else {
+                (5, bits >> 16)
+            }
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let special =
+                v6.is_loopback() || (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80;
+            let bits = u128::from(v6);
+            if special {
+                // The port takes the interface identifier's low bits: a lab's
+                // addresses differ above them.
+                (6, bits ^ port)
+            } else {
+                (7, bits >> 96)
+            }
         }
     }
-    if per_server.len() < 2 {
+}
+
+/// Classifies the mapping from observations by distinct peers (the newest
+/// per peer, then the newest per network group), given the local address
+/// of the socket.
+pub fn classify(local: SocketAddr, observations: &[Observation]) -> Mapping {
+    let mut per_group: Vec<((u8, u128), Observation)> = Vec::new();
+    for o in observations.iter().rev() {
+        let g = network_group(o.server);
+        if !per_group.iter().any(|(p, _)| *p == g) {
+            per_group.push((g, *o));
+        }
+    }
+    if per_group.len() < MIN_GROUPS {
         return Mapping::Unknown;
     }
-    let mut seen: Vec<SocketAddr> = per_server.iter().map(|o| o.mapped).collect();
+    let mut seen: Vec<SocketAddr> = per_group.iter().map(|(_, o)| o.mapped).collect();
     seen.sort();
     seen.dedup();
     match seen.as_slice() {

@@ -162,7 +162,7 @@ fn the_prober_retransmits_then_gives_up_and_ignores_strangers() {
 }
 
 #[test]
-fn mapping_behaviour_is_told_from_two_peers() {
+fn mapping_behaviour_is_told_from_peers_in_three_networks() {
     let local = a("10.0.0.2:5000");
     let obs = |server: &str, mapped: &str| Observation {
         server: a(server),
@@ -181,9 +181,54 @@ fn mapping_behaviour_is_told_from_two_peers() {
         Mapping::Unknown,
         "one peer twice is still one peer"
     );
+    // Two peers, or many in one /16, cannot decide it.
+    let two = [
+        obs("1.1.1.1:1", "203.0.113.9:6000"),
+        obs("2.2.2.2:2", "203.0.113.9:6000"),
+    ];
+    assert_eq!(
+        classify(local, &two),
+        Mapping::Unknown,
+        "two peers agreeing"
+    );
+    let one_block = [
+        obs("5.5.1.1:1", "203.0.113.66:6000"),
+        obs("5.5.2.2:2", "203.0.113.66:6000"),
+        obs("5.5.3.3:3", "203.0.113.66:6000"),
+        obs("1.1.1.1:1", "203.0.113.66:6000"),
+    ];
+    assert_eq!(
+        classify(local, &one_block),
+        Mapping::Unknown,
+        "one /16 counts once"
+    );
+    // Two liars in two networks and one honest peer: no public address is
+    // made up, at worst the mapping looks per-destination.
+    let liars = [
+        obs("5.5.1.1:1", "203.0.113.66:6000"),
+        obs("6.6.1.1:1", "203.0.113.66:6000"),
+        obs("1.1.1.1:1", "203.0.113.9:6000"),
+    ];
+    assert!(matches!(
+        classify(local, &liars),
+        Mapping::EndpointDependent { .. }
+    ));
+    // In a LAN or a lab, each address is its own group.
+    let lab = [
+        obs("198.18.0.10:1", "198.18.0.254:6000"),
+        obs("198.18.0.11:1", "198.18.0.254:6000"),
+        obs("198.18.0.12:1", "198.18.0.254:6000"),
+    ];
+    assert_eq!(
+        classify(local, &lab),
+        Mapping::EndpointIndependent {
+            public: a("198.18.0.254:6000")
+        }
+    );
     let same = [
         obs("1.1.1.1:1", "203.0.113.9:6000"),
         obs("2.2.2.2:2", "203.0.113.9:6000"),
+        obs("3.3.3.3:3", "203.0.113.9:6000"),
     ];
     assert_eq!(
         classify(local, &same),
@@ -194,11 +239,13 @@ fn mapping_behaviour_is_told_from_two_peers() {
     let public = [
         obs("1.1.1.1:1", "10.0.0.2:5000"),
         obs("2.2.2.2:2", "10.0.0.2:5000"),
+        obs("3.3.3.3:3", "10.0.0.2:5000"),
     ];
     assert_eq!(classify(local, &public), Mapping::Public { addr: local });
     let symmetric = [
         obs("1.1.1.1:1", "203.0.113.9:6000"),
         obs("2.2.2.2:2", "203.0.113.9:6001"),
+        obs("3.3.3.3:3", "203.0.113.9:6001"),
     ];
     assert!(matches!(
         classify(local, &symmetric),

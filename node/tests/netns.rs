@@ -365,7 +365,8 @@ impl Drop for Lab {
 /// node behind it says of its mapping.
 fn mapping_behind(symmetric: bool, tag: &str) -> Option<String> {
     let mut lab = Lab::try_new(tag)?;
-    let public = lab.public(&["198.18.0.10/24", "198.18.0.11/24"]);
+    // A mapping needs answers from three networks: three public peers.
+    let public = lab.public(&["198.18.0.10/24", "198.18.0.11/24", "198.18.0.12/24"]);
     let home = lab.nat(&public, "198.18.0.254", 1, symmetric);
     let a = lab.node(&public, "a", "198.18.0.10:7001", "127.0.0.1:8001", None);
     let a_addr = a.wait_for("peers reach this node as");
@@ -377,9 +378,17 @@ fn mapping_behind(symmetric: bool, tag: &str) -> Option<String> {
         Some(&a_addr),
     );
     b.wait_for("API at");
-    // B is in A's table before the home node joins, so the home node's
-    // own lookup finds it.
-    lab.wait_status(&public, "127.0.0.1:8001", "routing table: 1 contacts");
+    let d = lab.node(
+        &public,
+        "d",
+        "198.18.0.12:7004",
+        "127.0.0.1:8004",
+        Some(&a_addr),
+    );
+    d.wait_for("API at");
+    // B and D are in A's table before the home node joins, so the home
+    // node's own lookup finds them.
+    lab.wait_status(&public, "127.0.0.1:8001", "routing table: 2 contacts");
     let c = lab.node(
         &home,
         "c",
@@ -501,11 +510,21 @@ fn a_hole_is_punched_between_two_nats() {
     let Some(mut lab) = Lab::try_new("p") else {
         return;
     };
-    let public = lab.public(&["198.18.0.10/24"]);
+    let public = lab.public(&["198.18.0.10/24", "198.18.0.11/24"]);
     let home_s = lab.nat(&public, "198.18.0.254", 1, false);
     let home_c = lab.nat(&public, "198.18.0.253", 2, false);
     let boot = lab.node(&public, "boot", "198.18.0.10:7001", "127.0.0.1:8001", None);
     let boot_addr = boot.wait_for("peers reach this node as");
+    // A second public peer: with the other NATed node, each side hears
+    // from three networks, as a mapping needs.
+    let other = lab.node(
+        &public,
+        "other",
+        "198.18.0.11:7004",
+        "127.0.0.1:8004",
+        Some(&boot_addr),
+    );
+    other.wait_for("API at");
     let name = common::test_model()
         .file_stem()
         .unwrap()
@@ -524,8 +543,8 @@ fn a_hole_is_punched_between_two_nats() {
         .next()
         .unwrap()
         .to_owned();
-    // The seeder's records carry its NAT's address once two peers agree on
-    // it; the bootstrap node is one, the consumer the other.
+    // The seeder's records carry its NAT's address once peers in three
+    // networks agree on it: the two public nodes and the consumer.
     let consumer = lab.node(
         &home_c,
         "c",
@@ -593,6 +612,8 @@ struct RelayNet {
     away: String,
     /// Each relay: its process, capture file and id.
     relays: Vec<(Started, std::path::PathBuf, String)>,
+    /// The public node that is neither relay: a third network for STUN.
+    _witness: Started,
     seeder_id: String,
     model: String,
 }
@@ -604,7 +625,12 @@ const SEEDER_API: &str = "127.0.0.1:8003";
 
 fn relay_net(tag: &str, symmetric: bool) -> Option<RelayNet> {
     let mut lab = Lab::try_new(tag)?;
-    let public = lab.public(&["198.18.0.10/24", "198.18.0.11/24", "198.18.0.13/24"]);
+    let public = lab.public(&[
+        "198.18.0.10/24",
+        "198.18.0.11/24",
+        "198.18.0.12/24",
+        "198.18.0.13/24",
+    ]);
     let home = lab.nat(&public, "198.18.0.254", 1, symmetric);
     let away = lab.nat(&public, CONSUMER_NAT, 2, false);
     let (r1, cap1) = lab.relay(&public, "r1", "198.18.0.10:7001", "127.0.0.1:8001", None);
@@ -617,7 +643,17 @@ fn relay_net(tag: &str, symmetric: bool) -> Option<RelayNet> {
         Some(&r1_addr),
     );
     let r2_addr = r2.wait_for("peers reach this node as");
-    lab.wait_status(&public, "127.0.0.1:8001", "routing table: 1 contacts");
+    // A third public peer: the seeder's mapping needs answers from three
+    // networks.
+    let witness = lab.node(
+        &public,
+        "w",
+        "198.18.0.12:7006",
+        "127.0.0.1:8006",
+        Some(&r1_addr),
+    );
+    witness.wait_for("API at");
+    lab.wait_status(&public, "127.0.0.1:8001", "routing table: 2 contacts");
     let seeder = lab.seeder(&home, "198.19.1.2:7003", SEEDER_API, Some(&r1_addr));
     let seeder_id = seeder
         .wait_for("peers reach this node as")
@@ -627,8 +663,9 @@ fn relay_net(tag: &str, symmetric: bool) -> Option<RelayNet> {
         .to_owned();
     let id = |a: &str| a.split('@').next().unwrap().to_owned();
     let (r1_id, r2_id) = (id(&r1_addr), id(&r2_addr));
-    // The seeder sees it is behind a NAT (both relays answered its STUN
-    // probes), finds the relays in the DHT and reserves at both.
+    // The seeder sees it is behind a NAT (the relays and the witness
+    // answered its STUN probes), finds the relays in the DHT and reserves
+    // at both.
     lab.wait_status(&home, SEEDER_API, &r1_id);
     lab.wait_status(&home, SEEDER_API, &r2_id);
     let consumer = lab.node(&away, "c", "198.19.2.2:7004", CONSUMER_API, Some(&r1_addr));
@@ -645,6 +682,7 @@ fn relay_net(tag: &str, symmetric: bool) -> Option<RelayNet> {
         home,
         away,
         relays: vec![(r1, cap1, r1_id), (r2, cap2, r2_id)],
+        _witness: witness,
         seeder_id,
         model,
     })

@@ -4,11 +4,13 @@
 //! A task drives the sans-IO `hypha_nat::Prober` from the QUIC socket: it
 //! sends binding requests to a few known peers' QUIC ports (every node
 //! answers STUN there) and to any configured STUN servers, and reads the
-//! answers the socket sets aside. Two peers that saw the same public
-//! address mean an endpoint-independent mapping (a hole can be punched);
-//! different ones mean a per-destination mapping (only a relay helps).
-//! Rounds repeat every [`PROBE_EVERY_UNKNOWN`] until two peers answered,
-//! then every [`PROBE_EVERY`].
+//! answers the socket sets aside. Peers in `hypha_nat::probe::MIN_GROUPS`
+//! networks that saw the same public address mean an endpoint-independent
+//! mapping (a hole can be punched); different ones mean a per-destination
+//! mapping (only a relay helps). Peers to ask are picked from as many
+//! networks as the routing table holds. Rounds repeat every
+//! [`PROBE_EVERY_UNKNOWN`] until the mapping is known, then every
+//! [`PROBE_EVERY`].
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -26,9 +28,10 @@ pub const PROBE_EVERY_UNKNOWN: Duration = Duration::from_secs(15);
 /// Between rounds once it is known (mappings change when routers reboot
 /// or leases end).
 pub const PROBE_EVERY: Duration = Duration::from_secs(10 * 60);
-/// Peers asked per round: two tell the mapping, a third breaks a tie.
-pub const PEERS_PER_ROUND: usize = 3;
-/// Between rounds while fewer than two peers are known to ask.
+/// Peers asked per round: enough networks to tell the mapping, and some
+/// to spare for peers that do not answer.
+pub const PEERS_PER_ROUND: usize = 2 * hypha_nat::probe::MIN_GROUPS;
+/// Between rounds while too few peers are known to ask.
 const FEW_PEERS_RETRY: Duration = Duration::from_secs(1);
 /// Wait before the first round, so the DHT has contacts to ask.
 const FIRST_ROUND_AFTER: Duration = Duration::from_millis(500);
@@ -131,7 +134,7 @@ pub async fn run(
             let known = !matches!(prober.mapping(), Mapping::Unknown);
             let every = if known {
                 PROBE_EVERY
-            } else if targets.len() < 2 {
+            } else if targets.len() < hypha_nat::probe::MIN_GROUPS {
                 // Too few peers known to tell anything yet: look again soon.
                 FEW_PEERS_RETRY
             } else {
@@ -160,13 +163,26 @@ async fn targets(
         .await
         .map(|v| v.contacts)
         .unwrap_or_default();
-    let peers = contacts.into_iter().map(|(_, c, _)| c.addr);
-    for a in servers.iter().copied().chain(peers) {
-        if a != local && !out.contains(&a) {
-            out.push(a);
-        }
-        if out.len() >= PEERS_PER_ROUND + servers.len() {
-            break;
+    let peers: Vec<SocketAddr> = contacts.into_iter().map(|(_, c, _)| c.addr).collect();
+    out.extend(servers.iter().copied().filter(|a| *a != local));
+    out.dedup();
+    // One peer per network first, then the rest.
+    let mut groups: Vec<(u8, u128)> = out
+        .iter()
+        .map(|a| hypha_nat::probe::network_group(*a))
+        .collect();
+    let want = PEERS_PER_ROUND + out.len();
+    for pass in 0..2 {
+        for a in &peers {
+            if out.len() >= want {
+                return out;
+            }
+            let g = hypha_nat::probe::network_group(*a);
+            if *a == local || out.contains(a) || (pass == 0 && groups.contains(&g)) {
+                continue;
+            }
+            groups.push(g);
+            out.push(*a);
         }
     }
     out
