@@ -510,6 +510,9 @@ impl Dht {
             }
             Purpose::GetProviders { mut records } => {
                 self.queries.remove(&qid);
+                // Records were checked as they came; one may have lapsed
+                // while the lookup went on.
+                records.retain(|r| r.expires_ms > now_ms);
                 // Ours too: this node may hold the key itself.
                 for r in self.store.get(&target, now_ms) {
                     add_record(&mut records, &target, r, now_ms, pow);

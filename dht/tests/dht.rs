@@ -698,3 +698,64 @@ fn a_records_relays_are_signed_and_survive_the_wire() {
     wire.relays = vec!["not-a-relay".into()];
     assert!(hypha_dht::codec::record_from_wire(wire).is_err());
 }
+
+#[test]
+fn a_lookup_hands_out_no_record_that_lapsed_while_it_ran() {
+    let now = 1_000_000;
+    let key = model_key("m");
+    let local = Contact {
+        id: NodeId([1; 32]),
+        addr: addr(1),
+    };
+    let cfg = Config {
+        min_publisher_pow_bits: TEST_POW_BITS,
+        ..Config::default()
+    };
+    let mut dht = Dht::new(local, cfg, now);
+    let storer = Contact {
+        id: NodeId([2; 32]),
+        addr: addr(2),
+    };
+    dht.handle_request(now, storer, Request::Ping);
+    let q = dht.get_providers(key, now).unwrap();
+    let t = dht.poll_transmit().expect("the lookup asks the storer");
+    // A record good for one more second, and a closer peer to ask.
+    let closer = Contact {
+        id: NodeId([3; 32]),
+        addr: addr(3),
+    };
+    let short = record(&pow_key(14), "m", now + 1_000);
+    let long = record(&pow_key(15), "m", now + MAX_RECORD_TTL_MS);
+    dht.handle_response(
+        now + 10,
+        t.id,
+        Response::Providers {
+            records: vec![short, long.clone()],
+            closer: vec![closer],
+        },
+    );
+    // The closer peer never answers; the lookup ends after the first
+    // record lapsed.
+    let mut at = now + 10;
+    let mut result = None;
+    while result.is_none() && at < now + 60_000 {
+        at += 500;
+        dht.handle_timeout(at);
+        while dht.poll_transmit().is_some() {}
+        while let Some(Event::QueryDone { id, result: r }) = dht.poll_event() {
+            if id == q {
+                result = Some(r);
+            }
+        }
+    }
+    assert!(
+        at > now + 1_000,
+        "the lookup ended before the record lapsed"
+    );
+    match result {
+        Some(QueryResult::GetProviders { records, .. }) => {
+            assert_eq!(records, vec![long], "only the live record is handed out");
+        }
+        other => panic!("{other:?}"),
+    }
+}
