@@ -45,7 +45,10 @@ fuzz_target!(|data: &[u8]| {
         let again: Message = rkyv::deserialize::<Message, rkyv::rancor::Error>(again)
             .expect("a checked archive deserializes");
         // NaN floats compare unequal to themselves; compare the encodings.
-        let frame2 = FrameEncoder::new().encode(&again).expect("encodes").to_vec();
+        let frame2 = FrameEncoder::new()
+            .encode(&again)
+            .expect("encodes")
+            .to_vec();
         assert_eq!(frame, frame2);
     }
 });
