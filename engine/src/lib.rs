@@ -388,9 +388,27 @@ pub struct Engine {
 struct Inner {
     model: Arc<ffi::Model>,
     info: ModelInfo,
-    jobs: std::sync::mpsc::SyncSender<sched::Job>,
+    /// `None` only while the last clone drops.
+    jobs: Option<std::sync::mpsc::SyncSender<sched::Job>>,
+    /// The decode thread, joined when the last clone drops.
+    decoder: Option<std::thread::JoinHandle<()>>,
     stats: Arc<EngineStats>,
     queue_max: usize,
+}
+
+impl Drop for Inner {
+    /// Closes the queue and waits for the decode thread to finish what it
+    /// runs and free the context: no thread is left inside llama.cpp when
+    /// the process exits (its libraries' teardown would pull the model out
+    /// from under it).
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(t) = self.decoder.take() {
+            if t.join().is_err() {
+                tracing::warn!("the decode thread panicked");
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -475,7 +493,7 @@ impl Engine {
             },
             stats.clone(),
         );
-        std::thread::Builder::new()
+        let decoder = std::thread::Builder::new()
             .name("hypha-decode".into())
             .spawn(move || sched.run(jobs_rx))
             .map_err(|e| Error::Config(format!("cannot start the decode thread: {e}")))?;
@@ -483,7 +501,8 @@ impl Engine {
             inner: Arc::new(Inner {
                 model,
                 info,
-                jobs: jobs_tx,
+                jobs: Some(jobs_tx),
+                decoder: Some(decoder),
                 stats,
                 queue_max: cfg.queue_max,
             }),
@@ -585,7 +604,12 @@ impl Engine {
             tx,
             enqueued_at: Instant::now(),
         };
-        if self.inner.jobs.try_send(job).is_err() {
+        let sent = self
+            .inner
+            .jobs
+            .as_ref()
+            .is_some_and(|j| j.try_send(job).is_ok());
+        if !sent {
             queued.fetch_sub(1, Ordering::AcqRel);
             return Err(Error::Stopped);
         }
