@@ -137,39 +137,16 @@ async fn punch_via(
 /// requests are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rendezvous_forwards_signed_punch_requests_and_the_target_dials() {
-    use hypha_node::identity::Identity;
-    use hypha_node::net::endpoint::Endpoint;
     use hypha_wire::Refusal;
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let r = plain_node(dirs.0.path(), Vec::new()).await;
-    let t = plain_node(dirs.1.path(), vec![r.peer_addr().unwrap()]).await;
-    let (r_addr, t_id) = (r.peer_addr().unwrap(), t.id().unwrap());
     // The target joined through the rendezvous: it holds a connection.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while r
-        .peers()
-        .unwrap()
-        .discovery()
-        .unwrap()
-        .view()
-        .await
-        .unwrap()
-        .contacts
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "the target never joined");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (r, t) = rendezvous_and_target(&dirs).await;
+    let (r_addr, t_id) = (r.peer_addr().unwrap(), t.id().unwrap());
 
     // The initiator: a bare endpoint that accepts whoever dials it.
-    let me: Identity = common::peer_identity(60);
-    let ep = Endpoint::bind(&me, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let (me, ep, conn) = initiator(60, &r_addr).await;
     let my_addr = ep.local_addr().unwrap();
-    let conn = ep.dial(r_addr.addr, r_addr.id).await.unwrap();
     let hello = hypha_node::net::proto::hello_message(&me, Default::default());
-    hypha_node::net::proto::hello_as_dialer(&conn, r_addr.id, &hello, TEST_POW_BITS)
-        .await
-        .unwrap();
 
     // Refused: a candidate changed after signing, an old request, a target
     // the rendezvous is not connected to.
