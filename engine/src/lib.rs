@@ -212,14 +212,14 @@ pub struct ModelInfo {
 }
 
 /// One chat message, as OpenAI's API has it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
 }
 
 /// Per-request sampling settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
     pub temperature: f32,
@@ -250,7 +250,9 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks that every setting is in its range (what [`Engine::submit`]
+    /// checks first); the edges check it before a prompt is tokenized.
+    pub fn validate(&self) -> Result<(), Error> {
         let bad = |what: &str| Err(Error::InvalidRequest(what.to_owned()));
         if !self.temperature.is_finite() || !(0.0..=2.0).contains(&self.temperature) {
             return bad("temperature must be between 0 and 2");

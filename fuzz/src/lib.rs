@@ -37,6 +37,11 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The same identity as the node holds it.
+    pub fn node(&self) -> hypha_node::identity::Identity {
+        hypha_node::identity::Identity::from_seed(self.key.to_bytes())
+    }
+
     fn from_seed(seed: [u8; 32]) -> Self {
         let key = SigningKey::from_bytes(&seed);
         let public = key.verifying_key().to_bytes();

@@ -241,7 +241,8 @@ async fn serve_streams(
 }
 
 /// What may open a stream.
-enum Opening {
+#[derive(Debug, Clone, PartialEq)]
+pub enum Opening {
     Request(InferenceRequest),
     Dht(DhtRequest),
     Punch(hypha_wire::PunchRequest),
@@ -250,7 +251,8 @@ enum Opening {
     RelayIncoming(NodeId),
 }
 
-fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
+/// Checks a stream's first frame: what it asks of this node.
+pub fn opening(msg: &ArchivedMessage) -> Result<Opening, PeerError> {
     let bad = |e: hypha_wire::WireError| PeerError::Protocol(Violation::BadRequest(e));
     match msg {
         ArchivedMessage::Request(r) => hypha_wire::owned_request(r)

@@ -14,14 +14,15 @@ use futures_util::stream::{self, Stream};
 use serde_json::json;
 
 use hypha_engine::{Engine, Event, Finish, FinishReason, GenerateRequest, Generation};
-use hypha_wire::{InferenceRequest, NodeId, Prompt};
+use hypha_wire::NodeId;
 
 use crate::api::errors::{ApiError, OpenAiJson};
-use crate::api::openai::{ChatRequest, CompletionRequest, PromptField, SamplingFields, Usage};
+use crate::api::openai::{
+    wire_request, ChatRequest, Checked, CompletionRequest, EdgePrompt, SamplingFields, Usage,
+};
 use crate::api::state::{AppState, Route};
 use crate::inference::prep::Input;
 use crate::inference::remote::{RemoteEvent, RemoteGeneration};
-use crate::inference::route::Peers;
 use crate::util::unix_ms;
 
 /// Header naming the peer that served a remote request.
@@ -66,33 +67,8 @@ pub(crate) async fn chat_completions(
     let prepared = async {
         let OpenAiJson(req) = body?;
         let route = st.route(&req.model)?;
-        let stops = req.fields.check().map_err(ApiError::invalid)?;
-        let messages = req
-            .messages()
-            .map_err(|m| ApiError::invalid(m).param("messages"))?;
-        let job = match route {
-            Route::Local(engine) => {
-                let tokens = st.prep.tokens(engine, None, Input::Chat(messages)).await?;
-                submit_local(engine, tokens, stops, &req.fields)?
-            }
-            Route::Remote(peers) => {
-                let messages = messages
-                    .into_iter()
-                    .map(|m| hypha_wire::ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect();
-                submit_remote(
-                    peers,
-                    &req.model,
-                    Prompt::Chat(messages),
-                    stops,
-                    &req.fields,
-                )
-                .await?
-            }
-        };
+        let checked = req.check()?;
+        let job = submit(&st, route, &req.model, checked, &req.fields).await?;
         start(&st, Kind::Chat, req.model, job, &req.fields, received)
     }
     .await;
@@ -107,47 +83,45 @@ pub(crate) async fn completions(
     let prepared = async {
         let OpenAiJson(req) = body?;
         let route = st.route(&req.model)?;
-        let stops = req.fields.check().map_err(ApiError::invalid)?;
-        if req.echo {
-            return Err(ApiError::invalid("echo is not supported").param("echo"));
-        }
-        let text = match &req.prompt {
-            PromptField::Text(t) => Some(t),
-            PromptField::Texts(v) if v.len() == 1 => v.first(),
-            PromptField::Texts(_) => {
-                return Err(
-                    ApiError::invalid("exactly one prompt per request is supported")
-                        .param("prompt"),
-                )
-            }
-            PromptField::Tokens(_) => None,
-        };
-        let job = match (route, text) {
-            (Route::Local(engine), Some(t)) => {
-                let tokens = st.prep.tokens(engine, None, Input::Text(t.clone())).await?;
-                submit_local(engine, tokens, stops, &req.fields)?
-            }
-            (Route::Local(engine), None) => {
-                let PromptField::Tokens(tokens) = &req.prompt else {
-                    unreachable!("only token prompts have no text")
-                };
-                submit_local(engine, tokens.clone(), stops, &req.fields)?
-            }
-            (Route::Remote(peers), Some(t)) => {
-                submit_remote(peers, &req.model, Prompt::Text(t.clone()), stops, &req.fields)
-                    .await?
-            }
-            (Route::Remote(_), None) => {
-                return Err(ApiError::invalid(
-                    "token-id prompts depend on the model's vocabulary; send text to a model served by a peer",
-                )
-                .param("prompt"))
-            }
-        };
+        let checked = req.check()?;
+        let job = submit(&st, route, &req.model, checked, &req.fields).await?;
         start(&st, Kind::Text, req.model, job, &req.fields, received)
     }
     .await;
     reply(&st, Kind::Text, prepared).await
+}
+
+/// Starts a checked request on this node's engine or a peer's.
+async fn submit(
+    st: &AppState,
+    route: Route<'_>,
+    model: &str,
+    checked: Checked,
+    fields: &SamplingFields,
+) -> Result<Job, ApiError> {
+    let Checked { prompt, stops } = checked;
+    match route {
+        Route::Local(engine) => {
+            let tokens = match prompt {
+                EdgePrompt::Chat(messages) => {
+                    st.prep.tokens(engine, None, Input::Chat(messages)).await?
+                }
+                EdgePrompt::Text(t) => st.prep.tokens(engine, None, Input::Text(t)).await?,
+                EdgePrompt::Tokens(t) => t,
+            };
+            submit_local(engine, tokens, stops, fields)
+        }
+        Route::Remote(peers) => {
+            let req = wire_request(
+                peers.next_request_id().0,
+                model,
+                prompt.to_wire()?,
+                stops,
+                fields,
+            );
+            Ok(Job::Remote(Box::new(peers.start(req).await?)))
+        }
+    }
 }
 
 /// Produces the response for a prepared request (or its error) and counts it.
@@ -230,24 +204,6 @@ fn submit_local(
         // The node's own users come before the peers it serves.
         priority: i64::MAX,
     })?))
-}
-
-async fn submit_remote(
-    peers: &Peers,
-    model: &str,
-    prompt: Prompt,
-    stop: Vec<String>,
-    fields: &SamplingFields,
-) -> Result<Job, ApiError> {
-    let req = InferenceRequest {
-        request_id: peers.next_request_id().0,
-        model: model.to_owned(),
-        prompt,
-        sampling: crate::inference::convert::sampling_to_wire(&fields.sampling()),
-        stop,
-        max_tokens: fields.max_tokens(),
-    };
-    Ok(Job::Remote(Box::new(peers.start(req).await?)))
 }
 
 fn start(

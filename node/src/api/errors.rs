@@ -60,18 +60,34 @@ impl ApiError {
         self.param = Some(param);
         self
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({
+    /// The HTTP status the error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The JSON body the error is answered with.
+    pub fn body(&self) -> serde_json::Value {
+        json!({
             "error": {
                 "message": self.message,
                 "type": self.kind,
                 "param": self.param,
                 "code": self.code,
             }
-        });
+        })
+    }
+}
+
+/// Decodes a JSON request body, or says why not as a 400.
+pub fn decode_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")).code("invalid_json"))
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE
             || self.status == StatusCode::TOO_MANY_REQUESTS
@@ -171,8 +187,6 @@ where
                 ApiError::invalid(format!("cannot read the request body: {rej}"))
             }
         })?;
-        serde_json::from_slice(&bytes)
-            .map(OpenAiJson)
-            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")).code("invalid_json"))
+        decode_body(&bytes).map(OpenAiJson)
     }
 }

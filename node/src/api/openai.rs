@@ -8,8 +8,10 @@
 use serde::{Deserialize, Serialize};
 
 use hypha_engine::SamplingParams;
+use hypha_wire::{InferenceRequest, Prompt};
 
-use crate::inference::convert::{chat_role, check_message_count, check_stops};
+use crate::api::errors::ApiError;
+use crate::inference::convert::{chat_role, check_message_count, check_stops, sampling_to_wire};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -86,6 +88,11 @@ impl SamplingFields {
         }
         if self.max_tokens() == Some(0) {
             return Err("max_tokens must be at least 1".into());
+        }
+        match self.sampling().validate() {
+            Ok(()) => {}
+            Err(hypha_engine::Error::InvalidRequest(m)) => return Err(m),
+            Err(e) => return Err(e.to_string()),
         }
         let stops = match &self.stop {
             None => Vec::new(),
@@ -173,6 +180,102 @@ pub struct CompletionRequest {
     pub echo: bool,
     #[serde(flatten)]
     pub fields: SamplingFields,
+}
+
+/// What a request asks to be tokenized, as the edge checked it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EdgePrompt {
+    Chat(Vec<hypha_engine::ChatMessage>),
+    Text(String),
+    /// Token ids of the model this node runs (a `prompt` of integers).
+    Tokens(Vec<i32>),
+}
+
+impl EdgePrompt {
+    /// The prompt as a seeder receives it: token ids cannot cross, as they
+    /// depend on the model's vocabulary.
+    pub fn to_wire(&self) -> Result<Prompt, ApiError> {
+        match self {
+            Self::Chat(messages) => Ok(Prompt::Chat(
+                messages
+                    .iter()
+                    .map(|m| hypha_wire::ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+            )),
+            Self::Text(t) => Ok(Prompt::Text(t.clone())),
+            Self::Tokens(_) => Err(ApiError::invalid(
+                "token-id prompts depend on the model's vocabulary; send text to a model served by a peer",
+            )
+            .param("prompt")),
+        }
+    }
+}
+
+/// A chat or text completion request that passed the edge's checks: its
+/// prompt and stop strings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub prompt: EdgePrompt,
+    pub stops: Vec<String>,
+}
+
+impl ChatRequest {
+    /// The edge's checks of a chat request.
+    pub fn check(&self) -> Result<Checked, ApiError> {
+        let stops = self.fields.check().map_err(ApiError::invalid)?;
+        let messages = self
+            .messages()
+            .map_err(|m| ApiError::invalid(m).param("messages"))?;
+        Ok(Checked {
+            prompt: EdgePrompt::Chat(messages),
+            stops,
+        })
+    }
+}
+
+impl CompletionRequest {
+    /// The edge's checks of a text completion request.
+    pub fn check(&self) -> Result<Checked, ApiError> {
+        let stops = self.fields.check().map_err(ApiError::invalid)?;
+        if self.echo {
+            return Err(ApiError::invalid("echo is not supported").param("echo"));
+        }
+        let prompt = match &self.prompt {
+            PromptField::Text(t) => EdgePrompt::Text(t.clone()),
+            PromptField::Texts(v) => match v.as_slice() {
+                [t] => EdgePrompt::Text(t.clone()),
+                _ => {
+                    return Err(
+                        ApiError::invalid("exactly one prompt per request is supported")
+                            .param("prompt"),
+                    )
+                }
+            },
+            PromptField::Tokens(t) => EdgePrompt::Tokens(t.clone()),
+        };
+        Ok(Checked { prompt, stops })
+    }
+}
+
+/// The request a consumer sends a seeder for a checked request.
+pub fn wire_request(
+    request_id: u64,
+    model: &str,
+    prompt: Prompt,
+    stop: Vec<String>,
+    fields: &SamplingFields,
+) -> InferenceRequest {
+    InferenceRequest {
+        request_id,
+        model: model.to_owned(),
+        prompt,
+        sampling: sampling_to_wire(&fields.sampling()),
+        stop,
+        max_tokens: fields.max_tokens(),
+    }
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]

@@ -59,7 +59,7 @@ pub fn chat_role(role: &str) -> Result<&'static str, String> {
 
 /// Checks a peer's request for a seeder serving `models`: what is to be
 /// tokenized, and the request to submit once its prompt is filled in.
-pub(crate) fn prepare(
+pub fn prepare(
     req: &InferenceRequest,
     models: &[String],
 ) -> Result<(Input, GenerateRequest), ErrorReply> {
@@ -79,6 +79,16 @@ pub(crate) fn prepare(
         ));
     }
     check_stops(&req.stop).map_err(|m| bad(Refusal::BadRequest, m))?;
+    let sampling = sampling_from_wire(&req.sampling);
+    sampling
+        .validate()
+        .map_err(|e| bad(Refusal::BadRequest, e.to_string()))?;
+    if req.max_tokens == Some(0) {
+        return Err(bad(
+            Refusal::BadRequest,
+            "max_tokens must be at least 1".into(),
+        ));
+    }
     let input = match &req.prompt {
         hypha_wire::Prompt::Chat(messages) => {
             check_message_count(messages.len()).map_err(|m| bad(Refusal::BadRequest, m))?;
@@ -100,7 +110,7 @@ pub(crate) fn prepare(
         input,
         GenerateRequest {
             prompt: Vec::new(),
-            sampling: sampling_from_wire(&req.sampling),
+            sampling,
             max_tokens: req.max_tokens,
             stop: req.stop.clone(),
             priority: 0,

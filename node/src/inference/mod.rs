@@ -6,6 +6,7 @@ pub mod convert;
 pub mod prep;
 pub mod receipts;
 pub mod remote;
+pub mod reply;
 pub mod route;
 pub mod serve;
 

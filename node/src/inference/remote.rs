@@ -20,6 +20,8 @@
 //! carries at least one, their text may not pass
 //! [`MAX_TOKEN_TEXT_BYTES`] per token, and `Done` must count the tokens
 //! that came: a seeder breaking any of these is a protocol violation.
+//! The checks of each frame are [`ReplyCheck`]'s, without I/O; this
+//! module adds the stream and its deadlines.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,15 +29,17 @@ use std::time::Duration;
 
 use hypha_engine::{Finish, FinishReason};
 use hypha_ledger::Ledger;
-use hypha_wire::{ArchivedMessage, Countersign, InferenceRequest, Message, NodeId, Refusal};
+use hypha_wire::{InferenceRequest, Message, NodeId, Refusal};
 
 use crate::identity::Identity;
 use crate::inference::receipts::{ConsumerReceipts, Party as ReceiptParty, Terms};
+pub use crate::inference::reply::MAX_TOKEN_TEXT_BYTES;
+use crate::inference::reply::{ReplyCheck, Step};
 use crate::inference::RequestId;
 use crate::metrics::Metrics;
 use crate::net::hello::VerifiedHello;
 use crate::net::proto::{
-    close_for_violation, kind_of, FramedRecv, FramedSend, PeerError, Violation, RECV_STALL_TIMEOUT,
+    close_for_violation, FramedRecv, FramedSend, PeerError, Violation, RECV_STALL_TIMEOUT,
     STREAM_CANCELLED,
 };
 use crate::services::dialer::RunningGuard;
@@ -54,10 +58,6 @@ const _: () = assert!(START_TIMEOUT.as_millis() < RECV_STALL_TIMEOUT.as_millis()
 /// Tokens a request without `max_tokens` may bring: the longest context
 /// of the models in use.
 pub const MAX_REMOTE_TOKENS: u32 = 128 * 1024;
-/// Text one generated token may stand for: longer than any token of the
-/// vocabularies in use (their longest run a few dozen bytes), so a
-/// non-streaming answer collects at most this much per token.
-pub const MAX_TOKEN_TEXT_BYTES: usize = 256;
 
 /// Why a remote request could not run.
 #[derive(Debug, thiserror::Error)]
@@ -117,10 +117,7 @@ pub struct RemoteGeneration {
     send: FramedSend,
     recv: FramedRecv,
     request_id: RequestId,
-    next_seq: u32,
     first: Option<RemoteEvent>,
-    /// Some frame of the seeder's answer arrived.
-    answered: bool,
     /// How long the seeder may take to answer: [`START_TIMEOUT`], plus
     /// time to take in a long prompt.
     start_limit: Duration,
@@ -128,17 +125,10 @@ pub struct RemoteGeneration {
     metrics: Arc<Metrics>,
     /// Counts this request against its seeder while it runs.
     pub(crate) running: Option<RunningGuard>,
-    /// The tokens that arrived and the receipts both signed.
-    receipts: ConsumerReceipts,
-    /// `Done` arrived; the last receipt is due.
-    done: Option<(String, Finish)>,
+    /// The answer's frames checked so far, and its receipts.
+    check: ReplyCheck,
     /// The ledger has the latest receipt both signed.
     recorded: bool,
-    /// Tokens the request may bring at most.
-    max_tokens: u32,
-    /// Tokens and bytes of text that arrived.
-    tokens: u32,
-    text_bytes: usize,
 }
 
 /// Prompt bytes a seeder is given an extra second for before it must
@@ -208,19 +198,17 @@ impl RemoteGeneration {
             send: FramedSend::new(send),
             recv: FramedRecv::new(recv),
             request_id: RequestId(req.request_id),
-            next_seq: 0,
             first: None,
             running: None,
-            answered: false,
             start_limit: start_limit(&req.prompt),
             ended: false,
             metrics: metrics.clone(),
-            receipts,
-            done: None,
+            check: ReplyCheck::new(
+                RequestId(req.request_id),
+                req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
+                receipts,
+            ),
             recorded: false,
-            max_tokens: req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
-            tokens: 0,
-            text_bytes: 0,
         };
         g.send
             .send(&Message::Request(req.clone()))
@@ -282,21 +270,21 @@ impl RemoteGeneration {
     async fn read_frame(&mut self) -> Result<Option<RemoteEvent>, RemoteError> {
         let peer = self.peer;
         let failed = |source: PeerError| RemoteError::Failed { peer, source };
-        let (request_id, seq) = (self.request_id, self.next_seq);
-        let receipts = &mut self.receipts;
-        let next = self
-            .recv
-            .next(|m| reply_event(m, request_id, seq, receipts));
-        let frame = if self.done.is_some() {
+        let identity = &self.party.identity;
+        let check = &mut self.check;
+        let awaiting_last = check.awaiting_last_receipt();
+        let answered = check.answered();
+        let next = self.recv.next(|m| check.frame(m, identity));
+        let frame = if awaiting_last {
             match tokio::time::timeout(LAST_RECEIPT_TIMEOUT, next).await {
                 Ok(f) => f,
                 Err(_) => {
                     // No last receipt: the request is over all the same.
-                    tracing::warn!(%peer, %request_id, "no last receipt after done");
+                    tracing::warn!(%peer, request_id = %self.request_id, "no last receipt after done");
                     self.ended = true;
                     self.send.finish();
                     let credits = self.record().await;
-                    let (text, finish) = self.done.take().unwrap_or_else(empty_done);
+                    let (text, finish) = self.check.take_done().unwrap_or_else(empty_done);
                     return Ok(Some(RemoteEvent::Done {
                         text,
                         finish,
@@ -305,7 +293,7 @@ impl RemoteGeneration {
                 }
             }
         } else {
-            let (limit, why) = if self.answered {
+            let (limit, why) = if answered {
                 (RECV_STALL_TIMEOUT, "the seeder went silent")
             } else {
                 (self.start_limit, "the seeder did not answer the request")
@@ -315,76 +303,22 @@ impl RemoteGeneration {
                 Err(_) => Err(PeerError::Timeout(why)),
             }
         };
-        let first_frame = !self.answered;
-        self.answered = true;
-        let frame = frame
+        let step = frame
             .and_then(|r| r.ok_or(PeerError::Protocol(Violation::EndedBefore("done"))))
             .map_err(failed)?;
-        match frame {
-            Reply::Accepted if first_frame => Ok(None),
-            Reply::Accepted => Err(failed(
-                Violation::OutOfOrder("accepted in the middle of an answer").into(),
-            )),
-            Reply::Token(text, tokens) => {
-                if self.done.is_some() {
-                    return Err(failed(Violation::OutOfOrder("a chunk after done").into()));
-                }
-                if tokens == 0 {
-                    return Err(failed(Violation::EmptyChunk.into()));
-                }
-                self.tokens = self.tokens.saturating_add(tokens);
-                if self.tokens > self.max_tokens {
-                    return Err(failed(
-                        Violation::TooManyTokens {
-                            got: self.tokens,
-                            max: self.max_tokens,
-                        }
-                        .into(),
-                    ));
-                }
-                self.count_text(text.len()).map_err(failed)?;
-                self.next_seq = self.next_seq.wrapping_add(1);
-                Ok(Some(RemoteEvent::Token(text)))
-            }
-            Reply::Done(text, finish) => {
-                if self.done.is_some() {
-                    return Err(failed(Violation::OutOfOrder("a second done").into()));
-                }
-                if finish.completion_tokens != self.tokens {
-                    return Err(failed(
-                        Violation::WrongCount {
-                            claimed: finish.completion_tokens,
-                            got: self.tokens,
-                        }
-                        .into(),
-                    ));
-                }
-                self.count_text(text.len()).map_err(failed)?;
-                self.done = Some((text, finish));
-                Ok(None)
-            }
-            Reply::Offer {
-                receipt,
-                seeder_sig,
-                last,
+        match step {
+            Step::Nothing => Ok(None),
+            Step::Token(text) => Ok(Some(RemoteEvent::Token(text))),
+            Step::Countersign {
+                countersign,
+                finished,
             } => {
-                let done = self.done.as_ref().map(|(_, f)| f.prompt_tokens);
-                let consumer_sig = self
-                    .receipts
-                    .check_offer(&self.party.identity, &receipt, seeder_sig, last, done)
-                    .map_err(|e| failed(e.into()))?;
-                let countersign = Message::Countersign(Countersign {
-                    request_id: self.request_id.0,
-                    consumer_sig,
-                });
-                self.send.send(&countersign).await.map_err(failed)?;
-                if !last {
+                self.send
+                    .send(&Message::Countersign(countersign))
+                    .await
+                    .map_err(failed)?;
+                let Some((text, finish)) = finished else {
                     return Ok(None);
-                }
-                let Some((text, finish)) = self.done.take() else {
-                    return Err(failed(
-                        Violation::OutOfOrder("a last receipt before done").into(),
-                    ));
                 };
                 self.ended = true;
                 self.send.finish();
@@ -395,7 +329,7 @@ impl RemoteGeneration {
                     credits,
                 }))
             }
-            Reply::Error(refusal, message) => {
+            Step::Refused(refusal, message) => {
                 self.ended = true;
                 self.send.finish();
                 Err(RemoteError::Refused {
@@ -407,27 +341,13 @@ impl RemoteGeneration {
         }
     }
 
-    /// Counts `bytes` more of text: no more than the tokens so far carry.
-    fn count_text(&mut self, bytes: usize) -> Result<(), PeerError> {
-        self.text_bytes = self.text_bytes.saturating_add(bytes);
-        let most = (self.tokens as usize).saturating_mul(MAX_TOKEN_TEXT_BYTES);
-        if self.text_bytes > most {
-            return Err(Violation::TooMuchText {
-                bytes: self.text_bytes,
-                tokens: self.tokens,
-            }
-            .into());
-        }
-        Ok(())
-    }
-
     /// Appends the latest receipt both signed to the ledger (once); its
     /// credits.
     async fn record(&mut self) -> Option<u64> {
         if self.recorded {
             return None;
         }
-        let verified = self.receipts.signed()?.clone();
+        let verified = self.check.receipts().signed()?.clone();
         self.recorded = true;
         let credits = verified.receipt().credits;
         let ledger = self.party.ledger.clone();
@@ -460,7 +380,7 @@ fn empty_done() -> (String, Finish) {
 
 impl Drop for RemoteGeneration {
     fn drop(&mut self) {
-        if let (false, Some(signed)) = (self.recorded, self.receipts.signed().cloned()) {
+        if let (false, Some(signed)) = (self.recorded, self.check.receipts().signed().cloned()) {
             // Cut short: keep the last receipt both signed.
             let ledger = self.party.ledger.clone();
             if tokio::runtime::Handle::try_current().is_ok() {
@@ -477,86 +397,5 @@ impl Drop for RemoteGeneration {
             let _ = self.send.stream.reset(STREAM_CANCELLED);
             let _ = self.recv.stream.stop(STREAM_CANCELLED);
         }
-    }
-}
-
-enum Reply {
-    Accepted,
-    /// A chunk's text and how many tokens it carried.
-    Token(String, u32),
-    Done(String, Finish),
-    Offer {
-        receipt: Vec<u8>,
-        seeder_sig: [u8; 64],
-        last: bool,
-    },
-    Error(Refusal, String),
-}
-
-/// Checks one frame from a seeder against the request it answers.
-fn reply_event(
-    msg: &ArchivedMessage,
-    request_id: RequestId,
-    seq: u32,
-    receipts: &mut ConsumerReceipts,
-) -> Result<Reply, PeerError> {
-    let check_id = |got: u64| {
-        if got == request_id.0 {
-            Ok(())
-        } else {
-            Err(PeerError::Protocol(Violation::WrongRequest {
-                got,
-                want: request_id.0,
-            }))
-        }
-    };
-    match msg {
-        ArchivedMessage::Accepted(a) => {
-            check_id(a.request_id.to_native())?;
-            Ok(Reply::Accepted)
-        }
-        ArchivedMessage::Chunk(c) => {
-            check_id(c.request_id.to_native())?;
-            let got = c.seq.to_native();
-            if got != seq {
-                return Err(Violation::OutOfSequence { got, want: seq }.into());
-            }
-            for t in c.token_ids.iter() {
-                receipts.received(t.to_native());
-            }
-            let tokens = u32::try_from(c.token_ids.len()).unwrap_or(u32::MAX);
-            Ok(Reply::Token(c.text.as_str().to_owned(), tokens))
-        }
-        ArchivedMessage::Done(d) => {
-            check_id(d.request_id.to_native())?;
-            let reason = match d.finish_reason {
-                hypha_wire::ArchivedFinishReason::Stop => FinishReason::Stop,
-                hypha_wire::ArchivedFinishReason::Length => FinishReason::Length,
-            };
-            Ok(Reply::Done(
-                d.text.as_str().to_owned(),
-                Finish {
-                    reason,
-                    prompt_tokens: d.prompt_tokens.to_native(),
-                    completion_tokens: d.completion_tokens.to_native(),
-                },
-            ))
-        }
-        ArchivedMessage::Receipt(r) => {
-            check_id(r.request_id.to_native())?;
-            Ok(Reply::Offer {
-                receipt: r.receipt.as_slice().to_vec(),
-                seeder_sig: r.seeder_sig,
-                last: r.last,
-            })
-        }
-        ArchivedMessage::Error(e) => {
-            check_id(e.request_id.to_native())?;
-            Ok(Reply::Error(
-                Refusal::from(&e.refusal),
-                e.message.as_str().to_owned(),
-            ))
-        }
-        other => Err(Violation::OnRequestStream(kind_of(other)).into()),
     }
 }

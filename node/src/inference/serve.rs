@@ -268,13 +268,17 @@ enum Countersigned {
 }
 
 /// What the consumer may send while its request runs.
-enum FromConsumer {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromConsumer {
     Cancel,
     Countersign([u8; 64]),
 }
 
 /// While a request runs, the consumer may only cancel it or countersign.
-fn consumer_frame(msg: &ArchivedMessage, request_id: RequestId) -> Result<FromConsumer, PeerError> {
+pub fn consumer_frame(
+    msg: &ArchivedMessage,
+    request_id: RequestId,
+) -> Result<FromConsumer, PeerError> {
     match msg {
         ArchivedMessage::Cancel(_) => Ok(FromConsumer::Cancel),
         ArchivedMessage::Countersign(c) if c.request_id.to_native() == request_id.0 => {

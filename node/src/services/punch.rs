@@ -113,16 +113,22 @@ async fn send(conn: &quinn::Connection, req: &PunchRequest) -> Result<Option<Ref
     s.send(&Message::Punch(req.clone())).await?;
     s.finish();
     let mut r = FramedRecv::new(r);
-    r.next(|m| match m {
+    r.next(punch_reply)
+        .await?
+        .ok_or(PeerError::Protocol(Violation::NoReply("punch")))
+}
+
+/// Checks the frame a punch request is answered with: `None` when the
+/// target took it.
+pub fn punch_reply(msg: &ArchivedMessage) -> Result<Option<Refusal>, PeerError> {
+    match msg {
         ArchivedMessage::PunchReply(p) => Ok(p.refusal.as_ref().map(Refusal::from)),
         other => Err(Violation::Answer {
             what: "a punch request",
             got: kind_of(other),
         }
         .into()),
-    })
-    .await?
-    .ok_or(PeerError::Protocol(Violation::NoReply("punch")))
+    }
 }
 
 /// Asks rendezvous nodes in turn to forward `req`; true when one did and

@@ -58,16 +58,21 @@ pub const DEFAULT_RELAY_RATE: u64 = 4 * 1024 * 1024;
 /// Reads the one [`RelayReply`] a relay message is answered with: `None`
 /// when granted.
 pub(crate) async fn read_reply(recv: &mut FramedRecv) -> Result<Option<Refusal>, PeerError> {
-    recv.next(|m| match m {
+    recv.next(relay_reply)
+        .await?
+        .ok_or(PeerError::Protocol(Violation::NoReply("relay")))
+}
+
+/// Checks the frame a relay message is answered with: `None` when granted.
+pub fn relay_reply(msg: &ArchivedMessage) -> Result<Option<Refusal>, PeerError> {
+    match msg {
         ArchivedMessage::RelayReply(r) => Ok(r.refusal.as_ref().map(Refusal::from)),
         other => Err(Violation::Answer {
             what: "a relay message",
             got: kind_of(other),
         }
         .into()),
-    })
-    .await?
-    .ok_or(PeerError::Protocol(Violation::NoReply("relay")))
+    }
 }
 
 /// A relay's limits and who it serves.

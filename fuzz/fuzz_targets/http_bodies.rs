@@ -1,0 +1,253 @@
+//! Request bodies of `/v1/chat/completions` and `/v1/completions` as the
+//! node's HTTP edge decodes and checks them
+//! (`hypha_node::api::errors::decode_body`, `ChatRequest::check`,
+//! `CompletionRequest::check`), and the request a consumer then sends a
+//! seeder (`hypha_node::api::openai::wire_request`).
+//!
+//! Bodies come raw from the input, and as JSON objects built from it with
+//! the fields clients send (each of a right or wrong type, in or out of
+//! range, some unknown).
+//!
+//! - A refused body gets an OpenAI-style error: a 4xx status and a JSON
+//!   body `{"error": {"message", "type", "param", "code"}}` with a message.
+//! - A checked body's stop strings, messages and roles are within the
+//!   limits, and its sampling settings are ones the engine takes.
+//! - What the edge lets through, a seeder lets through: the request a
+//!   consumer builds from it crosses the wire unchanged and the seeder's
+//!   own checks (`prepare`) take it, with the same prompt, stops, sampling
+//!   and `max_tokens`. A request that passes the edge is never refused
+//!   as malformed by a seeder.
+#![no_main]
+
+use hypha_node::api::errors::{decode_body, ApiError};
+use hypha_node::api::openai::{ChatRequest, Checked, CompletionRequest, EdgePrompt};
+use hypha_node::inference::convert::{
+    prepare, sampling_from_wire, MAX_MESSAGES, MAX_STOP_BYTES, MAX_STOP_STRINGS,
+};
+use hypha_node::inference::prep::Input;
+use hypha_wire::{decode_frame, ArchivedMessage, FrameEncoder, Message};
+use libfuzzer_sys::arbitrary::{Result, Unstructured};
+use libfuzzer_sys::fuzz_target;
+use serde_json::{json, Map, Value};
+
+/// Deepest JSON value built from the input.
+const MAX_DEPTH: u32 = 3;
+
+fuzz_target!(|data: &[u8]| {
+    let (kind, raw) = data.split_first().map_or((0, data), |(k, r)| (*k, r));
+    body(kind & 1 == 0, raw);
+    if let Ok(v) = built(&mut Unstructured::new(data)) {
+        let bytes = serde_json::to_vec(&v).expect("a JSON value serializes");
+        body(kind & 2 == 0, &bytes);
+    }
+});
+
+/// One body at one endpoint.
+fn body(chat: bool, bytes: &[u8]) {
+    let result = if chat {
+        decode_body::<ChatRequest>(bytes).and_then(|r| {
+            let checked = r.check()?;
+            Ok((r.model.clone(), checked, r.fields))
+        })
+    } else {
+        decode_body::<CompletionRequest>(bytes).and_then(|r| {
+            let checked = r.check()?;
+            Ok((r.model.clone(), checked, r.fields))
+        })
+    };
+    match result {
+        Err(e) => refused(&e),
+        Ok((model, checked, fields)) => {
+            let Checked { prompt, stops } = checked;
+            assert!(stops.len() <= MAX_STOP_STRINGS);
+            assert!(stops.iter().all(|s| s.len() <= MAX_STOP_BYTES));
+            assert!(fields.sampling().validate().is_ok());
+            assert_ne!(fields.max_tokens(), Some(0));
+            if let EdgePrompt::Chat(ms) = &prompt {
+                assert!(!ms.is_empty() && ms.len() <= MAX_MESSAGES);
+            }
+            let wire = match prompt.to_wire() {
+                Ok(w) => w,
+                Err(e) => {
+                    assert!(matches!(prompt, EdgePrompt::Tokens(_)));
+                    refused(&e);
+                    return;
+                }
+            };
+            let req = hypha_node::api::openai::wire_request(9, &model, wire, stops, &fields);
+            let mut encoder = FrameEncoder::new();
+            let Ok(frame) = encoder.encode(&Message::Request(req.clone())) else {
+                // Larger than a frame: the consumer's send fails with an error.
+                return;
+            };
+            let Ok((ArchivedMessage::Request(r), _)) = decode_frame(frame) else {
+                panic!("a request frame decodes");
+            };
+            let got = hypha_wire::owned_request(r).expect("a request reads back");
+            assert_eq!(got, req, "a request crosses the wire unchanged");
+            let (input, generate) = match prepare(&got, &[model.clone()]) {
+                Ok(p) => p,
+                Err(e) => panic!("the edge took a request the seeder refuses: {}", e.message),
+            };
+            assert_eq!(generate.stop, got.stop);
+            assert_eq!(generate.max_tokens, got.max_tokens);
+            assert_eq!(generate.sampling, fields.sampling());
+            assert_eq!(sampling_from_wire(&got.sampling), fields.sampling());
+            match (input, prompt) {
+                (Input::Chat(a), EdgePrompt::Chat(b)) => assert_eq!(a, b),
+                (Input::Text(a), EdgePrompt::Text(b)) => assert_eq!(a, b),
+                _ => panic!("the prompt changed kind on the way"),
+            }
+        }
+    }
+}
+
+/// An error the edge answers with.
+fn refused(e: &ApiError) {
+    assert!(e.status().is_client_error(), "{:?}", e.status());
+    let body = e.body();
+    let err = body.get("error").expect("an error body has `error`");
+    assert!(err
+        .get("message")
+        .and_then(Value::as_str)
+        .is_some_and(|m| !m.is_empty()));
+    assert!(err.get("type").and_then(Value::as_str).is_some());
+    assert!(err.get("param").is_some() && err.get("code").is_some());
+    // It serializes (what the client receives).
+    serde_json::to_vec(&body).expect("an error body serializes");
+}
+
+/// A JSON value of any shape.
+fn value(u: &mut Unstructured, depth: u32) -> Result<Value> {
+    let pick = if depth >= MAX_DEPTH {
+        u.int_in_range(0..=4)?
+    } else {
+        u.int_in_range(0..=6)?
+    };
+    Ok(match pick {
+        0 => Value::Null,
+        1 => Value::Bool(u.arbitrary()?),
+        2 => json!(u.arbitrary::<i64>()?),
+        3 => json!(f64::from(u.arbitrary::<f32>()?)),
+        4 => Value::String(u.arbitrary()?),
+        5 => {
+            let n = u.int_in_range(0..=4)?;
+            Value::Array((0..n).map(|_| value(u, depth + 1)).collect::<Result<_>>()?)
+        }
+        _ => {
+            let n = u.int_in_range(0..=3)?;
+            let mut m = Map::new();
+            for _ in 0..n {
+                m.insert(u.arbitrary()?, value(u, depth + 1)?);
+            }
+            Value::Object(m)
+        }
+    })
+}
+
+/// A number near the ranges sampling settings take.
+fn number(u: &mut Unstructured) -> Result<Value> {
+    Ok(match u.int_in_range(0..=3)? {
+        0 => json!(u.int_in_range(-3..=3)?),
+        1 => json!(f64::from(u.int_in_range(-300..=300)?) / 100.0),
+        2 => json!(u.arbitrary::<u32>()?),
+        _ => value(u, MAX_DEPTH)?,
+    })
+}
+
+/// One message of a chat.
+fn message(u: &mut Unstructured) -> Result<Value> {
+    let role = *u.choose(&["system", "developer", "user", "assistant", "tool", "bogus"])?;
+    Ok(match u.int_in_range(0..=4)? {
+        0 => json!({"role": role, "content": u.arbitrary::<String>()?}),
+        1 => json!({"role": role, "content": [
+            {"type": *u.choose(&["text", "image_url"])?, "text": u.arbitrary::<String>()?}
+        ]}),
+        2 => json!({"role": role}),
+        3 => json!({"role": role, "content": Value::Null}),
+        _ => value(u, 1)?,
+    })
+}
+
+/// A body with the fields clients send.
+fn built(u: &mut Unstructured) -> Result<Value> {
+    let mut m = Map::new();
+    if u.ratio(15, 16)? {
+        m.insert("model".into(), json!(u.arbitrary::<String>()?));
+    }
+    if u.arbitrary()? {
+        let n = if u.ratio(1, 32)? {
+            u.int_in_range(0..=MAX_MESSAGES + 1)?
+        } else {
+            u.int_in_range(0..=3)?
+        };
+        let ms = (0..n).map(|_| message(u)).collect::<Result<Vec<_>>>()?;
+        m.insert("messages".into(), Value::Array(ms));
+    } else {
+        let prompt = match u.int_in_range(0..=3)? {
+            0 => json!(u.arbitrary::<String>()?),
+            1 => json!([u.arbitrary::<String>()?]),
+            2 => json!(u.arbitrary::<Vec<i32>>()?),
+            _ => value(u, 1)?,
+        };
+        m.insert("prompt".into(), prompt);
+    }
+    for field in [
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "repeat_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "seed",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+    ] {
+        if u.ratio(1, 4)? {
+            m.insert(field.into(), number(u)?);
+        }
+    }
+    if u.ratio(1, 4)? {
+        let stop = match u.int_in_range(0..=2)? {
+            0 => json!(u.arbitrary::<String>()?),
+            1 => {
+                let n = u.int_in_range(0..=MAX_STOP_STRINGS + 1)?;
+                let v = (0..n)
+                    .map(|_| {
+                        Ok(if u.ratio(1, 8)? {
+                            "s".repeat(u.int_in_range(0..=MAX_STOP_BYTES + 1)?)
+                        } else {
+                            u.arbitrary::<String>()?
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                json!(v)
+            }
+            _ => value(u, 1)?,
+        };
+        m.insert("stop".into(), stop);
+    }
+    for field in ["stream", "echo", "logprobs"] {
+        if u.ratio(1, 4)? {
+            let v = if u.arbitrary()? {
+                Value::Bool(u.arbitrary()?)
+            } else {
+                value(u, 2)?
+            };
+            m.insert(field.into(), v);
+        }
+    }
+    if u.ratio(1, 8)? {
+        m.insert(
+            "stream_options".into(),
+            json!({"include_usage": value(u, 2)?}),
+        );
+    }
+    if u.ratio(1, 8)? {
+        m.insert(u.arbitrary()?, value(u, 0)?);
+    }
+    Ok(Value::Object(m))
+}

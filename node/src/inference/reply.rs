@@ -1,0 +1,253 @@
+//! The consumer's checks of a seeder's answer, frame by frame, without
+//! I/O: [`ReplyCheck`] takes each frame of a request stream and says what
+//! it means for the client ([`Step`]) or why it breaks the protocol.
+//! [`crate::inference::remote`] drives it over a QUIC stream, with the
+//! deadlines; the `reply_stream` fuzz target drives it with arbitrary and
+//! genuinely signed frames.
+//!
+//! An answer is `Accepted` (first, at most once), then `Chunk`s numbered
+//! from 0, each with at least one token, then `Done` counting the tokens
+//! that came, with `Receipt` offers anywhere after `Accepted` and the last
+//! one after `Done`. Bounds: the tokens may not pass the request's
+//! `max_tokens`, and their text may not pass [`MAX_TOKEN_TEXT_BYTES`] per
+//! token. Each offer is checked against what arrived
+//! ([`ConsumerReceipts::check_offer`]) before it is countersigned. A
+//! seeder's refusal (`Error`) ends the answer.
+
+use hypha_engine::{Finish, FinishReason};
+use hypha_wire::{ArchivedMessage, Countersign, Refusal};
+
+use crate::identity::Identity;
+use crate::inference::receipts::ConsumerReceipts;
+use crate::inference::RequestId;
+use crate::net::proto::{kind_of, PeerError, Violation};
+
+/// Text one generated token may stand for: longer than any token of the
+/// vocabularies in use (their longest run a few dozen bytes), so a
+/// non-streaming answer collects at most this much per token.
+pub const MAX_TOKEN_TEXT_BYTES: usize = 256;
+
+/// What one frame of the answer means.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Nothing for the client: the request was accepted, or `Done`
+    /// arrived and its last receipt is due.
+    Nothing,
+    /// Text of the tokens of one chunk.
+    Token(String),
+    /// A receipt checked and countersigned: send this back. `finished`
+    /// when it was the last receipt: the answer is complete.
+    Countersign {
+        countersign: Countersign,
+        finished: Option<(String, Finish)>,
+    },
+    /// The seeder refused the request; the answer is over.
+    Refused(Refusal, String),
+}
+
+/// The state of one answer as the consumer checks it.
+pub struct ReplyCheck {
+    request_id: RequestId,
+    next_seq: u32,
+    /// Some frame of the answer arrived.
+    answered: bool,
+    /// Tokens the request may bring at most.
+    max_tokens: u32,
+    /// Tokens and bytes of text that arrived.
+    tokens: u32,
+    text_bytes: usize,
+    /// The tokens that arrived and the receipts both signed.
+    receipts: ConsumerReceipts,
+    /// `Done` arrived (its text and details, until the last receipt).
+    done: Option<(String, Finish)>,
+    done_seen: bool,
+    /// The last receipt or a refusal arrived.
+    over: bool,
+}
+
+impl ReplyCheck {
+    pub fn new(request_id: RequestId, max_tokens: u32, receipts: ConsumerReceipts) -> Self {
+        Self {
+            request_id,
+            next_seq: 0,
+            answered: false,
+            max_tokens,
+            tokens: 0,
+            text_bytes: 0,
+            receipts,
+            done: None,
+            done_seen: false,
+            over: false,
+        }
+    }
+
+    /// Some frame of the answer arrived.
+    pub fn answered(&self) -> bool {
+        self.answered
+    }
+
+    /// `Done` arrived and the last receipt has not.
+    pub fn awaiting_last_receipt(&self) -> bool {
+        self.done.is_some()
+    }
+
+    /// `Done`'s text and details, when it arrived but no last receipt did:
+    /// the request is over all the same.
+    pub fn take_done(&mut self) -> Option<(String, Finish)> {
+        self.done.take()
+    }
+
+    /// Tokens that arrived.
+    pub fn tokens(&self) -> u32 {
+        self.tokens
+    }
+
+    /// Bytes of text that arrived.
+    pub fn text_bytes(&self) -> usize {
+        self.text_bytes
+    }
+
+    /// The receipts of the request.
+    pub fn receipts(&self) -> &ConsumerReceipts {
+        &self.receipts
+    }
+
+    /// Checks one frame from the seeder; `consumer` countersigns offers.
+    pub fn frame(&mut self, msg: &ArchivedMessage, consumer: &Identity) -> Result<Step, PeerError> {
+        if self.over {
+            return Err(Violation::OutOfOrder("a frame after the answer ended").into());
+        }
+        let first = !self.answered;
+        self.answered = true;
+        let want = self.request_id.0;
+        let check_id = |got: u64| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(PeerError::Protocol(Violation::WrongRequest { got, want }))
+            }
+        };
+        match msg {
+            ArchivedMessage::Accepted(a) => {
+                check_id(a.request_id.to_native())?;
+                if !first {
+                    return Err(Violation::OutOfOrder("accepted in the middle of an answer").into());
+                }
+                Ok(Step::Nothing)
+            }
+            ArchivedMessage::Chunk(c) => {
+                check_id(c.request_id.to_native())?;
+                if self.done_seen {
+                    return Err(Violation::OutOfOrder("a chunk after done").into());
+                }
+                let got = c.seq.to_native();
+                if got != self.next_seq {
+                    return Err(Violation::OutOfSequence {
+                        got,
+                        want: self.next_seq,
+                    }
+                    .into());
+                }
+                if c.token_ids.is_empty() {
+                    return Err(Violation::EmptyChunk.into());
+                }
+                let n = u32::try_from(c.token_ids.len()).unwrap_or(u32::MAX);
+                let tokens = self.tokens.saturating_add(n);
+                if tokens > self.max_tokens {
+                    return Err(Violation::TooManyTokens {
+                        got: tokens,
+                        max: self.max_tokens,
+                    }
+                    .into());
+                }
+                self.tokens = tokens;
+                self.count_text(c.text.len())?;
+                for t in c.token_ids.iter() {
+                    self.receipts.received(t.to_native());
+                }
+                self.next_seq = self.next_seq.wrapping_add(1);
+                Ok(Step::Token(c.text.as_str().to_owned()))
+            }
+            ArchivedMessage::Done(d) => {
+                check_id(d.request_id.to_native())?;
+                if self.done_seen {
+                    return Err(Violation::OutOfOrder("a second done").into());
+                }
+                let claimed = d.completion_tokens.to_native();
+                if claimed != self.tokens {
+                    return Err(Violation::WrongCount {
+                        claimed,
+                        got: self.tokens,
+                    }
+                    .into());
+                }
+                self.count_text(d.text.len())?;
+                let reason = match d.finish_reason {
+                    hypha_wire::ArchivedFinishReason::Stop => FinishReason::Stop,
+                    hypha_wire::ArchivedFinishReason::Length => FinishReason::Length,
+                };
+                self.done_seen = true;
+                self.done = Some((
+                    d.text.as_str().to_owned(),
+                    Finish {
+                        reason,
+                        prompt_tokens: d.prompt_tokens.to_native(),
+                        completion_tokens: claimed,
+                    },
+                ));
+                Ok(Step::Nothing)
+            }
+            ArchivedMessage::Receipt(r) => {
+                check_id(r.request_id.to_native())?;
+                if r.last && !self.done_seen {
+                    return Err(Violation::OutOfOrder("a last receipt before done").into());
+                }
+                let done = self.done.as_ref().map(|(_, f)| f.prompt_tokens);
+                let consumer_sig = self.receipts.check_offer(
+                    consumer,
+                    r.receipt.as_slice(),
+                    r.seeder_sig,
+                    r.last,
+                    done,
+                )?;
+                let finished = if r.last {
+                    self.over = true;
+                    self.done.take()
+                } else {
+                    None
+                };
+                Ok(Step::Countersign {
+                    countersign: Countersign {
+                        request_id: want,
+                        consumer_sig,
+                    },
+                    finished,
+                })
+            }
+            ArchivedMessage::Error(e) => {
+                check_id(e.request_id.to_native())?;
+                self.over = true;
+                Ok(Step::Refused(
+                    Refusal::from(&e.refusal),
+                    e.message.as_str().to_owned(),
+                ))
+            }
+            other => Err(Violation::OnRequestStream(kind_of(other)).into()),
+        }
+    }
+
+    /// Counts `bytes` more of text: no more than the tokens so far carry.
+    fn count_text(&mut self, bytes: usize) -> Result<(), PeerError> {
+        let text_bytes = self.text_bytes.saturating_add(bytes);
+        let most = (self.tokens as usize).saturating_mul(MAX_TOKEN_TEXT_BYTES);
+        if text_bytes > most {
+            return Err(Violation::TooMuchText {
+                bytes: text_bytes,
+                tokens: self.tokens,
+            }
+            .into());
+        }
+        self.text_bytes = text_bytes;
+        Ok(())
+    }
+}
