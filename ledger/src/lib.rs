@@ -6,9 +6,10 @@
 //! - [`log`]: the log file. Records carry their length, a checksum and the
 //!   hash of the previous record; appends are group-committed with one
 //!   fsync per batch and acknowledged only after it; recovery truncates a
-//!   torn tail and reports it, and refuses a log corrupted anywhere else.
-//!   An index of (consumer, request id) rebuilt from the log rejects replays
-//!   across restarts.
+//!   torn tail (a cut or damaged last batch, its commit record on disk or
+//!   not) and reports it, and refuses a log corrupted anywhere else. An index of (consumer, request
+//!   id) rebuilt from the log rejects replays across restarts; a later
+//!   receipt of the same request replaces the one held.
 //! - Balances: `grant + earned - spent`, where only the grant creates
 //!   credits and each receipt moves them from its consumer to its seeder.
 //!   The grant goes only to identities whose key carries a proof of work
@@ -95,15 +96,26 @@ pub fn balance(grant: u64, totals: &Totals) -> i128 {
 
 /// `id`'s totals over a set of checked receipts (for example those
 /// published into the DHT), counting each (consumer, seeder, request id)
-/// once.
+/// once, by its receipt with the most tokens.
 pub fn totals_of(id: &NodeId, receipts: &[VerifiedReceipt]) -> Totals {
-    let mut seen = std::collections::HashSet::new();
-    let mut t = Totals::default();
+    let mut latest: std::collections::HashMap<(NodeId, NodeId, u64), &Receipt> =
+        std::collections::HashMap::new();
     for v in receipts {
         let r = v.receipt();
-        if !seen.insert((r.consumer, r.seeder, r.request_id)) {
+        if r.seeder != *id && r.consumer != *id {
             continue;
         }
+        latest
+            .entry((r.consumer, r.seeder, r.request_id))
+            .and_modify(|held| {
+                if r.completion_tokens > held.completion_tokens {
+                    *held = r;
+                }
+            })
+            .or_insert(r);
+    }
+    let mut t = Totals::default();
+    for r in latest.values() {
         if r.seeder == *id {
             t.earned = t.earned.saturating_add(r.credits);
             t.receipts_as_seeder += 1;

@@ -13,19 +13,25 @@
 //!
 //! One writer thread owns the file. Appenders queue receipts (bounded) and
 //! wait; the writer takes every queued receipt up to [`MAX_BATCH`], checks
-//! each against the replay index, writes the batch and its commit record in
-//! one write, calls `fdatasync`, and only then acknowledges. A failed write or sync poisons
-//! the ledger: every later append fails, since what reached the disk is
-//! unknown until the next recovery.
+//! each against the replay index (a later receipt of a request held
+//! replaces it), writes the batch and its commit record in one write,
+//! calls `fdatasync`, and only then acknowledges. A failed write or sync
+//! poisons the ledger: every later append fails, since what reached the
+//! disk is unknown until the next recovery.
 //!
 //! Recovery reads every record, checking checksums and the chain, and
 //! counts a batch's receipts only when its commit record is read. What
 //! follows the last commit record was never acknowledged: a torn write,
-//! truncated and reported. Damage with a valid commit record after it hit
-//! acknowledged receipts: the log is refused with the byte offset, never
-//! skipped. The file is locked while a node has it open.
+//! truncated and reported. One sync covers a batch and its commit record,
+//! and a power cut during it may leave the commit record on disk but not
+//! all of the batch before it: damage inside the last batch, whose commit
+//! record ends the file and counts exactly the receipt records between it
+//! and the commit before, is that torn write too. Other damage with a
+//! valid commit record after it hit acknowledged receipts: the log is
+//! refused with the byte offset, never skipped. The file is locked while a
+//! node has it open.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -34,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use hypha_wire::NodeId;
 
-use crate::receipt::{ReceiptKey, SignedReceipt, VerifiedReceipt, SIGNED_RECEIPT_BYTES};
+use crate::receipt::{Receipt, ReceiptKey, SignedReceipt, VerifiedReceipt, SIGNED_RECEIPT_BYTES};
 use crate::LedgerError;
 
 /// The log's file name in a node's data directory.
@@ -50,10 +56,13 @@ pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 pub const MAX_BATCH: usize = 1024;
 /// Receipts waiting for the writer before appenders block.
 pub const MAX_QUEUED: usize = 8 * MAX_BATCH;
+/// Bytes of one receipt record and of one commit record.
+const RECEIPT_RECORD_BYTES: usize = HEADER_BYTES + 1 + SIGNED_RECEIPT_BYTES;
+const COMMIT_RECORD_BYTES: usize = HEADER_BYTES + 1 + 4;
 /// A torn write can only affect the last batch, one batch of receipt
-/// records; damage further from the end is corruption.
-const MAX_TORN_BYTES: u64 =
-    (MAX_BATCH * (HEADER_BYTES + 1 + SIGNED_RECEIPT_BYTES) + HEADER_BYTES + 5) as u64;
+/// records and its commit record; damage further from the end is
+/// corruption.
+const MAX_TORN_BYTES: u64 = (MAX_BATCH * RECEIPT_RECORD_BYTES + COMMIT_RECORD_BYTES) as u64;
 const _: () = assert!(SIGNED_RECEIPT_BYTES < MAX_RECORD_BYTES);
 
 /// What a node's receipts add up to for one id.
@@ -79,29 +88,105 @@ pub struct Recovery {
 pub const RECENT_RECEIPTS: usize = 100;
 
 struct State {
-    index: HashSet<ReceiptKey>,
+    /// The latest receipt held of each request.
+    index: HashMap<ReceiptKey, Held>,
     totals: HashMap<NodeId, Totals>,
+    /// Requests the log holds receipts of.
     receipts: u64,
     /// The newest receipts, oldest first, at most [`RECENT_RECEIPTS`].
     recent: std::collections::VecDeque<SignedReceipt>,
     poisoned: Option<String>,
 }
 
+/// What the log holds of one request: the terms and counts of its latest
+/// receipt, so that a later receipt of the same request can replace it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    seeder: NodeId,
+    model_sha256: [u8; 32],
+    prompt_tokens: u32,
+    started_ms: u64,
+    completion_tokens: u32,
+    credits: u64,
+}
+
+impl Held {
+    fn of(r: &Receipt) -> Self {
+        Self {
+            seeder: r.seeder,
+            model_sha256: r.model_sha256,
+            prompt_tokens: r.prompt_tokens,
+            started_ms: r.started_ms,
+            completion_tokens: r.completion_tokens,
+            credits: r.credits,
+        }
+    }
+
+    /// True when `next` is a later receipt of the same request: same
+    /// seeder, model, prompt and start, more tokens, no fewer credits.
+    fn extended_by(&self, next: &Held) -> bool {
+        self.seeder == next.seeder
+            && self.model_sha256 == next.model_sha256
+            && self.prompt_tokens == next.prompt_tokens
+            && self.started_ms == next.started_ms
+            && next.completion_tokens > self.completion_tokens
+            && next.credits >= self.credits
+    }
+}
+
+/// How a receipt relates to what the log holds of its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// A new request, or a later receipt of one held: write it.
+    Write,
+    /// The receipt held already (same terms and counts): nothing to write.
+    Held,
+}
+
+fn admit(held: Option<&Held>, r: &Receipt) -> Result<Admit, LedgerError> {
+    let next = Held::of(r);
+    match held {
+        None => Ok(Admit::Write),
+        Some(h) if h.extended_by(&next) => Ok(Admit::Write),
+        Some(h) if *h == next => Ok(Admit::Held),
+        Some(_) => Err(LedgerError::Replay {
+            consumer: r.consumer,
+            request_id: r.request_id,
+        }),
+    }
+}
+
 impl State {
+    /// Counts a receipt admitted by [`admit`]: a new request, or a later
+    /// receipt of one held, which replaces the earlier one in the totals.
     fn add(&mut self, signed: &SignedReceipt) {
+        let r = &signed.receipt;
+        let key = r.key();
+        let (before, new) = match self.index.insert(key, Held::of(r)) {
+            Some(old) => {
+                // The earlier receipt of the request leaves the recent list.
+                if let Some(pos) = self.recent.iter().position(|e| e.receipt.key() == key) {
+                    self.recent.remove(pos);
+                }
+                (old.credits, false)
+            }
+            None => (0, true),
+        };
         if self.recent.len() == RECENT_RECEIPTS {
             self.recent.pop_front();
         }
         self.recent.push_back(signed.clone());
-        let r = &signed.receipt;
-        self.index.insert(r.key());
         let s = self.totals.entry(r.seeder).or_default();
-        s.earned = s.earned.saturating_add(r.credits);
-        s.receipts_as_seeder += 1;
+        s.earned = s.earned.saturating_sub(before).saturating_add(r.credits);
+        if new {
+            s.receipts_as_seeder += 1;
+        }
         let c = self.totals.entry(r.consumer).or_default();
-        c.spent = c.spent.saturating_add(r.credits);
-        c.receipts_as_consumer += 1;
-        self.receipts += 1;
+        c.spent = c.spent.saturating_sub(before).saturating_add(r.credits);
+        if new {
+            c.receipts_as_consumer += 1;
+            self.receipts += 1;
+        }
     }
 }
 
@@ -169,15 +254,25 @@ impl Ledger {
             }
         }
         let mut state = State {
-            index: HashSet::new(),
+            index: HashMap::new(),
             totals: HashMap::new(),
             receipts: 0,
             recent: std::collections::VecDeque::with_capacity(RECENT_RECEIPTS),
             poisoned: None,
         };
         let scan = scan_file(&mut file, &mut |r| {
-            state.add(&r);
-            Ok(())
+            // The writer only writes what `admit` takes; anything else was
+            // put there by someone else.
+            match admit(state.index.get(&r.receipt.key()), &r.receipt) {
+                Ok(Admit::Write) => {
+                    state.add(&r);
+                    Ok(())
+                }
+                Ok(Admit::Held) | Err(_) => Err(LedgerError::Corrupt {
+                    offset: 0,
+                    reason: "a receipt that does not replace the one held of its request".into(),
+                }),
+            }
         })?;
         let mut recovery = Recovery {
             receipts: state.receipts,
@@ -219,7 +314,13 @@ impl Ledger {
     }
 
     /// Appends a receipt and returns once it is on disk. A receipt for a
-    /// (consumer, request id) already in the log is refused.
+    /// (consumer, request id) already in the log is refused unless it is a
+    /// later receipt of the same request (same seeder, model, prompt and
+    /// start, more tokens, no fewer credits), which then replaces the
+    /// earlier one in every total: a seeder writes each receipt of a
+    /// request as it is countersigned. The receipt held already (same
+    /// terms and counts) is taken as written: the last receipt of a
+    /// request may count what its last interval's did.
     pub fn append(&self, receipt: VerifiedReceipt) -> Result<(), LedgerError> {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         let jobs = lock(&self.inner.jobs).clone().ok_or(LedgerError::Closed)?;
@@ -234,7 +335,15 @@ impl Ledger {
 
     /// True when a receipt for this key is in the log.
     pub fn contains(&self, key: &ReceiptKey) -> bool {
-        lock(&self.inner.state).index.contains(key)
+        lock(&self.inner.state).index.contains_key(key)
+    }
+
+    /// Completion tokens of the latest receipt held for this key.
+    pub fn held_tokens(&self, key: &ReceiptKey) -> Option<u32> {
+        lock(&self.inner.state)
+            .index
+            .get(key)
+            .map(|h| h.completion_tokens)
     }
 
     /// What the log's receipts add up to for `id`.
@@ -395,7 +504,15 @@ fn scan_file(
                                 });
                             }
                             for r in staged.drain(..) {
-                                each(r)?;
+                                // A receipt the log refuses is placed at
+                                // its batch.
+                                each(r).map_err(|e| match e {
+                                    LedgerError::Corrupt { reason, .. } => LedgerError::Corrupt {
+                                        offset: committed_end,
+                                        reason,
+                                    },
+                                    other => other,
+                                })?;
                             }
                             committed_end = offset;
                             committed_digest = digest;
@@ -411,7 +528,10 @@ fn scan_file(
         // after the last commit was never acknowledged: a torn write.
         let left = file_len - offset;
         drop(r);
-        if left <= MAX_TORN_BYTES && !valid_commit_after(file, offset, file_len)? {
+        if left <= MAX_TORN_BYTES
+            && (!valid_commit_after(file, offset, file_len)?
+                || last_batch_torn(file, committed_end, file_len)?)
+        {
             return Ok(Scan {
                 end: committed_end,
                 last_digest: committed_digest,
@@ -478,6 +598,37 @@ fn valid_commit_after(file: &mut File, from: u64, file_len: u64) -> Result<bool,
         }
     }
     Ok(false)
+}
+
+/// True when the file ends with one batch after `committed_end` (the end
+/// of the last commit record read): a commit record whose checksum holds,
+/// counting exactly the receipt records that fit between. Damage there is
+/// a batch whose commit record reached the disk in the same sync as it,
+/// before all of it did: a torn write, not acknowledged.
+fn last_batch_torn(
+    file: &mut File,
+    committed_end: u64,
+    file_len: u64,
+) -> Result<bool, LedgerError> {
+    let commit = COMMIT_RECORD_BYTES as u64;
+    let Some(span) = file_len.checked_sub(committed_end + commit) else {
+        return Ok(false);
+    };
+    file.seek(SeekFrom::Start(file_len - commit)).map_err(io)?;
+    let mut tail = Vec::with_capacity(COMMIT_RECORD_BYTES);
+    file.take(commit).read_to_end(&mut tail).map_err(io)?;
+    let mut payload = Vec::new();
+    let mut cur = std::io::Cursor::new(tail.as_slice());
+    let Ok((len, prev, checksum)) = read_record(&mut cur, commit, &mut payload) else {
+        return Ok(false);
+    };
+    if checksum_of(&digest_of(len, &prev, &payload)) != checksum {
+        return Ok(false);
+    }
+    let Ok(Record::Commit(n)) = decode_payload(&payload) else {
+        return Ok(false);
+    };
+    Ok(n >= 1 && n as usize <= MAX_BATCH && span == u64::from(n) * RECEIPT_RECORD_BYTES as u64)
 }
 
 /// Appends one framed record to `buf`; its digest (the next record's
@@ -547,20 +698,31 @@ impl Writer {
             }
             return;
         }
-        // Refuse replays: against the log and within this batch.
+        // Refuse replays, against the log and within this batch: a receipt
+        // of a request held must be a later one of it. A receipt held
+        // already is acknowledged as written: at once when the log holds
+        // it, after this batch when the batch does.
         let mut accepted = Vec::with_capacity(batch.len());
+        let mut held_in_batch = Vec::new();
         {
             let state = lock(&self.state);
-            let mut in_batch = HashSet::new();
+            let mut in_batch: HashMap<ReceiptKey, Held> = HashMap::new();
             for j in batch.drain(..) {
-                let key = j.receipt.receipt().key();
-                if state.index.contains(&key) || !in_batch.insert(key) {
-                    let _ = j.done.send(Err(LedgerError::Replay {
-                        consumer: key.consumer,
-                        request_id: key.request_id,
-                    }));
-                } else {
-                    accepted.push(j);
+                let r = j.receipt.receipt();
+                let key = r.key();
+                let batched = in_batch.get(&key);
+                match admit(batched.or_else(|| state.index.get(&key)), r) {
+                    Ok(Admit::Write) => {
+                        in_batch.insert(key, Held::of(r));
+                        accepted.push(j);
+                    }
+                    Ok(Admit::Held) if batched.is_some() => held_in_batch.push(j),
+                    Ok(Admit::Held) => {
+                        let _ = j.done.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = j.done.send(Err(e));
+                    }
                 }
             }
         }
@@ -592,7 +754,7 @@ impl Writer {
                     state.add(j.receipt.signed());
                 }
                 drop(state);
-                for j in accepted {
+                for j in accepted.into_iter().chain(held_in_batch) {
                     let _ = j.done.send(Ok(()));
                 }
             }
@@ -600,7 +762,7 @@ impl Writer {
                 let why = e.to_string();
                 state.poisoned = Some(why.clone());
                 drop(state);
-                for j in accepted {
+                for j in accepted.into_iter().chain(held_in_batch) {
                     let _ = j.done.send(Err(LedgerError::Poisoned(why.clone())));
                 }
             }

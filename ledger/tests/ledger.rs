@@ -8,7 +8,7 @@ use hypha_ledger::{
 use proptest::prelude::*;
 
 mod common;
-use common::{key, signed, verified};
+use common::{key, sign_both, signed, verified};
 
 #[test]
 fn signatures_bind_both_parties_to_every_field() {
@@ -100,9 +100,13 @@ fn appends_survive_a_restart_and_replays_are_refused_before_and_after() {
         request_id: 99
     }));
     assert!(matches!(
-        ledger.append(verified(&s, &c, 99, 1000)),
+        ledger.append(verified(&s, &c, 99, 2000)),
         Err(LedgerError::Replay { request_id: 99, .. })
     ));
+    // The receipt held, once more: taken as written, counted once.
+    ledger.append(verified(&s, &c, 99, 1000)).unwrap();
+    assert_eq!(ledger.totals(&sid).earned, 100_000);
+    assert_eq!(ledger.receipts(), 101);
     // The same request id from another consumer is another request.
     ledger.append(verified(&s, &other, 99, 1000)).unwrap();
 
@@ -116,6 +120,142 @@ fn appends_survive_a_restart_and_replays_are_refused_before_and_after() {
     let earned: u64 = all.iter().map(|(_, t)| t.earned).sum();
     let spent: u64 = all.iter().map(|(_, t)| t.spent).sum();
     assert_eq!(earned, spent);
+}
+
+#[test]
+fn later_receipts_of_a_request_replace_the_earlier_before_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, c, other) = (key(1), key(2), key(3));
+    let (sid, cid) = (
+        node_id_of(&s.verifying_key().to_bytes()),
+        node_id_of(&c.verifying_key().to_bytes()),
+    );
+    let base = signed(&s, &c, 4, 0).receipt;
+    let at = |tokens: u32, credits: u64| {
+        let mut r = base.clone();
+        r.completion_tokens = tokens;
+        r.credits = credits;
+        sign_both(&s, &c, r)
+    };
+    {
+        let (ledger, _) = Ledger::open(dir.path()).unwrap();
+        // A seeder writes each interval's receipt as it is countersigned.
+        ledger.append(at(16, 100)).unwrap();
+        ledger.append(at(32, 164)).unwrap();
+        assert_eq!(ledger.totals(&sid).earned, 164);
+        assert_eq!(ledger.totals(&cid).spent, 164);
+        assert_eq!(ledger.totals(&sid).receipts_as_seeder, 1);
+        assert_eq!(ledger.receipts(), 1);
+        assert_eq!(ledger.recent(10).len(), 1);
+        assert_eq!(
+            ledger.held_tokens(&ReceiptKey {
+                consumer: cid,
+                request_id: 4
+            }),
+            Some(32)
+        );
+        // The receipt held, again: taken as written, nothing changes.
+        ledger.append(at(32, 164)).unwrap();
+        assert_eq!(ledger.totals(&cid).spent, 164);
+        // Not later: an earlier one, the same tokens for other credits,
+        // fewer credits for more tokens, other terms.
+        for stale in [at(16, 100), at(32, 200), at(40, 150)] {
+            assert!(matches!(
+                ledger.append(stale),
+                Err(LedgerError::Replay { request_id: 4, .. })
+            ));
+        }
+        let mut moved = base.clone();
+        moved.completion_tokens = 48;
+        moved.credits = 300;
+        moved.started_ms += 1;
+        let mut reprompted = moved.clone();
+        reprompted.started_ms = base.started_ms;
+        reprompted.prompt_tokens += 1;
+        let mut other_seeder = base.clone();
+        other_seeder.completion_tokens = 48;
+        other_seeder.credits = 300;
+        other_seeder.seeder = node_id_of(&other.verifying_key().to_bytes());
+        assert!(ledger.append(sign_both(&s, &c, moved)).is_err());
+        assert!(ledger.append(sign_both(&s, &c, reprompted)).is_err());
+        assert!(ledger.append(sign_both(&other, &c, other_seeder)).is_err());
+        assert_eq!(ledger.totals(&cid).spent, 164);
+    }
+    let (ledger, rec) = Ledger::open(dir.path()).unwrap();
+    assert_eq!(rec.receipts, 1, "one request");
+    assert_eq!(ledger.totals(&sid).earned, 164);
+    assert_eq!(ledger.totals(&cid).spent, 164);
+    assert!(matches!(
+        ledger.append(at(20, 120)),
+        Err(LedgerError::Replay { .. })
+    ));
+    ledger.append(at(64, 292)).unwrap();
+    assert_eq!(ledger.totals(&cid).spent, 292);
+    assert_eq!(ledger.totals(&cid).receipts_as_consumer, 1);
+}
+
+/// A power cut while the last batch is written. One sync covers the batch
+/// and its commit record, and a file system may put any of their blocks on
+/// disk before the others: what is left is a prefix of the batch, or the
+/// batch with any of its bytes lost (zeros, as a file system shows blocks
+/// it allocated but never wrote) and its commit record whole. At every
+/// offset, cut there, zero-filled from there, or zeroed there for up to 64
+/// bytes of the batch while its commit record stays, the log opens as a
+/// torn tail with every earlier receipt, and goes on.
+#[test]
+fn a_power_cut_at_any_offset_of_the_last_batch_is_a_torn_tail() {
+    const LOST_BLOCK: usize = 64;
+    const COMMIT_RECORD_BYTES: usize = 4 + 8 + 32 + 1 + 4;
+    let (dir, before) = log_with(6);
+    let (ledger, _) = Ledger::open(dir.path()).unwrap();
+    ledger.append(verified(&key(1), &key(2), 6, 7)).unwrap();
+    drop(ledger);
+    let after = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+    assert!(after.starts_with(&before));
+    let cases = |at: usize| {
+        let cut = after[..at].to_vec();
+        let mut zero_filled = cut.clone();
+        zero_filled.resize(after.len(), 0);
+        // Bytes of the batch lost, its commit record kept.
+        let mut block_lost = after.clone();
+        let records_end = after.len() - COMMIT_RECORD_BYTES;
+        block_lost[at.min(records_end)..(at + LOST_BLOCK).min(records_end)].fill(0);
+        [
+            ("cut", cut),
+            ("zero-filled", zero_filled),
+            ("block lost", block_lost),
+        ]
+    };
+    for at in before.len()..after.len() {
+        for (how, bytes) in cases(at) {
+            if bytes == after {
+                // The zeros written are the bytes that were there.
+                continue;
+            }
+            let rec = reopen(&dir, &bytes).unwrap_or_else(|e| panic!("{how} at {at}: {e}"));
+            assert_eq!(rec.receipts, 6, "{how} at {at}");
+            assert_eq!(
+                rec.truncated_bytes,
+                (bytes.len() - before.len()) as u64,
+                "{how} at {at}"
+            );
+        }
+    }
+    // Damage in an earlier batch is still refused, whole batch after it
+    // or not.
+    let mut damaged = after.clone();
+    damaged[before.len() - 100] ^= 1;
+    assert!(matches!(
+        reopen(&dir, &damaged),
+        Err(LedgerError::Corrupt { .. })
+    ));
+    // The log goes on after the cut.
+    reopen(&dir, &after[..before.len() + 10]).unwrap();
+    let (ledger, _) = Ledger::open(dir.path()).unwrap();
+    ledger.append(verified(&key(1), &key(2), 6, 7)).unwrap();
+    drop(ledger);
+    let (_, rec) = Ledger::open(dir.path()).unwrap();
+    assert_eq!((rec.receipts, rec.truncated_bytes), (7, 0));
 }
 
 fn log_with(n: u64) -> (tempfile::TempDir, Vec<u8>) {

@@ -138,6 +138,12 @@ impl Identity {
                     .map_err(io(&tmp))?;
                 f.sync_all().map_err(io(&tmp))?;
                 std::fs::rename(&tmp, &path).map_err(io(&path))?;
+                // The rename is durable only once the directory is: without
+                // this a power cut could bring back a node with no key (and
+                // a new identity) after it had already served as this one.
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(dir))?;
                 tracing::info!(path = %path.display(), "created a new node identity");
                 Ok(Self::from_seed(seed))
             }

@@ -68,7 +68,7 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
             let status = resp.status();
             let v: Value = resp.json().await.unwrap();
             assert_eq!(status, 200, "{v}");
-            assert!(v["usage"]["credits"].as_u64().unwrap() > 0, "{v}");
+            assert!(v["usage"]["credits"].as_u64().is_some_and(|c| c > 0), "{v}");
             1
         }
     });

@@ -1,7 +1,8 @@
 //! Receipts between a real seeder and consumer: cumulative receipts while a
 //! stream runs, a consumer that stops countersigning is cut off after one
 //! interval, a cancelled request keeps its last signed receipt on both
-//! sides, and a seeder that overcharges is refused.
+//! sides, a seeder killed mid-stream has every countersigned receipt on
+//! disk, and a seeder that overcharges is refused.
 
 use std::time::Duration;
 
@@ -158,13 +159,18 @@ async fn long_streams_exchange_receipts_and_a_cancelled_one_keeps_the_last() {
             .count();
     }
     drop(stream);
+    // Both write each receipt as it is countersigned; the cut stream ends
+    // with the same latest one on both sides.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while sl.receipts() < 2 || cl.receipts() < 2 {
+    while sl.receipts() < 2 || cl.receipts() < 2 || sl.totals(&sid).earned != cl.totals(&cid).spent
+    {
         assert!(
             std::time::Instant::now() < deadline,
-            "receipts {} {}",
+            "receipts {} {}, earned {} spent {}",
             sl.receipts(),
-            cl.receipts()
+            cl.receipts(),
+            sl.totals(&sid).earned,
+            cl.totals(&cid).spent
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -329,4 +335,90 @@ async fn a_completion_ending_on_a_receipt_boundary_settles_cleanly() {
     let m = common::metrics(&c, &net.seeder_base()).await;
     assert!(m.contains("hypha_peer_violations_total 0\n"), "{m}");
     assert_eq!(net.consumer.ledger().unwrap().receipts(), 3);
+}
+
+/// A seeder process killed (SIGKILL) in the middle of a stream: every
+/// receipt the consumer countersigned was written before more tokens
+/// went out, so its log holds pay for all but at most one receipt
+/// interval of the tokens the client received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_killed_mid_stream_keeps_every_countersigned_receipt() {
+    const INTERVAL: u64 = 8;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let model = common::test_model();
+    let interval = INTERVAL.to_string();
+    let mut seeder = Some(common::Proc::spawn(&[
+        "up",
+        "--model",
+        model.to_str().unwrap(),
+        "--quic",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--parallel",
+        "1",
+        "--ctx-size",
+        "512",
+        "--receipt-interval",
+        &interval,
+        "--data-dir",
+        dirs.0.path().to_str().unwrap(),
+    ]));
+    let peer = seeder
+        .as_ref()
+        .unwrap()
+        .wait_for("peers reach this node as");
+    let consumer = common::Proc::spawn(&[
+        "up",
+        "--peer",
+        &peer,
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        dirs.1.path().to_str().unwrap(),
+    ]);
+    let api = consumer.wait_for("API at");
+    let model_name = model.file_stem().unwrap().to_str().unwrap();
+    let c = common::client();
+    let resp = c
+        .post(format!("{api}/chat/completions"))
+        .json(&json!({"model": model_name, "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "max_tokens": 400, "temperature": 0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+    let mut received = 0u64;
+    while received < 5 * INTERVAL + 3 {
+        let chunk = futures_util::StreamExt::next(&mut stream)
+            .await
+            .unwrap()
+            .unwrap();
+        received += String::from_utf8_lossy(&chunk)
+            .matches("\"content\"")
+            .count() as u64;
+    }
+    // SIGKILL: no chance to settle anything.
+    drop(seeder.take());
+    drop(stream);
+    drop(consumer);
+    let (ledger, _) = hypha_ledger::Ledger::open(dirs.0.path()).unwrap();
+    let held = ledger.recent(1);
+    let receipt = &held
+        .first()
+        .expect("the seeder's log holds the request")
+        .receipt;
+    let paid = u64::from(receipt.completion_tokens);
+    assert!(
+        paid + INTERVAL >= received,
+        "{paid} tokens paid of {received} received"
+    );
+    assert_eq!(ledger.receipts(), 1);
+    assert_eq!(ledger.totals(&receipt.seeder).earned, receipt.credits);
+    // The consumer wrote its countersigned receipts too (it was killed as
+    // well, so perhaps not the very latest).
+    let (cl, _) = hypha_ledger::Ledger::open(dirs.1.path()).unwrap();
+    assert!(cl.totals(&receipt.consumer).spent > 0);
 }

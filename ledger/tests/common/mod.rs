@@ -46,3 +46,16 @@ pub fn verified(
         .verify()
         .unwrap()
 }
+
+/// `receipt`, signed by both parties.
+pub fn sign_both(seeder: &SigningKey, consumer: &SigningKey, receipt: Receipt) -> VerifiedReceipt {
+    SignedReceipt {
+        seeder_sig: receipt.sign(seeder),
+        consumer_sig: receipt.sign(consumer),
+        seeder_key: seeder.verifying_key().to_bytes(),
+        consumer_key: consumer.verifying_key().to_bytes(),
+        receipt,
+    }
+    .verify()
+    .unwrap()
+}

@@ -318,6 +318,17 @@ impl RemoteGeneration {
                     .await
                     .map_err(failed)?;
                 let Some((text, finish)) = finished else {
+                    // An interval's receipt: this node's record of its
+                    // spending so far (the seeder writes it before it
+                    // sends more tokens).
+                    if let Some(signed) = self.check.receipts().signed().cloned() {
+                        let ledger = self.party.ledger.clone();
+                        self.party.tasks.spawn_blocking(move || {
+                            if let Err(e) = ledger.append(signed) {
+                                tracing::debug!("interval receipt not recorded: {e}");
+                            }
+                        });
+                    }
                     return Ok(None);
                 };
                 self.ended = true;

@@ -294,6 +294,8 @@ struct Billing<'a> {
     state: &'a SeederState,
     consumer: NodeId,
     receipts: SeederReceipts,
+    /// Completion tokens of the latest receipt written to the ledger.
+    durable: Option<u32>,
 }
 
 impl<'a> Billing<'a> {
@@ -324,6 +326,7 @@ impl<'a> Billing<'a> {
             state,
             consumer: consumer.node_id,
             receipts,
+            durable: None,
         }
     }
 
@@ -336,39 +339,65 @@ impl<'a> Billing<'a> {
         Message::Receipt(self.receipts.offer(&self.state.identity, unix_ms(), last))
     }
 
-    fn countersigned(&mut self, consumer_sig: [u8; 64]) -> Result<(), PeerError> {
-        Ok(self.receipts.countersigned(consumer_sig)?)
+    /// Takes a countersignature and writes the receipt it settles to the
+    /// ledger before the caller sends another token: a crash loses at
+    /// most the tokens since (one receipt interval).
+    async fn countersigned(&mut self, consumer_sig: [u8; 64]) -> Result<(), PeerError> {
+        self.receipts.countersigned(consumer_sig)?;
+        self.write().await;
+        Ok(())
+    }
+
+    /// Writes the latest receipt both signed, unless it is written; true
+    /// when it is in the ledger.
+    async fn write(&mut self) -> bool {
+        let request_id = self.request_id();
+        let Some(verified) = self.receipts.signed().cloned() else {
+            return false;
+        };
+        let tokens = verified.receipt().completion_tokens;
+        if self.durable == Some(tokens) {
+            return true;
+        }
+        let ledger = self.state.ledger.clone();
+        match tokio::task::spawn_blocking(move || ledger.append(verified)).await {
+            Ok(Ok(())) => {
+                self.durable = Some(tokens);
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("cannot record receipt {request_id}: {e}");
+                false
+            }
+            Err(e) => {
+                tracing::warn!("ledger task failed: {e}");
+                false
+            }
+        }
     }
 
     fn settled(&self) -> bool {
         self.receipts.settled()
     }
 
-    /// Appends the latest receipt both parties signed to the ledger, and
-    /// remembers a consumer that left a finished request's receipts
-    /// unsigned.
-    async fn settle(self, finished: bool) {
+    /// Writes the latest receipt both parties signed to the ledger (if a
+    /// countersignature did not already) and publishes it, and remembers a
+    /// consumer that left a finished request's receipts unsigned.
+    async fn settle(mut self, finished: bool) {
         if finished && !self.settled() {
             self.state.unpaid.note(self.consumer);
         }
-        let request_id = self.request_id();
+        if !self.write().await {
+            return;
+        }
         let Some(verified) = self.receipts.into_signed() else {
             return;
         };
-        let credits = verified.receipt().credits;
-        let ledger = self.state.ledger.clone();
-        let published = verified.clone();
-        match tokio::task::spawn_blocking(move || ledger.append(verified)).await {
-            Ok(Ok(())) => {
-                tracing::debug!(%request_id, credits, "receipt recorded");
-                if let Some(d) = &self.state.discovery {
-                    if !d.publish_receipt(published) {
-                        tracing::warn!("receipt publication queue full: receipt not published");
-                    }
-                }
+        tracing::debug!(request_id = %verified.receipt().request_id, credits = verified.receipt().credits, "receipt recorded");
+        if let Some(d) = &self.state.discovery {
+            if !d.publish_receipt(verified) {
+                tracing::warn!("receipt publication queue full: receipt not published");
             }
-            Ok(Err(e)) => tracing::warn!("cannot record receipt {request_id}: {e}"),
-            Err(e) => tracing::warn!("ledger task failed: {e}"),
         }
     }
 }
@@ -390,7 +419,7 @@ async fn await_countersign(
             match recv.next(|m| consumer_frame(m, request_id)).await? {
                 None => return Ok(Countersigned::No),
                 Some(FromConsumer::Cancel) => return Ok(Countersigned::Cancelled),
-                Some(FromConsumer::Countersign(sig)) => billing.countersigned(sig)?,
+                Some(FromConsumer::Countersign(sig)) => billing.countersigned(sig).await?,
             }
         }
         Ok(Countersigned::Yes)
@@ -431,7 +460,7 @@ async fn stream_generation(
                     None => continue,
                     Some(FromConsumer::Cancel) => return Ok(Outcome::Cancelled),
                     Some(FromConsumer::Countersign(sig)) => {
-                        billing.countersigned(sig)?;
+                        billing.countersigned(sig).await?;
                         continue;
                     }
                 }
