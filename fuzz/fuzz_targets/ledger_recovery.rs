@@ -16,11 +16,13 @@
 //!   zeros, as blocks allocated but never written read after a crash)
 //!   opens as a torn tail, never an error, holding every receipt of the
 //!   earlier batches and reporting the bytes cut off.
-//! - A valid log with any bytes changed before its last commit record, or
-//!   with a record that is well framed but wrong (an unknown kind, a
-//!   receipt that does not read, a commit miscounting its batch, a batch
-//!   left out so the chain breaks), is refused as `Corrupt`, at the damaged
-//!   record; damage inside the last commit record only is a torn tail.
+//! - A valid log with any bytes changed before its last batch, or with a
+//!   record that is well framed but wrong (an unknown kind, a receipt that
+//!   does not read, a commit miscounting its batch, a batch left out so the
+//!   chain breaks), is refused as `Corrupt`, at the damaged record. Damage
+//!   inside the last batch (its commit record whole or not) is a torn tail:
+//!   one sync writes a batch and its commit, and the commit may reach the
+//!   disk before the rest of the batch does.
 //!
 //! The valid logs are built here from the layout `ledger/src/log.rs`
 //! documents; the append check compares the writer's bytes with that
@@ -174,7 +176,7 @@ fn damaged(u: &mut Unstructured, dir: &Path) -> Result<()> {
         let truncated = (log.bytes.len() - log.batch_start(last)) as u64;
         return open_and_check(u, dir, &bytes, Some(Expect::Opens { want, truncated }));
     }
-    // Anywhere before it: acknowledged bytes.
+    // Anywhere before it.
     let upto = commit.start;
     if !flip_bytes(u, &mut bytes[..upto])? || bytes == log.bytes {
         return Ok(());
@@ -184,6 +186,15 @@ fn damaged(u: &mut Unstructured, dir: &Path) -> Result<()> {
         .zip(&log.bytes)
         .position(|(a, b)| a != b)
         .expect("some byte changed");
+    // Inside the last batch, with its commit record whole: that commit may
+    // have reached the disk in the same sync before the rest of the batch
+    // did, so recovery reads it as a torn write of that batch.
+    let from = log.batch_start(last);
+    if first >= from {
+        let want = log.batches[..last].concat();
+        let truncated = (log.bytes.len() - from) as u64;
+        return open_and_check(u, dir, &bytes, Some(Expect::Opens { want, truncated }));
+    }
     let at = log
         .records
         .iter()
