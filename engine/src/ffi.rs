@@ -38,7 +38,10 @@ pub fn init_backends(search: &[PathBuf]) -> Result<PathBuf, Error> {
             if !dir_has_backend(dir) {
                 continue;
             }
-            let Some(c_dir) = path_cstring(dir) else {
+            // Without the AMX variant unless asked for (see `amx_free`).
+            let view = amx_free(dir);
+            let from = view.as_ref().map_or(dir.as_path(), |v| v.0.as_path());
+            let Some(c_dir) = path_cstring(from) else {
                 continue;
             };
             // SAFETY: `c_dir` is NUL-terminated and outlives the call; ggml
@@ -80,6 +83,53 @@ fn dir_has_backend(dir: &Path) -> bool {
             .or_else(|| name.strip_prefix("ggml-"));
         module.is_some_and(|m| !m.starts_with("base"))
     })
+}
+
+/// ggml's CPU variant that uses AMX tile instructions.
+const AMX_VARIANT: &str = "libggml-cpu-sapphirerapids.so";
+
+/// A folder of links to the backends in `dir` but the AMX variant, removed
+/// when dropped (after loading: the loaded libraries stay mapped).
+struct BackendView(PathBuf);
+
+impl Drop for BackendView {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// ggml takes its AMX variant whenever the CPU reports AMX, and in virtual
+/// machines that report AMX without keeping tile state across context
+/// switches its tile code dies of SIGILL mid-decode. So the variant is left
+/// out (the next best, AVX-512, is picked) unless `HYPHA_CPU_AMX=1`: a view
+/// of `dir` without it, or `None` when `dir` has none or AMX is wanted.
+fn amx_free(dir: &Path) -> Option<BackendView> {
+    if std::env::var_os("HYPHA_CPU_AMX").is_some_and(|v| v == "1")
+        || !dir.join(AMX_VARIANT).exists()
+    {
+        return None;
+    }
+    #[cfg(unix)]
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path =
+            std::env::temp_dir().join(format!("hypha-backends-{}-{nanos}", std::process::id()));
+        // A fresh folder of our own: one that already exists (perhaps
+        // someone else's, in a shared temp folder) is never used.
+        std::fs::create_dir(&path).ok()?;
+        let view = BackendView(path);
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let name = e.file_name();
+            if name != AMX_VARIANT {
+                std::os::unix::fs::symlink(e.path(), view.0.join(&name)).ok()?;
+            }
+        }
+        Some(view)
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 fn path_cstring(p: &Path) -> Option<CString> {
