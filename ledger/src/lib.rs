@@ -97,6 +97,23 @@ pub fn balance(grant: u64, totals: &Totals) -> i128 {
 /// `id`'s totals over a set of checked receipts (for example those
 /// published into the DHT), counting each (consumer, seeder, request id)
 /// once, by its receipt with the most tokens.
+/// The receipts a log's records stand for, in log order: a later record
+/// of a request replaces the earlier one (the log takes a later receipt of
+/// a request only when it extends the one held), so each request appears
+/// once, at its last record.
+pub fn latest_of_each(records: Vec<SignedReceipt>) -> Vec<SignedReceipt> {
+    let mut last: std::collections::HashMap<ReceiptKey, usize> = std::collections::HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        last.insert(r.receipt.key(), i);
+    }
+    records
+        .into_iter()
+        .enumerate()
+        .filter(|(i, r)| last.get(&r.receipt.key()) == Some(i))
+        .map(|(_, r)| r)
+        .collect()
+}
+
 pub fn totals_of(id: &NodeId, receipts: &[VerifiedReceipt]) -> Totals {
     let mut latest: std::collections::HashMap<(NodeId, NodeId, u64), &Receipt> =
         std::collections::HashMap::new();

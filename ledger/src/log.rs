@@ -338,14 +338,6 @@ impl Ledger {
         lock(&self.inner.state).index.contains_key(key)
     }
 
-    /// Completion tokens of the latest receipt held for this key.
-    pub fn held_tokens(&self, key: &ReceiptKey) -> Option<u32> {
-        lock(&self.inner.state)
-            .index
-            .get(key)
-            .map(|h| h.completion_tokens)
-    }
-
     /// What the log's receipts add up to for `id`.
     pub fn totals(&self, id: &NodeId) -> Totals {
         lock(&self.inner.state)

@@ -147,13 +147,7 @@ fn later_receipts_of_a_request_replace_the_earlier_before_and_after_a_restart() 
         assert_eq!(ledger.totals(&sid).receipts_as_seeder, 1);
         assert_eq!(ledger.receipts(), 1);
         assert_eq!(ledger.recent(10).len(), 1);
-        assert_eq!(
-            ledger.held_tokens(&ReceiptKey {
-                consumer: cid,
-                request_id: 4
-            }),
-            Some(32)
-        );
+        assert_eq!(ledger.recent(10)[0].receipt.completion_tokens, 32);
         // The receipt held, again: taken as written, nothing changes.
         ledger.append(at(32, 164)).unwrap();
         assert_eq!(ledger.totals(&cid).spent, 164);
@@ -192,6 +186,25 @@ fn later_receipts_of_a_request_replace_the_earlier_before_and_after_a_restart() 
     ledger.append(at(64, 292)).unwrap();
     assert_eq!(ledger.totals(&cid).spent, 292);
     assert_eq!(ledger.totals(&cid).receipts_as_consumer, 1);
+    drop(ledger);
+    // The log's records, read whole, stand for that one request at its
+    // latest receipt (what `hypha ledger` shows).
+    let mut records = Vec::new();
+    hypha_ledger::log::read(&dir.path().join(hypha_ledger::LOG_FILE), &mut |r| {
+        records.push(r);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(records.len(), 3, "16, 32 and 64 tokens");
+    let latest = hypha_ledger::latest_of_each(records);
+    assert_eq!(latest.len(), 1);
+    assert_eq!(
+        (
+            latest[0].receipt.completion_tokens,
+            latest[0].receipt.credits
+        ),
+        (64, 292)
+    );
 }
 
 /// A power cut while the last batch is written. One sync covers the batch

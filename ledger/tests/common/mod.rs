@@ -27,6 +27,11 @@ pub fn signed(
         finished_ms: 1_795_000_001_000,
         tokens_digest: [9; 32],
     };
+    signed_by(seeder, consumer, receipt)
+}
+
+/// `receipt` signed by both parties, unchecked.
+pub fn signed_by(seeder: &SigningKey, consumer: &SigningKey, receipt: Receipt) -> SignedReceipt {
     SignedReceipt {
         seeder_sig: receipt.sign(seeder),
         consumer_sig: receipt.sign(consumer),
@@ -49,13 +54,5 @@ pub fn verified(
 
 /// `receipt`, signed by both parties.
 pub fn sign_both(seeder: &SigningKey, consumer: &SigningKey, receipt: Receipt) -> VerifiedReceipt {
-    SignedReceipt {
-        seeder_sig: receipt.sign(seeder),
-        consumer_sig: receipt.sign(consumer),
-        seeder_key: seeder.verifying_key().to_bytes(),
-        consumer_key: consumer.verifying_key().to_bytes(),
-        receipt,
-    }
-    .verify()
-    .unwrap()
+    signed_by(seeder, consumer, receipt).verify().unwrap()
 }
