@@ -269,6 +269,7 @@ fn request(u: &mut Unstructured) -> Result<InferenceRequest> {
         } else {
             u.arbitrary()?
         },
+        max_credits: u.arbitrary()?,
     })
 }
 

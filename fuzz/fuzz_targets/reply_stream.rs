@@ -4,8 +4,9 @@
 //! signing genuine receipts.
 //!
 //! The seeder answers in lockstep with the consumer: each step the input
-//! picks the honest next frame (`Accepted`, a chunk of one to a few
-//! tokens, an interval receipt when due, `Done`, the last receipt), or a
+//! picks the honest next frame (`Accepted`, the prompt's receipt, a chunk
+//! of one to a few tokens with at least a byte of text each, an interval
+//! receipt when due, `Done`, the last receipt), or a
 //! lie: a frame built from the input with any field wrong (request id,
 //! sequence number, no tokens, more tokens than asked for, too much text,
 //! a wrong count in `Done`, a refusal), a receipt that claims other
@@ -16,19 +17,20 @@
 //!   order and `Done` once, and both sides end with the same receipt for
 //!   every token.
 //! - Whatever the seeder sends: the tokens taken never pass `max_tokens`,
-//!   their text never passes `MAX_TOKEN_TEXT_BYTES` per token, nothing is
+//!   their text never passes `MAX_TOKEN_TEXT_BYTES` per token, the tokens
+//!   without text never pass the allowance, nothing is
 //!   taken after the answer ended or after a violation, and every receipt
 //!   the consumer countersigns is for exactly the tokens that arrived (count
 //!   and digest), between the two parties, for the seeder's model, at its
-//!   prices, with a prompt within the bound; a finished answer counts the
-//!   tokens that arrived.
+//!   prices, with a prompt within the bound and credits within the
+//!   request's cap; a finished answer counts the tokens that arrived.
 #![no_main]
 
 use hypha_engine::FinishReason as EngineFinish;
 use hypha_fuzz::{flip_bytes, identities, stretch};
 use hypha_ledger::{price, Receipt, TokenDigest};
 use hypha_node::inference::receipts::{ConsumerReceipts, Party, SeederReceipts, Terms};
-use hypha_node::inference::reply::{ReplyCheck, Step, MAX_TOKEN_TEXT_BYTES};
+use hypha_node::inference::reply::{Bounds, ReplyCheck, Step, MAX_TOKEN_TEXT_BYTES};
 use hypha_node::inference::RequestId;
 use hypha_wire::{
     decode_frame, Accepted, Done, ErrorReply, FinishReason, FrameEncoder, Message, ReceiptOffer,
@@ -58,6 +60,7 @@ struct Seeder {
     sent: u32,
     seq: u32,
     accepted: bool,
+    prompt_offered: bool,
     done: bool,
     last_offered: bool,
     /// An interval offer is due.
@@ -74,6 +77,14 @@ impl Seeder {
             return Ok(Some(Message::Accepted(Accepted {
                 request_id: REQUEST,
             })));
+        }
+        if !self.prompt_offered {
+            self.prompt_offered = true;
+            return Ok(Some(Message::Receipt(self.receipts.offer(
+                &self.identity,
+                NOW_MS,
+                false,
+            ))));
         }
         if self.offer_due {
             self.offer_due = false;
@@ -98,6 +109,10 @@ impl Seeder {
             self.sent += n as u32;
             let mut text: String = u.arbitrary()?;
             truncate(&mut text, n * MAX_TOKEN_TEXT_BYTES);
+            // Each token brings some text.
+            while text.len() < n {
+                text.push('.');
+            }
             self.text.push_str(&text);
             let seq = self.seq;
             self.seq += 1;
@@ -171,15 +186,39 @@ fn run(u: &mut Unstructured) -> Result<()> {
         sent: 0,
         seq: 0,
         accepted: false,
+        prompt_offered: false,
         done: false,
         last_offered: false,
         offer_due: false,
         prompt_tokens,
         text: String::new(),
     };
-    let consumer_receipts =
-        ConsumerReceipts::new(RequestId(REQUEST), c_party, s_party, terms, prompt_bound);
-    let mut check = ReplyCheck::new(RequestId(REQUEST), max_tokens, consumer_receipts);
+    // A cap, when there is one, that the honest answer fits.
+    let cap = if u.ratio(1, 4)? {
+        let honest = price(
+            prompt_tokens,
+            total,
+            terms.price_prompt_micro,
+            terms.price_completion_micro,
+        );
+        Some(honest + u.int_in_range(0..=3)?)
+    } else {
+        None
+    };
+    let textless = u.int_in_range(0..=16)?;
+    let consumer_receipts = ConsumerReceipts::new(
+        RequestId(REQUEST),
+        c_party,
+        s_party,
+        terms,
+        prompt_bound,
+        cap,
+    );
+    let bounds = Bounds {
+        max_tokens,
+        textless,
+    };
+    let mut check = ReplyCheck::new(RequestId(REQUEST), bounds, consumer_receipts);
     // The consumer's own record of what it took.
     let mut digest = TokenDigest::default();
     let mut client_text = String::new();
@@ -221,6 +260,10 @@ fn run(u: &mut Unstructured) -> Result<()> {
             check.text_bytes() <= check.tokens() as usize * MAX_TOKEN_TEXT_BYTES,
             "more text than the tokens carry"
         );
+        assert!(
+            check.tokens() as usize <= check.text_bytes() + textless as usize,
+            "more tokens without text than allowed"
+        );
         if let hypha_wire::ArchivedMessage::Chunk(c) = msg {
             for t in c.token_ids.iter() {
                 digest.push(t.to_native());
@@ -243,6 +286,10 @@ fn run(u: &mut Unstructured) -> Result<()> {
                     .expect("a countersigned receipt is kept")
                     .receipt()
                     .clone();
+                assert!(
+                    cap.is_none_or(|c| signed.credits <= c),
+                    "a receipt over the cap was signed"
+                );
                 owed(
                     &signed,
                     &terms,

@@ -28,10 +28,8 @@ pub mod util;
 
 use std::path::PathBuf;
 
-pub use node::{
-    file_sha256, Node, NodeConfig, DEFAULT_HTTP_ADDR, DEFAULT_PRICE_COMPLETION_MICRO,
-    DEFAULT_PRICE_PROMPT_MICRO,
-};
+pub use inference::receipts::{DEFAULT_PRICE_COMPLETION_MICRO, DEFAULT_PRICE_PROMPT_MICRO};
+pub use node::{file_sha256, Node, NodeConfig, DEFAULT_HTTP_ADDR};
 pub use util::install_crypto_provider;
 
 /// Resolves a model argument (`default`, a cached name, or a path).

@@ -185,6 +185,18 @@ struct UpArgs {
     /// Price a seeder publishes: micro-credits per generated token.
     #[arg(long, default_value_t = hypha_node::DEFAULT_PRICE_COMPLETION_MICRO)]
     price_completion: u64,
+    /// Most a consumer pays per prompt token, in micro-credits: providers
+    /// asking more are not asked.
+    #[arg(long, default_value_t = hypha_node::inference::remote::DEFAULT_MAX_PRICE_PROMPT_MICRO)]
+    max_price_prompt: u64,
+    /// Most a consumer pays per generated token, in micro-credits.
+    #[arg(long, default_value_t = hypha_node::inference::remote::DEFAULT_MAX_PRICE_COMPLETION_MICRO)]
+    max_price_completion: u64,
+    /// Most one request may cost, in micro-credits (default: no cap): the
+    /// seeder refuses a prompt that costs more and stops generating before
+    /// the tokens would.
+    #[arg(long)]
+    max_request_credits: Option<u64>,
     /// Proof of work (leading zero bits) a new identity is ground with and
     /// every peer's identity must carry; all nodes of a network use one
     /// value.
@@ -503,6 +515,11 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
     cfg.max_peers = a.max_peers;
     cfg.price_prompt_micro = a.price_prompt;
     cfg.price_completion_micro = a.price_completion;
+    cfg.spend = hypha_node::inference::remote::SpendLimits {
+        max_price_prompt_micro: Some(a.max_price_prompt),
+        max_price_completion_micro: Some(a.max_price_completion),
+        max_request_credits: a.max_request_credits,
+    };
     cfg.receipt_interval = a.receipt_interval;
     cfg.pow_bits = a.pow_bits;
     cfg.relay = a
@@ -910,6 +927,14 @@ fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Res
             recovery.truncated_bytes
         );
     }
+    // Verify checks every record; the rest show each request once, by its
+    // latest receipt, as the node counts it.
+    let records = receipts.len();
+    let receipts = if matches!(cmd, LedgerCmd::Verify) {
+        receipts
+    } else {
+        hypha_ledger::latest_of_each(receipts)
+    };
     match cmd {
         LedgerCmd::Balance => {
             let mut t = hypha_ledger::Totals::default();
@@ -963,11 +988,13 @@ fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Res
             }
         }
         LedgerCmd::Verify => {
-            let n = receipts.len();
             for chunk in receipts.chunks(256) {
                 hypha_ledger::verify_batch(chunk.to_vec())?;
             }
-            println!("{n} receipts: checksums, hash chain and both signatures on each verify");
+            let requests = hypha_ledger::latest_of_each(receipts).len();
+            println!(
+                "{requests} requests in {records} receipts: checksums, hash chain and both signatures on each verify"
+            );
         }
         LedgerCmd::Export => {
             for r in &receipts {

@@ -109,6 +109,9 @@ pub struct Metrics {
     pub direct_path: Histogram,
     /// Peers disconnected for breaking the protocol.
     pub peer_violations: AtomicU64,
+    /// Seeders not asked because their hello priced above their signed
+    /// provider record.
+    pub peer_gouging: AtomicU64,
     /// HTTP connections refused at the connection cap.
     pub http_connections_refused: AtomicU64,
     /// Completions refused at the stream cap.
@@ -133,6 +136,7 @@ impl Default for Metrics {
             upgrades: AtomicU64::new(0),
             direct_path: Histogram::new(&DIRECT_PATH_BUCKETS_S),
             peer_violations: AtomicU64::new(0),
+            peer_gouging: AtomicU64::new(0),
             http_connections_refused: AtomicU64::new(0),
             http_streams_refused: AtomicU64::new(0),
             ttft: Histogram::new(&TTFT_BUCKETS_S),
@@ -199,6 +203,12 @@ impl Metrics {
             "hypha_peer_violations_total",
             "Peers disconnected for breaking the protocol.",
             self.peer_violations.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hypha_peer_gouging_total",
+            "Seeders not asked because their hello priced above their signed provider record.",
+            self.peer_gouging.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

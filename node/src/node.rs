@@ -102,6 +102,8 @@ pub struct NodeConfig {
     pub pow_bits: u32,
     /// Requests per minute a consumer with no credits left may make.
     pub free_tier_per_minute: u32,
+    /// What this node pays as a consumer at most.
+    pub spend: crate::inference::remote::SpendLimits,
     /// Relay for other nodes (`--relay`), with these limits.
     pub relay: Option<RelayConfig>,
     /// Relays to hold reservations at whatever the NAT looks like.
@@ -110,12 +112,6 @@ pub struct NodeConfig {
     /// behind a NAT.
     pub relay_auto: bool,
 }
-
-/// Micro-credits per prompt token a seeder charges by default.
-pub const DEFAULT_PRICE_PROMPT_MICRO: u64 = 1;
-/// Micro-credits per generated token by default: generating costs a full
-/// decode step per token, a prompt token a fraction of one.
-pub const DEFAULT_PRICE_COMPLETION_MICRO: u64 = 4;
 
 impl NodeConfig {
     /// A node on `127.0.0.1:0` with no peers, running `engine` if given.
@@ -140,11 +136,12 @@ impl NodeConfig {
             data_dir: None,
             dial_timeout: pool::DIAL_TIMEOUT,
             max_peers: pool::MAX_PEERS,
-            price_prompt_micro: DEFAULT_PRICE_PROMPT_MICRO,
-            price_completion_micro: DEFAULT_PRICE_COMPLETION_MICRO,
+            price_prompt_micro: crate::inference::receipts::DEFAULT_PRICE_PROMPT_MICRO,
+            price_completion_micro: crate::inference::receipts::DEFAULT_PRICE_COMPLETION_MICRO,
             receipt_interval: serve::DEFAULT_RECEIPT_INTERVAL,
             pow_bits: hypha_ledger::DEFAULT_POW_BITS,
             free_tier_per_minute: admission::DEFAULT_FREE_TIER_PER_MINUTE,
+            spend: Default::default(),
             relay: None,
             relay_via: Vec::new(),
             relay_auto: true,
@@ -521,6 +518,7 @@ impl Network {
             ledger: ledger.clone(),
             pow_bits: cfg.pow_bits,
             tasks: tasks.clone(),
+            limits: cfg.spend,
         });
         let peers = Arc::new(
             Peers::new(

@@ -18,7 +18,7 @@ use hypha_engine::EngineConfig;
 use hypha_node::{Node, NodeConfig};
 
 mod common;
-use common::{test_model, Proc};
+use common::test_model;
 use serde_json::{json, Value};
 
 const HYPHA: &str = env!("CARGO_BIN_EXE_hypha");
@@ -319,34 +319,10 @@ fn id_is_created_once_private_and_reused() {
 async fn two_processes_serve_a_completion_over_quic() {
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let model = test_model();
-    let seeder = Proc::spawn(&[
-        "up",
-        "--model",
-        model.to_str().unwrap(),
-        "--quic",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-        "--parallel",
-        "2",
-        "--ctx-size",
-        "512",
-        "--data-dir",
-        dirs.0.path().to_str().unwrap(),
-    ]);
+    let seeder = common::seeder_proc(dirs.0.path(), 2, &[]);
     let seeder_api = format!("http://{}", seeder.wait_for("at http://"));
     let peer = seeder.wait_for("peers reach this node as");
-    let consumer = Proc::spawn(&[
-        "up",
-        "--peer",
-        &peer,
-        "--http",
-        "127.0.0.1:0",
-        "--data-dir",
-        dirs.1.path().to_str().unwrap(),
-    ]);
+    let consumer = common::consumer_proc(dirs.1.path(), &peer);
     let api = consumer.wait_for("API at");
     let model_name = model.file_stem().unwrap().to_str().unwrap();
     let c = hypha_node::models::http_client().unwrap();
@@ -428,7 +404,8 @@ async fn two_processes_serve_a_completion_over_quic() {
         "{balance}"
     );
     let verify = ledger(dirs.0.path(), &["verify"]);
-    assert!(verify.starts_with("1 receipts"), "{verify}");
+    // The prompt's receipt, then the last one of the request.
+    assert!(verify.starts_with("1 requests in 2 receipts"), "{verify}");
     let export = ledger(dirs.0.path(), &["export"]);
     let line: Value = serde_json::from_str(export.trim()).unwrap();
     assert_eq!(line["role"], "served");

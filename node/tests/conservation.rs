@@ -209,6 +209,8 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     cfg.bootstrap = boot;
     cfg.data_dir = Some(dirs[2].path().to_owned());
     cfg.pow_bits = TEST_POW_BITS;
+    // This consumer pays alpha's price, far above the default ceiling.
+    cfg.spend.max_price_completion_micro = None;
     let consumer = Node::start(cfg).await.unwrap();
     let me = consumer.id().unwrap();
 

@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt as _;
 
 mod common;
-use common::{test_model, Proc};
+use common::test_model;
 
 /// Tokens each measured completion asks for (greedy: the same each time).
 const MAX_TOKENS: u32 = 48;
@@ -141,27 +141,9 @@ async fn slow_http_clients_and_idle_handshakes_leave_a_stream_untouched() {
     // Each attacker takes a descriptor here and one in the node.
     let n = wanted.min(open_files_limit().saturating_sub(256) / 2);
     let dir = tempfile::tempdir().unwrap();
-    let model = test_model();
-    let node = Proc::spawn(&[
-        "up",
-        "--model",
-        model.to_str().unwrap(),
-        "--quic",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-        "--parallel",
-        "2",
-        "--ctx-size",
-        "512",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        // Room for every slow client: the cap is not what is measured.
-        "--max-http-connections",
-        &(n + 64).to_string(),
-    ]);
+    // Room for every slow client: the cap is not what is measured.
+    let connections = (n + 64).to_string();
+    let node = common::seeder_proc(dir.path(), 2, &["--max-http-connections", &connections]);
     let api = format!(
         "http://{}",
         node.wait_for("at http://").trim_end_matches("/v1")
@@ -169,7 +151,12 @@ async fn slow_http_clients_and_idle_handshakes_leave_a_stream_untouched() {
     let http: SocketAddr = api.trim_start_matches("http://").parse().unwrap();
     let peer = node.wait_for("peers reach this node as");
     let quic: SocketAddr = peer.split('@').nth(1).unwrap().trim().parse().unwrap();
-    let model_name = model.file_stem().unwrap().to_str().unwrap().to_owned();
+    let model_name = test_model()
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     let c = hypha_node::models::http_client().unwrap();
     let _ = streamed(&c, &api, &model_name).await; // warm-up
 

@@ -3,7 +3,9 @@
 //! frame, a wrong protocol version, a frame out of order) is disconnected
 //! with the reason, and the seeder keeps serving a well-behaved consumer.
 //! A fake seeder that breaks the protocol gets the consumer's request an
-//! error, never a hang or a panic.
+//! error, never a hang or a panic; one that bills token ids that bring no
+//! text is refused, and one whose hello asks more than its signed provider
+//! record, or more than the consumer's ceilings, is not asked at all.
 
 use std::time::Duration;
 
@@ -205,6 +207,24 @@ async fn a_cancel_frame_stops_the_generation() {
         .await
         .unwrap();
     assert_eq!(accepted, Some(true), "the seeder first accepts the request");
+    // The prompt's receipt comes next, and must be countersigned first.
+    let prompt = recv
+        .next(|m| match m {
+            hypha_wire::ArchivedMessage::Receipt(r) => {
+                Ok(hypha_ledger::Receipt::from_bytes(r.receipt.as_slice()).unwrap())
+            }
+            other => panic!("{other:?}"),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(prompt.completion_tokens, 0);
+    send.send(&Message::Countersign(hypha_wire::Countersign {
+        request_id: 5,
+        consumer_sig: prompt.sign(common::peer_identity(21).signing_key()),
+    }))
+    .await
+    .unwrap();
     for want in 0..3u32 {
         let seq = recv
             .next(|m| match m {
@@ -272,13 +292,31 @@ enum Fake {
     /// Reads each request, answers nothing, and holds the stream (and so
     /// the stream's credit) for ten seconds.
     Silent,
+    /// Chunks of one token each with no text, without end.
+    Textless,
+    /// Its hello asks ten times the completion price of its signed
+    /// provider record; any request stream it gets is counted.
+    Gouges,
 }
+
+/// The fake seeder's identity.
+const FAKE_SEED: u8 = 31;
+/// Prices in the fake's hello: (prompt, completion) micro-credits.
+fn fake_prices(mode: Fake) -> (u64, u64) {
+    match mode {
+        Fake::Gouges => (1, 40),
+        _ => (1, 4),
+    }
+}
+/// Request streams a `Gouges` fake was sent.
+static GOUGER_STREAMS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// A seeder that completes the handshake and hello correctly, then answers
 /// every request wrongly.
 async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::task::JoinHandle<()>) {
-    let ident = common::peer_identity(31);
+    let ident = common::peer_identity(FAKE_SEED);
     let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let (price_prompt_micro, price_completion_micro) = fake_prices(mode);
     let addr = hypha_node::net::addr::PeerAddr {
         id: ident.id(),
         addr: ep.local_addr().unwrap(),
@@ -290,8 +328,8 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                 capabilities: CAP_SEEDER,
                 models: vec!["default".into()],
                 model_sha256: [1; 32],
-                price_prompt_micro: 1,
-                price_completion_micro: 4,
+                price_prompt_micro,
+                price_completion_micro,
             },
         );
         let seeder_key = ident.signing_key().clone();
@@ -332,6 +370,25 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                     };
                     match mode {
                         Fake::Silent => unreachable!("answered above"),
+                        Fake::Gouges => {
+                            // Another first frame than a request reads as 0.
+                            if id != 0 {
+                                GOUGER_STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        Fake::Textless => {
+                            for seq in 0.. {
+                                let empty = Message::Chunk(TokenChunk {
+                                    request_id: id,
+                                    seq,
+                                    token_ids: vec![1],
+                                    text: String::new(),
+                                });
+                                if send.send(&empty).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
                         Fake::FloodsTokens => {
                             for seq in 0.. {
                                 if send.send(&chunk(seq)).await.is_err() {
@@ -539,6 +596,147 @@ async fn a_seeder_cannot_send_more_than_the_request_asked_for() {
     let v: Value = resp.json().await.unwrap();
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("100000 bytes of text for 1 tokens"), "{msg}");
+    fake.abort();
+    consumer.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_billing_tokens_without_text_is_refused() {
+    let c = common::client();
+    let body = json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64});
+    let (consumer, _dir, fake, base) = consumer_of_fake(Fake::Textless).await;
+    let resp = post_in_time(&c, &base, &body).await;
+    assert_eq!(resp.status(), 500, "failed after the first token");
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    // The allowance is 12 tokens without text (no stop strings).
+    assert!(
+        msg.contains("13 tokens arrived with 0 bytes of text"),
+        "{msg}"
+    );
+    let m = metrics(&c, &base).await;
+    assert!(m.contains("hypha_peer_violations_total 1\n"), "{m}");
+    assert_eq!(consumer.ledger().unwrap().receipts(), 0);
+    fake.abort();
+    consumer.stop().await.unwrap();
+}
+
+/// Signs `mode`'s fake's provider record at prices (1, 4) and stores it
+/// in `node`'s DHT, over a connection of the fake's identity.
+async fn store_fake_record(node: &hypha_node::Node, fake: &hypha_node::net::addr::PeerAddr) {
+    use hypha_dht::codec::record_to_wire;
+    use hypha_dht::{model_key, ProviderRecord};
+    use hypha_wire::{DhtReply, DhtRequest};
+    let ident = common::peer_identity(FAKE_SEED);
+    let to = node.peer_addr().unwrap();
+    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.dial(to.addr, to.id).await.unwrap();
+    proto::hello_as_dialer(
+        &conn,
+        to.id,
+        &proto::hello_message(&ident, Default::default()),
+        common::TEST_POW_BITS,
+    )
+    .await
+    .unwrap();
+    let record = ProviderRecord {
+        publisher: ident.id(),
+        public_key: ident.public_key(),
+        addrs: vec![fake.addr],
+        relays: Vec::new(),
+        model: "default".into(),
+        model_sha256: [1; 32],
+        context_length: 512,
+        backend: "CPU".into(),
+        decode_tokens_per_s: 60,
+        free_slots: 2,
+        price_prompt_micro: 1,
+        price_completion_micro: 4,
+        expires_ms: hypha_node::util::unix_ms() + 60_000,
+        signature: [0; 64],
+    }
+    .sign(ident.signing_key());
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&Message::Dht(DhtRequest::AddProvider {
+        key: model_key("default").0,
+        record: Box::new(record_to_wire(&record)),
+    }))
+    .await
+    .unwrap();
+    send.finish();
+    let mut recv = FramedRecv::new(recv);
+    let reply = recv
+        .next(|m| match m {
+            hypha_wire::ArchivedMessage::DhtReply(r) => Ok(hypha_wire::owned_dht_reply(r).unwrap()),
+            other => panic!("not a DHT reply: {other:?}"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply, Some(DhtReply::Stored));
+    conn.close(0u32.into(), b"done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_asking_more_than_its_record_or_the_ceilings_is_not_asked() {
+    let c = common::client();
+    let body = json!({"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8});
+
+    // Its hello asks 40 per token, its signed record 4.
+    let (addr, fake) = fake_seeder(Fake::Gouges).await;
+    // A consumer listening on QUIC, so the fake can store its record there.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = hypha_node::NodeConfig::new(None);
+    cfg.peers = vec![addr.clone()];
+    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.pow_bits = common::TEST_POW_BITS;
+    let consumer = hypha_node::Node::start(cfg).await.unwrap();
+    store_fake_record(&consumer, &addr).await;
+    let base = format!("http://{}", consumer.http_addr());
+    let resp = post_in_time(&c, &base, &body).await;
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("asks (1, 40) micro-credits per prompt/completion token, above the (1, 4) of its signed provider record"),
+        "{msg}"
+    );
+    let m = metrics(&c, &base).await;
+    assert!(m.contains("hypha_peer_gouging_total 1\n"), "{m}");
+    assert_eq!(
+        GOUGER_STREAMS.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "it was never sent the request"
+    );
+    // Counted against it: the next request does not reach it either.
+    let health = consumer.peers().unwrap().health(&addr.id);
+    assert!(health.failures >= 1, "{health:?}");
+    fake.abort();
+    consumer.stop().await.unwrap();
+
+    // A seeder within its record but above this consumer's ceiling.
+    let (addr, fake) = fake_seeder(Fake::Silent).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = hypha_node::NodeConfig::new(None);
+    cfg.peers = vec![addr];
+    cfg.data_dir = Some(dir.path().to_owned());
+    cfg.pow_bits = common::TEST_POW_BITS;
+    cfg.spend.max_price_completion_micro = Some(3);
+    let consumer = hypha_node::Node::start(cfg).await.unwrap();
+    let base = format!("http://{}", consumer.http_addr());
+    // The first request learns its price from its hello (a silent
+    // seeder would hang it for the start timeout otherwise); asked or
+    // not, the answer is a 402 naming the ceiling.
+    let resp = post_in_time(&c, &base, &body).await;
+    assert_eq!(resp.status(), 402);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "over_price_ceiling", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("--max-price-completion 3") && msg.contains("at 1/4 micro-credits"),
+        "{msg}"
+    );
     fake.abort();
     consumer.stop().await.unwrap();
 }

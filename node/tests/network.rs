@@ -16,7 +16,7 @@ use hypha_wire::NodeId;
 use serde_json::{json, Value};
 
 mod common;
-use common::{plain_node, seeder_config, test_model, Proc, TEST_POW_BITS};
+use common::{plain_node, seeder_config, test_model, TEST_POW_BITS};
 
 const CONSUMERS: usize = 16;
 
@@ -62,27 +62,11 @@ async fn twenty_nodes_find_three_seeders_and_route_around_a_dead_one() {
     let model = test_model();
     let boot_arg = boot_addr.to_string();
     let pow = TEST_POW_BITS.to_string();
-    let mut separate = Some(Proc::spawn(&[
-        "up",
-        "--model",
-        model.to_str().unwrap(),
-        "--quic",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-        "--parallel",
-        "2",
-        "--ctx-size",
-        "512",
-        "--pow-bits",
-        &pow,
-        "--bootstrap",
-        &boot_arg,
-        "--data-dir",
-        dirs[3].path().to_str().unwrap(),
-    ]));
+    let mut separate = Some(common::seeder_proc(
+        dirs[3].path(),
+        2,
+        &["--pow-bits", &pow, "--bootstrap", &boot_arg],
+    ));
     let name = model.file_stem().unwrap().to_str().unwrap().to_owned();
     let doomed: PeerAddr = separate
         .as_ref()

@@ -25,7 +25,7 @@ struct Seen {
     done: bool,
 }
 
-/// A consumer that reads a request's frames and never countersigns.
+/// A consumer that countersigns the prompt's receipt, then no more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_stops_countersigning_is_cut_off() {
     let net = Net::start_with(2, 64, 8).await;
@@ -47,26 +47,43 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     let mut recv = FramedRecv::new(recv);
     let mut seen = Seen::default();
     let read = async {
-        while let Some(()) = recv
+        while let Some(offer) = recv
             .next(|m| {
-                match m {
-                    ArchivedMessage::Accepted(_) => seen.accepted = true,
-                    ArchivedMessage::Chunk(_) => seen.chunks += 1,
+                Ok(match m {
+                    ArchivedMessage::Accepted(_) => {
+                        seen.accepted = true;
+                        None
+                    }
+                    ArchivedMessage::Chunk(_) => {
+                        seen.chunks += 1;
+                        None
+                    }
                     ArchivedMessage::Receipt(r) => {
                         let receipt = Receipt::from_bytes(r.receipt.as_slice()).unwrap();
                         seen.receipts.push((receipt.completion_tokens, r.last));
+                        Some(receipt)
                     }
-                    ArchivedMessage::Error(e) => seen.error = Some(Refusal::from(&e.refusal)),
-                    ArchivedMessage::Done(_) => seen.done = true,
+                    ArchivedMessage::Error(e) => {
+                        seen.error = Some(Refusal::from(&e.refusal));
+                        None
+                    }
+                    ArchivedMessage::Done(_) => {
+                        seen.done = true;
+                        None
+                    }
                     other => panic!("{other:?}"),
-                }
-                Ok(())
+                })
             })
             .await
             .unwrap()
-        {}
+        {
+            // Only the prompt's receipt is countersigned.
+            if let (Some(r), 1) = (offer, seen.receipts.len()) {
+                send.send(&countersign(&ident, &r)).await.unwrap();
+            }
+        }
     };
-    // The seeder waits COUNTERSIGN_TIMEOUT for the first receipt's
+    // The seeder waits COUNTERSIGN_TIMEOUT for the next receipt's
     // signature, then gives up.
     tokio::time::timeout(Duration::from_secs(15), read)
         .await
@@ -74,9 +91,10 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     assert_eq!(seen.error, Some(Refusal::Unpaid), "{seen:?}");
     assert!(seen.accepted, "the seeder accepted the request first");
     assert!(!seen.done);
-    // Receipts every half interval: the first (4 tokens) went unsigned, so
-    // the stream stopped at the next offer, one interval (8 tokens) in.
-    assert_eq!(seen.receipts, vec![(4, false)], "{seen:?}");
+    // The prompt's receipt came before any token; then receipts every half
+    // interval: the first (4 tokens) went unsigned, so the stream stopped
+    // at the next offer, one interval (8 tokens) in.
+    assert_eq!(seen.receipts, vec![(0, false), (4, false)], "{seen:?}");
     assert_eq!(
         seen.chunks, 8,
         "at most one interval beyond the last signed receipt: {seen:?}"
@@ -88,8 +106,16 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
         "hypha_requests_total{endpoint=\"peer\",status=\"402\"} 1",
     )
     .await;
-    // Nothing signed, nothing recorded.
-    assert_eq!(net.seeder.ledger().unwrap().receipts(), 0);
+    // The prompt was paid for, and no token.
+    let ledger = net.seeder.ledger().unwrap();
+    common::wait_receipts(ledger, 1).await;
+    let held = ledger.recent(1);
+    assert_eq!(held[0].receipt.completion_tokens, 0);
+    assert!(held[0].receipt.prompt_tokens > 0);
+    assert_eq!(
+        held[0].receipt.credits,
+        u64::from(held[0].receipt.prompt_tokens)
+    );
     // And the next request of the consumer that did not pay is refused.
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut send = FramedSend::new(send);
@@ -109,6 +135,175 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     let (refusal, message) = refused.expect("an error first");
     assert_eq!(refusal, Refusal::Unpaid);
     assert!(message.contains("never countersigned"), "{message}");
+}
+
+/// The countersignature of `r` by `ident`, as a consumer sends it.
+fn countersign(ident: &hypha_node::identity::Identity, r: &Receipt) -> Message {
+    Message::Countersign(hypha_wire::Countersign {
+        request_id: r.request_id,
+        consumer_sig: r.sign(ident.signing_key()),
+    })
+}
+
+/// A raw consumer of `net`'s seeder, with the identity of `seed`.
+async fn raw_consumer(
+    net: &Net,
+    seed: u8,
+) -> (hypha_node::identity::Identity, Endpoint, quinn::Connection) {
+    let ident = common::peer_identity(seed);
+    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let to = net.seeder.peer_addr().unwrap();
+    let conn = ep.dial(to.addr, to.id).await.unwrap();
+    proto::hello_as_dialer(
+        &conn,
+        to.id,
+        &proto::hello_message(&ident, Default::default()),
+        0,
+    )
+    .await
+    .unwrap();
+    (ident, ep, conn)
+}
+
+/// The first frame of the seeder's answer to request `id`: its refusal, if
+/// it is one.
+async fn first_refusal(conn: &quinn::Connection, id: u64) -> Option<(Refusal, String)> {
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&common::request(id, 8)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    recv.next(|m| {
+        Ok(match m {
+            ArchivedMessage::Error(e) => {
+                Some((Refusal::from(&e.refusal), e.message.as_str().to_owned()))
+            }
+            _ => None,
+        })
+    })
+    .await
+    .unwrap()
+    .flatten()
+}
+
+/// A consumer that takes everything, `Done` included, then resets the
+/// stream instead of countersigning the last receipt: it pays for what it
+/// signed (all but the tokens since the last interval receipt) and is
+/// refused from then on. One that takes the first token of a long prompt
+/// and resets has paid for the prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resetting_after_done_or_the_first_token_costs_what_was_delivered() {
+    let net = Net::start_with(2, 64, 8).await;
+    let (ident, _ep, conn) = raw_consumer(&net, 53).await;
+    let ledger = net.seeder.ledger().unwrap();
+
+    // Reset after Done and the last offer.
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&common::request(1, 10)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    let mut chunks = 0u32;
+    loop {
+        let frame = recv
+            .next(|m| {
+                Ok(match m {
+                    ArchivedMessage::Receipt(r) => {
+                        Some((Receipt::from_bytes(r.receipt.as_slice()).unwrap(), r.last))
+                    }
+                    ArchivedMessage::Chunk(_) => {
+                        chunks += 1;
+                        None
+                    }
+                    ArchivedMessage::Error(e) => panic!("{:?}", e.message),
+                    _ => None,
+                })
+            })
+            .await
+            .unwrap()
+            .expect("the last receipt comes");
+        match frame {
+            Some((r, false)) => send.send(&countersign(&ident, &r)).await.unwrap(),
+            Some((_, true)) => break,
+            None => {}
+        }
+    }
+    assert_eq!(chunks, 10);
+    let _ = send.stream.reset(7u32.into());
+    let _ = recv.stream.stop(7u32.into());
+    // Paid: the prompt and the 8 tokens of the last interval receipt.
+    common::wait_receipts(ledger, 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut next_id = 2;
+    let (refusal, message) = loop {
+        next_id += 1;
+        if let Some(r) = first_refusal(&conn, next_id).await {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refusal, Refusal::Unpaid, "{message}");
+    let held = ledger.recent(1);
+    let r = &held[0].receipt;
+    assert_eq!(r.completion_tokens, 8, "{r:?}");
+    assert_eq!(r.credits, u64::from(r.prompt_tokens) + 4 * 8);
+    // Counted as unpaid (402, like the refusal after it), not as served.
+    let m = common::metrics(&common::client(), &net.seeder_base()).await;
+    assert!(
+        m.contains("hypha_requests_total{endpoint=\"peer\",status=\"402\"}")
+            && !m.contains("status=\"200\"")
+            && !m.contains("status=\"499\""),
+        "{m}"
+    );
+
+    // A long prompt, one token, and a reset before anything else: the
+    // prompt was billed before that token went out.
+    let (ident, _ep2, conn) = raw_consumer(&net, 54).await;
+    let long = "Tell me about foxes and rivers. ".repeat(30);
+    let Message::Request(mut req) = common::request(100, 200) else {
+        unreachable!()
+    };
+    req.prompt = hypha_wire::Prompt::Text(long);
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&Message::Request(req)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    loop {
+        // Some(receipt) to sign, None for the first token.
+        let frame = recv
+            .next(|m| {
+                Ok(match m {
+                    ArchivedMessage::Accepted(_) => Ok(None),
+                    ArchivedMessage::Receipt(r) => {
+                        Ok(Some(Receipt::from_bytes(r.receipt.as_slice()).unwrap()))
+                    }
+                    ArchivedMessage::Chunk(_) => Err(()),
+                    other => panic!("{other:?}"),
+                })
+            })
+            .await
+            .unwrap()
+            .expect("frames come");
+        match frame {
+            Ok(Some(r)) => send.send(&countersign(&ident, &r)).await.unwrap(),
+            Ok(None) => {}
+            // The first token: reset.
+            Err(()) => break,
+        }
+    }
+    let _ = send.stream.reset(7u32.into());
+    let _ = recv.stream.stop(7u32.into());
+    let consumer = ident.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ledger.totals(&consumer).receipts_as_consumer == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prompt is not billed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let spent = ledger.totals(&consumer).spent;
+    assert!(spent >= 100, "a prompt of 960 bytes billed {spent}");
+    assert_eq!(ledger.recent(1)[0].receipt.completion_tokens, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,6 +331,7 @@ async fn long_streams_exchange_receipts_and_a_cancelled_one_keeps_the_last() {
     let (sl, cl) = (net.seeder.ledger().unwrap(), net.consumer.ledger().unwrap());
     assert_eq!(cl.receipts(), 1, "the consumer records before it answers");
     common::wait_receipts(sl, 1).await;
+    common::wait_same_spending(sl, cl, &cid).await;
     assert_eq!(sl.totals(&sid).earned, header);
     assert_eq!(cl.totals(&cid).spent, header);
 
@@ -271,11 +467,17 @@ async fn a_request_id_cannot_be_paid_for_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_with_no_credits_left_gets_the_rate_limited_free_tier() {
-    // A seeder so expensive that one request spends the whole grant.
-    let net = Net::start_config(2, 64, |cfg| {
-        cfg.price_completion_micro = hypha_ledger::GRANT_MICRO;
-        cfg.free_tier_per_minute = 2;
-    })
+    // A seeder so expensive that one request spends the whole grant, and a
+    // consumer whose ceiling lets it pay that.
+    let net = Net::start_both(
+        2,
+        64,
+        |cfg| {
+            cfg.price_completion_micro = hypha_ledger::GRANT_MICRO;
+            cfg.free_tier_per_minute = 2;
+        },
+        |cfg| cfg.spend.max_price_completion_micro = None,
+    )
     .await;
     let c = common::client();
     let ask = || {
@@ -287,6 +489,12 @@ async fn a_consumer_with_no_credits_left_gets_the_rate_limited_free_tier() {
     assert_eq!(first.status(), 200);
     common::wait_receipts(net.seeder.ledger().unwrap(), 1).await;
     let cid = net.consumer.id().unwrap();
+    common::wait_same_spending(
+        net.seeder.ledger().unwrap(),
+        net.consumer.ledger().unwrap(),
+        &cid,
+    )
+    .await;
     let spent = net.seeder.ledger().unwrap().totals(&cid).spent;
     assert!(spent > hypha_ledger::GRANT_MICRO, "{spent}");
     // Balance below zero: two free requests a minute, then 429.
@@ -347,38 +555,16 @@ async fn a_seeder_killed_mid_stream_keeps_every_countersigned_receipt() {
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let model = common::test_model();
     let interval = INTERVAL.to_string();
-    let mut seeder = Some(common::Proc::spawn(&[
-        "up",
-        "--model",
-        model.to_str().unwrap(),
-        "--quic",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-        "--parallel",
-        "1",
-        "--ctx-size",
-        "512",
-        "--receipt-interval",
-        &interval,
-        "--data-dir",
-        dirs.0.path().to_str().unwrap(),
-    ]));
+    let mut seeder = Some(common::seeder_proc(
+        dirs.0.path(),
+        1,
+        &["--receipt-interval", &interval],
+    ));
     let peer = seeder
         .as_ref()
         .unwrap()
         .wait_for("peers reach this node as");
-    let consumer = common::Proc::spawn(&[
-        "up",
-        "--peer",
-        &peer,
-        "--http",
-        "127.0.0.1:0",
-        "--data-dir",
-        dirs.1.path().to_str().unwrap(),
-    ]);
+    let consumer = common::consumer_proc(dirs.1.path(), &peer);
     let api = consumer.wait_for("API at");
     let model_name = model.file_stem().unwrap().to_str().unwrap();
     let c = common::client();
@@ -421,4 +607,75 @@ async fn a_seeder_killed_mid_stream_keeps_every_countersigned_receipt() {
     // well, so perhaps not the very latest).
     let (cl, _) = hypha_ledger::Ledger::open(dirs.1.path()).unwrap();
     assert!(cl.totals(&receipt.consumer).spent > 0);
+}
+
+/// A consumer's cap per request goes with the request: the seeder stops
+/// generating before the tokens would pass it (a `length` finish), and
+/// refuses a prompt that costs more, with a 402 naming the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_per_request_stops_generation_within_it() {
+    let net = Net::start(2, 64).await;
+    let c = common::client();
+    let body = json!({"model": "default", "messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 40, "temperature": 0});
+    // The prompt's tokens, asked of the seeder directly.
+    let probe: Value = c
+        .post(format!("{}/v1/chat/completions", net.seeder_base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let prompt = probe["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(probe["usage"]["completion_tokens"].as_u64().unwrap() > 5);
+    let capped = |cap: u64| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = hypha_node::NodeConfig::new(None);
+        cfg.peers = vec![net.seeder.peer_addr().unwrap()];
+        cfg.data_dir = Some(dir.path().to_owned());
+        cfg.pow_bits = common::TEST_POW_BITS;
+        cfg.spend.max_request_credits = Some(cap);
+        async move { (hypha_node::Node::start(cfg).await.unwrap(), dir) }
+    };
+    // Room for the prompt (1 per token) and 5 tokens (4 each), not 6.
+    let cap = prompt + 4 * 5 + 3;
+    let (consumer, _dir) = capped(cap).await;
+    let base = format!("http://{}", consumer.http_addr());
+    let resp = c
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 5, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(v["usage"]["credits"].as_u64(), Some(prompt + 20), "{v}");
+    consumer.stop().await.unwrap();
+
+    // A cap below the prompt's cost (and one token): refused by the
+    // seeder, nothing billed.
+    let (consumer, _dir) = capped(prompt + 3).await;
+    let base = format!("http://{}", consumer.http_addr());
+    let resp = c
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 402);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "over_request_cap", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!(
+            "the request's cap of {} micro-credits",
+            prompt + 3
+        )),
+        "{msg}"
+    );
+    assert_eq!(consumer.ledger().unwrap().receipts(), 0);
+    consumer.stop().await.unwrap();
 }

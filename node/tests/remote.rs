@@ -142,6 +142,7 @@ async fn greedy_output_through_the_network_equals_the_seeders_own() {
     let (sid, cid) = (net.seeder.id().unwrap(), net.consumer.id().unwrap());
     assert_eq!(cl.receipts(), 3, "the consumer records before it answers");
     common::wait_receipts(sl, 3).await;
+    common::wait_same_spending(sl, cl, &cid).await;
     let earned = sl.totals(&sid).earned;
     assert!(earned > 0);
     assert_eq!(sl.totals(&cid).spent, earned);

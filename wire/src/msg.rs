@@ -128,6 +128,10 @@ pub struct InferenceRequest {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     pub max_tokens: Option<u32>,
+    /// Micro-credits the consumer pays for this request at most: the
+    /// seeder refuses a prompt that costs more and stops generating
+    /// before the tokens would.
+    pub max_credits: Option<u64>,
 }
 
 /// Tokens generated since the last chunk, and their text.
@@ -194,6 +198,8 @@ pub enum Refusal {
     Unreachable,
     /// The serving side failed.
     Internal,
+    /// The request cannot be served within the consumer's cap in credits.
+    OverBudget,
 }
 
 impl From<&ArchivedRefusal> for Refusal {
@@ -203,6 +209,7 @@ impl From<&ArchivedRefusal> for Refusal {
             ArchivedRefusal::NotFound => Self::NotFound,
             ArchivedRefusal::Forbidden => Self::Forbidden,
             ArchivedRefusal::Unpaid => Self::Unpaid,
+            ArchivedRefusal::OverBudget => Self::OverBudget,
             ArchivedRefusal::Duplicate => Self::Duplicate,
             ArchivedRefusal::TooMany => Self::TooMany,
             ArchivedRefusal::Busy => Self::Busy,

@@ -37,6 +37,7 @@ fn samples() -> Vec<Message> {
             },
             stop: vec!["\n\n".into()],
             max_tokens: Some(64),
+            max_credits: Some(5_000),
         }),
         Message::Chunk(TokenChunk {
             request_id: 1,

@@ -100,7 +100,7 @@ impl IntoResponse for ApiError {
 }
 
 /// A peer's refusal as the client sees it: the client's own mistakes and
-/// limits pass through (400, 404, 429, 503); anything else is the peer's
+/// limits pass through (400, 402, 404, 429, 503); anything else is the peer's
 /// failure, a 502.
 impl From<RemoteError> for ApiError {
     fn from(e: RemoteError) -> Self {
@@ -128,6 +128,15 @@ impl From<RemoteError> for ApiError {
                 message,
             )
             .code("free_tier_exhausted"),
+            RemoteError::Refused {
+                refusal: Refusal::OverBudget,
+                ..
+            } => Self::new(StatusCode::PAYMENT_REQUIRED, "insufficient_quota", message)
+                .code("over_request_cap"),
+            RemoteError::OverPrice { .. } => {
+                Self::new(StatusCode::PAYMENT_REQUIRED, "insufficient_quota", message)
+                    .code("over_price_ceiling")
+            }
             RemoteError::Refused {
                 refusal: Refusal::Busy,
                 ..

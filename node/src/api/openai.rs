@@ -275,6 +275,8 @@ pub fn wire_request(
         sampling: sampling_to_wire(&fields.sampling()),
         stop,
         max_tokens: fields.max_tokens(),
+        // Routing sets this node's own cap.
+        max_credits: None,
     }
 }
 

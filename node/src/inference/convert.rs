@@ -142,7 +142,7 @@ pub(crate) fn reply_for(request_id: RequestId, e: &hypha_engine::Error) -> Error
 pub const fn http_status(r: Refusal) -> u16 {
     match r {
         Refusal::BadRequest => 400,
-        Refusal::Unpaid => 402,
+        Refusal::Unpaid | Refusal::OverBudget => 402,
         Refusal::Forbidden => 403,
         Refusal::NotFound => 404,
         Refusal::Duplicate => 409,

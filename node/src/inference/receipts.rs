@@ -43,6 +43,32 @@ pub struct Terms {
     pub price_completion_micro: u64,
 }
 
+/// The completion tokens a request may bring within the consumer's cap of
+/// `max_credits`, given its prompt: at most `max_tokens` (no limit when
+/// `None`); `Err` with the prompt's cost when the prompt alone, or the
+/// prompt and one token, cost more than the cap.
+pub fn within_budget(
+    terms: &Terms,
+    prompt_tokens: u32,
+    max_tokens: Option<u32>,
+    max_credits: Option<u64>,
+) -> Result<Option<u32>, u64> {
+    let Some(cap) = max_credits else {
+        return Ok(max_tokens);
+    };
+    let prompt = price(prompt_tokens, 0, terms.price_prompt_micro, 0);
+    let left = cap.checked_sub(prompt).ok_or(prompt)?;
+    let affordable = match left.checked_div(terms.price_completion_micro) {
+        Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        // Free tokens: only max_tokens bounds them.
+        None => return Ok(max_tokens),
+    };
+    if affordable == 0 {
+        return Err(prompt);
+    }
+    Ok(Some(max_tokens.map_or(affordable, |m| m.min(affordable))))
+}
+
 /// A party to a receipt: its id and public key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Party {
@@ -70,6 +96,12 @@ pub enum Due {
     /// tokens would put more than an interval beyond the last one signed.
     Countersign,
 }
+
+/// Micro-credits per prompt token a seeder charges by default.
+pub const DEFAULT_PRICE_PROMPT_MICRO: u64 = 1;
+/// Micro-credits per generated token by default: generating costs a full
+/// decode step per token, a prompt token a fraction of one.
+pub const DEFAULT_PRICE_COMPLETION_MICRO: u64 = 4;
 
 /// Offers at most outstanding at once: an interval's receipt still
 /// travelling when the last one is offered.
@@ -225,6 +257,8 @@ pub struct ConsumerReceipts {
     terms: Terms,
     /// The most prompt tokens the request's prompt can honestly take.
     prompt_bound: u32,
+    /// The request's cap in micro-credits, when it has one.
+    max_credits: Option<u64>,
     /// Every token id received, in order.
     digest: TokenDigest,
     /// The latest receipt both signed.
@@ -238,6 +272,7 @@ impl ConsumerReceipts {
         seeder: Party,
         terms: Terms,
         prompt_bound: u32,
+        max_credits: Option<u64>,
     ) -> Self {
         Self {
             request_id,
@@ -245,6 +280,7 @@ impl ConsumerReceipts {
             seeder,
             terms,
             prompt_bound,
+            max_credits,
             digest: TokenDigest::default(),
             signed: None,
         }
@@ -309,6 +345,12 @@ impl ConsumerReceipts {
                 want,
             });
         }
+        if let Some(cap) = self.max_credits.filter(|&cap| r.credits > cap) {
+            return Err(ReceiptError::OverCap {
+                charged: r.credits,
+                cap,
+            });
+        }
         if let Some(prev) = &self.signed {
             let prev = prev.receipt();
             if prev.prompt_tokens != r.prompt_tokens || prev.started_ms != r.started_ms {
@@ -368,7 +410,7 @@ mod tests {
         let (s, c) = (Party::of(&seeder_id), Party::of(&consumer_id));
         Pair {
             seeder: SeederReceipts::new(RequestId(7), c, s, TERMS, PROMPT, interval, 1_000),
-            consumer: ConsumerReceipts::new(RequestId(7), c, s, TERMS, 100),
+            consumer: ConsumerReceipts::new(RequestId(7), c, s, TERMS, 100, None),
             seeder_id,
             consumer_id,
         }
@@ -498,6 +540,93 @@ mod tests {
             fresh.seeder.countersigned([0; 64]),
             Err(ReceiptError::NoneOffered)
         );
+    }
+
+    #[test]
+    fn the_prompt_is_paid_for_before_the_first_token() {
+        let mut p = pair(8);
+        // The prompt's receipt: no tokens yet, the prompt's price.
+        let prompt = p.offer(false);
+        let sig = p.sign(&prompt, None).unwrap();
+        p.seeder.countersigned(sig).unwrap();
+        let r = p.seeder.signed().unwrap().receipt().clone();
+        assert_eq!((r.completion_tokens, r.credits), (0, u64::from(PROMPT)));
+        // Then the stream runs as ever, an offer every half interval.
+        for t in 0..4 {
+            assert_eq!(p.token(t), if t == 3 { Due::Offer } else { Due::Nothing });
+        }
+        let o = p.offer(false);
+        let sig = p.sign(&o, None).unwrap();
+        p.seeder.countersigned(sig).unwrap();
+        assert_eq!(p.seeder.signed().unwrap().receipt().completion_tokens, 4);
+        // Unsigned, the prompt's receipt holds the first token back
+        // (serve waits for it), and settles with the next signature.
+        let mut q = pair(8);
+        let _unsigned = q.offer(false);
+        assert!(!q.seeder.settled());
+        for t in 0..4 {
+            q.token(t);
+        }
+        let o = q.offer(false);
+        let sig = q.sign(&o, None).unwrap();
+        q.seeder.countersigned(sig).unwrap();
+        assert!(q.seeder.settled(), "one signature settles both");
+    }
+
+    #[test]
+    fn a_cap_in_credits_bounds_the_tokens_and_refuses_a_costly_prompt() {
+        // 12 prompt tokens at 1, completions at 4.
+        assert_eq!(
+            within_budget(&TERMS, PROMPT, Some(100), None),
+            Ok(Some(100))
+        );
+        assert_eq!(within_budget(&TERMS, PROMPT, None, None), Ok(None));
+        // 12 + 4 * 7 = 40 fits a cap of 43; an eighth token would not.
+        assert_eq!(
+            within_budget(&TERMS, PROMPT, Some(100), Some(43)),
+            Ok(Some(7))
+        );
+        assert_eq!(within_budget(&TERMS, PROMPT, None, Some(43)), Ok(Some(7)));
+        assert_eq!(
+            within_budget(&TERMS, PROMPT, Some(3), Some(43)),
+            Ok(Some(3))
+        );
+        // The prompt alone, or with one token, over the cap.
+        assert_eq!(within_budget(&TERMS, PROMPT, Some(100), Some(11)), Err(12));
+        assert_eq!(within_budget(&TERMS, PROMPT, Some(100), Some(15)), Err(12));
+        assert_eq!(
+            within_budget(&TERMS, PROMPT, Some(100), Some(16)),
+            Ok(Some(1))
+        );
+        let free = Terms {
+            price_completion_micro: 0,
+            ..TERMS
+        };
+        assert_eq!(within_budget(&free, PROMPT, Some(9), Some(12)), Ok(Some(9)));
+
+        // The consumer never signs above its cap.
+        let seeder_id = Identity::from_seed([1; 32]);
+        let consumer_id = Identity::from_seed([2; 32]);
+        let (s, c) = (Party::of(&seeder_id), Party::of(&consumer_id));
+        let mut capped = Pair {
+            seeder: SeederReceipts::new(RequestId(7), c, s, TERMS, PROMPT, 64, 1_000),
+            consumer: ConsumerReceipts::new(RequestId(7), c, s, TERMS, 100, Some(23)),
+            seeder_id,
+            consumer_id,
+        };
+        for t in 0..3 {
+            capped.token(t);
+        }
+        // 12 + 4 * 3 = 24 > 23.
+        let o = capped.offer(false);
+        assert_eq!(
+            capped.sign(&o, None),
+            Err(ReceiptError::OverCap {
+                charged: 24,
+                cap: 23
+            })
+        );
+        assert!(capped.consumer.signed().is_none());
     }
 
     /// A receipt the seeder signs for whatever it likes.

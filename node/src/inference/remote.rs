@@ -19,7 +19,13 @@
 //! the request's `max_tokens` (or [`MAX_REMOTE_TOKENS`]), each chunk
 //! carries at least one, their text may not pass
 //! [`MAX_TOKEN_TEXT_BYTES`] per token, and `Done` must count the tokens
-//! that came: a seeder breaking any of these is a protocol violation.
+//! that came, and tokens billed must bring text (see [`ReplyCheck`]): a
+//! seeder breaking any of these is a protocol violation. What this node
+//! pays is bounded by its own [`SpendLimits`]: providers pricing above its
+//! ceilings are not asked (see `route`); its cap per request goes with the
+//! request (the seeder refuses a prompt that costs more and stops
+//! generating before the tokens would), and a receipt above it is a
+//! violation, never signed.
 //! The checks of each frame are [`ReplyCheck`]'s, without I/O; this
 //! module adds the stream and its deadlines.
 
@@ -34,7 +40,7 @@ use hypha_wire::{InferenceRequest, Message, NodeId, Refusal};
 use crate::identity::Identity;
 use crate::inference::receipts::{ConsumerReceipts, Party as ReceiptParty, Terms};
 pub use crate::inference::reply::MAX_TOKEN_TEXT_BYTES;
-use crate::inference::reply::{ReplyCheck, Step};
+use crate::inference::reply::{textless_allowance, Bounds, ReplyCheck, Step};
 use crate::inference::RequestId;
 use crate::metrics::Metrics;
 use crate::net::hello::VerifiedHello;
@@ -83,6 +89,70 @@ pub enum RemoteError {
     /// Every provider failed (down, unreachable, broken).
     #[error("seeder {peer} failed: {source}")]
     Failed { peer: NodeId, source: PeerError },
+    /// The seeder's hello asks more than its signed provider record: it
+    /// was not asked.
+    #[error("seeder {peer} asks {asks:?} micro-credits per prompt/completion token, above the {record:?} of its signed provider record")]
+    Gouging {
+        peer: NodeId,
+        asks: (u64, u64),
+        record: (u64, u64),
+    },
+    /// Every provider of the model prices above this node's ceilings.
+    #[error("no provider of {model:?} within this node's price ceilings ({ceilings}); on offer: {offers}")]
+    OverPrice {
+        model: String,
+        ceilings: String,
+        offers: String,
+    },
+}
+
+/// What this node pays as a consumer at most; `None` is no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendLimits {
+    /// Micro-credits per prompt token (`--max-price-prompt`).
+    pub max_price_prompt_micro: Option<u64>,
+    /// Micro-credits per generated token (`--max-price-completion`).
+    pub max_price_completion_micro: Option<u64>,
+    /// Micro-credits one request may cost (`--max-request-credits`).
+    pub max_request_credits: Option<u64>,
+}
+
+/// Price ceilings by default: a hundred times the default prices, so a
+/// node never pays a price far beyond the network's norm unless told to.
+pub const DEFAULT_MAX_PRICE_PROMPT_MICRO: u64 =
+    100 * crate::inference::receipts::DEFAULT_PRICE_PROMPT_MICRO;
+pub const DEFAULT_MAX_PRICE_COMPLETION_MICRO: u64 =
+    100 * crate::inference::receipts::DEFAULT_PRICE_COMPLETION_MICRO;
+
+impl Default for SpendLimits {
+    fn default() -> Self {
+        Self {
+            max_price_prompt_micro: Some(DEFAULT_MAX_PRICE_PROMPT_MICRO),
+            max_price_completion_micro: Some(DEFAULT_MAX_PRICE_COMPLETION_MICRO),
+            max_request_credits: None,
+        }
+    }
+}
+
+impl SpendLimits {
+    /// True when prices of `prompt` and `completion` micro-credits per
+    /// token are within the ceilings.
+    pub fn admits(&self, prompt: u64, completion: u64) -> bool {
+        self.max_price_prompt_micro.is_none_or(|m| prompt <= m)
+            && self
+                .max_price_completion_micro
+                .is_none_or(|m| completion <= m)
+    }
+
+    /// The ceilings, as the flags name them.
+    pub fn describe(&self) -> String {
+        let f = |v: Option<u64>| v.map_or("none".to_owned(), |v| v.to_string());
+        format!(
+            "--max-price-prompt {}, --max-price-completion {}",
+            f(self.max_price_prompt_micro),
+            f(self.max_price_completion_micro)
+        )
+    }
 }
 
 /// One event of a remote generation, as the HTTP layer consumes it.
@@ -106,6 +176,8 @@ pub struct Party {
     pub pow_bits: u32,
     /// Owns the ledger appends of requests cut short.
     pub tasks: Tasks,
+    /// What this node pays at most.
+    pub limits: SpendLimits,
 }
 
 /// One generation running on a seeder. Dropping it before it ended resets
@@ -190,6 +262,7 @@ impl RemoteGeneration {
                 price_completion_micro: terms.offer.price_completion_micro,
             },
             prompt_token_bound(&req.prompt),
+            req.max_credits,
         );
         let mut g = Self {
             conn,
@@ -205,7 +278,10 @@ impl RemoteGeneration {
             metrics: metrics.clone(),
             check: ReplyCheck::new(
                 RequestId(req.request_id),
-                req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
+                Bounds {
+                    max_tokens: req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
+                    textless: textless_allowance(&req.stop),
+                },
                 receipts,
             ),
             recorded: false,

@@ -8,11 +8,15 @@
 //! An answer is `Accepted` (first, at most once), then `Chunk`s numbered
 //! from 0, each with at least one token, then `Done` counting the tokens
 //! that came, with `Receipt` offers anywhere after `Accepted` and the last
-//! one after `Done`. Bounds: the tokens may not pass the request's
-//! `max_tokens`, and their text may not pass [`MAX_TOKEN_TEXT_BYTES`] per
-//! token. Each offer is checked against what arrived
-//! ([`ConsumerReceipts::check_offer`]) before it is countersigned. A
-//! seeder's refusal (`Error`) ends the answer.
+//! one after `Done`. Bounds ([`Bounds`]): the tokens may not pass the
+//! request's `max_tokens`, their text may not pass [`MAX_TOKEN_TEXT_BYTES`]
+//! per token, and every token billed must have brought at least one byte
+//! of text, but for [`textless_allowance`] tokens (the end token, bytes of
+//! a character or a stop string held back): a seeder cannot bill for token
+//! ids it sends with nothing to show for them. Each offer is checked
+//! against what arrived ([`ConsumerReceipts::check_offer`], which also
+//! holds it to the consumer's cap in credits) before it is countersigned.
+//! A seeder's refusal (`Error`) ends the answer.
 
 use hypha_engine::{Finish, FinishReason};
 use hypha_wire::{ArchivedMessage, Countersign, Refusal};
@@ -26,6 +30,29 @@ use crate::net::proto::{kind_of, PeerError, Violation};
 /// vocabularies in use (their longest run a few dozen bytes), so a
 /// non-streaming answer collects at most this much per token.
 pub const MAX_TOKEN_TEXT_BYTES: usize = 256;
+
+/// Tokens an honest answer may carry with no text, beyond those in
+/// stop strings: the end-of-generation token, the three bytes of a
+/// character split over tokens, and a few control tokens.
+pub const TEXTLESS_TOKENS: u32 = 12;
+
+/// Tokens an answer to a request with `stops` may carry without text of
+/// their own: [`TEXTLESS_TOKENS`], plus a stop string's bytes but one (a
+/// prefix of it is held back until the text after it shows it is not the
+/// stop string).
+pub fn textless_allowance<S: AsRef<str>>(stops: &[S]) -> u32 {
+    let held = stops.iter().map(|s| s.as_ref().len()).max().unwrap_or(0);
+    TEXTLESS_TOKENS.saturating_add(u32::try_from(held).unwrap_or(u32::MAX))
+}
+
+/// What the consumer takes from one answer at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Tokens the request may bring.
+    pub max_tokens: u32,
+    /// Tokens that may arrive without text ([`textless_allowance`]).
+    pub textless: u32,
+}
 
 /// What one frame of the answer means.
 #[derive(Debug, Clone)]
@@ -51,8 +78,7 @@ pub struct ReplyCheck {
     next_seq: u32,
     /// Some frame of the answer arrived.
     answered: bool,
-    /// Tokens the request may bring at most.
-    max_tokens: u32,
+    bounds: Bounds,
     /// Tokens and bytes of text that arrived.
     tokens: u32,
     text_bytes: usize,
@@ -66,12 +92,12 @@ pub struct ReplyCheck {
 }
 
 impl ReplyCheck {
-    pub fn new(request_id: RequestId, max_tokens: u32, receipts: ConsumerReceipts) -> Self {
+    pub fn new(request_id: RequestId, bounds: Bounds, receipts: ConsumerReceipts) -> Self {
         Self {
             request_id,
             next_seq: 0,
             answered: false,
-            max_tokens,
+            bounds,
             tokens: 0,
             text_bytes: 0,
             receipts,
@@ -153,15 +179,22 @@ impl ReplyCheck {
                 }
                 let n = u32::try_from(c.token_ids.len()).unwrap_or(u32::MAX);
                 let tokens = self.tokens.saturating_add(n);
-                if tokens > self.max_tokens {
+                if tokens > self.bounds.max_tokens {
                     return Err(Violation::TooManyTokens {
                         got: tokens,
-                        max: self.max_tokens,
+                        max: self.bounds.max_tokens,
                     }
                     .into());
                 }
                 self.tokens = tokens;
                 self.count_text(c.text.len())?;
+                if u64::from(tokens) > self.text_bytes as u64 + u64::from(self.bounds.textless) {
+                    return Err(Violation::TextlessTokens {
+                        tokens,
+                        bytes: self.text_bytes,
+                    }
+                    .into());
+                }
                 for t in c.token_ids.iter() {
                     self.receipts.received(t.to_native());
                 }

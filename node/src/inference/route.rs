@@ -4,7 +4,12 @@
 //!
 //! Providers (cached for [`PROVIDER_CACHE`] or until their records expire)
 //! are tried best first by [`score`]: recent failures, then measured
-//! round-trip time, advertised free slots and decode speed. A seeder that
+//! round-trip time, advertised free slots and decode speed; at equal
+//! score the cheaper first ([`typical_cost`]). Prices: a provider whose
+//! price is above this node's ceilings ([`SpendLimits`]) is not asked; one
+//! whose hello names a price above its own signed provider record is
+//! gouging: it is not asked, and counted as a failure in its score. The
+//! request carries this node's cap per request. A seeder that
 //! refuses (busy, out of free tier, unknown model) or fails before
 //! answering is skipped for the next one, so a client only sees an error
 //! when no provider could start its request. A seeder must answer a
@@ -19,7 +24,7 @@ use std::time::{Duration, Instant};
 use hypha_dht::ProviderRecord;
 use hypha_wire::{InferenceRequest, NodeId, Refusal};
 
-use crate::inference::remote::{Party, RemoteError, RemoteGeneration};
+use crate::inference::remote::{Party, RemoteError, RemoteGeneration, SpendLimits};
 use crate::inference::RequestId;
 use crate::metrics::Metrics;
 use crate::net::addr::PeerAddr;
@@ -60,6 +65,38 @@ pub struct Candidate {
     /// Relays its record names: used when no direct path opens within
     /// [`crate::services::dialer::DIRECT_BUDGET`].
     pub relays: Vec<PeerAddr>,
+    /// Prices (prompt, completion) its signed provider record names.
+    pub record_price: Option<(u64, u64)>,
+    /// Prices its last hello named, when connected before.
+    pub hello_price: Option<(u64, u64)>,
+}
+
+impl Candidate {
+    /// The prices it is known to ask: its signed record's, else its
+    /// hello's.
+    pub fn price(&self) -> Option<(u64, u64)> {
+        self.record_price.or(self.hello_price)
+    }
+}
+
+/// Prompt and completion tokens of the request that orders providers of
+/// equal score by price.
+const TYPICAL_TOKENS: (u64, u64) = (512, 256);
+
+/// What a typical request costs at `price` (an unknown price counts as
+/// the default one).
+pub fn typical_cost(price: Option<(u64, u64)>) -> u64 {
+    let (p, c) = price.unwrap_or((
+        crate::inference::receipts::DEFAULT_PRICE_PROMPT_MICRO,
+        crate::inference::receipts::DEFAULT_PRICE_COMPLETION_MICRO,
+    ));
+    p.saturating_mul(TYPICAL_TOKENS.0)
+        .saturating_add(c.saturating_mul(TYPICAL_TOKENS.1))
+}
+
+/// True when `hello` asks more than `record` in either price.
+pub fn gouges(hello: (u64, u64), record: (u64, u64)) -> bool {
+    hello.0 > record.0 || hello.1 > record.1
 }
 
 /// A provider's cost, lower is better, in rough milliseconds: recent
@@ -294,6 +331,8 @@ impl Peers {
                 decode_tokens_per_s: None,
                 context_length: None,
                 relays: Vec::new(),
+                record_price: None,
+                hello_price: k.prices,
             })
             .collect();
         let me = self.party.identity.id();
@@ -322,6 +361,8 @@ impl Peers {
                         addr: c.addr,
                     })
                     .collect(),
+                record_price: Some((r.price_prompt_micro, r.price_completion_micro)),
+                hello_price: None,
             };
             match out.iter_mut().find(|o| o.addr.id == r.publisher) {
                 Some(o) => {
@@ -329,6 +370,7 @@ impl Peers {
                     o.decode_tokens_per_s = c.decode_tokens_per_s;
                     o.context_length = c.context_length;
                     o.relays = c.relays;
+                    o.record_price = c.record_price;
                     if crate::net::addr::is_virtual(&o.addr.addr) {
                         o.addr = c.addr;
                         o.punch = c.punch;
@@ -338,7 +380,7 @@ impl Peers {
             }
         }
         let now = Instant::now();
-        let mut scored: Vec<((u64, u64), Candidate)> = out
+        let mut scored: Vec<((u64, u64, u64), Candidate)> = out
             .into_iter()
             .map(|c| {
                 let running = self.dialer.running_on(&c.addr.id);
@@ -352,7 +394,7 @@ impl Peers {
                 let mut id8 = [0u8; 8];
                 id8.copy_from_slice(c.addr.id.0.get(..8).unwrap_or(&[0; 8]));
                 let tie = mix(u64::from_le_bytes(id8) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                ((s, tie), c)
+                ((s, typical_cost(c.price()), tie), c)
             })
             .collect();
         scored.sort_by_key(|(s, _)| *s);
@@ -363,7 +405,9 @@ impl Peers {
     /// first event, so that a refusal or an unreachable seeder is an error
     /// here, before any response is committed; a provider that refuses or
     /// fails is skipped for the next.
-    pub async fn start(&self, req: InferenceRequest) -> Result<RemoteGeneration, RemoteError> {
+    pub async fn start(&self, mut req: InferenceRequest) -> Result<RemoteGeneration, RemoteError> {
+        let limits = self.party.limits;
+        req.max_credits = limits.max_request_credits;
         let salt = req.request_id;
         let mut providers = self.candidates(&req.model, false, salt).await;
         if providers.is_empty() {
@@ -390,6 +434,15 @@ impl Peers {
             });
         }
         let mut last = None;
+        // Providers above the ceilings are not asked.
+        let mut over_price: Vec<(NodeId, (u64, u64))> = Vec::new();
+        providers.retain(|c| match c.price() {
+            Some(p) if !limits.admits(p.0, p.1) => {
+                over_price.push((c.addr.id, p));
+                false
+            }
+            _ => true,
+        });
         let providers: Vec<Candidate> = providers.into_iter().take(MAX_PROVIDER_ATTEMPTS).collect();
         for (i, c) in providers.iter().enumerate() {
             let peer = c.addr.id;
@@ -412,6 +465,21 @@ impl Peers {
                 };
                 if !terms.offer.models.contains(&req.model) {
                     // Its record outlived its offer.
+                    break;
+                }
+                let asks = (
+                    terms.offer.price_prompt_micro,
+                    terms.offer.price_completion_micro,
+                );
+                if let Some(record) = c.record_price.filter(|&r| gouges(asks, r)) {
+                    tracing::warn!(%peer, ?asks, ?record, "seeder's hello asks more than its signed record: not asked");
+                    self.metrics.peer_gouging.fetch_add(1, Ordering::Relaxed);
+                    self.dialer.failed(peer);
+                    last = Some(RemoteError::Gouging { peer, asks, record });
+                    break;
+                }
+                if !limits.admits(asks.0, asks.1) {
+                    over_price.push((peer, asks));
                     break;
                 }
                 let guard = self.dialer.count_request(peer, &conn);
@@ -468,10 +536,31 @@ impl Peers {
                 }
             }
         }
+        if last.is_none() && !over_price.is_empty() {
+            return Err(over_price_error(&req.model, &limits, &over_price));
+        }
         Err(last.unwrap_or(RemoteError::NoProvider {
             model: req.model.clone(),
             available: Vec::new(),
         }))
+    }
+}
+
+/// Providers asked nothing because they price above the ceilings.
+fn over_price_error(
+    model: &str,
+    limits: &SpendLimits,
+    offers: &[(NodeId, (u64, u64))],
+) -> RemoteError {
+    let offers = offers
+        .iter()
+        .map(|(id, (p, c))| format!("{id} at {p}/{c} micro-credits per prompt/completion token"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    RemoteError::OverPrice {
+        model: model.to_owned(),
+        ceilings: limits.describe(),
+        offers,
     }
 }
 
@@ -498,6 +587,8 @@ mod tests {
             decode_tokens_per_s: tps,
             context_length: None,
             relays: Vec::new(),
+            record_price: None,
+            hello_price: None,
         }
     }
 

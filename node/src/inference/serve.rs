@@ -15,15 +15,15 @@ use std::time::Duration;
 use hypha_engine::{Engine, Event};
 use hypha_ledger::{Ledger, ReceiptKey};
 use hypha_wire::{
-    Accepted, ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, NodeId,
-    Refusal, TokenChunk,
+    Accepted, ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, Refusal,
+    TokenChunk,
 };
 
 use crate::identity::Identity;
 use crate::inference::admission::{FreeTier, NetworkBalances, Unpaid};
 use crate::inference::convert::{http_status, prepare, reply_for};
 use crate::inference::prep::Preparer;
-use crate::inference::receipts::{Due, Party, SeederReceipts, Terms};
+use crate::inference::receipts::{within_budget, Due, Party, SeederReceipts, Terms};
 use crate::inference::RequestId;
 use crate::metrics::Metrics;
 use crate::net::hello::{Offer, VerifiedHello};
@@ -165,12 +165,32 @@ pub(crate) async fn serve_request(
                 } else {
                     i64::MAX - 1
                 });
-                tokens
-                    .and_then(|t| {
-                        r.prompt = t;
-                        state.engine.submit(r)
-                    })
-                    .map_err(|e| reply_for(RequestId(request_id), &e))
+                match tokens {
+                    Err(e) => Err(reply_for(RequestId(request_id), &e)),
+                    Ok(t) => {
+                        // The consumer's cap: the prompt must fit it, and
+                        // generation stops before the tokens would pass it.
+                        let prompt_tokens = u32::try_from(t.len()).unwrap_or(u32::MAX);
+                        match within_budget(&terms_of(state), prompt_tokens, r.max_tokens, req.max_credits) {
+                            Err(cost) => Err(ErrorReply {
+                                request_id,
+                                refusal: Refusal::OverBudget,
+                                message: format!(
+                                    "the prompt's {prompt_tokens} tokens cost {cost} micro-credits here; with one token more that passes the request's cap of {} micro-credits",
+                                    req.max_credits.unwrap_or(0)
+                                ),
+                            }),
+                            Ok(max_tokens) => {
+                                r.prompt = t;
+                                r.max_tokens = max_tokens;
+                                state
+                                    .engine
+                                    .submit(r)
+                                    .map_err(|e| reply_for(RequestId(request_id), &e))
+                            }
+                        }
+                    }
+                }
             }
         }
     };
@@ -193,31 +213,35 @@ pub(crate) async fn serve_request(
         RequestId(request_id),
         generation.prompt_tokens,
     );
+    // The prompt is billed before the first token: a receipt for it alone
+    // goes out now, while the engine takes the prompt in, and no token
+    // follows until the consumer countersigned it.
+    let prompt_receipt = billing.offer(false);
+    send.send(&prompt_receipt).await?;
     let outcome = stream_generation(generation, &mut send, &mut recv, &mut billing, conn).await;
-    let lost_owing = match &outcome {
-        Ok(Outcome::Lost) => true,
-        // The connection failed while a receipt was out unsigned.
-        Err(PeerError::Connection(_) | PeerError::Timeout(_)) => !billing.settled(),
-        _ => false,
-    };
-    if lost_owing {
-        state.unpaid.note_silent(consumer.node_id);
+    let owing = billing.owing(&outcome);
+    match owing {
+        Owing::Nothing => {}
+        Owing::Strike => state.unpaid.note_silent(consumer.node_id),
+        Owing::Refuse => state.unpaid.note(consumer.node_id),
     }
     // The receipt is durable before the consumer sees the stream end.
-    billing
-        .settle(matches!(outcome, Ok(Outcome::Done | Outcome::Unpaid)))
-        .await;
+    billing.settle().await;
     send.finish();
     drop(claim);
     let status = match &outcome {
+        _ if owing == Owing::Refuse => 402,
         Ok(Outcome::Done) => 200,
+        Ok(Outcome::Failed(status)) => *status,
         Ok(Outcome::Unpaid) => 402,
         Ok(Outcome::Cancelled | Outcome::Lost) => 499,
         Err(e) if e.is_violation() => 400,
         Err(_) => 499,
     };
     state.metrics.count_request("peer", status);
-    if matches!(outcome, Ok(Outcome::Cancelled) | Err(PeerError::Reset(_))) {
+    if owing != Owing::Refuse
+        && matches!(outcome, Ok(Outcome::Cancelled) | Err(PeerError::Reset(_)))
+    {
         state.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
         return Ok(());
     }
@@ -248,12 +272,33 @@ impl Drop for RunningClaim<'_> {
 /// How a served request ended.
 enum Outcome {
     Done,
+    /// The generation failed here (an HTTP status for the metrics): the
+    /// consumer owes only what it signed.
+    Failed(u16),
     Cancelled,
     /// The consumer stopped countersigning receipts.
     Unpaid,
     /// Nothing at all arrived from the consumer while its signature was
     /// due: the connection is gone.
     Lost,
+}
+
+/// What a consumer that left a receipt unsigned owes for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owing {
+    /// Every receipt offered was countersigned, or the request was
+    /// cancelled while it ran (at most one interval goes unpaid, and an
+    /// honest client may leave at any time).
+    Nothing,
+    /// The connection was lost or went silent while a signature was due
+    /// after `Done`, or the request ended before its prompt's receipt was
+    /// signed (the prompt was taken in for nothing): twice within
+    /// [`crate::inference::admission::UNPAID_BAN`] is refused.
+    Strike,
+    /// Refused from now on: the consumer had everything (`Done`) and
+    /// reset, stopped, cancelled or let the last receipt time out, or it
+    /// left a receipt unsigned past [`COUNTERSIGN_TIMEOUT`].
+    Refuse,
 }
 
 /// How waiting for a countersignature ended.
@@ -288,14 +333,24 @@ pub fn consumer_frame(
     }
 }
 
+/// What this seeder's requests cost: its hello's prices and model.
+fn terms_of(state: &SeederState) -> Terms {
+    Terms {
+        model_sha256: state.offer.model_sha256,
+        price_prompt_micro: state.offer.price_prompt_micro,
+        price_completion_micro: state.offer.price_completion_micro,
+    }
+}
+
 /// The receipts of one request ([`SeederReceipts`]) and where they go once
 /// settled.
 struct Billing<'a> {
     state: &'a SeederState,
-    consumer: NodeId,
     receipts: SeederReceipts,
     /// Completion tokens of the latest receipt written to the ledger.
     durable: Option<u32>,
+    /// `Done` went out: the consumer has every token.
+    done: bool,
 }
 
 impl<'a> Billing<'a> {
@@ -305,11 +360,7 @@ impl<'a> Billing<'a> {
         request_id: RequestId,
         prompt_tokens: u32,
     ) -> Self {
-        let terms = Terms {
-            model_sha256: state.offer.model_sha256,
-            price_prompt_micro: state.offer.price_prompt_micro,
-            price_completion_micro: state.offer.price_completion_micro,
-        };
+        let terms = terms_of(state);
         let receipts = SeederReceipts::new(
             request_id,
             Party {
@@ -324,9 +375,9 @@ impl<'a> Billing<'a> {
         );
         Self {
             state,
-            consumer: consumer.node_id,
             receipts,
             durable: None,
+            done: false,
         }
     }
 
@@ -380,13 +431,36 @@ impl<'a> Billing<'a> {
         self.receipts.settled()
     }
 
-    /// Writes the latest receipt both parties signed to the ledger (if a
-    /// countersignature did not already) and publishes it, and remembers a
-    /// consumer that left a finished request's receipts unsigned.
-    async fn settle(mut self, finished: bool) {
-        if finished && !self.settled() {
-            self.state.unpaid.note(self.consumer);
+    /// What the consumer owes for receipts left unsigned when the stream
+    /// ended with `outcome`.
+    fn owing(&self, outcome: &Result<Outcome, PeerError>) -> Owing {
+        if self.settled() || matches!(outcome, Ok(Outcome::Failed(_))) {
+            return Owing::Nothing;
         }
+        let lost = matches!(
+            outcome,
+            Ok(Outcome::Lost) | Err(PeerError::Connection(_) | PeerError::Timeout(_))
+        );
+        if matches!(outcome, Ok(Outcome::Unpaid)) {
+            Owing::Refuse
+        } else if self.done {
+            if lost {
+                Owing::Strike
+            } else {
+                Owing::Refuse
+            }
+        } else if lost || self.receipts.signed().is_none() {
+            // Lost mid-stream with a signature due, or gone before the
+            // prompt was paid for.
+            Owing::Strike
+        } else {
+            Owing::Nothing
+        }
+    }
+
+    /// Writes the latest receipt both parties signed to the ledger (if a
+    /// countersignature did not already) and publishes it.
+    async fn settle(mut self) {
         if !self.write().await {
             return;
         }
@@ -429,6 +503,33 @@ async fn await_countersign(
         Err(_) if conn.stats().udp_rx.datagrams == heard => Ok(Countersigned::Silent),
         Err(_) => Ok(Countersigned::No),
     }
+}
+
+/// Waits for every outstanding countersignature before more tokens go
+/// out; the way the stream ends when they do not come.
+async fn require_countersign(
+    send: &mut FramedSend,
+    recv: &mut FramedRecv,
+    billing: &mut Billing<'_>,
+    conn: &quinn::Connection,
+) -> Result<Option<Outcome>, PeerError> {
+    if billing.settled() {
+        return Ok(None);
+    }
+    Ok(match await_countersign(recv, billing, conn).await? {
+        Countersigned::Yes => None,
+        Countersigned::Cancelled => Some(Outcome::Cancelled),
+        Countersigned::Silent => Some(Outcome::Lost),
+        Countersigned::No => {
+            send.send(&Message::Error(ErrorReply {
+                request_id: billing.request_id().0,
+                refusal: Refusal::Unpaid,
+                message: "the last receipt was not countersigned".into(),
+            }))
+            .await?;
+            Some(Outcome::Unpaid)
+        }
+    })
 }
 
 /// Streams the generation out with a receipt every `receipt_interval`
@@ -477,7 +578,13 @@ async fn stream_generation(
                     c.text.push_str(&text);
                 }
                 seq = seq.wrapping_add(1);
-                first_token.get_or_insert_with(std::time::Instant::now);
+                if first_token.is_none() {
+                    // No token before the prompt is paid for.
+                    if let Some(end) = require_countersign(send, recv, billing, conn).await? {
+                        return Ok(end);
+                    }
+                    first_token = Some(std::time::Instant::now());
+                }
                 // Receipts go out twice per interval, and each needs the
                 // one before it signed before more tokens follow (see
                 // `receipts`): a consumer that stops paying gets at most
@@ -486,19 +593,8 @@ async fn stream_generation(
                 send.send(&chunk).await?;
                 if due != Due::Nothing {
                     if due == Due::Countersign {
-                        match await_countersign(recv, billing, conn).await? {
-                            Countersigned::Cancelled => return Ok(Outcome::Cancelled),
-                            Countersigned::Silent => return Ok(Outcome::Lost),
-                            Countersigned::No => {
-                                send.send(&Message::Error(ErrorReply {
-                                    request_id: request_id.0,
-                                    refusal: Refusal::Unpaid,
-                                    message: "the last receipt was not countersigned".into(),
-                                }))
-                                .await?;
-                                return Ok(Outcome::Unpaid);
-                            }
-                            Countersigned::Yes => {}
+                        if let Some(end) = require_countersign(send, recv, billing, conn).await? {
+                            return Ok(end);
                         }
                     }
                     let offer = billing.offer(false);
@@ -522,6 +618,7 @@ async fn stream_generation(
                     text,
                 });
                 send.send(&done).await?;
+                billing.done = true;
                 // The last receipt covers everything; it replaces one still
                 // waiting for its countersignature.
                 let last = billing.offer(true);
@@ -532,9 +629,10 @@ async fn stream_generation(
                 });
             }
             Some(Event::Failed(e)) => {
-                send.send(&Message::Error(reply_for(request_id, &e)))
-                    .await?;
-                return Ok(Outcome::Done);
+                let reply = reply_for(request_id, &e);
+                let status = http_status(reply.refusal);
+                send.send(&Message::Error(reply)).await?;
+                return Ok(Outcome::Failed(status));
             }
             None => {
                 send.send(&Message::Error(ErrorReply {
@@ -543,7 +641,7 @@ async fn stream_generation(
                     message: "the engine stopped".into(),
                 }))
                 .await?;
-                return Ok(Outcome::Done);
+                return Ok(Outcome::Failed(http_status(Refusal::Internal)));
             }
         }
     }

@@ -63,15 +63,27 @@ struct Entry {
     conn: tokio::sync::Mutex<Option<(quinn::Connection, Arc<VerifiedHello>)>>,
     /// Models from the peer's last hello; kept across reconnects.
     models: std::sync::Mutex<Vec<String>>,
+    /// Prices (prompt, completion) from the peer's last hello.
+    prices: std::sync::Mutex<Option<(u64, u64)>>,
     last_used_ms: AtomicU64,
 }
 
 impl Entry {
+    /// Keeps what the peer's hello offers.
+    fn greeted(&self, hello: &VerifiedHello) {
+        *lock(&self.models) = hello.offer.models.clone();
+        *lock(&self.prices) = Some((
+            hello.offer.price_prompt_micro,
+            hello.offer.price_completion_micro,
+        ));
+    }
+
     fn new(addr: SocketAddr) -> Self {
         Self {
             addr: std::sync::Mutex::new(addr),
             conn: tokio::sync::Mutex::new(None),
             models: std::sync::Mutex::new(Vec::new()),
+            prices: std::sync::Mutex::new(None),
             last_used_ms: AtomicU64::new(unix_ms()),
         }
     }
@@ -95,6 +107,8 @@ pub struct KnownPeer {
     /// one.
     pub via: Option<NodeId>,
     pub models: Vec<String>,
+    /// Prices (prompt, completion) from its last hello.
+    pub prices: Option<(u64, u64)>,
     pub rtt: Option<Duration>,
     pub configured: bool,
 }
@@ -296,7 +310,7 @@ impl Connections {
         };
         *lock(&e.addr) = addr;
         let (conn, hello) = self.dial_and_greet(addr, peer.id).await?;
-        *lock(&e.models) = hello.offer.models.clone();
+        e.greeted(&hello);
         self.adopt(&conn, peer.id, &hello);
         *slot = Some((conn.clone(), hello.clone()));
         Ok((conn, hello))
@@ -351,7 +365,7 @@ impl Connections {
         }
         self.adopt(&conn, direct.id, &hello);
         *lock(&e.addr) = direct.addr;
-        *lock(&e.models) = hello.offer.models.clone();
+        e.greeted(&hello);
         *slot = Some((conn, hello));
         Ok(true)
     }
@@ -404,6 +418,7 @@ impl Connections {
                         .and_then(|c| self.endpoint.paths().via(&c.remote_address())),
                     rtt: live.map(|c| c.rtt()),
                     models: lock(&e.models).clone(),
+                    prices: *lock(&e.prices),
                     configured: self.is_pinned(&id),
                 }
             })

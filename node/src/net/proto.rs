@@ -85,6 +85,10 @@ pub enum ReceiptError {
         "receipt refused: it charges {charged} micro-credits, the published price gives {want}"
     )]
     WrongPrice { charged: u64, want: u64 },
+    #[error(
+        "receipt refused: it charges {charged} micro-credits, over the request's cap of {cap}"
+    )]
+    OverCap { charged: u64, cap: u64 },
     #[error("receipt refused: it changes the prompt or start of an earlier receipt")]
     ChangedTerms,
     #[error("receipt refused: its prompt tokens differ from done")]
@@ -162,6 +166,8 @@ pub enum Violation {
     TooManyTokens { got: u32, max: u32 },
     #[error("{bytes} bytes of text for {tokens} tokens")]
     TooMuchText { bytes: usize, tokens: u32 },
+    #[error("{tokens} tokens arrived with {bytes} bytes of text: tokens billed without text")]
+    TextlessTokens { tokens: u32, bytes: usize },
     #[error("done counts {claimed} tokens where {got} arrived")]
     WrongCount { claimed: u32, got: u32 },
 }

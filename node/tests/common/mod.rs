@@ -108,12 +108,22 @@ pub async fn consumer(
     peers: Vec<hypha_node::net::addr::PeerAddr>,
     dial_timeout: Duration,
 ) -> (hypha_node::Node, tempfile::TempDir) {
+    consumer_with(peers, dial_timeout, |_| {}).await
+}
+
+/// [`consumer`] with its configuration adjusted by `tweak`.
+pub async fn consumer_with(
+    peers: Vec<hypha_node::net::addr::PeerAddr>,
+    dial_timeout: Duration,
+    tweak: impl FnOnce(&mut hypha_node::NodeConfig),
+) -> (hypha_node::Node, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = hypha_node::NodeConfig::new(None);
     cfg.peers = peers;
     cfg.data_dir = Some(dir.path().to_owned());
     cfg.dial_timeout = dial_timeout;
     cfg.pow_bits = TEST_POW_BITS;
+    tweak(&mut cfg);
     let node = hypha_node::Node::start(cfg).await.expect("consumer starts");
     (node, dir)
 }
@@ -150,12 +160,27 @@ impl Net {
         queue: usize,
         tweak: impl FnOnce(&mut hypha_node::NodeConfig),
     ) -> Self {
+        Self::start_both(parallel, queue, tweak, |_| {}).await
+    }
+
+    /// A network whose seeder's and consumer's configurations are
+    /// adjusted.
+    pub async fn start_both(
+        parallel: u32,
+        queue: usize,
+        seeder_tweak: impl FnOnce(&mut hypha_node::NodeConfig),
+        consumer_tweak: impl FnOnce(&mut hypha_node::NodeConfig),
+    ) -> Self {
         let sdir = tempfile::tempdir().unwrap();
         let mut cfg = seeder_config(parallel, queue, sdir.path(), "127.0.0.1:0".parse().unwrap());
-        tweak(&mut cfg);
+        seeder_tweak(&mut cfg);
         let seeder = hypha_node::Node::start(cfg).await.expect("seeder starts");
-        let (consumer, cdir) =
-            consumer(vec![seeder.peer_addr().unwrap()], Duration::from_secs(2)).await;
+        let (consumer, cdir) = consumer_with(
+            vec![seeder.peer_addr().unwrap()],
+            Duration::from_secs(2),
+            consumer_tweak,
+        )
+        .await;
         Self {
             seeder,
             consumer,
@@ -239,6 +264,33 @@ pub async fn wait_receipts(ledger: &hypha_ledger::Ledger, n: u64) {
     }
 }
 
+/// Waits (5 s at most) until the seeder's ledger shows `consumer` spending
+/// what the consumer's own ledger does. A consumer writes a request's last
+/// receipt before it answers its client; the seeder writes it when the
+/// countersignature arrives, and holds the request's earlier receipts (the
+/// prompt's first) until then.
+pub async fn wait_same_spending(
+    seeder: &hypha_ledger::Ledger,
+    consumer_ledger: &hypha_ledger::Ledger,
+    consumer: &hypha_wire::NodeId,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, c) = (
+            seeder.totals(consumer).spent,
+            consumer_ledger.totals(consumer).spent,
+        );
+        if s == c {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the seeder holds {s} spent, the consumer {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits (5 s at most) until the node's metrics hold `line`: a seeder
 /// counts a request once its receipt is settled, just after the consumer's
 /// client got its response.
@@ -275,6 +327,7 @@ pub fn request(id: u64, max_tokens: u32) -> hypha_wire::Message {
         },
         stop: Vec::new(),
         max_tokens: Some(max_tokens),
+        max_credits: None,
     })
 }
 
@@ -338,6 +391,47 @@ impl Proc {
     pub fn wait_for(&self, marker: &str) -> String {
         wait_for_line(&self.lines, marker)
     }
+}
+
+/// A `hypha up` seeder process: the test model on loopback QUIC and HTTP
+/// ports, one decode thread, `parallel` slots of 512 context tokens, its
+/// key in `dir`, and `extra` arguments.
+pub fn seeder_proc(dir: &std::path::Path, parallel: u32, extra: &[&str]) -> Proc {
+    let model = test_model();
+    let parallel = parallel.to_string();
+    let mut args = vec![
+        "up",
+        "--model",
+        model.to_str().unwrap(),
+        "--quic",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--parallel",
+        &parallel,
+        "--ctx-size",
+        "512",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
+}
+
+/// A `hypha up` consumer process of `peer` (`ID@HOST:PORT`), its HTTP on a
+/// loopback port and its key in `dir`.
+pub fn consumer_proc(dir: &std::path::Path, peer: &str) -> Proc {
+    Proc::spawn(&[
+        "up",
+        "--peer",
+        peer,
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ])
 }
 
 impl Drop for Proc {
