@@ -93,8 +93,10 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
         second.ledger().unwrap().receipts(),
     );
 
-    // Conservation: credits only moved between the five.
-    let balances: Vec<i128> = nodes.iter().map(|n| balance(n)).collect();
+    // Conservation: credits only moved between the five. A seeder writes
+    // a request's last receipt when the countersignature reaches it, just
+    // after the consumer recorded it and answered (its first, the prompt's,
+    // was in the log before any token): the sums meet once those land.
     let grants: i128 = nodes
         .iter()
         .map(|n| {
@@ -104,6 +106,14 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
             ))
         })
         .sum();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let balances = loop {
+        let balances: Vec<i128> = nodes.iter().map(|n| balance(n)).collect();
+        if balances.iter().sum::<i128>() == grants || Instant::now() >= deadline {
+            break balances;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(balances.iter().sum::<i128>(), grants, "{balances:?}");
     let moved: i128 = balances
         .iter()
