@@ -43,6 +43,10 @@ pub struct Config {
     /// answers: the same value nodes require at hello, so that records cost
     /// what connections cost.
     pub min_publisher_pow_bits: u32,
+    /// Proof of work (bits) both parties of a receipt must carry for it to
+    /// be stored here or taken from a lookup's answers: receipts of free
+    /// identities would otherwise flood keys and stores.
+    pub min_receipt_party_pow_bits: u32,
 }
 
 impl Default for Config {
@@ -54,6 +58,7 @@ impl Default for Config {
             refresh_interval_ms: REFRESH_INTERVAL_MS,
             seed: 1,
             min_publisher_pow_bits: hypha_ledger::DEFAULT_POW_BITS,
+            min_receipt_party_pow_bits: hypha_ledger::DEFAULT_POW_BITS,
         }
     }
 }
@@ -245,7 +250,7 @@ impl Dht {
             store: RecordStore::new(cfg.min_publisher_pow_bits),
             local,
             cfg,
-            receipts: ReceiptStore::default(),
+            receipts: ReceiptStore::new(local.id),
             queries: HashMap::new(),
             inflight: HashMap::new(),
             outbox: VecDeque::new(),
@@ -369,7 +374,12 @@ impl Dht {
         }
         let mut signed = Vec::with_capacity(receipts.len());
         for r in receipts {
-            let r = receipts::check(&key, r.signed().clone(), now_ms)?;
+            let r = receipts::check(
+                &key,
+                r.signed().clone(),
+                now_ms,
+                self.cfg.min_receipt_party_pow_bits,
+            )?;
             signed.push(r.signed().clone());
             let _ = self.receipts.put(key, r);
         }
@@ -678,7 +688,8 @@ impl Dht {
                         continue;
                     }
                     let stored =
-                        receipts::check(&key, r, now_ms).and_then(|v| self.receipts.put(key, v));
+                        receipts::check(&key, r, now_ms, self.cfg.min_receipt_party_pow_bits)
+                            .and_then(|v| self.receipts.put(key, v));
                     all &= stored.is_ok();
                 }
                 if all {
@@ -729,6 +740,7 @@ impl Dht {
     ) {
         let local = self.local.id;
         let (k, pow) = (self.cfg.k, self.cfg.min_publisher_pow_bits);
+        let party_pow = self.cfg.min_receipt_party_pow_bits;
         let Some(q) = self.queries.get_mut(&qid) else {
             return;
         };
@@ -762,7 +774,7 @@ impl Dht {
                 if found.iter().any(|f| *f.signed() == r) {
                     continue;
                 }
-                if let Ok(v) = receipts::check(&target, r, now_ms) {
+                if let Ok(v) = receipts::check(&target, r, now_ms, party_pow) {
                     receipts::merge(&target, found, v, MAX_RECEIPTS_PER_KEY);
                 }
             }

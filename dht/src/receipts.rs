@@ -3,34 +3,50 @@
 //! and compute its balance from signed receipts alone.
 //!
 //! A receipt is stored only after both of its signatures and keys check
-//! out, only under the key of a party it names, and not when it claims to
-//! finish in the future (beyond [`MAX_CLOCK_SKEW_MS`]). Each key holds the
-//! newest [`MAX_RECEIPTS_PER_KEY`] receipts (by finish time), one per
-//! (consumer, seeder, request id): a cumulative receipt replaces an earlier
-//! one of the same request when it covers more tokens; at most
-//! [`MAX_PER_COUNTERPARTY`] of them with any one other party, so receipts a
-//! node makes with identities of its own cannot push out the rest. A
-//! balance computed from the DHT covers a party's newest receipts, up to
-//! those bounds. A full store makes room by dropping the key whose newest
-//! receipt is oldest.
+//! out, only under the key of a party it names, only when both parties'
+//! ids carry the network's proof of work (so the identities a flood needs
+//! cost what connections cost), and not when it claims to finish more
+//! than [`MAX_CLOCK_SKEW_MS`] in the future. One receipt per (consumer,
+//! seeder, request id): a cumulative receipt replaces an earlier one of
+//! the same request when it covers more tokens.
+//!
+//! What a key keeps is what balances need under flooding. Only the key's
+//! own node can sign receipts that name it, so a flood of its key comes
+//! from that node and identities it controls, and it can only want its
+//! spending to look smaller or its earnings larger. So a key keeps two
+//! shares of its [`MAX_RECEIPTS_PER_KEY`]: receipts it spent on (three
+//! quarters), kept by credits, largest first, so receipts of small sums
+//! cannot push out a large one and receipts of large sums only add to what
+//! it is seen to spend; and receipts it earned on (a quarter), newest
+//! first, at most [`MAX_PER_COUNTERPARTY`] from any one consumer. A
+//! balance computed from the DHT therefore counts a party's largest
+//! spending and its newest earnings, up to those bounds.
+//!
+//! A node stores the keys it is close to (Kademlia sends it those). A full
+//! store makes room by dropping the key farthest from this node, and
+//! refuses a key farther than every key it holds: a flood of receipts
+//! under fresh keys evicts an honest key only with keys ground to lie
+//! closer to this node than that key does.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use hypha_ledger::{SignedReceipt, VerifiedReceipt};
 use hypha_wire::NodeId;
 
-use crate::DhtError;
+use crate::{DhtError, Distance};
 
-/// Receipts kept per party: the newest ones.
+/// Receipts kept per party.
 pub const MAX_RECEIPTS_PER_KEY: usize = 256;
 /// Receipts a node stores for others, in all.
 pub const MAX_STORED_RECEIPTS: usize = 50_000;
 /// Receipts one store request may carry (64 x 376 bytes).
 pub const MAX_RECEIPTS_PER_PUT: usize = 64;
-/// Receipts kept per key with any one counterparty.
-pub const MAX_PER_COUNTERPARTY: usize = 64;
-/// How far in the future a receipt's finish time may lie (clock skew).
-pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+/// Receipts a key keeps of its earnings from any one consumer: a seeder's
+/// visible earnings come from at least four consumers.
+pub const MAX_PER_COUNTERPARTY: usize = 16;
+/// How far in the future a receipt's finish time may lie: clock skew
+/// between two nodes' clocks, which NTP keeps well under this.
+pub const MAX_CLOCK_SKEW_MS: u64 = 60 * 1000;
 
 /// One request: a consumer's request id at one seeder.
 fn same_request(a: &VerifiedReceipt, b: &VerifiedReceipt) -> bool {
@@ -38,14 +54,16 @@ fn same_request(a: &VerifiedReceipt, b: &VerifiedReceipt) -> bool {
     a.consumer == b.consumer && a.seeder == b.seeder && a.request_id == b.request_id
 }
 
-/// The other party of a receipt under `key`.
-fn counterparty(key: &NodeId, r: &VerifiedReceipt) -> NodeId {
-    let rc = r.receipt();
-    if receipts_key(&rc.consumer) == *key {
-        rc.seeder
-    } else {
-        rc.consumer
-    }
+/// True when the receipt records `key`'s node spending (it is the
+/// consumer); otherwise it records its earning.
+fn spent_by(key: &NodeId, r: &VerifiedReceipt) -> bool {
+    receipts_key(&r.receipt().consumer) == *key
+}
+
+/// The share of a key's `max` receipts kept for its spending; the rest is
+/// for its earnings.
+pub const fn spent_share(max: usize) -> usize {
+    max - max / 4
 }
 
 /// The DHT key a node's receipts are stored under.
@@ -66,11 +84,31 @@ fn supersedes(new: &VerifiedReceipt, old: &VerifiedReceipt) -> bool {
         > (o.completion_tokens, o.finished_ms, o.credits)
 }
 
-/// Checks a receipt and the key it is offered under, at `now_ms`.
+/// The order a key's spending is kept in: largest credits first, then
+/// newest, then by request (so the order is total).
+fn spend_rank(r: &VerifiedReceipt) -> impl Ord {
+    let r = r.receipt();
+    (
+        std::cmp::Reverse(r.credits),
+        std::cmp::Reverse(r.finished_ms),
+        r.seeder,
+        r.request_id,
+    )
+}
+
+/// The order a key's earnings are kept in: newest first.
+fn earn_rank(r: &VerifiedReceipt) -> impl Ord {
+    let r = r.receipt();
+    (std::cmp::Reverse(r.finished_ms), r.consumer, r.request_id)
+}
+
+/// Checks a receipt and the key it is offered under, at `now_ms`; both
+/// parties' ids must carry `min_pow_bits` of proof of work.
 pub fn check(
     key: &NodeId,
     receipt: SignedReceipt,
     now_ms: u64,
+    min_pow_bits: u32,
 ) -> Result<VerifiedReceipt, DhtError> {
     let r = &receipt.receipt;
     if *key != receipts_key(&r.consumer) && *key != receipts_key(&r.seeder) {
@@ -81,20 +119,32 @@ pub fn check(
     if r.finished_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
         return Err(DhtError::BadRecord("receipt finishes in the future"));
     }
+    for party in [&r.consumer, &r.seeder] {
+        let bits = hypha_ledger::pow_bits(party);
+        if bits < min_pow_bits {
+            return Err(DhtError::NoProofOfWork {
+                bits,
+                required: min_pow_bits,
+            });
+        }
+    }
     receipt
         .verify()
         .map_err(|_| DhtError::BadRecord("receipt signatures do not verify"))
 }
 
-/// Adds `new` to a list of `key`'s receipts (newest first, one per
-/// request, at most [`MAX_PER_COUNTERPARTY`] per other party), keeping at
-/// most `max`; true when the list changed.
+/// Adds `new` to a list of `key`'s receipts (one per request), keeping at
+/// most `max`: [`spent_share`] of them for its spending, largest first,
+/// and the rest for its earnings, newest first and at most
+/// [`MAX_PER_COUNTERPARTY`] per consumer (see the module doc). The list
+/// holds the spending first, then the earnings. True when `new` was kept.
 pub fn merge(
     key: &NodeId,
     list: &mut Vec<VerifiedReceipt>,
     new: VerifiedReceipt,
     max: usize,
 ) -> bool {
+    let mut replaced = None;
     if let Some(i) = list.iter().position(|r| same_request(r, &new)) {
         let Some(old) = list.get(i) else {
             return false;
@@ -102,67 +152,121 @@ pub fn merge(
         if !supersedes(&new, old) {
             return false;
         }
-        list.remove(i);
+        replaced = Some(list.remove(i));
     }
-    let other = counterparty(key, &new);
-    let with_other: Vec<usize> = list
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| counterparty(key, r) == other)
-        .map(|(i, _)| i)
-        .collect();
-    if with_other.len() >= MAX_PER_COUNTERPARTY {
-        // Newest first: the last one with this party is its oldest.
-        let Some(&oldest) = with_other.last() else {
-            return false;
-        };
-        let newer = list
-            .get(oldest)
-            .is_some_and(|o| o.receipt().finished_ms < new.receipt().finished_ms);
-        if !newer {
-            return false;
+    let spent = spent_by(key, &new);
+    let (mut spends, mut earns): (Vec<_>, Vec<_>) = list.drain(..).partition(|r| spent_by(key, r));
+    let kept = if spent {
+        let at = spends
+            .binary_search_by(|r| spend_rank(r).cmp(&spend_rank(&new)))
+            .unwrap_or_else(|i| i);
+        let fits = at < spent_share(max);
+        if fits {
+            spends.insert(at, new);
+            spends.truncate(spent_share(max));
         }
-        list.remove(oldest);
+        fits
+    } else {
+        let consumer = new.receipt().consumer;
+        let rank = earn_rank(&new);
+        let with_same: Vec<usize> = earns
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.receipt().consumer == consumer)
+            .map(|(i, _)| i)
+            .collect();
+        // Newest first: the last one from this consumer is its oldest.
+        let crowded = with_same.len() >= MAX_PER_COUNTERPARTY;
+        let displaced = match with_same.last() {
+            Some(&oldest) if crowded => earns
+                .get(oldest)
+                .is_some_and(|o| earn_rank(o) > rank)
+                .then_some(oldest),
+            _ => None,
+        };
+        let at = earns
+            .binary_search_by(|r| earn_rank(r).cmp(&rank))
+            .unwrap_or_else(|i| i);
+        let room = max - spent_share(max);
+        let fits = (!crowded || displaced.is_some()) && at < room;
+        if fits {
+            if let Some(i) = displaced {
+                earns.remove(i);
+            }
+            let at = earns
+                .binary_search_by(|r| earn_rank(r).cmp(&rank))
+                .unwrap_or_else(|i| i);
+            earns.insert(at, new);
+            earns.truncate(room);
+        }
+        fits
+    };
+    list.extend(spends);
+    list.extend(earns);
+    if let (false, Some(old)) = (kept, replaced) {
+        // The later receipt did not fit where the earlier one did: keep
+        // the earlier.
+        merge(key, list, old, max);
     }
-    let at = list
-        .iter()
-        .position(|r| r.receipt().finished_ms < new.receipt().finished_ms)
-        .unwrap_or(list.len());
-    if at >= max {
-        return false;
-    }
-    list.insert(at, new);
-    list.truncate(max);
-    true
+    kept
 }
 
 /// Receipts this node holds for others.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReceiptStore {
-    by_key: HashMap<NodeId, Vec<VerifiedReceipt>>,
+    /// This node's id: a full store keeps the keys closest to it.
+    local: NodeId,
+    /// Each key's receipts, by the key's distance from `local` (one
+    /// distance per key), so the farthest is at hand.
+    by_key: BTreeMap<Distance, Vec<VerifiedReceipt>>,
     count: usize,
+    limit: usize,
 }
 
 impl ReceiptStore {
+    /// An empty store of the node `local`, holding at most
+    /// [`MAX_STORED_RECEIPTS`].
+    pub fn new(local: NodeId) -> Self {
+        Self::with_limit(local, MAX_STORED_RECEIPTS)
+    }
+
+    /// An empty store holding at most `limit` receipts.
+    pub fn with_limit(local: NodeId, limit: usize) -> Self {
+        Self {
+            local,
+            by_key: BTreeMap::new(),
+            count: 0,
+            limit,
+        }
+    }
+
+    fn distance(&self, key: &NodeId) -> Distance {
+        Distance::between(&self.local, key)
+    }
+
     /// Stores a checked receipt under `key`. A full store first drops the
-    /// key whose newest receipt is oldest (another than `key`).
+    /// key farthest from this node, when that is farther than `key`; when
+    /// `key` is the farthest, the receipt is refused.
     pub fn put(&mut self, key: NodeId, receipt: VerifiedReceipt) -> Result<(), DhtError> {
-        if self.count >= MAX_STORED_RECEIPTS {
-            let stalest = self
-                .by_key
-                .iter()
-                .filter(|(k, _)| **k != key)
-                .min_by_key(|(_, l)| l.first().map_or(0, |r| r.receipt().finished_ms))
-                .map(|(k, _)| *k);
-            match stalest.and_then(|k| self.by_key.remove(&k)) {
-                Some(l) => self.count -= l.len(),
+        let here = self.distance(&key);
+        if self.count >= self.limit {
+            let farthest = self.by_key.keys().next_back().copied();
+            match farthest.filter(|d| *d > here) {
+                Some(d) => {
+                    let dropped = self.by_key.remove(&d).map_or(0, |l| l.len());
+                    self.count -= dropped;
+                }
                 None => return Err(DhtError::StoreFull),
             }
         }
-        let list = self.by_key.entry(key).or_default();
+        let list = self.by_key.entry(here).or_default();
         let before = list.len();
         merge(&key, list, receipt, MAX_RECEIPTS_PER_KEY);
-        self.count = self.count + list.len() - before;
+        let after = list.len();
+        if after == 0 {
+            self.by_key.remove(&here);
+        }
+        self.count = self.count + after - before;
         Ok(())
     }
 
@@ -170,19 +274,23 @@ impl ReceiptStore {
     /// needs no second signature check).
     pub fn holds(&self, key: &NodeId, receipt: &SignedReceipt) -> bool {
         self.by_key
-            .get(key)
+            .get(&self.distance(key))
             .is_some_and(|l| l.iter().any(|r| r.signed() == receipt))
     }
 
-    /// The checked receipts under `key`, newest first.
+    /// The checked receipts under `key`: its spending, largest first, then
+    /// its earnings, newest first.
     pub fn get_verified(&self, key: &NodeId) -> Vec<VerifiedReceipt> {
-        self.by_key.get(key).cloned().unwrap_or_default()
+        self.by_key
+            .get(&self.distance(key))
+            .cloned()
+            .unwrap_or_default()
     }
 
-    /// The receipts under `key`, newest first.
+    /// The receipts under `key`, in [`Self::get_verified`]'s order.
     pub fn get(&self, key: &NodeId) -> Vec<SignedReceipt> {
         self.by_key
-            .get(key)
+            .get(&self.distance(key))
             .map(|l| l.iter().map(|r| r.signed().clone()).collect())
             .unwrap_or_default()
     }

@@ -25,8 +25,9 @@
 //! - Answers hold only what the machine's rules allow: closer contacts are
 //!   at most k, closest first, without the asker or this node; records
 //!   verify, fit the key and stay within its bounds, one per publisher (one
-//!   per name in the catalog); receipts check under the key, newest first,
-//!   one per request, within the per-key and per-counterparty bounds.
+//!   per name in the catalog); receipts check under the key, one per
+//!   request, the key's spending (largest first) before its earnings
+//!   (newest first), each within its share and the per-consumer bound.
 //! - What this node answers, and every request it sends, goes through the
 //!   wire and back unchanged and within the checks a peer applies; so does
 //!   every request built here within the codec's bounds.
@@ -450,7 +451,7 @@ fn answer(w: &mut World, from: Contact, request: Request, unlisted: bool) -> Res
             receipts.len() <= MAX_RECEIPTS_PER_PUT
                 && receipts
                     .iter()
-                    .all(|r| receipts::check(key, r.clone(), now).is_ok())
+                    .all(|r| receipts::check(key, r.clone(), now, DEFAULT_POW_BITS).is_ok())
         }
         _ => false,
     };
@@ -724,36 +725,46 @@ fn check_records(key: &NodeId, records: &[ProviderRecord], now_ms: u64) {
     }
 }
 
-/// Receipts that check under `key`, newest first, one per request, within
-/// the per-key and per-counterparty bounds.
+/// Receipts that check under `key`, one per request, within the per-key
+/// bounds: its spending first, largest first and at most its share, then
+/// its earnings, newest first, at most their share and the per-consumer
+/// bound.
 fn check_receipts(key: &NodeId, receipts: &[SignedReceipt], now_ms: u64) {
     assert!(receipts.len() <= MAX_RECEIPTS_PER_KEY);
     for r in receipts {
         assert_eq!(r.to_bytes().len(), SIGNED_RECEIPT_BYTES);
-        if let Err(e) = receipts::check(key, r.clone(), now_ms) {
+        if let Err(e) = receipts::check(key, r.clone(), now_ms, DEFAULT_POW_BITS) {
             panic!("a receipt that does not check: {e}");
         }
     }
+    let spent = |r: &SignedReceipt| receipts_key(&r.receipt.consumer) == *key;
+    let n_spent = receipts.iter().take_while(|r| spent(r)).count();
+    let (spends, earns) = receipts.split_at(n_spent);
+    assert!(earns.iter().all(|r| !spent(r)), "spending after earnings");
+    assert!(spends.len() <= receipts::spent_share(MAX_RECEIPTS_PER_KEY));
+    assert!(earns.len() <= MAX_RECEIPTS_PER_KEY - receipts::spent_share(MAX_RECEIPTS_PER_KEY));
     assert!(
-        receipts
+        spends
+            .windows(2)
+            .all(|p| p[0].receipt.credits >= p[1].receipt.credits),
+        "spending not largest first"
+    );
+    assert!(
+        earns
             .windows(2)
             .all(|p| p[0].receipt.finished_ms >= p[1].receipt.finished_ms),
-        "receipts not newest first"
+        "earnings not newest first"
     );
     let requests: BTreeSet<(NodeId, NodeId, u64)> = receipts
         .iter()
         .map(|r| (r.receipt.consumer, r.receipt.seeder, r.receipt.request_id))
         .collect();
     assert_eq!(requests.len(), receipts.len(), "a request's receipt twice");
-    for r in receipts {
-        let other = |x: &SignedReceipt| {
-            if receipts_key(&x.receipt.consumer) == *key {
-                x.receipt.seeder
-            } else {
-                x.receipt.consumer
-            }
-        };
-        let n = receipts.iter().filter(|x| other(x) == other(r)).count();
+    for r in earns {
+        let n = earns
+            .iter()
+            .filter(|x| x.receipt.consumer == r.receipt.consumer)
+            .count();
         assert!(n <= MAX_PER_COUNTERPARTY);
     }
 }

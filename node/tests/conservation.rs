@@ -199,7 +199,8 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
 
 /// A seeder ranks a consumer by the receipts the whole network published,
 /// not only its own: a consumer that spent its grant on another seeder is
-/// at the free tier's limit here too.
+/// at the free tier's limit here too, even after flooding its own receipt
+/// key with receipts signed by identities it controls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credits_spent_elsewhere_count_at_every_seeder() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -263,6 +264,68 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
         }
         assert!(Instant::now() < deadline, "beta never saw the spending");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The consumer floods its own receipt key with receipts it signs with
+    // four identities of its own: tiny, newer than its real one, more than
+    // the key holds. The key fills, and beta still sees the spending.
+    let mine =
+        hypha_node::identity::Identity::load_or_create_with_pow(dirs[2].path(), TEST_POW_BITS)
+            .unwrap();
+    assert_eq!(mine.id(), me);
+    let own = consumer.peers().unwrap().discovery().unwrap().clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    const SYBILS: u8 = 4;
+    let per_sybil = hypha_dht::receipts::MAX_RECEIPTS_PER_KEY as u64 / u64::from(SYBILS) + 8;
+    for n in 0..SYBILS {
+        let sybil = common::peer_identity(200 + n);
+        for i in 0..per_sybil {
+            let r = hypha_ledger::Receipt {
+                request_id: 1_000_000 + i,
+                consumer: me,
+                seeder: sybil.id(),
+                model_sha256: [0; 32],
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                credits: 1,
+                started_ms: now - 1_000,
+                finished_ms: now + i,
+                tokens_digest: [0; 32],
+            };
+            let signed = hypha_ledger::SignedReceipt {
+                seeder_sig: r.sign(sybil.signing_key()),
+                consumer_sig: r.sign(mine.signing_key()),
+                seeder_key: sybil.public_key(),
+                consumer_key: mine.public_key(),
+                receipt: r,
+            };
+            assert!(own.publish_receipt(signed.verify().unwrap()));
+        }
+    }
+    let full = hypha_dht::receipts::spent_share(hypha_dht::receipts::MAX_RECEIPTS_PER_KEY);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let receipts = d.receipts_of(&me).await.unwrap_or_default();
+        let seen = hypha_ledger::balance(
+            hypha_node::inference::admission::grant_for(&me, TEST_POW_BITS),
+            &hypha_ledger::totals_of(&me, &receipts),
+        );
+        assert!(
+            seen < 0,
+            "the flood hid the spending: balance {seen} over {} receipts",
+            receipts.len()
+        );
+        if receipts.len() >= full {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flood never filled the key: {} receipts",
+            receipts.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // beta looks the balance up in the background on the first request;
     // from then on the consumer gets one request a minute.

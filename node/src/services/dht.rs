@@ -168,6 +168,9 @@ impl Discovery {
             // Records need what connections need: free identities would
             // otherwise publish without end.
             min_publisher_pow_bits: pow_bits,
+            // ... and so do the parties of receipts: a flood of a key or a
+            // store needs identities, each paid for.
+            min_receipt_party_pow_bits: pow_bits,
             ..hypha_dht::Config::default()
         };
         let dht = Dht::new(local, cfg, unix_ms());
@@ -199,7 +202,8 @@ impl Discovery {
         self.receipts.try_send(receipt).is_ok()
     }
 
-    /// The checked receipts the DHT holds for `id`, newest first; `None`
+    /// The checked receipts the DHT holds for `id` (its largest spending, then
+    /// its newest earnings; see `hypha_dht::receipts`); `None`
     /// when the lookup could not run or finish.
     pub async fn receipts_of(&self, id: &NodeId) -> Option<Vec<VerifiedReceipt>> {
         let key = hypha_dht::receipts_key(id);
