@@ -172,6 +172,7 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
         Some(balances[0]),
         "{v}"
     );
+
     // And from the command line, against a running node.
     let url = format!("http://{}", consumers[0].http_addr());
     let first_id = first.id().unwrap().to_string();
@@ -327,6 +328,25 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Over HTTP, beta lists the consumer's receipts newest first (the DHT
+    // holds its largest spending first).
+    let v: Value = c
+        .get(format!("http://{}/v1/ledger/{me}", beta.http_addr()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["balance"].as_i64().unwrap() < 0, "{v}");
+    let finished: Vec<u64> = v["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["finished_ms"].as_u64().unwrap())
+        .collect();
+    assert!(finished.len() > 1, "{v}");
+    assert!(finished.windows(2).all(|w| w[0] >= w[1]), "{finished:?}");
     // beta looks the balance up in the background on the first request;
     // from then on the consumer gets one request a minute.
     let mut statuses = Vec::new();

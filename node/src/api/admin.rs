@@ -366,8 +366,11 @@ pub(crate) async fn peer_ledger(
     );
     v["source"] = json!("dht");
     v["receipts"] = json!(receipts.len());
-    v["recent"] = receipts
-        .iter()
+    // The DHT keeps a node's largest spending first: list by time.
+    let mut recent: Vec<_> = receipts.iter().collect();
+    recent.sort_by_key(|r| std::cmp::Reverse(r.receipt().finished_ms));
+    v["recent"] = recent
+        .into_iter()
         .take(LEDGER_RECENT)
         .map(|r| account::receipt_json(r.signed(), Some(id)))
         .collect();
