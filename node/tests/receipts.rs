@@ -29,18 +29,7 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_stops_countersigning_is_cut_off() {
     let net = Net::start_with(2, 64, 8).await;
-    let ident = common::peer_identity(51);
-    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let to = net.seeder.peer_addr().unwrap();
-    let conn = ep.dial(to.addr, to.id).await.unwrap();
-    proto::hello_as_dialer(
-        &conn,
-        to.id,
-        &proto::hello_message(&ident, Default::default()),
-        0,
-    )
-    .await
-    .unwrap();
+    let (ident, _ep, conn) = raw_consumer(&net, 51).await;
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut send = FramedSend::new(send);
     send.send(&common::request(1, 200)).await.unwrap();
@@ -150,19 +139,8 @@ async fn raw_consumer(
     net: &Net,
     seed: u8,
 ) -> (hypha_node::identity::Identity, Endpoint, quinn::Connection) {
-    let ident = common::peer_identity(seed);
-    let ep = Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let to = net.seeder.peer_addr().unwrap();
-    let conn = ep.dial(to.addr, to.id).await.unwrap();
-    proto::hello_as_dialer(
-        &conn,
-        to.id,
-        &proto::hello_message(&ident, Default::default()),
-        0,
-    )
-    .await
-    .unwrap();
-    (ident, ep, conn)
+    let (ep, conn) = common::dial_with_hello(net, seed).await;
+    (common::peer_identity(seed), ep, conn)
 }
 
 /// The first frame of the seeder's answer to request `id`: its refusal, if
