@@ -169,33 +169,29 @@ pub fn merge(
     } else {
         let consumer = new.receipt().consumer;
         let rank = earn_rank(&new);
-        let with_same: Vec<usize> = earns
+        let room = max - spent_share(max);
+        let of_same: Vec<usize> = earns
             .iter()
             .enumerate()
             .filter(|(_, r)| r.receipt().consumer == consumer)
             .map(|(i, _)| i)
             .collect();
-        // Newest first: the last one from this consumer is its oldest.
-        let crowded = with_same.len() >= MAX_PER_COUNTERPARTY;
-        let displaced = match with_same.last() {
-            Some(&oldest) if crowded => earns
-                .get(oldest)
-                .is_some_and(|o| earn_rank(o) > rank)
-                .then_some(oldest),
-            _ => None,
-        };
+        // At its bound, a consumer's newer earning replaces its oldest
+        // (newest first: the last of them).
+        let mut fits = true;
+        if of_same.len() >= MAX_PER_COUNTERPARTY {
+            match of_same.last() {
+                Some(&i) if earns.get(i).is_some_and(|o| earn_rank(o) > rank) => {
+                    earns.remove(i);
+                }
+                _ => fits = false,
+            }
+        }
         let at = earns
             .binary_search_by(|r| earn_rank(r).cmp(&rank))
             .unwrap_or_else(|i| i);
-        let room = max - spent_share(max);
-        let fits = (!crowded || displaced.is_some()) && at < room;
+        fits &= at < room;
         if fits {
-            if let Some(i) = displaced {
-                earns.remove(i);
-            }
-            let at = earns
-                .binary_search_by(|r| earn_rank(r).cmp(&rank))
-                .unwrap_or_else(|i| i);
             earns.insert(at, new);
             earns.truncate(room);
         }
