@@ -46,6 +46,9 @@ pub const PROVIDER_CACHE: Duration = Duration::from_secs(30);
 pub const MAX_PROVIDER_ATTEMPTS: usize = 4;
 /// Models whose providers one `GET /v1/models` looks up.
 const MAX_LISTED_MODELS: usize = 64;
+/// Providers over this node's price ceilings an error names; the rest are
+/// counted (the DHT may hold many).
+const MAX_LISTED_OFFERS: usize = 4;
 /// Of those, lookups running at once.
 const LISTING_LOOKUPS: usize = 8;
 /// Models remembered with cached providers.
@@ -552,11 +555,16 @@ fn over_price_error(
     limits: &SpendLimits,
     offers: &[(NodeId, (u64, u64))],
 ) -> RemoteError {
-    let offers = offers
+    let mut listed = offers
         .iter()
+        .take(MAX_LISTED_OFFERS)
         .map(|(id, (p, c))| format!("{id} at {p}/{c} micro-credits per prompt/completion token"))
         .collect::<Vec<_>>()
         .join(", ");
+    if offers.len() > MAX_LISTED_OFFERS {
+        listed.push_str(&format!(" and {} more", offers.len() - MAX_LISTED_OFFERS));
+    }
+    let offers = listed;
     RemoteError::OverPrice {
         model: model.to_owned(),
         ceilings: limits.describe(),
