@@ -76,6 +76,10 @@ pub enum Error {
     QueueFull { queued: usize },
     #[error("the engine has stopped")]
     Stopped,
+    #[error(
+        "stopped to make room for a request with credits: the free tier runs on idle capacity only"
+    )]
+    Preempted,
     #[error("decode failed (llama.cpp code {0})")]
     Decode(i32),
     #[error("invalid configuration: {0}")]
@@ -308,8 +312,12 @@ pub struct GenerateRequest {
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
     /// Waiting requests are admitted highest priority first, in arrival
-    /// order among equals.
+    /// order among equals (all that are not preemptible before any that
+    /// is).
     pub priority: i64,
+    /// Runs only on idle capacity: stopped (`Error::Preempted`) when a
+    /// request that is not preemptible waits and no slot is free.
+    pub preemptible: bool,
 }
 
 /// Why a generation ended.
@@ -378,6 +386,8 @@ pub struct EngineStats {
     pub slots_busy: AtomicUsize,
     /// Prompt tokens whose KV was copied from another slot, not computed.
     pub prompt_tokens_reused: AtomicU64,
+    /// Preemptible requests stopped to make room for others.
+    pub preempted: AtomicU64,
 }
 
 /// A running engine. Cheap to clone; the decode thread stops when the last

@@ -3,7 +3,9 @@
 //! Each step:
 //! 1. take new jobs from the channel into the wait queue (FIFO);
 //! 2. drop slots whose client went away, freeing their KV cells;
-//! 3. admit waiting jobs into free slots;
+//! 3. admit waiting jobs into free slots, highest priority first; a job
+//!    that is not preemptible, finding none free, stops the preemptible
+//!    one with the lowest priority (the free tier runs on idle capacity);
 //! 4. build one batch: one token for every generating slot first, then
 //!    prompt tokens while room is left; while any stream is generating, at
 //!    most `prompt_chunk_tokens` prompt tokens per step, so a long prompt is
@@ -68,6 +70,8 @@ struct Slot {
     /// Copy leading KV cells from another job's slot before feeding.
     share: Option<Share>,
     piece: Vec<u8>,
+    priority: i64,
+    preemptible: bool,
 }
 
 fn common_prefix(a: &[Token], b: &[Token]) -> usize {
@@ -218,12 +222,13 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while !self.waiting.is_empty() {
-            // Highest priority first; the earliest among equals.
+            // Requests that are not preemptible first, then the highest
+            // priority; the earliest among equals.
             let Some(next) = self
                 .waiting
                 .iter()
                 .enumerate()
-                .max_by_key(|(i, j)| (j.req.priority, std::cmp::Reverse(*i)))
+                .max_by_key(|(i, j)| (!j.req.preemptible, j.req.priority, std::cmp::Reverse(*i)))
                 .map(|(i, _)| i)
             else {
                 return;
@@ -231,7 +236,14 @@ impl Scheduler {
             let Some(job) = self.waiting.get(next) else {
                 return;
             };
-            let Some((free, reuse)) = self.pick_slot(&job.req.prompt) else {
+            let mut pick = self.pick_slot(&job.req.prompt);
+            if pick.is_none() && !job.req.preemptible && self.preempt_one() {
+                pick = self
+                    .waiting
+                    .get(next)
+                    .and_then(|job| self.pick_slot(&job.req.prompt));
+            }
+            let Some((free, reuse)) = pick else {
                 return;
             };
             let Some(job) = self.waiting.remove(next) else {
@@ -285,9 +297,33 @@ impl Scheduler {
                 job_id: self.next_job_id,
                 share,
                 piece: Vec::with_capacity(64),
+                priority: job.req.priority,
+                preemptible: job.req.preemptible,
             });
             self.stats.slots_busy.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Stops the preemptible running request with the lowest priority (the
+    /// latest admitted among equals) and frees its slot; false when none
+    /// runs. Its client gets `Error::Preempted`.
+    fn preempt_one(&mut self) -> bool {
+        let Some(i) = (0..self.slots.len())
+            .filter_map(|i| self.slots[i].as_ref().map(|s| (i, s)))
+            .filter(|(_, s)| s.preemptible)
+            .min_by_key(|(_, s)| (s.priority, std::cmp::Reverse(s.job_id)))
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        if let Some(slot) = &self.slots[i] {
+            // A full channel: dropping the sender still ends the stream.
+            let _ = slot.tx.try_send(Event::Failed(Error::Preempted));
+        }
+        self.stats.preempted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(slot = i, "preempted for a request that is not preemptible");
+        self.free(i, true);
+        true
     }
 
     /// The running slot sharing the longest prompt prefix with `prompt`, and

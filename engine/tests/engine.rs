@@ -93,6 +93,7 @@ fn req(prompt: Vec<i32>, max_tokens: u32) -> GenerateRequest {
         max_tokens: Some(max_tokens),
         stop: Vec::new(),
         priority: 0,
+        preemptible: false,
     }
 }
 
@@ -431,6 +432,54 @@ fn waiting_requests_are_admitted_by_priority() {
     );
     assert!(high < low, "the higher priority runs first");
     assert!(low < low2, "equals keep their arrival order");
+}
+
+/// Ends a stream, returning how it ended: `Ok(tokens)` at `Done`.
+fn drain(mut g: hypha_engine::Generation) -> Result<usize, hypha_engine::Error> {
+    let mut tokens = 0;
+    loop {
+        match g.blocking_next().expect("stream ends") {
+            Event::Token { .. } => tokens += 1,
+            Event::Done { .. } => return Ok(tokens),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+}
+
+#[test]
+fn a_request_that_is_not_preemptible_stops_a_preemptible_one_for_its_slot() {
+    let e = engine(1, 512, 4);
+    let p = chat_prompt(&e, "Count from one to one hundred.");
+    let free = |max_tokens, priority| GenerateRequest {
+        preemptible: true,
+        priority,
+        ..req(p.clone(), max_tokens)
+    };
+    let mut running = e.submit(free(200, 0)).unwrap();
+    assert!(matches!(running.blocking_next(), Some(Event::Token { .. })));
+    // Another preemptible request, even of higher priority, waits.
+    let waiting = e.submit(free(4, 5)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(e.stats().preempted.load(Ordering::Relaxed), 0);
+    assert_eq!(e.stats().queued.load(Ordering::Relaxed), 1);
+    // One that is not preemptible takes the slot at once, and the
+    // preemptible one that waited runs after it.
+    let paying = e.submit(req(p.clone(), 4)).unwrap();
+    let (paying, waiting) = (
+        std::thread::spawn(move || drain(paying)),
+        std::thread::spawn(move || drain(waiting)),
+    );
+    match drain(running) {
+        Err(hypha_engine::Error::Preempted) => {}
+        other => panic!("the running preemptible request was not preempted: {other:?}"),
+    }
+    assert_eq!(paying.join().unwrap().unwrap(), 4);
+    assert_eq!(waiting.join().unwrap().unwrap(), 4);
+    assert_eq!(e.stats().preempted.load(Ordering::Relaxed), 1);
+    // With a slot free, nothing is preempted.
+    let alone = e.submit(req(p, 4)).unwrap();
+    assert_eq!(drain(alone).unwrap(), 4);
+    assert_eq!(e.stats().preempted.load(Ordering::Relaxed), 1);
 }
 
 #[test]

@@ -203,6 +203,7 @@ fn submit_local(
         stop,
         // The node's own users come before the peers it serves.
         priority: i64::MAX,
+        preemptible: false,
     })?))
 }
 

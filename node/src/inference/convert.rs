@@ -114,6 +114,7 @@ pub fn prepare(
             max_tokens: req.max_tokens,
             stop: req.stop.clone(),
             priority: 0,
+            preemptible: false,
         },
     ))
 }
@@ -127,7 +128,7 @@ pub(crate) fn reply_for(request_id: RequestId, e: &hypha_engine::Error) -> Error
         | E::InvalidRequest(_)
         | E::PromptTooLarge
         | E::Template(_) => Refusal::BadRequest,
-        E::QueueFull { .. } => Refusal::Busy,
+        E::QueueFull { .. } | E::Preempted => Refusal::Busy,
         _ => Refusal::Internal,
     };
     ErrorReply {
