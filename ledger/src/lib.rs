@@ -10,10 +10,15 @@
 //!   not) and reports it, and refuses a log corrupted anywhere else. An index of (consumer, request
 //!   id) rebuilt from the log rejects replays across restarts; a later
 //!   receipt of the same request replaces the one held.
-//! - Balances: `grant + earned - spent`, where only the grant creates
-//!   credits and each receipt moves them from its consumer to its seeder.
-//!   The grant goes only to identities whose key carries a proof of work
-//!   ([`pow_bits`]).
+//! - Balances: `earned - spent`. No credit is created: each receipt moves
+//!   its credits from its consumer to its seeder, and a new identity starts
+//!   at zero (it lives on the free tier until it has served).
+//! - [`standing`]: what a seeder honours of a consumer's balance when it
+//!   ranks its requests. Earnings count only as far as they trace back to
+//!   the judging seeder's own payments: what it paid the consumer, and what
+//!   the consumer earned from a node the judge paid, up to what the judge
+//!   paid that node. Receipts a node signs with identities of its own move
+//!   nothing the judge paid, so they buy nothing anywhere.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -28,13 +33,11 @@ pub use receipt::{
 
 use hypha_wire::NodeId;
 
-/// Micro-credits granted to a new identity with enough proof of work: a
-/// few short requests' worth, so a newcomer can try the network, while
-/// minting identities costs more than the grant is worth.
-pub const GRANT_MICRO: u64 = 1_000_000;
 /// Proof-of-work difficulty by default: leading zero bits of
 /// SHA-256("hypha-pow" || NodeId). About 2^16 key generations, a second or
-/// so of one core.
+/// so of one core. It buys no credits: it makes identities cost something
+/// where the network keeps per-identity state (DHT records and receipts,
+/// relay slots, the free tier's windows).
 pub const DEFAULT_POW_BITS: u32 = 16;
 
 /// Why a ledger operation failed.
@@ -89,14 +92,104 @@ pub fn pow_bits(id: &NodeId) -> u32 {
     bits
 }
 
-/// A balance from a grant and totals; negative means the node owes.
-pub fn balance(grant: u64, totals: &Totals) -> i128 {
-    i128::from(grant) + i128::from(totals.earned) - i128::from(totals.spent)
+/// A balance from totals: earned minus spent; negative means the node
+/// took more than it gave.
+pub fn balance(totals: &Totals) -> i128 {
+    i128::from(totals.earned) - i128::from(totals.spent)
 }
 
-/// `id`'s totals over a set of checked receipts (for example those
-/// published into the DHT), counting each (consumer, seeder, request id)
-/// once, by its receipt with the most tokens.
+/// Each (consumer, seeder, request id) of `receipts` once, by its receipt
+/// with the most tokens.
+fn latest_per_request<'a>(
+    receipts: impl IntoIterator<Item = &'a Receipt>,
+) -> std::collections::HashMap<(NodeId, NodeId, u64), &'a Receipt> {
+    let mut latest: std::collections::HashMap<(NodeId, NodeId, u64), &Receipt> =
+        std::collections::HashMap::new();
+    for r in receipts {
+        latest
+            .entry((r.consumer, r.seeder, r.request_id))
+            .and_modify(|held| {
+                if r.completion_tokens > held.completion_tokens {
+                    *held = r;
+                }
+            })
+            .or_insert(r);
+    }
+    latest
+}
+
+/// What receipts published for a node (the DHT's) show a judge beyond its
+/// own log: the node's earnings by consumer and its spending at others.
+/// Receipts the judge is party to are left out: its own log holds them all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Micro-credits the node earned from each consumer but the judge.
+    pub earned_from: Vec<(NodeId, u64)>,
+    /// Micro-credits the node spent at seeders other than the judge.
+    pub spent_elsewhere: u64,
+}
+
+impl Published {
+    /// Sums the checked `receipts` naming `id`, as `judge` sees them.
+    pub fn of(judge: &NodeId, id: &NodeId, receipts: &[VerifiedReceipt]) -> Self {
+        let latest = latest_per_request(receipts.iter().map(VerifiedReceipt::receipt));
+        let mut earned: std::collections::BTreeMap<NodeId, u64> = Default::default();
+        let mut spent_elsewhere = 0u64;
+        for r in latest.values() {
+            if r.seeder == *judge || r.consumer == *judge || r.seeder == r.consumer {
+                continue;
+            }
+            if r.seeder == *id {
+                let e = earned.entry(r.consumer).or_default();
+                *e = e.saturating_add(r.credits);
+            } else if r.consumer == *id {
+                spent_elsewhere = spent_elsewhere.saturating_add(r.credits);
+            }
+        }
+        Self {
+            earned_from: earned.into_iter().collect(),
+            spent_elsewhere,
+        }
+    }
+}
+
+/// A consumer's standing at a judging seeder, in micro-credits: the
+/// earnings the judge honours minus everything the consumer is known to
+/// have spent. Positive buys priority there; otherwise the consumer is on
+/// the free tier.
+///
+/// The rule: credits are honoured only as far as they trace back, within
+/// one hop, to the judge's own payments, since those are the only trade
+/// the judge knows to be real (it received the tokens):
+/// - what the judge paid the consumer counts whole;
+/// - what the consumer earned from another node `x` counts up to what the
+///   judge paid `x` (`x` passes on credits the judge gave it);
+/// - any other earnings count nothing.
+///
+/// Receipts between a node and identities of its own move no credit the
+/// judge paid, so fabricated trade is worth nothing at any seeder that did
+/// not pay those identities, and a seeder pays only for tokens it received.
+/// `paid_by_judge(x)`: what the judge's own log shows it paid `x`;
+/// `spent_at_judge`: what the consumer spent at the judge, from its log.
+pub fn standing(
+    consumer: &NodeId,
+    paid_by_judge: impl Fn(&NodeId) -> u64,
+    spent_at_judge: u64,
+    published: Option<&Published>,
+) -> i128 {
+    let direct = i128::from(paid_by_judge(consumer));
+    let (via_others, spent_elsewhere) = published.map_or((0, 0), |p| {
+        let via: i128 = p
+            .earned_from
+            .iter()
+            .filter(|(x, _)| x != consumer)
+            .map(|(x, earned)| i128::from((*earned).min(paid_by_judge(x))))
+            .sum();
+        (via, i128::from(p.spent_elsewhere))
+    });
+    direct + via_others - i128::from(spent_at_judge) - spent_elsewhere
+}
+
 /// The receipts a log's records stand for, in log order: a later record
 /// of a request replaces the earlier one (the log takes a later receipt of
 /// a request only when it extends the one held), so each request appears
@@ -114,23 +207,11 @@ pub fn latest_of_each(records: Vec<SignedReceipt>) -> Vec<SignedReceipt> {
         .collect()
 }
 
+/// `id`'s totals over a set of checked receipts (for example those
+/// published into the DHT), counting each (consumer, seeder, request id)
+/// once, by its receipt with the most tokens.
 pub fn totals_of(id: &NodeId, receipts: &[VerifiedReceipt]) -> Totals {
-    let mut latest: std::collections::HashMap<(NodeId, NodeId, u64), &Receipt> =
-        std::collections::HashMap::new();
-    for v in receipts {
-        let r = v.receipt();
-        if r.seeder != *id && r.consumer != *id {
-            continue;
-        }
-        latest
-            .entry((r.consumer, r.seeder, r.request_id))
-            .and_modify(|held| {
-                if r.completion_tokens > held.completion_tokens {
-                    *held = r;
-                }
-            })
-            .or_insert(r);
-    }
+    let latest = latest_per_request(receipts.iter().map(VerifiedReceipt::receipt));
     let mut t = Totals::default();
     for r in latest.values() {
         if r.seeder == *id {

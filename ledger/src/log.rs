@@ -91,6 +91,8 @@ struct State {
     /// The latest receipt held of each request.
     index: HashMap<ReceiptKey, Held>,
     totals: HashMap<NodeId, Totals>,
+    /// Micro-credits moved from each consumer to each seeder.
+    moved: HashMap<(NodeId, NodeId), u64>,
     /// Requests the log holds receipts of.
     receipts: u64,
     /// The newest receipts, oldest first, at most [`RECENT_RECEIPTS`].
@@ -183,6 +185,8 @@ impl State {
         }
         let c = self.totals.entry(r.consumer).or_default();
         c.spent = c.spent.saturating_sub(before).saturating_add(r.credits);
+        let m = self.moved.entry((r.consumer, r.seeder)).or_default();
+        *m = m.saturating_sub(before).saturating_add(r.credits);
         if new {
             c.receipts_as_consumer += 1;
             self.receipts += 1;
@@ -256,6 +260,7 @@ impl Ledger {
         let mut state = State {
             index: HashMap::new(),
             totals: HashMap::new(),
+            moved: HashMap::new(),
             receipts: 0,
             recent: std::collections::VecDeque::with_capacity(RECENT_RECEIPTS),
             poisoned: None,
@@ -343,6 +348,15 @@ impl Ledger {
         lock(&self.inner.state)
             .totals
             .get(id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Micro-credits the log's receipts moved from `consumer` to `seeder`.
+    pub fn moved(&self, consumer: &NodeId, seeder: &NodeId) -> u64 {
+        lock(&self.inner.state)
+            .moved
+            .get(&(*consumer, *seeder))
             .copied()
             .unwrap_or_default()
     }

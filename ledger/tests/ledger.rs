@@ -2,8 +2,8 @@
 //! recovery from torn writes, and detection of every other kind of damage.
 
 use hypha_ledger::{
-    balance, node_id_of, pow_bits, verify_batch, Ledger, LedgerError, ReceiptKey, SignedReceipt,
-    LOG_FILE,
+    balance, node_id_of, pow_bits, standing, verify_batch, Ledger, LedgerError, Published,
+    ReceiptKey, SignedReceipt, LOG_FILE,
 };
 use proptest::prelude::*;
 
@@ -114,7 +114,12 @@ fn appends_survive_a_restart_and_replays_are_refused_before_and_after() {
     let t_c = ledger.totals(&cid);
     assert_eq!((t_s.earned, t_s.spent), (101_000, 0));
     assert_eq!((t_c.earned, t_c.spent), (250, 100_000));
-    assert_eq!(balance(1_000_000, &t_c), 1_000_000 + 250 - 100_000);
+    assert_eq!(balance(&t_c), 250 - 100_000);
+    let oid = node_id_of(&other.verifying_key().to_bytes());
+    assert_eq!(ledger.moved(&cid, &sid), 100_000);
+    assert_eq!(ledger.moved(&oid, &cid), 250);
+    assert_eq!(ledger.moved(&oid, &sid), 1000);
+    assert_eq!(ledger.moved(&sid, &cid), 0);
     // Credits are conserved: everything earned was spent by someone.
     let all = ledger.all_totals();
     let earned: u64 = all.iter().map(|(_, t)| t.earned).sum();
@@ -383,4 +388,59 @@ fn one_node_at_a_time_holds_a_ledger() {
     ));
     drop(first);
     Ledger::open(dir.path()).expect("released when the last handle goes");
+}
+
+/// The standing rule: a judge honours what it paid a node, and what that
+/// node earned from others the judge paid, up to what it paid them; trade
+/// with identities the judge never paid is worth nothing, however much.
+#[test]
+fn standing_honours_only_credits_that_trace_back_to_the_judge() {
+    let id = |k: &ed25519_dalek::SigningKey| node_id_of(&k.verifying_key().to_bytes());
+    let (judge, node, x, elsewhere) = (key(10), key(11), key(12), key(13));
+    let sybils: Vec<_> = (100..104).map(key).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Ledger::open(dir.path()).unwrap();
+    // The judge's own log: it paid `node` 300 and `x` 500; `node` spent
+    // 100 at the judge.
+    log.append(verified(&node, &judge, 1, 300)).unwrap();
+    log.append(verified(&x, &judge, 2, 500)).unwrap();
+    log.append(verified(&judge, &node, 3, 100)).unwrap();
+    // Published for `node`: 1,000 receipts with its own Sybils as
+    // consumers, 800 earned from `x`, 50 spent at `elsewhere`, and a copy
+    // of its trade with the judge (counted from the log, not twice).
+    let mut published = Vec::new();
+    for i in 0..1000u64 {
+        let s = &sybils[(i % 4) as usize];
+        published.push(verified(&node, s, 10_000 + i, 1_000_000));
+    }
+    published.push(verified(&node, &x, 4, 800));
+    published.push(verified(&elsewhere, &node, 5, 50));
+    published.push(verified(&node, &judge, 1, 300));
+    let p = Published::of(&id(&judge), &id(&node), &published);
+    assert_eq!(p.spent_elsewhere, 50);
+    assert_eq!(p.earned_from.len(), 5, "{:?}", p.earned_from);
+    let paid = |to: &hypha_wire::NodeId| log.moved(&id(&judge), to);
+    let spent_here = log.moved(&id(&node), &id(&judge));
+    // 300 paid directly + min(800, 500) through x - 100 - 50.
+    assert_eq!(standing(&id(&node), paid, spent_here, Some(&p)), 650);
+    // Its own log alone: what it paid minus what was spent with it.
+    assert_eq!(standing(&id(&node), paid, spent_here, None), 200);
+    // The Sybils' billions are there to see, and the balance shows them,
+    // but none of it traces back to the judge.
+    let totals = hypha_ledger::totals_of(&id(&node), &published);
+    assert!(balance(&totals) > 999_000_000);
+    let without_sybils: Vec<_> = published[1000..].to_vec();
+    let q = Published::of(&id(&judge), &id(&node), &without_sybils);
+    assert_eq!(
+        standing(&id(&node), paid, spent_here, Some(&q)),
+        standing(&id(&node), paid, spent_here, Some(&p))
+    );
+    // A stranger the judge never paid has no standing, whatever it
+    // earned from its own identities.
+    let stranger = key(14);
+    let fabricated: Vec<_> = (0..1000u64)
+        .map(|i| verified(&stranger, &sybils[(i % 4) as usize], i, 1_000_000))
+        .collect();
+    let p = Published::of(&id(&judge), &id(&stranger), &fabricated);
+    assert_eq!(standing(&id(&stranger), paid, 0, Some(&p)), 0);
 }

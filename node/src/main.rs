@@ -257,7 +257,7 @@ struct UpArgs {
 
 #[derive(Subcommand)]
 enum LedgerCmd {
-    /// grant + earned - spent, in micro-credits.
+    /// earned - spent, in micro-credits.
     Balance,
     /// The newest receipts, newest first.
     Receipts {
@@ -691,10 +691,9 @@ async fn show_receipt(seeder: &Node, consumer: &Node) -> anyhow::Result<()> {
         r.credits
     );
     let me = r.consumer;
-    let grant = hypha_node::inference::admission::grant_for(&me, hypha_ledger::DEFAULT_POW_BITS);
     println!(
-        "consumer balance: {} micro-credits (grant {grant}, spent {}); seeder earned {}",
-        hypha_ledger::balance(grant, &cl.totals(&me)),
+        "consumer balance: {} micro-credits (spent {}); seeder earned {}",
+        hypha_ledger::balance(&cl.totals(&me)),
         cl.totals(&me).spent,
         sl.totals(&r.seeder).earned
     );
@@ -707,13 +706,13 @@ async fn show_receipt(seeder: &Node, consumer: &Node) -> anyhow::Result<()> {
 async fn peer_balance_cmd(node_id: &str, url: &str, api_key: Option<String>) -> anyhow::Result<()> {
     let v = get_json(url, &format!("/v1/ledger/{node_id}"), api_key.as_deref()).await?;
     println!(
-        "{}: balance {} micro-credits (grant {} + earned {} - spent {}), from {} receipts found in the DHT, each signature checked",
+        "{}: balance {} micro-credits (earned {} - spent {}), from {} receipts found in the DHT, each signature checked; standing at this node {}",
         v["node_id"].as_str().unwrap_or(node_id),
         v["balance"],
-        v["grant"],
         v["earned"],
         v["spent"],
-        v["receipts"]
+        v["receipts"],
+        v["standing_here"]
     );
     Ok(())
 }
@@ -949,10 +948,7 @@ fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Res
                     t.receipts_as_consumer += 1;
                 }
             }
-            let grant =
-                hypha_node::inference::admission::grant_for(&me, hypha_ledger::DEFAULT_POW_BITS);
             println!("node     {me}");
-            println!("grant    {grant:>14} micro-credits");
             println!(
                 "earned   {:>14} ({} requests served)",
                 t.earned, t.receipts_as_seeder
@@ -961,7 +957,7 @@ fn ledger_cmd(cmd: LedgerCmd, data_dir: Option<&std::path::Path>) -> anyhow::Res
                 "spent    {:>14} ({} requests consumed)",
                 t.spent, t.receipts_as_consumer
             );
-            println!("balance  {:>14}", hypha_ledger::balance(grant, &t));
+            println!("balance  {:>14} micro-credits", hypha_ledger::balance(&t));
         }
         LedgerCmd::Receipts { limit } => {
             println!(

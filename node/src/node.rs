@@ -19,7 +19,7 @@ use crate::api::state::EdgePolicy;
 use crate::api::{self, account::Account, AppState, LocalModel};
 use crate::identity::{self, Identity};
 use crate::inbound::{self, Inbound};
-use crate::inference::admission::{self, grant_for, FreeTier, NetworkBalances, Unpaid};
+use crate::inference::admission::{self, FreeTier, NetworkBalances, Unpaid};
 use crate::inference::prep::Preparer;
 use crate::inference::remote::Party;
 use crate::inference::route::Peers;
@@ -98,9 +98,9 @@ pub struct NodeConfig {
     /// receipt (receipts are offered every half of it).
     pub receipt_interval: u32,
     /// Proof of work (bits) a new identity is created with, and required of
-    /// every peer at hello; identities with it get the ledger's grant.
+    /// every peer at hello (it buys no credits).
     pub pow_bits: u32,
-    /// Requests per minute a consumer with no credits left may make.
+    /// Requests per minute a consumer with no standing here may make.
     pub free_tier_per_minute: u32,
     /// What this node pays as a consumer at most.
     pub spend: crate::inference::remote::SpendLimits,
@@ -220,8 +220,6 @@ impl Node {
             account: net.as_ref().map(|n| Account {
                 id: n.identity.id(),
                 ledger: n.ledger.clone(),
-                grant: grant_for(&n.identity.id(), cfg.pow_bits),
-                pow_bits: cfg.pow_bits,
             }),
             relay: net.as_ref().and_then(|n| n.relay.clone()),
             relay_client: net.as_ref().map(|n| n.relay_client.clone()),
@@ -474,7 +472,7 @@ impl Network {
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),
                     decode_tps: std::sync::atomic::AtomicU32::new(0),
                     discovery: Some(discovery.clone()),
-                    balances: Arc::new(NetworkBalances::new(tasks.clone())),
+                    balances: Arc::new(NetworkBalances::new(identity.id(), tasks.clone())),
                     prep: prep.clone(),
                 });
                 if announce.addrs.is_empty() {

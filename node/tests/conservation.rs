@@ -1,7 +1,7 @@
 //! Credits are conserved across a real network, and any node can check any
 //! other's balance: five nodes on loopback (two seeders, three consumers,
 //! joined through one DHT) run many requests; then the balances in the five
-//! logs sum to the five grants, and every node's view of every other's
+//! logs sum to zero (no credit is created), and every node's view of every other's
 //! balance, computed from the signed receipts the DHT holds, equals that
 //! node's own log.
 
@@ -17,8 +17,7 @@ const REQUESTS_PER_CONSUMER: usize = 8;
 
 fn balance(node: &Node) -> i128 {
     let id = node.id().unwrap();
-    let grant = hypha_node::inference::admission::grant_for(&id, TEST_POW_BITS);
-    hypha_ledger::balance(grant, &node.ledger().unwrap().totals(&id))
+    hypha_ledger::balance(&node.ledger().unwrap().totals(&id))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -97,29 +96,16 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
     // a request's last receipt when the countersignature reaches it, just
     // after the consumer recorded it and answered (its first, the prompt's,
     // was in the log before any token): the sums meet once those land.
-    let grants: i128 = nodes
-        .iter()
-        .map(|n| {
-            i128::from(hypha_node::inference::admission::grant_for(
-                &n.id().unwrap(),
-                TEST_POW_BITS,
-            ))
-        })
-        .sum();
     let deadline = Instant::now() + Duration::from_secs(10);
     let balances = loop {
         let balances: Vec<i128> = nodes.iter().map(|n| balance(n)).collect();
-        if balances.iter().sum::<i128>() == grants || Instant::now() >= deadline {
+        if balances.iter().sum::<i128>() == 0 || Instant::now() >= deadline {
             break balances;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(balances.iter().sum::<i128>(), grants, "{balances:?}");
-    let moved: i128 = balances
-        .iter()
-        .map(|b| (b - grants / 5).abs())
-        .sum::<i128>()
-        / 2;
+    assert_eq!(balances.iter().sum::<i128>(), 0, "{balances:?}");
+    let moved: i128 = balances.iter().map(|b| b.abs()).sum::<i128>() / 2;
     assert!(moved > 0, "no credits moved");
 
     // Every node's view of every other, from the DHT's receipts alone,
@@ -136,10 +122,7 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
             loop {
                 let receipts = d.receipts_of(&id).await.unwrap_or_default();
                 let totals = hypha_ledger::totals_of(&id, &receipts);
-                let seen = hypha_ledger::balance(
-                    hypha_node::inference::admission::grant_for(&id, TEST_POW_BITS),
-                    &totals,
-                );
+                let seen = hypha_ledger::balance(&totals);
                 if seen == *own {
                     break;
                 }
@@ -190,7 +173,7 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
         "{text}"
     );
     println!(
-        "{total} requests ({} and {} per seeder), {moved} micro-credits moved; balances {balances:?} sum to the grants {grants}; 20 of 20 views from the DHT match the logs",
+        "{total} requests ({} and {} per seeder), {moved} micro-credits moved; balances {balances:?} sum to zero; 20 of 20 views from the DHT match the logs",
         by_seeder.0, by_seeder.1
     );
     for n in consumers.into_iter().chain([second, first]) {
@@ -198,16 +181,66 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
     }
 }
 
+/// `GET /v1/ledger/{id}` at `at`, once `done` holds of it (the DHT's
+/// receipts land just behind the requests).
+async fn peer_view(at: &Node, id: hypha_wire::NodeId, done: impl Fn(&Value) -> bool) -> Value {
+    let c = common::client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Value = c
+            .get(format!("http://{}/v1/ledger/{id}", at.http_addr()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never came to pass: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Asks `model` through `node`'s API.
+async fn ask(node: &Node, model: &str) -> (u16, Value) {
+    let resp = common::client()
+        .post(format!("http://{}/v1/chat/completions", node.http_addr()))
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json::<Value>().await.unwrap())
+}
+
+/// Sends `model` requests through `node` until one is refused with 429;
+/// the statuses and the refusal.
+async fn until_limited(node: &Node, model: &str) -> (Vec<u16>, Value) {
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (status, v) = ask(node, model).await;
+        statuses.push(status);
+        if status == 429 {
+            return (statuses, v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("never limited: {statuses:?}");
+}
+
 /// A seeder ranks a consumer by the receipts the whole network published,
-/// not only its own: a consumer that spent its grant on another seeder is
-/// at the free tier's limit here too, even after flooding its own receipt
-/// key with receipts signed by identities it controls.
+/// not only its own: a node that earned standing at one seeder by serving
+/// it, then spent more than that at another, is on the free tier there,
+/// even after flooding its own receipt key with receipts signed by
+/// identities it controls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credits_spent_elsewhere_count_at_every_seeder() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut cfg = seeder_config(2, 64, dirs[0].path(), "127.0.0.1:0".parse().unwrap());
     cfg.model_aliases = vec!["alpha".into()];
-    // Dear enough that eight tokens use up the whole grant.
+    // Dear enough that eight tokens cost far more than the consumer earns.
     cfg.price_completion_micro = 200_000;
     let alpha = Node::start(cfg).await.unwrap();
     let boot = vec![alpha.peer_addr().unwrap()];
@@ -216,59 +249,53 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     cfg.bootstrap = boot.clone();
     cfg.free_tier_per_minute = 1;
     let beta = Node::start(cfg).await.unwrap();
-    let mut cfg = NodeConfig::new(None);
-    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    // The consumer serves a model of its own, "gamma".
+    let mut cfg = seeder_config(1, 64, dirs[2].path(), "127.0.0.1:0".parse().unwrap());
+    cfg.model_aliases = vec!["gamma".into()];
     cfg.bootstrap = boot;
-    cfg.data_dir = Some(dirs[2].path().to_owned());
-    cfg.pow_bits = TEST_POW_BITS;
     // This consumer pays alpha's price, far above the default ceiling.
     cfg.spend.max_price_completion_micro = None;
     let consumer = Node::start(cfg).await.unwrap();
     let me = consumer.id().unwrap();
 
-    let c = common::client();
-    let ask = |model: &'static str| {
-        let c = c.clone();
-        let url = format!("http://{}/v1/chat/completions", consumer.http_addr());
-        async move {
-            let resp = c
-                .post(url)
-                .json(&json!({"model": model, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8, "temperature": 0}))
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap())
+    // beta buys from the consumer (once its record is found): the consumer
+    // now has standing at beta.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let (status, v) = ask(&beta, "gamma").await;
+        if status == 200 {
+            break v;
         }
+        assert!(Instant::now() < deadline, "{status} {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let (status, v) = ask("alpha").await;
+    let earned = v["usage"]["credits"].as_i64().unwrap();
+    // From beta's log at once, and through the DHT once published.
+    peer_view(&beta, me, |v| {
+        v["standing_here"] == earned && v["balance"] == earned
+    })
+    .await;
+
+    let (status, v) = ask(&consumer, "alpha").await;
     assert_eq!(status, 200, "{v}");
-    assert!(v["usage"]["credits"].as_u64().unwrap() > hypha_ledger::GRANT_MICRO);
+    let spent = v["usage"]["credits"].as_i64().unwrap();
+    assert!(spent > earned, "{spent} {earned}");
     // beta's own log knows nothing of this: the consumer still has its
-    // grant there.
-    let own_view = hypha_ledger::balance(
-        hypha_node::inference::admission::grant_for(&me, TEST_POW_BITS),
-        &beta.ledger().unwrap().totals(&me),
+    // standing there.
+    let b = beta.ledger().unwrap();
+    let id = beta.id().unwrap();
+    assert_eq!(
+        hypha_ledger::standing(&me, |x| b.moved(&id, x), b.moved(&me, &id), None),
+        i128::from(earned)
     );
-    assert!(own_view > 0);
-    // Once the receipt is published, beta sees the debt through the DHT.
-    let d = beta.peers().unwrap().discovery().unwrap().clone();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let receipts = d.receipts_of(&me).await.unwrap_or_default();
-        let seen = hypha_ledger::balance(
-            hypha_node::inference::admission::grant_for(&me, TEST_POW_BITS),
-            &hypha_ledger::totals_of(&me, &receipts),
-        );
-        if seen < 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "beta never saw the spending");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Once the receipt is published, beta sees the spending through the DHT.
+    let v = peer_view(&beta, me, |v| v["standing_here"].as_i64().unwrap() < 0).await;
+    assert_eq!(v["standing_here"], earned - spent, "{v}");
+
     // The consumer floods its own receipt key with receipts it signs with
     // four identities of its own: tiny, newer than its real one, more than
     // the key holds. The key fills, and beta still sees the spending.
+    let d = beta.peers().unwrap().discovery().unwrap().clone();
     let mine =
         hypha_node::identity::Identity::load_or_create_with_pow(dirs[2].path(), TEST_POW_BITS)
             .unwrap();
@@ -309,13 +336,16 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let receipts = d.receipts_of(&me).await.unwrap_or_default();
-        let seen = hypha_ledger::balance(
-            hypha_node::inference::admission::grant_for(&me, TEST_POW_BITS),
-            &hypha_ledger::totals_of(&me, &receipts),
+        let published = hypha_ledger::Published::of(&id, &me, &receipts);
+        let seen = hypha_ledger::standing(
+            &me,
+            |x| b.moved(&id, x),
+            b.moved(&me, &id),
+            Some(&published),
         );
         assert!(
             seen < 0,
-            "the flood hid the spending: balance {seen} over {} receipts",
+            "the flood hid the spending: standing {seen} over {} receipts",
             receipts.len()
         );
         if receipts.len() >= full {
@@ -330,15 +360,12 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     }
     // Over HTTP, beta lists the consumer's receipts newest first (the DHT
     // holds its largest spending first).
-    let v: Value = c
-        .get(format!("http://{}/v1/ledger/{me}", beta.http_addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = peer_view(&beta, me, |v| {
+        v["receipts"].as_u64().unwrap() >= full as u64
+    })
+    .await;
     assert!(v["balance"].as_i64().unwrap() < 0, "{v}");
+    assert!(v["standing_here"].as_i64().unwrap() < 0, "{v}");
     let finished: Vec<u64> = v["recent"]
         .as_array()
         .unwrap()
@@ -347,29 +374,97 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
         .collect();
     assert!(finished.len() > 1, "{v}");
     assert!(finished.windows(2).all(|w| w[0] >= w[1]), "{finished:?}");
-    // beta looks the balance up in the background on the first request;
+    // beta looks the consumer up in the background on the first request;
     // from then on the consumer gets one request a minute.
-    let mut statuses = Vec::new();
-    let mut refused = None;
-    for _ in 0..6 {
-        let (status, v) = ask("beta").await;
-        statuses.push(status);
-        if status == 429 {
-            refused = Some(v);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let v = refused.unwrap_or_else(|| panic!("never limited: {statuses:?}"));
+    let (statuses, v) = until_limited(&consumer, "beta").await;
     assert!(
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("no credits left"),
+            .contains("no credits left here"),
         "{v}"
     );
-    println!("requests to the second seeder after spending the grant on the first: {statuses:?}");
+    println!(
+        "earned {earned} at beta, spent {spent} at alpha; requests to beta after: {statuses:?}"
+    );
     for n in [consumer, beta, alpha] {
+        n.stop().await.unwrap();
+    }
+}
+
+/// Fabricated trade buys nothing: a node signs 1,000 receipts as the seeder
+/// of four identities of its own and publishes them. Its balance as the
+/// DHT shows it is vast, yet another seeder, which never paid those
+/// identities, gives it no standing: it stays on the free tier there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trade_with_its_own_identities_buys_a_node_no_priority() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut cfg = seeder_config(1, 64, dirs[0].path(), "127.0.0.1:0".parse().unwrap());
+    cfg.free_tier_per_minute = 1;
+    let seeder = Node::start(cfg).await.unwrap();
+    let mut cfg = NodeConfig::new(None);
+    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = vec![seeder.peer_addr().unwrap()];
+    cfg.data_dir = Some(dirs[1].path().to_owned());
+    cfg.pow_bits = TEST_POW_BITS;
+    let faker = Node::start(cfg).await.unwrap();
+    let me = faker.id().unwrap();
+    let mine =
+        hypha_node::identity::Identity::load_or_create_with_pow(dirs[1].path(), TEST_POW_BITS)
+            .unwrap();
+    assert_eq!(mine.id(), me);
+    let sybils: Vec<_> = (0..4).map(|n| common::peer_identity(210 + n)).collect();
+    let own = faker.peers().unwrap().discovery().unwrap().clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    const FABRICATED: u64 = 1000;
+    const CREDITS: u64 = 1_000_000;
+    for i in 0..FABRICATED {
+        let sybil = &sybils[(i % 4) as usize];
+        let r = hypha_ledger::Receipt {
+            request_id: i,
+            consumer: sybil.id(),
+            seeder: me,
+            model_sha256: [0; 32],
+            prompt_tokens: 10,
+            completion_tokens: 100,
+            credits: CREDITS,
+            started_ms: now - 2_000,
+            finished_ms: now - 1_000 + i,
+            tokens_digest: [0; 32],
+        };
+        let signed = hypha_ledger::SignedReceipt {
+            seeder_sig: r.sign(mine.signing_key()),
+            consumer_sig: r.sign(sybil.signing_key()),
+            seeder_key: mine.public_key(),
+            consumer_key: sybil.public_key(),
+            receipt: r,
+        };
+        assert!(own.publish_receipt(signed.verify().unwrap()));
+    }
+    // The seeder sees the fabricated earnings (as many as the key keeps)...
+    let v = peer_view(&seeder, me, |v| {
+        v["balance"].as_i64().unwrap() >= 16 * CREDITS as i64
+    })
+    .await;
+    // ... and honours none of them.
+    assert_eq!(v["standing_here"], 0, "{v}");
+    let balance = v["balance"].clone();
+    let (statuses, v) = until_limited(&faker, "default").await;
+    assert_eq!(statuses, [200, 429], "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no credits left here"),
+        "{v}"
+    );
+    println!(
+        "{FABRICATED} fabricated receipts, balance {balance} seen through the DHT, standing 0: {statuses:?}"
+    );
+    for n in [faker, seeder] {
         n.stop().await.unwrap();
     }
 }

@@ -1,10 +1,9 @@
 //! The node's account as users see it: its balance and receipts, for
 //! `hypha ledger` and `GET /v1/ledger`.
 //!
-//! balance = grant + earned - spent, from the receipts in this node's own
-//! log (every receipt it is party to); the grant
-//! (`crate::inference::admission::grant_for`) goes to an identity whose id
-//! carries the required proof of work.
+//! balance = earned - spent, from the receipts in this node's own log
+//! (every receipt it is party to). No identity starts with credits: a new
+//! one is at zero and lives on the free tier until it has served.
 
 use hypha_ledger::{Ledger, SignedReceipt, Totals};
 use hypha_wire::NodeId;
@@ -40,12 +39,10 @@ pub fn receipt_json(r: &SignedReceipt, me: Option<NodeId>) -> Value {
 }
 
 /// Balance fields for `id`.
-pub fn balance_json(id: NodeId, grant: u64, totals: &Totals) -> Value {
-    let balance = hypha_ledger::balance(grant, totals);
-    let balance = i64::try_from(balance).unwrap_or(if balance < 0 { i64::MIN } else { i64::MAX });
+pub fn balance_json(id: NodeId, totals: &Totals) -> Value {
+    let balance = clamp(hypha_ledger::balance(totals));
     json!({
         "node_id": id.to_string(),
-        "grant": grant,
         "earned": totals.earned,
         "spent": totals.spent,
         "balance": balance,
@@ -55,18 +52,20 @@ pub fn balance_json(id: NodeId, grant: u64, totals: &Totals) -> Value {
     })
 }
 
+/// Micro-credits as a JSON number.
+pub fn clamp(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+}
+
 /// A node's own account, for its HTTP API.
 pub struct Account {
     pub id: NodeId,
     pub ledger: Ledger,
-    pub grant: u64,
-    /// Proof of work the network requires for the grant.
-    pub pow_bits: u32,
 }
 
 /// What `GET /v1/ledger` shows: this node's balance and newest receipts.
-pub fn ledger_json(id: NodeId, grant: u64, ledger: &Ledger, recent: usize) -> Value {
-    let mut v = balance_json(id, grant, &ledger.totals(&id));
+pub fn ledger_json(id: NodeId, ledger: &Ledger, recent: usize) -> Value {
+    let mut v = balance_json(id, &ledger.totals(&id));
     v["receipts"] = json!(ledger.receipts());
     v["recent"] = ledger
         .recent(recent)

@@ -359,11 +359,15 @@ pub(crate) async fn peer_ledger(
         .into_response();
     };
     let totals = hypha_ledger::totals_of(&id, &receipts);
-    let mut v = account::balance_json(
-        id,
-        crate::inference::admission::grant_for(&id, account.pow_bits),
-        &totals,
-    );
+    let mut v = account::balance_json(id, &totals);
+    // What this node would honour of it when ranking its requests.
+    let published = hypha_ledger::Published::of(&account.id, &id, &receipts);
+    v["standing_here"] = json!(account::clamp(hypha_ledger::standing(
+        &id,
+        |x| account.ledger.moved(&account.id, x),
+        account.ledger.moved(&id, &account.id),
+        Some(&published),
+    )));
     v["source"] = json!("dht");
     v["receipts"] = json!(receipts.len());
     // The DHT keeps a node's largest spending first: list by time.
@@ -382,13 +386,7 @@ const LEDGER_RECENT: usize = 20;
 
 pub(crate) async fn ledger(State(st): State<Arc<AppState>>) -> Response {
     match &st.account {
-        Some(a) => Json(account::ledger_json(
-            a.id,
-            a.grant,
-            &a.ledger,
-            LEDGER_RECENT,
-        ))
-        .into_response(),
+        Some(a) => Json(account::ledger_json(a.id, &a.ledger, LEDGER_RECENT)).into_response(),
         None => ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

@@ -1,25 +1,17 @@
-//! Who a seeder serves, and how soon: the consumer's balance from signed
-//! receipts (this node's log and the DHT's), the free tier for those with
-//! nothing left, and consumers that left receipts unsigned.
+//! Who a seeder serves, and how soon: the consumer's standing here from
+//! signed receipts (this node's log and the DHT's, by
+//! `hypha_ledger::standing`), the free tier for those with none, and
+//! consumers that left receipts unsigned.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hypha_ledger::GRANT_MICRO;
+use hypha_ledger::Published;
 use hypha_wire::NodeId;
 
 use crate::services::dht::Discovery;
 use crate::util::{lock, BoundedMap, Overflow, RateWindow, Tasks};
-
-/// The grant an id gets: [`GRANT_MICRO`] with enough proof of work, else 0.
-pub fn grant_for(id: &NodeId, pow_required: u32) -> u64 {
-    if hypha_ledger::pow_bits(id) >= pow_required {
-        GRANT_MICRO
-    } else {
-        0
-    }
-}
 
 /// Requests per minute a consumer with no credits left may make.
 pub const DEFAULT_FREE_TIER_PER_MINUTE: u32 = 30;
@@ -115,45 +107,50 @@ impl FreeTier {
     }
 }
 
-/// How long a consumer's balance from the DHT is used before it is looked
+/// How long what the DHT shows of a consumer is used before it is looked
 /// up again.
 pub const BALANCE_FRESH: Duration = Duration::from_secs(30);
-/// Consumers whose network balance is remembered.
+/// Consumers whose published receipts are remembered (each summary holds
+/// at most one entry per receipt a DHT key keeps).
 const MAX_BALANCES: usize = 4096;
-/// Balance lookups running at once; more consumers wait for a later
-/// request (admission then uses this node's own log alone).
+/// Lookups running at once; more consumers wait for a later request
+/// (admission then uses this node's own log alone).
 const MAX_BALANCE_LOOKUPS: usize = 64;
 
-/// Consumers' balances computed from the receipts the DHT holds for them
-/// (each checked), looked up in the background so admission never waits
-/// on the network.
+/// What the receipts the DHT holds for each consumer show this node (each
+/// checked, summed by [`Published::of`]), looked up in the background so
+/// admission never waits on the network.
 pub struct NetworkBalances {
-    known: Mutex<BoundedMap<NodeId, (i128, Instant)>>,
+    /// This node: the judge of every summary.
+    me: NodeId,
+    known: Mutex<BoundedMap<NodeId, (Arc<Published>, Instant)>>,
     looking: Mutex<HashSet<NodeId>>,
     tasks: Tasks,
 }
 
 impl NetworkBalances {
-    /// Lookups run as tasks of `tasks`.
-    pub fn new(tasks: Tasks) -> Self {
+    /// Summaries for node `me`; lookups run as tasks of `tasks`.
+    pub fn new(me: NodeId, tasks: Tasks) -> Self {
         Self {
+            me,
             known: Mutex::new(BoundedMap::new(MAX_BALANCES, Overflow::Clear)),
             looking: Mutex::new(HashSet::new()),
             tasks,
         }
     }
 
-    /// The last balance seen for `id`; starts a lookup when there is none
+    /// The last summary seen for `id`; starts a lookup when there is none
     /// or it is older than [`BALANCE_FRESH`].
     pub fn get(
         self: &Arc<Self>,
         id: &NodeId,
-        grant: u64,
         discovery: Option<&Discovery>,
-    ) -> Option<i128> {
+    ) -> Option<Arc<Published>> {
         let now = Instant::now();
-        let seen = lock(&self.known).get(id).copied();
-        let stale = seen.is_none_or(|(_, at)| now.duration_since(at) >= BALANCE_FRESH);
+        let seen = lock(&self.known).get(id).cloned();
+        let stale = seen
+            .as_ref()
+            .is_none_or(|(_, at)| now.duration_since(*at) >= BALANCE_FRESH);
         if let (true, Some(d)) = (stale, discovery) {
             let start = {
                 let mut looking = lock(&self.looking);
@@ -168,16 +165,16 @@ impl NetworkBalances {
                         lock(&me.looking).remove(&id);
                         return;
                     };
-                    let b = hypha_ledger::balance(grant, &hypha_ledger::totals_of(&id, &receipts));
+                    let p = Arc::new(Published::of(&me.me, &id, &receipts));
                     let at = Instant::now();
-                    lock(&me.known).insert(id, (b, at), |(_, seen)| {
+                    lock(&me.known).insert(id, (p, at), |(_, seen)| {
                         at.duration_since(*seen) >= BALANCE_FRESH
                     });
                     lock(&me.looking).remove(&id);
                 });
             }
         }
-        seen.map(|(b, _)| b)
+        seen.map(|(p, _)| p)
     }
 }
 

@@ -113,20 +113,21 @@ pub(crate) async fn serve_request(
     // One request per (consumer, request id), ever: the ledger holds the
     // finished ones, `running` the ones in flight.
     let claim = RunningClaim::take(&state.running, key);
-    // Admission order follows the consumer's balance: the lower of what
-    // this node's own log and the receipts published in the DHT show (both
-    // are signed receipts; each may miss some); with nothing left it is
-    // served only behind everyone else and at the free tier's rate.
-    let totals = state.ledger.totals(&consumer.node_id);
-    let grant = crate::inference::admission::grant_for(&consumer.node_id, state.pow_bits);
-    let own = hypha_ledger::balance(grant, &totals);
-    let balance = match state
+    // Admission order follows the consumer's standing here
+    // (`hypha_ledger::standing`): what this node paid it, what it earned
+    // from nodes this node paid (as the DHT's receipts show), less all it
+    // is known to have spent. With none it is on the free tier: idle
+    // capacity only (preemptible), at the free tier's rate.
+    let me = state.identity.id();
+    let published = state
         .balances
-        .get(&consumer.node_id, grant, state.discovery.as_ref())
-    {
-        Some(seen) => seen.min(own),
-        None => own,
-    };
+        .get(&consumer.node_id, state.discovery.as_ref());
+    let standing = hypha_ledger::standing(
+        &consumer.node_id,
+        |x| state.ledger.moved(&me, x),
+        state.ledger.moved(&consumer.node_id, &me),
+        published.as_deref(),
+    );
     let prepared = if state.ledger.contains(&key) || claim.is_none() {
         Err(ErrorReply {
             request_id,
@@ -139,7 +140,7 @@ pub(crate) async fn serve_request(
             refusal: Refusal::Unpaid,
             message: "an earlier request's receipt was never countersigned".into(),
         })
-    } else if balance <= 0
+    } else if standing <= 0
         && !state
             .free_tier
             .allow(consumer.node_id, std::time::Instant::now())
@@ -148,7 +149,7 @@ pub(crate) async fn serve_request(
             request_id,
             refusal: Refusal::TooMany,
             message: format!(
-                "no credits left (balance {balance} micro-credits) and the free tier's {} requests per minute are used",
+                "no credits left here (standing {standing} micro-credits; credits count where they trace back to this seeder's payments) and the free tier's {} requests per minute are used",
                 state.free_tier.per_minute
             ),
         })
@@ -160,11 +161,14 @@ pub(crate) async fn serve_request(
                     .prep
                     .tokens(&state.engine, Some(consumer.node_id), input)
                     .await;
-                r.priority = i64::try_from(balance).unwrap_or(if balance < 0 {
-                    i64::MIN
+                // The free tier waits in arrival order behind every
+                // paying request and gives its slot up to one.
+                r.preemptible = standing <= 0;
+                r.priority = if standing <= 0 {
+                    0
                 } else {
-                    i64::MAX - 1
-                });
+                    i64::try_from(standing).unwrap_or(i64::MAX - 1)
+                };
                 match tokens {
                     Err(e) => Err(reply_for(RequestId(request_id), &e)),
                     Ok(t) => {
