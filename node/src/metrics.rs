@@ -151,6 +151,8 @@ pub struct Gauges {
     pub slots_busy: usize,
     pub slots_total: u32,
     pub prompt_tokens_reused: u64,
+    /// Free-tier generations stopped for paying work.
+    pub preempted: u64,
 }
 
 impl Metrics {
@@ -191,6 +193,12 @@ impl Metrics {
             "hypha_prompt_tokens_reused_total",
             "Prompt tokens whose KV was copied from a shared prefix instead of computed.",
             g.prompt_tokens_reused,
+        );
+        counter(
+            &mut out,
+            "hypha_free_tier_preempted_total",
+            "Free-tier generations stopped to give their slot to a paying request.",
+            g.preempted,
         );
         counter(
             &mut out,
@@ -316,6 +324,7 @@ mod tests {
             slots_busy: 2,
             slots_total: 8,
             prompt_tokens_reused: 0,
+            preempted: 0,
         });
         assert!(text.contains("hypha_time_to_first_token_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("hypha_time_to_first_token_seconds_bucket{le=\"0.5\"} 2"));

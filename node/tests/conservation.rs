@@ -468,3 +468,80 @@ async fn trade_with_its_own_identities_buys_a_node_no_priority() {
         n.stop().await.unwrap();
     }
 }
+
+/// The free tier runs on idle capacity only: a seeder with one slot
+/// streams a long answer to a consumer without standing; a node the seeder
+/// paid (it served the seeder) asks while that runs, takes the slot at
+/// once, and the free stream ends with an error saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paying_request_takes_the_slot_of_a_free_one() {
+    use futures_util::StreamExt;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let seeder = Node::start(seeder_config(
+        1,
+        64,
+        dirs[0].path(),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    let boot = vec![seeder.peer_addr().unwrap()];
+    // The paying node serves a model of its own, which the seeder buys.
+    let mut cfg = seeder_config(1, 64, dirs[1].path(), "127.0.0.1:0".parse().unwrap());
+    cfg.model_aliases = vec!["other".into()];
+    cfg.bootstrap = boot.clone();
+    let paying = Node::start(cfg).await.unwrap();
+    let mut cfg = NodeConfig::new(None);
+    cfg.quic_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = boot;
+    cfg.data_dir = Some(dirs[2].path().to_owned());
+    cfg.pow_bits = TEST_POW_BITS;
+    let free = Node::start(cfg).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, v) = ask(&seeder, "other").await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status} {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pid = paying.id().unwrap();
+    peer_view(&seeder, pid, |v| v["standing_here"].as_i64().unwrap() > 0).await;
+
+    let c = common::client();
+    let resp = c
+        .post(format!("http://{}/v1/chat/completions", free.http_addr()))
+        .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Write a very long essay about the sea."}], "max_tokens": 400, "temperature": 0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    while text.matches("data:").count() < 3 {
+        text.push_str(&String::from_utf8_lossy(
+            &body.next().await.unwrap().unwrap(),
+        ));
+    }
+    // The free stream holds the seeder's only slot; the paying request
+    // does not wait for it.
+    let asked = Instant::now();
+    let (status, v) = ask(&paying, "default").await;
+    assert_eq!(status, 200, "{v}");
+    let took = asked.elapsed();
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(
+        text.contains("the free tier runs on idle capacity only"),
+        "{text}"
+    );
+    assert!(!text.contains("[DONE]"), "{text}");
+    let m = common::metrics(&c, &format!("http://{}", seeder.http_addr())).await;
+    assert!(m.contains("hypha_free_tier_preempted_total 1"), "{m}");
+    println!("the paying request took {took:?} while a free stream held the slot");
+    for n in [free, paying, seeder] {
+        n.stop().await.unwrap();
+    }
+}

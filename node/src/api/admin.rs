@@ -28,6 +28,7 @@ impl AppState {
                     slots_busy: stats.slots_busy.load(Ordering::Relaxed),
                     slots_total: l.engine.info().parallel,
                     prompt_tokens_reused: stats.prompt_tokens_reused.load(Ordering::Relaxed),
+                    preempted: stats.preempted.load(Ordering::Relaxed),
                 }
             }
             None => Gauges {
@@ -35,6 +36,7 @@ impl AppState {
                 slots_busy: 0,
                 slots_total: 0,
                 prompt_tokens_reused: 0,
+                preempted: 0,
             },
         }
     }
