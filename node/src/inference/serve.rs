@@ -51,7 +51,7 @@ pub struct SeederState {
     pub receipt_interval: u32,
     /// Proof of work required of a peer's identity.
     pub pow_bits: u32,
-    /// Limits consumers whose balance is used up.
+    /// Limits consumers without standing here (the free tier).
     pub free_tier: FreeTier,
     /// Consumers that left receipts unsigned.
     pub unpaid: Unpaid,
@@ -61,7 +61,7 @@ pub struct SeederState {
     pub decode_tps: std::sync::atomic::AtomicU32,
     /// Where settled receipts are published.
     pub discovery: Option<Discovery>,
-    /// Consumers' balances as the DHT's receipts show them.
+    /// What the DHT's receipts show of consumers (`Published`).
     pub balances: Arc<NetworkBalances>,
     /// Templating and tokenizing, off the async workers.
     pub prep: Arc<Preparer>,
