@@ -16,9 +16,9 @@
 //! - [`standing`]: what a seeder honours of a consumer's balance when it
 //!   ranks its requests. Earnings count only as far as they trace back to
 //!   the judging seeder's own payments: what it paid the consumer, and what
-//!   the consumer earned from a node the judge paid, up to what the judge
-//!   paid that node. Receipts a node signs with identities of its own move
-//!   nothing the judge paid, so they buy nothing anywhere.
+//!   the consumer earned from a node the judge paid, up to what that node
+//!   still holds of those payments. Receipts a node signs with identities
+//!   of its own move nothing the judge paid, so they buy nothing anywhere.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -153,6 +153,18 @@ impl Published {
     }
 }
 
+/// What a judging seeder knows for [`standing`]: its own log, and what the
+/// DHT showed it of other nodes.
+pub trait Judge {
+    /// Micro-credits the judge's log shows it paid `to`.
+    fn paid(&self, to: &NodeId) -> u64;
+    /// Micro-credits the judge's log shows `by` spent at the judge.
+    fn spent_here(&self, by: &NodeId) -> u64;
+    /// Micro-credits `of` is published to have spent at seeders other than
+    /// the judge ([`Published::spent_elsewhere`]); `None` while unknown.
+    fn spent_elsewhere(&self, of: &NodeId) -> Option<u64>;
+}
+
 /// A consumer's standing at a judging seeder, in micro-credits: the
 /// earnings the judge honours minus everything the consumer is known to
 /// have spent. Positive buys priority there; otherwise the consumer is on
@@ -162,32 +174,42 @@ impl Published {
 /// one hop, to the judge's own payments, since those are the only trade
 /// the judge knows to be real (it received the tokens):
 /// - what the judge paid the consumer counts whole;
-/// - what the consumer earned from another node `x` counts up to what the
-///   judge paid `x` (`x` passes on credits the judge gave it);
+/// - what the consumer earned from another node `x` counts up to what `x`
+///   still holds of the judge's payments: what the judge paid `x`, less
+///   what `x` spent at the judge and what it spent anywhere else but with
+///   this consumer (nothing counts through an `x` whose spending is not
+///   known yet). So `x` passes on the judge's credits once: paid out to
+///   many nodes, they add up to no more than the judge paid it;
 /// - any other earnings count nothing.
 ///
 /// Receipts between a node and identities of its own move no credit the
 /// judge paid, so fabricated trade is worth nothing at any seeder that did
 /// not pay those identities, and a seeder pays only for tokens it received.
-/// `paid_by_judge(x)`: what the judge's own log shows it paid `x`;
-/// `spent_at_judge`: what the consumer spent at the judge, from its log.
-pub fn standing(
-    consumer: &NodeId,
-    paid_by_judge: impl Fn(&NodeId) -> u64,
-    spent_at_judge: u64,
-    published: Option<&Published>,
-) -> i128 {
-    let direct = i128::from(paid_by_judge(consumer));
+/// `published`: what the DHT shows of the consumer, when known.
+pub fn standing(judge: &impl Judge, consumer: &NodeId, published: Option<&Published>) -> i128 {
+    let direct = i128::from(judge.paid(consumer));
     let (via_others, spent_elsewhere) = published.map_or((0, 0), |p| {
         let via: i128 = p
             .earned_from
             .iter()
             .filter(|(x, _)| x != consumer)
-            .map(|(x, earned)| i128::from((*earned).min(paid_by_judge(x))))
+            .map(|(x, earned)| {
+                let paid = judge.paid(x);
+                if paid == 0 {
+                    return 0;
+                }
+                let Some(out) = judge.spent_elsewhere(x) else {
+                    return 0;
+                };
+                let held = paid
+                    .saturating_sub(judge.spent_here(x))
+                    .saturating_sub(out.saturating_sub(*earned));
+                i128::from((*earned).min(held))
+            })
             .sum();
         (via, i128::from(p.spent_elsewhere))
     });
-    direct + via_others - i128::from(spent_at_judge) - spent_elsewhere
+    direct + via_others - i128::from(judge.spent_here(consumer)) - spent_elsewhere
 }
 
 /// The receipts a log's records stand for, in log order: a later record

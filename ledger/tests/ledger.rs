@@ -390,9 +390,30 @@ fn one_node_at_a_time_holds_a_ledger() {
     Ledger::open(dir.path()).expect("released when the last handle goes");
 }
 
+/// A judge from a real log and what the DHT showed it of others.
+struct LogJudge<'a> {
+    me: hypha_wire::NodeId,
+    log: &'a Ledger,
+    spent_elsewhere: std::collections::HashMap<hypha_wire::NodeId, u64>,
+}
+
+impl hypha_ledger::Judge for LogJudge<'_> {
+    fn paid(&self, to: &hypha_wire::NodeId) -> u64 {
+        self.log.moved(&self.me, to)
+    }
+    fn spent_here(&self, by: &hypha_wire::NodeId) -> u64 {
+        self.log.moved(by, &self.me)
+    }
+    fn spent_elsewhere(&self, of: &hypha_wire::NodeId) -> Option<u64> {
+        self.spent_elsewhere.get(of).copied()
+    }
+}
+
 /// The standing rule: a judge honours what it paid a node, and what that
-/// node earned from others the judge paid, up to what it paid them; trade
-/// with identities the judge never paid is worth nothing, however much.
+/// node earned from others the judge paid, up to what they still hold of
+/// it; trade with identities the judge never paid is worth nothing,
+/// however much, and credits the judge paid count once however many ways
+/// they are passed on.
 #[test]
 fn standing_honours_only_credits_that_trace_back_to_the_judge() {
     let id = |k: &ed25519_dalek::SigningKey| node_id_of(&k.verifying_key().to_bytes());
@@ -401,39 +422,49 @@ fn standing_honours_only_credits_that_trace_back_to_the_judge() {
     let dir = tempfile::tempdir().unwrap();
     let (log, _) = Ledger::open(dir.path()).unwrap();
     // The judge's own log: it paid `node` 300 and `x` 500; `node` spent
-    // 100 at the judge.
+    // 100 at the judge, `x` 50.
     log.append(verified(&node, &judge, 1, 300)).unwrap();
     log.append(verified(&x, &judge, 2, 500)).unwrap();
     log.append(verified(&judge, &node, 3, 100)).unwrap();
+    log.append(verified(&judge, &x, 6, 50)).unwrap();
     // Published for `node`: 1,000 receipts with its own Sybils as
-    // consumers, 800 earned from `x`, 50 spent at `elsewhere`, and a copy
+    // consumers, 400 earned from `x`, 50 spent at `elsewhere`, and a copy
     // of its trade with the judge (counted from the log, not twice).
     let mut published = Vec::new();
     for i in 0..1000u64 {
         let s = &sybils[(i % 4) as usize];
         published.push(verified(&node, s, 10_000 + i, 1_000_000));
     }
-    published.push(verified(&node, &x, 4, 800));
+    published.push(verified(&node, &x, 4, 400));
     published.push(verified(&elsewhere, &node, 5, 50));
     published.push(verified(&node, &judge, 1, 300));
     let p = Published::of(&id(&judge), &id(&node), &published);
     assert_eq!(p.spent_elsewhere, 50);
     assert_eq!(p.earned_from.len(), 5, "{:?}", p.earned_from);
-    let paid = |to: &hypha_wire::NodeId| log.moved(&id(&judge), to);
-    let spent_here = log.moved(&id(&node), &id(&judge));
-    // 300 paid directly + min(800, 500) through x - 100 - 50.
-    assert_eq!(standing(&id(&node), paid, spent_here, Some(&p)), 650);
+    let mut j = LogJudge {
+        me: id(&judge),
+        log: &log,
+        spent_elsewhere: Default::default(),
+    };
     // Its own log alone: what it paid minus what was spent with it.
-    assert_eq!(standing(&id(&node), paid, spent_here, None), 200);
+    assert_eq!(standing(&j, &id(&node), None), 200);
+    // Through `x` nothing counts while `x`'s spending is unknown.
+    assert_eq!(standing(&j, &id(&node), Some(&p)), 300 - 100 - 50);
+    // `x` spent only the 400 it paid `node` elsewhere: it holds 450 of
+    // the judge's 500, so all 400 count.
+    j.spent_elsewhere.insert(id(&x), 400);
+    assert_eq!(standing(&j, &id(&node), Some(&p)), 300 + 400 - 100 - 50);
+    // Had `x` also paid 300 to another node, it held only 150 for this one.
+    j.spent_elsewhere.insert(id(&x), 700);
+    assert_eq!(standing(&j, &id(&node), Some(&p)), 300 + 150 - 100 - 50);
     // The Sybils' billions are there to see, and the balance shows them,
     // but none of it traces back to the judge.
     let totals = hypha_ledger::totals_of(&id(&node), &published);
     assert!(balance(&totals) > 999_000_000);
-    let without_sybils: Vec<_> = published[1000..].to_vec();
-    let q = Published::of(&id(&judge), &id(&node), &without_sybils);
+    let q = Published::of(&id(&judge), &id(&node), &published[1000..]);
     assert_eq!(
-        standing(&id(&node), paid, spent_here, Some(&q)),
-        standing(&id(&node), paid, spent_here, Some(&p))
+        standing(&j, &id(&node), Some(&q)),
+        standing(&j, &id(&node), Some(&p))
     );
     // A stranger the judge never paid has no standing, whatever it
     // earned from its own identities.
@@ -442,5 +473,58 @@ fn standing_honours_only_credits_that_trace_back_to_the_judge() {
         .map(|i| verified(&stranger, &sybils[(i % 4) as usize], i, 1_000_000))
         .collect();
     let p = Published::of(&id(&judge), &id(&stranger), &fabricated);
-    assert_eq!(standing(&id(&stranger), paid, 0, Some(&p)), 0);
+    assert_eq!(standing(&j, &id(&stranger), Some(&p)), 0);
+}
+
+/// A node the judge paid cannot multiply those credits by paying them to
+/// several identities of its own: together they are honoured no more than
+/// it held.
+#[test]
+fn credits_passed_on_to_many_count_once() {
+    let id = |k: &ed25519_dalek::SigningKey| node_id_of(&k.verifying_key().to_bytes());
+    let (judge, x) = (key(20), key(21));
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Ledger::open(dir.path()).unwrap();
+    log.append(verified(&x, &judge, 1, 1000)).unwrap();
+    for n in [2usize, 4, 64] {
+        let payees: Vec<_> = (0..n).map(|i| key(100 + i as u8)).collect();
+        // `x` pays each of them all it earned, in receipts it publishes.
+        let pays: Vec<_> = payees
+            .iter()
+            .enumerate()
+            .map(|(i, p)| verified(p, &x, i as u64, 1000))
+            .collect();
+        let out = Published::of(&id(&judge), &id(&x), &pays).spent_elsewhere;
+        assert_eq!(out, 1000 * n as u64);
+        let j = LogJudge {
+            me: id(&judge),
+            log: &log,
+            spent_elsewhere: [(id(&x), out)].into(),
+        };
+        let total: i128 = payees
+            .iter()
+            .map(|p| {
+                let mine = Published::of(&id(&judge), &id(p), &pays);
+                standing(&j, &id(p), Some(&mine))
+            })
+            .sum();
+        assert!(total <= 1000, "{n} payees hold {total}");
+        // Paid out in part, the rest counts: half to each of two.
+        if n == 2 {
+            let halves: Vec<_> = payees
+                .iter()
+                .enumerate()
+                .map(|(i, p)| verified(p, &x, 100 + i as u64, 500))
+                .collect();
+            let j = LogJudge {
+                me: id(&judge),
+                log: &log,
+                spent_elsewhere: [(id(&x), 1000)].into(),
+            };
+            for p in &payees {
+                let mine = Published::of(&id(&judge), &id(p), &halves);
+                assert_eq!(standing(&j, &id(p), Some(&mine)), 500);
+            }
+        }
+    }
 }

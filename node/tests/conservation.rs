@@ -181,6 +181,25 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
     }
 }
 
+/// A seeder's log as the judge of standing, knowing nothing of others'
+/// spending (what a node earned from others counts nothing then).
+struct LogJudge<'a> {
+    me: hypha_wire::NodeId,
+    log: &'a hypha_ledger::Ledger,
+}
+
+impl hypha_ledger::Judge for LogJudge<'_> {
+    fn paid(&self, to: &hypha_wire::NodeId) -> u64 {
+        self.log.moved(&self.me, to)
+    }
+    fn spent_here(&self, by: &hypha_wire::NodeId) -> u64 {
+        self.log.moved(by, &self.me)
+    }
+    fn spent_elsewhere(&self, _: &hypha_wire::NodeId) -> Option<u64> {
+        None
+    }
+}
+
 /// `GET /v1/ledger/{id}` at `at`, once `done` holds of it (the DHT's
 /// receipts land just behind the requests).
 async fn peer_view(at: &Node, id: hypha_wire::NodeId, done: impl Fn(&Value) -> bool) -> Value {
@@ -213,6 +232,20 @@ async fn ask(node: &Node, model: &str) -> (u16, Value) {
         .unwrap();
     let status = resp.status().as_u16();
     (status, resp.json::<Value>().await.unwrap())
+}
+
+/// Asks `model` through `node` until it is served (its provider's record
+/// may take a moment to be found); what it cost.
+async fn ask_until_served(node: &Node, model: &str) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, v) = ask(node, model).await;
+        if status == 200 {
+            return v["usage"]["credits"].as_i64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "{status} {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Sends `model` requests through `node` until one is refused with 429;
@@ -260,16 +293,7 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
 
     // beta buys from the consumer (once its record is found): the consumer
     // now has standing at beta.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let v = loop {
-        let (status, v) = ask(&beta, "gamma").await;
-        if status == 200 {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "{status} {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let earned = v["usage"]["credits"].as_i64().unwrap();
+    let earned = ask_until_served(&beta, "gamma").await;
     // From beta's log at once, and through the DHT once published.
     peer_view(&beta, me, |v| {
         v["standing_here"] == earned && v["balance"] == earned
@@ -284,8 +308,9 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     // standing there.
     let b = beta.ledger().unwrap();
     let id = beta.id().unwrap();
+    let judge = LogJudge { me: id, log: b };
     assert_eq!(
-        hypha_ledger::standing(&me, |x| b.moved(&id, x), b.moved(&me, &id), None),
+        hypha_ledger::standing(&judge, &me, None),
         i128::from(earned)
     );
     // Once the receipt is published, beta sees the spending through the DHT.
@@ -337,12 +362,7 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     loop {
         let receipts = d.receipts_of(&me).await.unwrap_or_default();
         let published = hypha_ledger::Published::of(&id, &me, &receipts);
-        let seen = hypha_ledger::standing(
-            &me,
-            |x| b.moved(&id, x),
-            b.moved(&me, &id),
-            Some(&published),
-        );
+        let seen = hypha_ledger::standing(&judge, &me, Some(&published));
         assert!(
             seen < 0,
             "the flood hid the spending: standing {seen} over {} receipts",
@@ -497,15 +517,7 @@ async fn a_paying_request_takes_the_slot_of_a_free_one() {
     cfg.data_dir = Some(dirs[2].path().to_owned());
     cfg.pow_bits = TEST_POW_BITS;
     let free = Node::start(cfg).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, v) = ask(&seeder, "other").await;
-        if status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{status} {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    ask_until_served(&seeder, "other").await;
     let pid = paying.id().unwrap();
     peer_view(&seeder, pid, |v| v["standing_here"].as_i64().unwrap() > 0).await;
 
@@ -542,6 +554,61 @@ async fn a_paying_request_takes_the_slot_of_a_free_one() {
     assert!(m.contains("hypha_free_tier_preempted_total 1"), "{m}");
     println!("the paying request took {took:?} while a free stream held the slot");
     for n in [free, paying, seeder] {
+        n.stop().await.unwrap();
+    }
+}
+
+/// Credits pass on one hop: a seeder pays a node, that node pays a
+/// third, and the third has standing at the first seeder, up to what the
+/// middle node held of its payment; with it, its requests there are not
+/// rate-limited as the free tier's are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credits_a_seeder_paid_count_one_hop_on() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut cfg = seeder_config(1, 64, dirs[0].path(), "127.0.0.1:0".parse().unwrap());
+    cfg.model_aliases = vec!["judge".into()];
+    cfg.free_tier_per_minute = 1;
+    cfg.spend.max_price_completion_micro = None;
+    let judge = Node::start(cfg).await.unwrap();
+    let boot = vec![judge.peer_addr().unwrap()];
+    let node = |dir: &std::path::Path, name: &str| {
+        let mut cfg = seeder_config(1, 64, dir, "127.0.0.1:0".parse().unwrap());
+        cfg.model_aliases = vec![name.to_owned()];
+        cfg.bootstrap = boot.clone();
+        cfg.price_completion_micro = 10_000;
+        cfg.spend.max_price_completion_micro = None;
+        cfg
+    };
+    let middle = Node::start(node(dirs[1].path(), "middle")).await.unwrap();
+    let last = Node::start(node(dirs[2].path(), "last")).await.unwrap();
+    let paid = ask_until_served(&judge, "middle").await;
+    let passed_on = ask_until_served(&middle, "last").await;
+    assert!(paid > 0 && passed_on > 0);
+    let lid = last.id().unwrap();
+    // The judge never paid `last`; it sees what `middle` passed on.
+    let v = peer_view(&judge, lid, |v| v["standing_here"].as_i64().unwrap() > 0).await;
+    assert_eq!(v["standing_here"], paid.min(passed_on), "{v}");
+    // The judge's admission learns the same in the background: the first
+    // requests start its lookups (of `last`, then of `middle`) and may
+    // take the free tier's one request a minute or be refused.
+    for _ in 0..2 {
+        let _ = ask(&last, "judge").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(ask(&last, "judge").await.0);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200],
+        "paying requests are not rate-limited"
+    );
+    println!(
+        "paid {paid}, passed on {passed_on}; standing {}",
+        v["standing_here"]
+    );
+    for n in [last, middle, judge] {
         n.stop().await.unwrap();
     }
 }

@@ -362,12 +362,21 @@ pub(crate) async fn peer_ledger(
     };
     let totals = hypha_ledger::totals_of(&id, &receipts);
     let mut v = account::balance_json(id, &totals);
-    // What this node would honour of it when ranking its requests.
+    // What this node would honour of it when ranking its requests: that
+    // needs the spending of each node it earned from that this node paid.
     let published = hypha_ledger::Published::of(&account.id, &id, &receipts);
+    let mut judge = account::LogJudge::new(account);
+    for (x, _) in &published.earned_from {
+        if account.ledger.moved(&account.id, x) > 0 {
+            if let Some(r) = d.receipts_of(x).await {
+                let out = hypha_ledger::Published::of(&account.id, x, &r).spent_elsewhere;
+                judge.spent_elsewhere.insert(*x, out);
+            }
+        }
+    }
     v["standing_here"] = json!(account::clamp(hypha_ledger::standing(
+        &judge,
         &id,
-        |x| account.ledger.moved(&account.id, x),
-        account.ledger.moved(&id, &account.id),
         Some(&published),
     )));
     v["source"] = json!("dht");

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hypha_ledger::Published;
+use hypha_ledger::{Judge, Ledger, Published};
 use hypha_wire::NodeId;
 
 use crate::services::dht::Discovery;
@@ -175,6 +175,32 @@ impl NetworkBalances {
             }
         }
         seen.map(|(p, _)| p)
+    }
+}
+
+/// A seeder as the judge of a consumer's standing
+/// (`hypha_ledger::standing`): its own log, and what the DHT showed it of
+/// the nodes it paid (looked up in the background when unknown or stale).
+pub(crate) struct SeederJudge<'a> {
+    pub me: NodeId,
+    pub ledger: &'a Ledger,
+    pub balances: &'a Arc<NetworkBalances>,
+    pub discovery: Option<&'a Discovery>,
+}
+
+impl Judge for SeederJudge<'_> {
+    fn paid(&self, to: &NodeId) -> u64 {
+        self.ledger.moved(&self.me, to)
+    }
+
+    fn spent_here(&self, by: &NodeId) -> u64 {
+        self.ledger.moved(by, &self.me)
+    }
+
+    fn spent_elsewhere(&self, of: &NodeId) -> Option<u64> {
+        self.balances
+            .get(of, self.discovery)
+            .map(|p| p.spent_elsewhere)
     }
 }
 

@@ -20,7 +20,7 @@ use hypha_wire::{
 };
 
 use crate::identity::Identity;
-use crate::inference::admission::{FreeTier, NetworkBalances, Unpaid};
+use crate::inference::admission::{FreeTier, NetworkBalances, SeederJudge, Unpaid};
 use crate::inference::convert::{http_status, prepare, reply_for};
 use crate::inference::prep::Preparer;
 use crate::inference::receipts::{within_budget, Due, Party, SeederReceipts, Terms};
@@ -118,16 +118,16 @@ pub(crate) async fn serve_request(
     // from nodes this node paid (as the DHT's receipts show), less all it
     // is known to have spent. With none it is on the free tier: idle
     // capacity only (preemptible), at the free tier's rate.
-    let me = state.identity.id();
+    let judge = SeederJudge {
+        me: state.identity.id(),
+        ledger: &state.ledger,
+        balances: &state.balances,
+        discovery: state.discovery.as_ref(),
+    };
     let published = state
         .balances
         .get(&consumer.node_id, state.discovery.as_ref());
-    let standing = hypha_ledger::standing(
-        &consumer.node_id,
-        |x| state.ledger.moved(&me, x),
-        state.ledger.moved(&consumer.node_id, &me),
-        published.as_deref(),
-    );
+    let standing = hypha_ledger::standing(&judge, &consumer.node_id, published.as_deref());
     let prepared = if state.ledger.contains(&key) || claim.is_none() {
         Err(ErrorReply {
             request_id,
