@@ -206,6 +206,10 @@ struct UpArgs {
     /// receipt (cumulative receipts go out every half of it).
     #[arg(long, default_value_t = hypha_node::inference::serve::DEFAULT_RECEIPT_INTERVAL)]
     receipt_interval: u32,
+    /// Requests a minute a consumer without standing here (the free tier)
+    /// may make; 0 serves only consumers with standing.
+    #[arg(long, default_value_t = hypha_node::inference::admission::DEFAULT_FREE_TIER_PER_MINUTE)]
+    free_tier_per_minute: u32,
     /// Concurrent sequences (slots) in the engine.
     #[arg(long, default_value_t = hypha_engine::DEFAULT_PARALLEL)]
     parallel: u32,
@@ -521,6 +525,7 @@ async fn start_node(a: UpArgs) -> anyhow::Result<Node> {
         max_request_credits: a.max_request_credits,
     };
     cfg.receipt_interval = a.receipt_interval;
+    cfg.free_tier_per_minute = a.free_tier_per_minute;
     cfg.pow_bits = a.pow_bits;
     cfg.relay = a
         .relay

@@ -315,6 +315,29 @@ fn id_is_created_once_private_and_reused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a hypha key"));
 }
 
+/// `--free-tier-per-minute 0`: a seeder serves only consumers with
+/// standing, so a new identity's request is refused with 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_without_a_free_tier_refuses_a_new_identity() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let seeder = common::seeder_proc(dirs.0.path(), 1, &["--free-tier-per-minute", "0"]);
+    let peer = seeder.wait_for("peers reach this node as");
+    let consumer = common::consumer_proc(dirs.1.path(), &peer);
+    let api = consumer.wait_for("API at");
+    let model = test_model();
+    let model_name = model.file_stem().unwrap().to_str().unwrap();
+    let resp = hypha_node::models::http_client()
+        .unwrap()
+        .post(format!("{api}/chat/completions"))
+        .json(&json!({"model": model_name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "free_tier_exhausted", "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_serve_a_completion_over_quic() {
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
