@@ -223,8 +223,12 @@ async fn slow_http_clients_and_idle_handshakes_leave_a_stream_untouched() {
     for _ in 0..ROUNDS {
         loaded.push(streamed(&c, &api, &model_name).await);
     }
-    // Long enough for the header deadline to cut the slow clients once.
-    tokio::time::sleep(Duration::from_secs(14)).await;
+    // Long enough for the header deadline (15 s from each connection) to
+    // cut the slow clients once, and for them to notice: a client learns
+    // of the cut only when a later byte fails, up to two of its one-second
+    // rounds after it, and a round over 1,000 sockets is slower on a
+    // loaded machine.
+    tokio::time::sleep(Duration::from_secs(20)).await;
     loaded.push(streamed(&c, &api, &model_name).await);
     stop.cancel();
     let (slow_n, quic_n) = (slow.await.unwrap(), quiet.await.unwrap());
