@@ -466,7 +466,6 @@ impl Network {
                     metrics: metrics.clone(),
                     ledger: ledger.clone(),
                     receipt_interval: cfg.receipt_interval.max(1),
-                    pow_bits: cfg.pow_bits,
                     free_tier: FreeTier::new(cfg.free_tier_per_minute),
                     unpaid: Unpaid::default(),
                     running: std::sync::Mutex::new(std::collections::HashSet::new()),

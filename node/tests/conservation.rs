@@ -181,39 +181,13 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
     }
 }
 
-/// A seeder's log as the judge of standing, knowing nothing of others'
-/// spending (what a node earned from others counts nothing then).
-struct LogJudge<'a> {
-    me: hypha_wire::NodeId,
-    log: &'a hypha_ledger::Ledger,
-}
-
-impl hypha_ledger::Judge for LogJudge<'_> {
-    fn paid(&self, to: &hypha_wire::NodeId) -> u64 {
-        self.log.moved(&self.me, to)
-    }
-    fn spent_here(&self, by: &hypha_wire::NodeId) -> u64 {
-        self.log.moved(by, &self.me)
-    }
-    fn spent_elsewhere(&self, _: &hypha_wire::NodeId) -> Option<u64> {
-        None
-    }
-}
-
 /// `GET /v1/ledger/{id}` at `at`, once `done` holds of it (the DHT's
 /// receipts land just behind the requests).
 async fn peer_view(at: &Node, id: hypha_wire::NodeId, done: impl Fn(&Value) -> bool) -> Value {
     let c = common::client();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let v: Value = c
-            .get(format!("http://{}/v1/ledger/{id}", at.http_addr()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = common::get_json(&c, &format!("http://{}/v1/ledger/{id}", at.http_addr())).await;
         if done(&v) {
             return v;
         }
@@ -308,7 +282,12 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     // standing there.
     let b = beta.ledger().unwrap();
     let id = beta.id().unwrap();
-    let judge = LogJudge { me: id, log: b };
+    // beta's log alone, knowing nothing of others' spending.
+    let judge = hypha_node::inference::admission::LedgerJudge {
+        me: id,
+        ledger: b,
+        spent_elsewhere: |_: &hypha_wire::NodeId| None,
+    };
     assert_eq!(
         hypha_ledger::standing(&judge, &me, None),
         i128::from(earned)

@@ -63,37 +63,6 @@ pub struct Account {
     pub ledger: Ledger,
 }
 
-/// This node as the judge of another's standing
-/// (`hypha_ledger::standing`): its log, and the spending of the nodes it
-/// looked up.
-pub struct LogJudge<'a> {
-    account: &'a Account,
-    pub spent_elsewhere: std::collections::HashMap<NodeId, u64>,
-}
-
-impl<'a> LogJudge<'a> {
-    pub fn new(account: &'a Account) -> Self {
-        Self {
-            account,
-            spent_elsewhere: Default::default(),
-        }
-    }
-}
-
-impl hypha_ledger::Judge for LogJudge<'_> {
-    fn paid(&self, to: &NodeId) -> u64 {
-        self.account.ledger.moved(&self.account.id, to)
-    }
-
-    fn spent_here(&self, by: &NodeId) -> u64 {
-        self.account.ledger.moved(by, &self.account.id)
-    }
-
-    fn spent_elsewhere(&self, of: &NodeId) -> Option<u64> {
-        self.spent_elsewhere.get(of).copied()
-    }
-}
-
 /// What `GET /v1/ledger` shows: this node's balance and newest receipts.
 pub fn ledger_json(id: NodeId, ledger: &Ledger, recent: usize) -> Value {
     let mut v = balance_json(id, &ledger.totals(&id));

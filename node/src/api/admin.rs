@@ -365,15 +365,22 @@ pub(crate) async fn peer_ledger(
     // What this node would honour of it when ranking its requests: that
     // needs the spending of each node it earned from that this node paid.
     let published = hypha_ledger::Published::of(&account.id, &id, &receipts);
-    let mut judge = account::LogJudge::new(account);
+    let mut spent = std::collections::HashMap::new();
     for (x, _) in &published.earned_from {
         if account.ledger.moved(&account.id, x) > 0 {
             if let Some(r) = d.receipts_of(x).await {
-                let out = hypha_ledger::Published::of(&account.id, x, &r).spent_elsewhere;
-                judge.spent_elsewhere.insert(*x, out);
+                spent.insert(
+                    *x,
+                    hypha_ledger::Published::of(&account.id, x, &r).spent_elsewhere,
+                );
             }
         }
     }
+    let judge = crate::inference::admission::LedgerJudge {
+        me: account.id,
+        ledger: &account.ledger,
+        spent_elsewhere: |x: &NodeId| spent.get(x).copied(),
+    };
     v["standing_here"] = json!(account::clamp(hypha_ledger::standing(
         &judge,
         &id,

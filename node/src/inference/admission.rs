@@ -178,17 +178,17 @@ impl NetworkBalances {
     }
 }
 
-/// A seeder as the judge of a consumer's standing
-/// (`hypha_ledger::standing`): its own log, and what the DHT showed it of
-/// the nodes it paid (looked up in the background when unknown or stale).
-pub(crate) struct SeederJudge<'a> {
+/// A node as the judge of another's standing (`hypha_ledger::standing`):
+/// its own log, and the spending of others as far as it knows it. The
+/// seeder asks its `NetworkBalances` (looked up in the background when
+/// unknown or stale); `/v1/ledger/{id}` looks the nodes up first.
+pub struct LedgerJudge<'a, F: Fn(&NodeId) -> Option<u64>> {
     pub me: NodeId,
     pub ledger: &'a Ledger,
-    pub balances: &'a Arc<NetworkBalances>,
-    pub discovery: Option<&'a Discovery>,
+    pub spent_elsewhere: F,
 }
 
-impl Judge for SeederJudge<'_> {
+impl<F: Fn(&NodeId) -> Option<u64>> Judge for LedgerJudge<'_, F> {
     fn paid(&self, to: &NodeId) -> u64 {
         self.ledger.moved(&self.me, to)
     }
@@ -198,9 +198,7 @@ impl Judge for SeederJudge<'_> {
     }
 
     fn spent_elsewhere(&self, of: &NodeId) -> Option<u64> {
-        self.balances
-            .get(of, self.discovery)
-            .map(|p| p.spent_elsewhere)
+        (self.spent_elsewhere)(of)
     }
 }
 

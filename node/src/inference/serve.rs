@@ -15,12 +15,12 @@ use std::time::Duration;
 use hypha_engine::{Engine, Event};
 use hypha_ledger::{Ledger, ReceiptKey};
 use hypha_wire::{
-    Accepted, ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, Refusal,
-    TokenChunk,
+    Accepted, ArchivedMessage, Done, ErrorReply, FinishReason, InferenceRequest, Message, NodeId,
+    Refusal, TokenChunk,
 };
 
 use crate::identity::Identity;
-use crate::inference::admission::{FreeTier, NetworkBalances, SeederJudge, Unpaid};
+use crate::inference::admission::{FreeTier, LedgerJudge, NetworkBalances, Unpaid};
 use crate::inference::convert::{http_status, prepare, reply_for};
 use crate::inference::prep::Preparer;
 use crate::inference::receipts::{within_budget, Due, Party, SeederReceipts, Terms};
@@ -49,8 +49,6 @@ pub struct SeederState {
     pub ledger: Ledger,
     /// Tokens between two cumulative receipts.
     pub receipt_interval: u32,
-    /// Proof of work required of a peer's identity.
-    pub pow_bits: u32,
     /// Limits consumers without standing here (the free tier).
     pub free_tier: FreeTier,
     /// Consumers that left receipts unsigned.
@@ -118,11 +116,15 @@ pub(crate) async fn serve_request(
     // from nodes this node paid (as the DHT's receipts show), less all it
     // is known to have spent. With none it is on the free tier: idle
     // capacity only (preemptible), at the free tier's rate.
-    let judge = SeederJudge {
+    let judge = LedgerJudge {
         me: state.identity.id(),
         ledger: &state.ledger,
-        balances: &state.balances,
-        discovery: state.discovery.as_ref(),
+        spent_elsewhere: |x: &NodeId| {
+            state
+                .balances
+                .get(x, state.discovery.as_ref())
+                .map(|p| p.spent_elsewhere)
+        },
     };
     let published = state
         .balances
