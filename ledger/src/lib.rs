@@ -10,6 +10,9 @@
 //!   not) and reports it, and refuses a log corrupted anywhere else. An index of (consumer, request
 //!   id) rebuilt from the log rejects replays across restarts; a later
 //!   receipt of the same request replaces the one held.
+//! - [`notice`]: a seeder's signed evidence that a consumer left a receipt
+//!   unsigned (its last paid receipt and the offer after it), for other
+//!   seeders to refuse that consumer on.
 //! - Balances: `earned - spent`. No credit is created: each receipt moves
 //!   its credits from its consumer to its seeder, and a new identity starts
 //!   at zero (it lives on the free tier until it has served).
@@ -23,9 +26,11 @@
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 pub mod log;
+pub mod notice;
 pub mod receipt;
 
 pub use log::{Ledger, Recovery, Totals, LOG_FILE};
+pub use notice::{unpaid_seeders, Notice, VerifiedNotice, NOTICE_BYTES};
 pub use receipt::{
     price, verify_batch, Receipt, ReceiptKey, SignedReceipt, TokenDigest, VerifiedReceipt,
     RECEIPT_BYTES, SIGNED_RECEIPT_BYTES,
