@@ -1,15 +1,16 @@
 //! Conversion between the DHT's messages and their wire form, checked on
 //! the way in: a peer's message that names too many contacts or records,
-//! or an address that does not parse, is refused whole. Receipts are only
-//! decoded here; their signatures are checked before they are stored or
-//! used.
+//! or an address that does not parse, is refused whole. Receipts and
+//! unpaid notices are only decoded here; their signatures are checked
+//! before they are stored or used.
 
 use std::net::SocketAddr;
 
 use hypha_wire::{DhtReply, DhtRequest, NodeId, WireContact, WireRecord};
 
-use hypha_ledger::SignedReceipt;
+use hypha_ledger::{Notice, SignedReceipt, NOTICE_BYTES, SIGNED_RECEIPT_BYTES};
 
+use crate::notices::MAX_NOTICES_PER_KEY;
 use crate::receipts::{MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT};
 use crate::record::{
     ProviderRecord, MAX_CATALOG_MODELS, MAX_PROVIDERS_PER_KEY, MAX_RECORD_ADDRS, MAX_RECORD_RELAYS,
@@ -40,6 +41,16 @@ const _: () = assert!(
 // The fullest reply, with its contacts, fits in one frame.
 const _: () = assert!(
     MAX_RECORDS_PER_REPLY * MAX_RECORD_WIRE_BYTES + K * (32 + MAX_ADDR_BYTES + 16)
+        <= hypha_wire::MAX_FRAME_BYTES
+);
+
+// The fullest receipts reply (a key's receipts and notices, each with an
+// 8-byte length header, and its contacts) fits in one frame.
+const _: () = assert!(
+    MAX_RECEIPTS_PER_KEY * (SIGNED_RECEIPT_BYTES + 8)
+        + MAX_NOTICES_PER_KEY * (NOTICE_BYTES + 8)
+        + K * (32 + MAX_ADDR_BYTES + 16)
+        + 64
         <= hypha_wire::MAX_FRAME_BYTES
 );
 
@@ -155,11 +166,24 @@ pub fn request_to_wire(r: &Request) -> DhtRequest {
             key: key.0,
             receipts: receipts_to_wire(receipts),
         },
+        Request::PutNotice { key, notice } => DhtRequest::PutNotice {
+            key: key.0,
+            notice: notice.to_bytes().to_vec(),
+        },
     }
 }
 
 fn receipts_to_wire(v: &[SignedReceipt]) -> Vec<Vec<u8>> {
     v.iter().map(|r| r.to_bytes().to_vec()).collect()
+}
+
+fn notices_from_wire(v: &[Vec<u8>]) -> Result<Vec<Notice>, DhtError> {
+    if v.len() > MAX_NOTICES_PER_KEY {
+        return Err(DhtError::BadMessage("too many notices"));
+    }
+    v.iter()
+        .map(|b| Notice::from_bytes(b).map_err(|_| DhtError::BadMessage("malformed notice")))
+        .collect()
 }
 
 fn receipts_from_wire(v: &[Vec<u8>], max: usize) -> Result<Vec<SignedReceipt>, DhtError> {
@@ -189,6 +213,13 @@ pub fn request_from_wire(r: DhtRequest) -> Result<Request, DhtError> {
             key: NodeId(key),
             receipts: receipts_from_wire(&receipts, MAX_RECEIPTS_PER_PUT)?,
         },
+        DhtRequest::PutNotice { key, notice } => Request::PutNotice {
+            key: NodeId(key),
+            notice: Box::new(
+                Notice::from_bytes(&notice)
+                    .map_err(|_| DhtError::BadMessage("malformed notice"))?,
+            ),
+        },
     })
 }
 
@@ -203,8 +234,13 @@ pub fn reply_to_wire(r: &Response) -> DhtReply {
             records: records.iter().map(record_to_wire).collect(),
             closer: contacts(closer),
         },
-        Response::Receipts { receipts, closer } => DhtReply::Receipts {
+        Response::Receipts {
+            receipts,
+            notices,
+            closer,
+        } => DhtReply::Receipts {
             receipts: receipts_to_wire(receipts),
+            notices: notices.iter().map(|n| n.to_bytes().to_vec()).collect(),
             closer: contacts(closer),
         },
         Response::Stored => DhtReply::Stored,
@@ -237,8 +273,13 @@ pub fn reply_from_wire(r: DhtReply) -> Result<Response, DhtError> {
                 closer: contacts_from_wire(&closer)?,
             }
         }
-        DhtReply::Receipts { receipts, closer } => Response::Receipts {
+        DhtReply::Receipts {
+            receipts,
+            notices,
+            closer,
+        } => Response::Receipts {
             receipts: receipts_from_wire(&receipts, MAX_RECEIPTS_PER_KEY)?,
+            notices: notices_from_wire(&notices)?,
             closer: contacts_from_wire(&closer)?,
         },
         DhtReply::Stored => Response::Stored,
@@ -259,6 +300,12 @@ pub fn check_archived_request(r: &hypha_wire::ArchivedDhtRequest) -> Result<(), 
                     .any(|r| r.len() != hypha_ledger::SIGNED_RECEIPT_BYTES)
             {
                 return Err(DhtError::BadMessage("receipts over their limits"));
+            }
+            Ok(())
+        }
+        A::PutNotice { notice, .. } => {
+            if notice.len() != NOTICE_BYTES {
+                return Err(DhtError::BadMessage("notice of the wrong size"));
             }
             Ok(())
         }
@@ -289,11 +336,15 @@ pub fn check_archived_reply(r: &hypha_wire::ArchivedDhtReply) -> Result<(), DhtE
             }
             Ok(())
         }
-        A::Receipts { receipts, .. } => {
+        A::Receipts {
+            receipts, notices, ..
+        } => {
             if receipts.len() > MAX_RECEIPTS_PER_KEY
                 || receipts
                     .iter()
                     .any(|r| r.len() != hypha_ledger::SIGNED_RECEIPT_BYTES)
+                || notices.len() > MAX_NOTICES_PER_KEY
+                || notices.iter().any(|n| n.len() != NOTICE_BYTES)
             {
                 return Err(DhtError::BadMessage("receipts over their limits"));
             }

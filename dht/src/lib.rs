@@ -14,6 +14,7 @@
 
 pub mod codec;
 mod machine;
+pub mod notices;
 pub mod receipts;
 pub mod record;
 pub mod table;
@@ -22,6 +23,7 @@ pub use machine::{
     Config, Dht, Event, QueryId, QueryResult, Request, RequestId, Response, Transmit,
     REQUEST_TIMEOUT_MS,
 };
+pub use notices::NoticeStore;
 pub use receipts::{receipts_key, ReceiptStore};
 pub use record::{catalog_key, model_key, relay_key, ProviderRecord, RecordStore, RELAY_SERVICE};
 pub use table::{Contact, RoutingTable, Update};

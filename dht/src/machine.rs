@@ -12,11 +12,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use hypha_wire::NodeId;
 
+use crate::notices::{self, NoticeStore, MAX_NOTICES_FOUND};
 use crate::receipts::{self, ReceiptStore, MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT};
 use crate::record::{self, ProviderRecord, RecordStore};
 use crate::table::{bucket_index, Contact, RoutingTable, Update};
 use crate::{DhtError, Distance, Rng, ALPHA, K};
-use hypha_ledger::{SignedReceipt, VerifiedReceipt};
+use hypha_ledger::{Notice, SignedReceipt, VerifiedNotice, VerifiedReceipt};
 
 /// How long a request may go unanswered before it counts as failed.
 pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
@@ -92,6 +93,11 @@ pub enum Request {
         key: NodeId,
         receipts: Vec<SignedReceipt>,
     },
+    /// Stores an unpaid notice under its consumer's receipt key.
+    PutNotice {
+        key: NodeId,
+        notice: Box<Notice>,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -105,8 +111,11 @@ pub enum Response {
         records: Vec<ProviderRecord>,
         closer: Vec<Contact>,
     },
+    /// Receipts held under a key, and the unpaid notices against its
+    /// node.
     Receipts {
         receipts: Vec<SignedReceipt>,
+        notices: Vec<Notice>,
         closer: Vec<Contact>,
     },
     Stored,
@@ -146,15 +155,21 @@ pub enum QueryResult {
     },
     /// The record was offered to the closest nodes; `stored` accepted it.
     AddProvider { key: NodeId, stored: u32 },
-    /// Checked receipts found under `key`, newest first, one per request.
+    /// Checked receipts found under `key`, one per request (its
+    /// spending, largest first, then its earnings, newest first), and the
+    /// checked, live unpaid notices against its node, one per seeder and
+    /// not voided by a receipt found.
     GetReceipts {
         key: NodeId,
         receipts: Vec<VerifiedReceipt>,
+        notices: Vec<VerifiedNotice>,
         hops: u32,
         requests: u32,
     },
     /// The receipts were offered to the closest nodes; `stored` took them.
     PutReceipts { key: NodeId, stored: u32 },
+    /// The notice was offered to the closest nodes; `stored` took it.
+    PutNotice { key: NodeId, stored: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,9 +204,13 @@ enum Purpose {
     },
     GetReceipts {
         found: Vec<VerifiedReceipt>,
+        notices: Vec<VerifiedNotice>,
     },
     PutReceipts {
         receipts: Vec<SignedReceipt>,
+    },
+    PutNotice {
+        notice: Box<Notice>,
     },
     Refresh,
     /// The self-lookup of a joining node; when it ends, every bucket
@@ -232,6 +251,7 @@ pub struct Dht {
     table: RoutingTable,
     store: RecordStore,
     receipts: ReceiptStore,
+    notices: NoticeStore,
     queries: HashMap<QueryId, Query>,
     inflight: HashMap<RequestId, InFlight>,
     outbox: VecDeque<Transmit>,
@@ -251,6 +271,7 @@ impl Dht {
             local,
             cfg,
             receipts: ReceiptStore::new(local.id),
+            notices: NoticeStore::new(local.id),
             queries: HashMap::new(),
             inflight: HashMap::new(),
             outbox: VecDeque::new(),
@@ -273,6 +294,10 @@ impl Dht {
 
     pub fn receipts(&self) -> &ReceiptStore {
         &self.receipts
+    }
+
+    pub fn notices(&self) -> &NoticeStore {
+        &self.notices
     }
 
     fn fresh_id(&mut self) -> u64 {
@@ -358,7 +383,14 @@ impl Dht {
 
     /// Collects the receipts stored under `key` (a node's receipt key).
     pub fn get_receipts(&mut self, key: NodeId, now_ms: u64) -> Result<QueryId, DhtError> {
-        self.start(key, Purpose::GetReceipts { found: Vec::new() }, now_ms)
+        self.start(
+            key,
+            Purpose::GetReceipts {
+                found: Vec::new(),
+                notices: Vec::new(),
+            },
+            now_ms,
+        )
     }
 
     /// Stores checked receipts under `key` at the `k` closest nodes (and
@@ -384,6 +416,27 @@ impl Dht {
             let _ = self.receipts.put(key, r);
         }
         self.start(key, Purpose::PutReceipts { receipts: signed }, now_ms)
+    }
+
+    /// Stores a checked unpaid notice under its consumer's receipt key at
+    /// the `k` closest nodes (and here).
+    pub fn put_notice(&mut self, notice: VerifiedNotice, now_ms: u64) -> Result<QueryId, DhtError> {
+        let key = receipts::receipts_key(&notice.consumer());
+        let notice = notices::check(
+            &key,
+            notice.notice(),
+            now_ms,
+            self.cfg.min_receipt_party_pow_bits,
+        )?;
+        let signed = notice.notice();
+        let _ = self.notices.put(key, notice, now_ms);
+        self.start(
+            key,
+            Purpose::PutNotice {
+                notice: Box::new(signed),
+            },
+            now_ms,
+        )
     }
 
     fn start(
@@ -537,20 +590,61 @@ impl Dht {
                     },
                 });
             }
-            Purpose::GetReceipts { mut found } => {
+            Purpose::GetReceipts {
+                mut found,
+                notices: mut found_notices,
+            } => {
                 self.queries.remove(&qid);
                 for v in self.receipts.get_verified(&target) {
                     receipts::merge(&target, &mut found, v, MAX_RECEIPTS_PER_KEY);
                 }
+                for n in self.notices.get_verified(&target, now_ms) {
+                    notices::merge(&mut found_notices, n, MAX_NOTICES_FOUND);
+                }
+                // Notices lapse while a lookup runs, and one answer's
+                // receipt may void another's notice.
+                found_notices.retain(|n| {
+                    notices::live(n.at_ms(), now_ms)
+                        && !found.iter().any(|r| n.voided_by(r.receipt()))
+                });
                 self.events.push_back(Event::QueryDone {
                     id: qid,
                     result: QueryResult::GetReceipts {
                         key: target,
                         receipts: found,
+                        notices: found_notices,
                         hops,
                         requests,
                     },
                 });
+            }
+            Purpose::PutNotice { notice } => {
+                q.storing = Some((closest.len(), 0));
+                if closest.is_empty() {
+                    self.queries.remove(&qid);
+                    self.events.push_back(Event::QueryDone {
+                        id: qid,
+                        result: QueryResult::PutNotice {
+                            key: target,
+                            stored: 0,
+                        },
+                    });
+                    return;
+                }
+                for c in closest {
+                    self.send(
+                        c,
+                        Request::PutNotice {
+                            key: target,
+                            notice: notice.clone(),
+                        },
+                        Pending::Store(qid),
+                        now_ms,
+                    );
+                }
+                if let Some(q) = self.queries.get_mut(&qid) {
+                    q.purpose = Purpose::PutNotice { notice };
+                }
             }
             Purpose::PutReceipts { receipts } => {
                 q.storing = Some((closest.len(), 0));
@@ -626,6 +720,7 @@ impl Dht {
             let (key, stored) = (q.target, *count);
             let result = match q.purpose {
                 Purpose::PutReceipts { .. } => QueryResult::PutReceipts { key, stored },
+                Purpose::PutNotice { .. } => QueryResult::PutNotice { key, stored },
                 _ => QueryResult::AddProvider { key, stored },
             };
             self.queries.remove(&qid);
@@ -674,8 +769,29 @@ impl Dht {
             }
             Request::GetReceipts { key } => Response::Receipts {
                 receipts: self.receipts.get(&key),
+                notices: self.notices.get(&key, now_ms),
                 closer: self.closer_than_asker(&key, &from),
             },
+            Request::PutNotice { key, notice } => {
+                if self.notices.holds(&key, &notice, now_ms) {
+                    return Response::Stored;
+                }
+                let checked =
+                    notices::check(&key, *notice, now_ms, self.cfg.min_receipt_party_pow_bits);
+                let Ok(n) = checked else {
+                    return Response::Refused;
+                };
+                // A receipt held here already pays what it says went
+                // unpaid.
+                let held = self.receipts.get_verified(&key);
+                if held.iter().any(|r| n.voided_by(r.receipt())) {
+                    return Response::Refused;
+                }
+                match self.notices.put(key, n, now_ms) {
+                    Ok(()) => Response::Stored,
+                    Err(_) => Response::Refused,
+                }
+            }
             Request::PutReceipts { key, receipts } => {
                 if receipts.len() > MAX_RECEIPTS_PER_PUT {
                     return Response::Refused;
@@ -689,7 +805,10 @@ impl Dht {
                     }
                     let stored =
                         receipts::check(&key, r, now_ms, self.cfg.min_receipt_party_pow_bits)
-                            .and_then(|v| self.receipts.put(key, v));
+                            .and_then(|v| {
+                                self.notices.void(&key, v.receipt());
+                                self.receipts.put(key, v)
+                            });
                     all &= stored.is_ok();
                 }
                 if all {
@@ -718,26 +837,36 @@ impl Dht {
             Pending::Eviction { oldest } => self.table.ping_answered(&oldest, now_ms),
             Pending::Store(qid) => self.store_settled(qid, response == Response::Stored),
             Pending::Lookup(qid) => {
-                let (closer, records, receipts) = match response {
-                    Response::Nodes { closer } => (closer, Vec::new(), Vec::new()),
-                    Response::Providers { records, closer } => (closer, records, Vec::new()),
-                    Response::Receipts { receipts, closer } => (closer, Vec::new(), receipts),
-                    _ => (Vec::new(), Vec::new(), Vec::new()),
+                let (closer, records, receipts, notices) = match response {
+                    Response::Nodes { closer } => (closer, Vec::new(), Vec::new(), Vec::new()),
+                    Response::Providers { records, closer } => {
+                        (closer, records, Vec::new(), Vec::new())
+                    }
+                    Response::Receipts {
+                        receipts,
+                        notices,
+                        closer,
+                    } => (closer, Vec::new(), receipts, notices),
+                    _ => (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
                 };
-                self.lookup_answered(qid, f.to, closer, records, receipts, now_ms);
+                let found = Found {
+                    closer,
+                    records,
+                    receipts,
+                    notices,
+                };
+                self.lookup_answered(qid, f.to, found, now_ms);
             }
         }
     }
 
-    fn lookup_answered(
-        &mut self,
-        qid: QueryId,
-        from: Contact,
-        closer: Vec<Contact>,
-        records: Vec<ProviderRecord>,
-        receipts: Vec<SignedReceipt>,
-        now_ms: u64,
-    ) {
+    fn lookup_answered(&mut self, qid: QueryId, from: Contact, found: Found, now_ms: u64) {
+        let Found {
+            closer,
+            records,
+            receipts,
+            notices: answered_notices,
+        } = found;
         let local = self.local.id;
         let (k, pow) = (self.cfg.k, self.cfg.min_publisher_pow_bits);
         let party_pow = self.cfg.min_receipt_party_pow_bits;
@@ -767,7 +896,21 @@ impl Dht {
                     attempts: 0,
                 });
         }
-        if let Purpose::GetReceipts { found } = &mut q.purpose {
+        if let Purpose::GetReceipts { found, notices } = &mut q.purpose {
+            for n in answered_notices
+                .into_iter()
+                .take(notices::MAX_NOTICES_PER_KEY)
+            {
+                if notices.len() >= MAX_NOTICES_FOUND {
+                    break;
+                }
+                if notices.iter().any(|f| f.notice() == n) {
+                    continue;
+                }
+                if let Ok(v) = notices::check(&target, n, now_ms, party_pow) {
+                    notices::merge(notices, v, MAX_NOTICES_FOUND);
+                }
+            }
             for r in receipts.into_iter().take(MAX_RECEIPTS_PER_KEY) {
                 // Most answers repeat what others sent: check each receipt
                 // once.
@@ -827,6 +970,7 @@ impl Dht {
         if now_ms >= self.next_refresh_ms {
             self.next_refresh_ms = now_ms.saturating_add(self.cfg.refresh_interval_ms);
             self.store.expire(now_ms);
+            self.notices.expire(now_ms);
             let before = now_ms.saturating_sub(self.cfg.refresh_interval_ms);
             let stale = self.table.stale_buckets(before);
             for i in stale.into_iter().take(REFRESHES_PER_TICK) {
@@ -885,6 +1029,14 @@ impl Dht {
     pub fn queries(&self) -> usize {
         self.queries.len()
     }
+}
+
+/// What one lookup answer brought.
+struct Found {
+    closer: Vec<Contact>,
+    records: Vec<ProviderRecord>,
+    receipts: Vec<SignedReceipt>,
+    notices: Vec<Notice>,
 }
 
 /// Adds a record a lookup found, once: per publisher under a model's key

@@ -194,6 +194,7 @@ fn receipt_messages_are_bounded_and_round_trip() {
     assert_eq!(request_from_wire(request_to_wire(&put)).unwrap(), put);
     let reply = Response::Receipts {
         receipts: receipts.clone(),
+        notices: Vec::new(),
         closer: Vec::new(),
     };
     assert_eq!(reply_from_wire(reply_to_wire(&reply)).unwrap(), reply);
@@ -205,6 +206,7 @@ fn receipt_messages_are_bounded_and_round_trip() {
     assert!(request_from_wire(request_to_wire(&many)).is_err());
     let many = Response::Receipts {
         receipts: vec![receipts[0].clone(); MAX_RECEIPTS_PER_KEY + 1],
+        notices: Vec::new(),
         closer: Vec::new(),
     };
     assert!(reply_from_wire(reply_to_wire(&many)).is_err());

@@ -27,7 +27,9 @@
 //!   verify, fit the key and stay within its bounds, one per publisher (one
 //!   per name in the catalog); receipts check under the key, one per
 //!   request, the key's spending (largest first) before its earnings
-//!   (newest first), each within its share and the per-consumer bound.
+//!   (newest first), each within its share and the per-consumer bound;
+//!   unpaid notices check under the key, live, one per seeder, at most
+//!   the key's bound, and a notice is `Stored` only when it checks.
 //! - What this node answers, and every request it sends, goes through the
 //!   wire and back unchanged and within the checks a peer applies; so does
 //!   every request built here within the codec's bounds.
@@ -48,6 +50,7 @@ use hypha_dht::codec::{
     check_archived_reply, check_archived_request, reply_from_wire, reply_to_wire,
     request_from_wire, request_to_wire,
 };
+use hypha_dht::notices::{self, MAX_NOTICES_FOUND, MAX_NOTICES_PER_KEY, MAX_STORED_NOTICES};
 use hypha_dht::receipts::{
     self, MAX_PER_COUNTERPARTY, MAX_RECEIPTS_PER_KEY, MAX_RECEIPTS_PER_PUT, MAX_STORED_RECEIPTS,
 };
@@ -61,7 +64,7 @@ use hypha_dht::{
     ProviderRecord, QueryResult, Request, RequestId, Response, Rng, K, RELAY_SERVICE,
 };
 use hypha_fuzz::{flip_bytes, identities, identity, receipt_between, Identity};
-use hypha_ledger::{SignedReceipt, DEFAULT_POW_BITS, SIGNED_RECEIPT_BYTES};
+use hypha_ledger::{Notice, SignedReceipt, DEFAULT_POW_BITS, SIGNED_RECEIPT_BYTES};
 use hypha_wire::{
     decode_frame, owned_dht_reply, owned_dht_request, ArchivedMessage, FrameEncoder, Message,
     NodeId, FRAME_HEADER_BYTES,
@@ -154,6 +157,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         drain(&mut w);
         assert!(w.dht.store().len() <= MAX_RECORDS);
         assert!(w.dht.receipts().len() <= MAX_STORED_RECEIPTS);
+        assert!(w.dht.notices().len() <= MAX_STORED_NOTICES);
     }
     Ok(())
 }
@@ -308,9 +312,47 @@ fn receipts_for(u: &mut Unstructured, now_ms: u64, key: &NodeId) -> Result<Vec<S
     Ok(out)
 }
 
+/// Unpaid notices for `key`: the paid receipt and a later offer of the
+/// same request, mostly against the key's own party, perhaps one
+/// tampered with after signing.
+fn notices_for(u: &mut Unstructured, now_ms: u64, key: &NodeId) -> Result<Vec<Notice>> {
+    let party = identities().iter().find(|i| receipts_key(&i.id) == *key);
+    let n = u.int_in_range(0..=MAX_SIGNED_ITEMS)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let consumer: &Identity = match party {
+            Some(p) if u.ratio(7, 8)? => p,
+            _ => identity(u)?,
+        };
+        let seeder = identity(u)?;
+        let request_id = u.int_in_range(0..=MAX_RECEIPT_REQUEST_ID)?;
+        let paid = receipt_between(u, seeder, consumer, request_id, now_ms)?;
+        let mut offered = paid.receipt.clone();
+        offered.completion_tokens = offered
+            .completion_tokens
+            .saturating_add(u.int_in_range(0..=64)?);
+        offered.credits = offered.credits.saturating_add(u.arbitrary::<u16>()?.into());
+        offered.finished_ms = offered
+            .finished_ms
+            .saturating_add(u.int_in_range(0..=notices::NOTICE_LIFETIME_MS)?);
+        let mut n = Notice {
+            seeder_sig: offered.sign(&seeder.key),
+            paid,
+            offered,
+        };
+        match u.choose_index(8)? {
+            0 => n.offered.credits ^= 1,
+            1 => n.seeder_sig[u.choose_index(64)?] ^= u.int_in_range(1..=u8::MAX)?,
+            _ => {}
+        }
+        out.push(n);
+    }
+    Ok(out)
+}
+
 /// A request built from the input; true when within the codec's bounds.
 fn request(u: &mut Unstructured, w: &World) -> Result<(Request, bool)> {
-    Ok(match u.choose_index(6)? {
+    Ok(match u.choose_index(7)? {
         0 => (Request::Ping, true),
         1 => (Request::FindNode { target: id(u)? }, true),
         2 => (Request::GetProviders { key: key(u)? }, true),
@@ -320,6 +362,19 @@ fn request(u: &mut Unstructured, w: &World) -> Result<(Request, bool)> {
             (Request::AddProvider { key, record }, in_bounds)
         }
         4 => (Request::GetReceipts { key: key(u)? }, true),
+        5 => {
+            let key = key(u)?;
+            match notices_for(u, w.now_ms, &key)?.pop() {
+                Some(n) => (
+                    Request::PutNotice {
+                        key,
+                        notice: Box::new(n),
+                    },
+                    true,
+                ),
+                None => (Request::GetReceipts { key }, true),
+            }
+        }
         _ => {
             let key = key(u)?;
             let mut receipts = receipts_for(u, w.now_ms, &key)?;
@@ -349,7 +404,8 @@ fn reply(u: &mut Unstructured, w: &World, request: &Request) -> Result<(Response
         Request::GetProviders { key }
         | Request::GetReceipts { key }
         | Request::AddProvider { key, .. }
-        | Request::PutReceipts { key, .. } => *key,
+        | Request::PutReceipts { key, .. }
+        | Request::PutNotice { key, .. } => *key,
         Request::Ping => key(u)?,
     };
     Ok(match u.choose_index(6)? {
@@ -374,9 +430,23 @@ fn reply(u: &mut Unstructured, w: &World, request: &Request) -> Result<(Response
         }
         3 => {
             let receipts = receipts_for(u, w.now_ms, &target)?;
+            let mut notices = notices_for(u, w.now_ms, &target)?;
+            if u.ratio(1, 32)? {
+                // One over the bound (copies: signing 9 would be slow).
+                if let Some(n) = notices.first().cloned() {
+                    notices = vec![n; MAX_NOTICES_PER_KEY + 1];
+                }
+            }
             let closer = contacts(u)?;
-            let ok = closer.len() <= K;
-            (Response::Receipts { receipts, closer }, ok)
+            let ok = closer.len() <= K && notices.len() <= MAX_NOTICES_PER_KEY;
+            (
+                Response::Receipts {
+                    receipts,
+                    notices,
+                    closer,
+                },
+                ok,
+            )
         }
         4 => (Response::Stored, true),
         _ => (Response::Refused, true),
@@ -453,6 +523,9 @@ fn answer(w: &mut World, from: Contact, request: Request, unlisted: bool) -> Res
                     .iter()
                     .all(|r| receipts::check(key, r.clone(), now, DEFAULT_POW_BITS).is_ok())
         }
+        Request::PutNotice { key, notice } => {
+            notices::check(key, (**notice).clone(), now, DEFAULT_POW_BITS).is_ok()
+        }
         _ => false,
     };
     let response = if unlisted {
@@ -487,10 +560,28 @@ fn answer(w: &mut World, from: Contact, request: Request, unlisted: bool) -> Res
             };
             assert!(listed, "a stored record is not held: {record:?}");
         }
-        (Request::GetReceipts { key }, Response::Receipts { receipts, closer }) => {
+        (
+            Request::GetReceipts { key },
+            Response::Receipts {
+                receipts,
+                notices,
+                closer,
+            },
+        ) => {
             check_closer(w, closer, key, Some(&from));
             check_receipts(key, receipts, now);
+            check_notices(key, notices, MAX_NOTICES_PER_KEY, now);
         }
+        (Request::PutNotice { key, notice }, Response::Stored) => {
+            assert!(may_store, "stored a notice that does not check");
+            let held = w.dht.notices().get(key, now);
+            assert!(
+                held.iter().any(|h| h.offered.seeder == notice.offered.seeder
+                    && h.offered.finished_ms >= notice.offered.finished_ms),
+                "a stored notice is not held"
+            );
+        }
+        (Request::PutNotice { .. }, Response::Refused) => {}
         (Request::PutReceipts { .. }, Response::Stored) => {
             assert!(may_store, "stored receipts that do not check");
         }
@@ -607,13 +698,23 @@ fn tick(u: &mut Unstructured, w: &mut World) -> Result<()> {
 /// receipts (refused when they do not check).
 fn own_query(u: &mut Unstructured, w: &mut World) -> Result<()> {
     let now = w.now_ms;
-    let _ = match u.choose_index(5)? {
+    let _ = match u.choose_index(6)? {
         0 => w.dht.find_node(id(u)?, now),
         1 => w.dht.get_providers(key(u)?, now),
         2 => w.dht.get_receipts(key(u)?, now),
         3 => {
             let (key, record, _) = record(u, now, None)?;
             w.dht.add_provider(key, record, now)
+        }
+        4 => {
+            let key = key(u)?;
+            match notices_for(u, now, &key)?
+                .into_iter()
+                .find_map(|n| n.verify().ok())
+            {
+                Some(v) => w.dht.put_notice(v, now),
+                None => w.dht.get_receipts(key, now),
+            }
         }
         _ => {
             let key = key(u)?;
@@ -661,12 +762,27 @@ fn drain(w: &mut World) {
                 target, closest, ..
             } => check_closer(w, &closest, &target, None),
             QueryResult::GetProviders { key, records, .. } => check_records(&key, &records, now),
-            QueryResult::GetReceipts { key, receipts, .. } => {
+            QueryResult::GetReceipts {
+                key,
+                receipts,
+                notices,
+                ..
+            } => {
                 let signed: Vec<SignedReceipt> =
                     receipts.iter().map(|r| r.signed().clone()).collect();
                 check_receipts(&key, &signed, now);
+                let found: Vec<Notice> = notices.iter().map(|n| n.notice()).collect();
+                check_notices(&key, &found, MAX_NOTICES_FOUND, now);
+                for n in &notices {
+                    assert!(
+                        !receipts.iter().any(|r| n.voided_by(r.receipt())),
+                        "a lookup kept a notice its receipts void"
+                    );
+                }
             }
-            QueryResult::AddProvider { stored, .. } | QueryResult::PutReceipts { stored, .. } => {
+            QueryResult::AddProvider { stored, .. }
+            | QueryResult::PutReceipts { stored, .. }
+            | QueryResult::PutNotice { stored, .. } => {
                 assert!(stored as usize <= K);
             }
         }
@@ -723,6 +839,19 @@ fn check_records(key: &NodeId, records: &[ProviderRecord], now_ms: u64) {
         let publishers: BTreeSet<NodeId> = records.iter().map(|r| r.publisher).collect();
         assert_eq!(publishers.len(), records.len(), "a publisher twice");
     }
+}
+
+/// Notices that check under `key` at `now_ms`, at most `max`, one per
+/// seeder.
+fn check_notices(key: &NodeId, found: &[Notice], max: usize, now_ms: u64) {
+    assert!(found.len() <= max);
+    for n in found {
+        if let Err(e) = notices::check(key, n.clone(), now_ms, DEFAULT_POW_BITS) {
+            panic!("a notice that does not check: {e}");
+        }
+    }
+    let seeders: BTreeSet<NodeId> = found.iter().map(|n| n.offered.seeder).collect();
+    assert_eq!(seeders.len(), found.len(), "a seeder's notice twice");
 }
 
 /// Receipts that check under `key`, one per request, within the per-key

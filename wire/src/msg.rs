@@ -307,6 +307,12 @@ pub enum DhtRequest {
         key: [u8; 32],
         receipts: Vec<Vec<u8>>,
     },
+    /// An unpaid notice (the ledger's `Notice` form) to store under its
+    /// consumer's receipt key.
+    PutNotice {
+        key: [u8; 32],
+        notice: Vec<u8>,
+    },
 }
 
 /// Kademlia answers.
@@ -321,8 +327,10 @@ pub enum DhtReply {
         records: Vec<WireRecord>,
         closer: Vec<WireContact>,
     },
+    /// Receipts under a key and the unpaid notices against its node.
     Receipts {
         receipts: Vec<Vec<u8>>,
+        notices: Vec<Vec<u8>>,
         closer: Vec<WireContact>,
     },
     Stored,
