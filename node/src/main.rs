@@ -719,6 +719,15 @@ async fn peer_balance_cmd(node_id: &str, url: &str, api_key: Option<String>) -> 
         v["receipts"],
         v["standing_here"]
     );
+    // Seeders that say it left a receipt unsigned; two or more refuse it.
+    for n in v["unpaid_notices"].as_array().into_iter().flatten() {
+        println!(
+            "  unpaid notice: seeder {} says request {} left {} tokens unpaid",
+            text(&n["seeder"]),
+            n["request_id"],
+            n["unpaid_tokens"]
+        );
+    }
     Ok(())
 }
 

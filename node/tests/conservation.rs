@@ -3,7 +3,9 @@
 //! joined through one DHT) run many requests; then the balances in the five
 //! logs sum to zero (no credit is created), and every node's view of every other's
 //! balance, computed from the signed receipts the DHT holds, equals that
-//! node's own log.
+//! node's own log. An attacker among them takes whole answers and resets
+//! instead of signing the last receipt: it pays what it signed, and both
+//! seeders' unpaid notices against it are in the DHT.
 
 use std::time::{Duration, Instant};
 
@@ -71,16 +73,38 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
             1
         }
     });
-    for ok in futures_util::future::join_all(runs).await {
+    // Meanwhile an attacker (a raw consumer, no node of the five) takes
+    // a whole answer at each seeder and resets rather than sign the last
+    // receipt.
+    let attacker = common::peer_identity(81);
+    let attack = async {
+        let mut chunks = 0;
+        // Its connections stay up: the resets are what the seeders see.
+        let mut links = Vec::new();
+        for (seeder, id) in [(&first, 1), (&second, 2)] {
+            let (ep, conn) = common::dial_node_with_hello(seeder, 81).await;
+            // 9 tokens: at the second seeder (an offer every 2) the last
+            // interval receipt, at 8, is signed a token before `Done`.
+            chunks += common::take_all(&attacker, &conn, id, 9, common::Last::Reset).await;
+            links.push((ep, conn));
+        }
+        (chunks, links)
+    };
+    let ((delivered, _links), oks) = tokio::join!(attack, futures_util::future::join_all(runs));
+    assert_eq!(delivered, 18);
+    for ok in oks {
         served += ok;
     }
     let total = consumers.len() * REQUESTS_PER_CONSUMER;
     assert_eq!(served, total);
 
-    // Every request left one receipt in its seeder's log.
+    // Every request left one receipt in its seeder's log (the attacker's
+    // two too: what it signed).
     let nodes: Vec<&Node> = [&first, &second].into_iter().chain(&consumers).collect();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while first.ledger().unwrap().receipts() + second.ledger().unwrap().receipts() < total as u64 {
+    while first.ledger().unwrap().receipts() + second.ledger().unwrap().receipts()
+        < total as u64 + 2
+    {
         assert!(
             Instant::now() < deadline,
             "receipts missing from the seeders' logs"
@@ -92,19 +116,45 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
         second.ledger().unwrap().receipts(),
     );
 
-    // Conservation: credits only moved between the five. A seeder writes
-    // a request's last receipt when the countersignature reaches it, just
-    // after the consumer recorded it and answered (its first, the prompt's,
-    // was in the log before any token): the sums meet once those land.
+    // What the attacker paid: the prompt and the tokens of the last
+    // receipt it signed (none of the 9 at the first seeder, whose interval
+    // is 64; 8 at the second, whose interval is 4), never its last 1..9.
+    let a = attacker.id();
+    let mut attacker_spent = 0;
+    for (seeder, paid_tokens) in [(&first, 0), (&second, 8)] {
+        // All the seeder holds: at most the 26 requests of this run.
+        let held = seeder.ledger().unwrap().recent(64);
+        let r = held
+            .iter()
+            .map(|s| &s.receipt)
+            .find(|r| r.consumer == a)
+            .expect("the attacker's receipt");
+        assert_eq!(r.completion_tokens, paid_tokens, "{r:?}");
+        assert_eq!(
+            r.credits,
+            u64::from(r.prompt_tokens) + 4 * u64::from(paid_tokens)
+        );
+        attacker_spent += i128::from(r.credits);
+    }
+
+    // Conservation: credits only moved between the five and the attacker.
+    // A seeder writes a request's last receipt when the countersignature
+    // reaches it, just after the consumer recorded it and answered (its
+    // first, the prompt's, was in the log before any token): the sums meet
+    // once those land.
     let deadline = Instant::now() + Duration::from_secs(10);
     let balances = loop {
         let balances: Vec<i128> = nodes.iter().map(|n| balance(n)).collect();
-        if balances.iter().sum::<i128>() == 0 || Instant::now() >= deadline {
+        if balances.iter().sum::<i128>() == attacker_spent || Instant::now() >= deadline {
             break balances;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(balances.iter().sum::<i128>(), 0, "{balances:?}");
+    assert_eq!(
+        balances.iter().sum::<i128>(),
+        attacker_spent,
+        "{balances:?}"
+    );
     let moved: i128 = balances.iter().map(|b| b.abs()).sum::<i128>() / 2;
     assert!(moved > 0, "no credits moved");
 
@@ -120,7 +170,7 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
             }
             let id = subject.id().unwrap();
             loop {
-                let receipts = d.receipts_of(&id).await.unwrap_or_default();
+                let receipts = d.receipts_of(&id).await.unwrap_or_default().receipts;
                 let totals = hypha_ledger::totals_of(&id, &receipts);
                 let seen = hypha_ledger::balance(&totals);
                 if seen == *own {
@@ -155,6 +205,26 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
         Some(balances[0]),
         "{v}"
     );
+    // And about the attacker: what it paid, and both seeders' notices
+    // (two: any other seeder refuses it).
+    let v = peer_view(&consumers[0], a, |v| {
+        v["unpaid_notices"].as_array().is_some_and(|n| n.len() == 2)
+            && v["balance"].as_i64().map(i128::from) == Some(-attacker_spent)
+    })
+    .await;
+    let mut named: Vec<&str> = v["unpaid_notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["seeder"].as_str().unwrap())
+        .collect();
+    named.sort_unstable();
+    let mut seeders = [
+        first.id().unwrap().to_string(),
+        second.id().unwrap().to_string(),
+    ];
+    seeders.sort_unstable();
+    assert_eq!(named, seeders, "{v}");
 
     // And from the command line, against a running node.
     let url = format!("http://{}", consumers[0].http_addr());
@@ -173,7 +243,7 @@ async fn five_nodes_conserve_credits_and_agree_on_balances() {
         "{text}"
     );
     println!(
-        "{total} requests ({} and {} per seeder), {moved} micro-credits moved; balances {balances:?} sum to zero; 20 of 20 views from the DHT match the logs",
+        "{total} requests and the attacker's 2 ({} and {} receipts per seeder), {moved} micro-credits moved; balances {balances:?} sum to the attacker's {attacker_spent}; 20 of 20 views from the DHT match the logs",
         by_seeder.0, by_seeder.1
     );
     for n in consumers.into_iter().chain([second, first]) {
@@ -339,7 +409,7 @@ async fn credits_spent_elsewhere_count_at_every_seeder() {
     let full = hypha_dht::receipts::spent_share(hypha_dht::receipts::MAX_RECEIPTS_PER_KEY);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let receipts = d.receipts_of(&me).await.unwrap_or_default();
+        let receipts = d.receipts_of(&me).await.unwrap_or_default().receipts;
         let published = hypha_ledger::Published::of(&id, &me, &receipts);
         let seen = hypha_ledger::standing(&judge, &me, Some(&published));
         assert!(

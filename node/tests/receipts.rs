@@ -68,7 +68,7 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
         {
             // Only the prompt's receipt is countersigned.
             if let (Some(r), 1) = (offer, seen.receipts.len()) {
-                send.send(&countersign(&ident, &r)).await.unwrap();
+                send.send(&common::countersign(&ident, &r)).await.unwrap();
             }
         }
     };
@@ -126,14 +126,6 @@ async fn a_consumer_that_stops_countersigning_is_cut_off() {
     assert!(message.contains("never countersigned"), "{message}");
 }
 
-/// The countersignature of `r` by `ident`, as a consumer sends it.
-fn countersign(ident: &hypha_node::identity::Identity, r: &Receipt) -> Message {
-    Message::Countersign(hypha_wire::Countersign {
-        request_id: r.request_id,
-        consumer_sig: r.sign(ident.signing_key()),
-    })
-}
-
 /// A raw consumer of `net`'s seeder, with the identity of `seed`.
 async fn raw_consumer(
     net: &Net,
@@ -175,38 +167,8 @@ async fn resetting_after_done_or_the_first_token_costs_what_was_delivered() {
     let ledger = net.seeder.ledger().unwrap();
 
     // Reset after Done and the last offer.
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let mut send = FramedSend::new(send);
-    send.send(&common::request(1, 10)).await.unwrap();
-    let mut recv = FramedRecv::new(recv);
-    let mut chunks = 0u32;
-    loop {
-        let frame = recv
-            .next(|m| {
-                Ok(match m {
-                    ArchivedMessage::Receipt(r) => {
-                        Some((Receipt::from_bytes(r.receipt.as_slice()).unwrap(), r.last))
-                    }
-                    ArchivedMessage::Chunk(_) => {
-                        chunks += 1;
-                        None
-                    }
-                    ArchivedMessage::Error(e) => panic!("{:?}", e.message),
-                    _ => None,
-                })
-            })
-            .await
-            .unwrap()
-            .expect("the last receipt comes");
-        match frame {
-            Some((r, false)) => send.send(&countersign(&ident, &r)).await.unwrap(),
-            Some((_, true)) => break,
-            None => {}
-        }
-    }
+    let chunks = common::take_all(&ident, &conn, 1, 10, common::Last::Reset).await;
     assert_eq!(chunks, 10);
-    let _ = send.stream.reset(7u32.into());
-    let _ = recv.stream.stop(7u32.into());
     // Paid: the prompt and the 8 tokens of the last interval receipt.
     common::wait_receipts(ledger, 1).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -262,7 +224,7 @@ async fn resetting_after_done_or_the_first_token_costs_what_was_delivered() {
             .unwrap()
             .expect("frames come");
         match frame {
-            Ok(Some(r)) => send.send(&countersign(&ident, &r)).await.unwrap(),
+            Ok(Some(r)) => send.send(&common::countersign(&ident, &r)).await.unwrap(),
             Ok(None) => {}
             // The first token: reset.
             Err(()) => break,
@@ -641,4 +603,214 @@ async fn a_cap_per_request_stops_generation_within_it() {
     );
     assert_eq!(consumer.ledger().unwrap().receipts(), 0);
     consumer.stop().await.unwrap();
+}
+
+/// `GET /v1/ledger/{id}` at `at`, once `done` holds of it.
+async fn ledger_view(
+    at: &hypha_node::Node,
+    id: hypha_wire::NodeId,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let c = common::client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = common::get_json(&c, &format!("http://{}/v1/ledger/{id}", at.http_addr())).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never came to pass: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A consumer that resets after `Done` at two seeders is refused by a third
+/// at its first request there: each of the two published an unpaid notice
+/// (its last receipt both signed and the offer left unsigned) under the
+/// consumer's receipt key, and the third looked the consumer up before it
+/// admitted it. One seeder's notice alone refuses nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn receipts_left_unsigned_at_two_seeders_close_the_rest_of_the_network() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let config = |i: usize, boot: &[hypha_node::net::addr::PeerAddr]| {
+        let mut cfg = common::seeder_config(1, 64, dirs[i].path(), "127.0.0.1:0".parse().unwrap());
+        cfg.receipt_interval = 8;
+        cfg.bootstrap = boot.to_vec();
+        cfg
+    };
+    let a = hypha_node::Node::start(config(0, &[])).await.unwrap();
+    let boot = vec![a.peer_addr().unwrap()];
+    let b = hypha_node::Node::start(config(1, &boot)).await.unwrap();
+    let c = hypha_node::Node::start(config(2, &boot)).await.unwrap();
+    let ident = common::peer_identity(71);
+    let me = ident.id();
+
+    // At a: everything taken, the last receipt left unsigned.
+    let (_ea, at_a) = common::dial_node_with_hello(&a, 71).await;
+    assert_eq!(
+        common::take_all(&ident, &at_a, 1, 10, common::Last::Reset).await,
+        10
+    );
+    let a_id = a.id().unwrap().to_string();
+    let v = ledger_view(&c, me, |v| {
+        v["unpaid_notices"]
+            .as_array()
+            .is_some_and(|n| !n.is_empty())
+    })
+    .await;
+    let notices = v["unpaid_notices"].as_array().unwrap();
+    assert_eq!(notices.len(), 1, "{v}");
+    assert_eq!(notices[0]["seeder"], a_id.as_str(), "{v}");
+    assert_eq!(notices[0]["unpaid_tokens"], 2, "{v}");
+
+    // One seeder's word refuses nobody: b serves the consumer, which then
+    // leaves b's last receipt unsigned too.
+    let (_eb, at_b) = common::dial_node_with_hello(&b, 71).await;
+    assert_eq!(
+        common::take_all(&ident, &at_b, 2, 10, common::Last::Pay).await,
+        10
+    );
+    assert_eq!(
+        common::take_all(&ident, &at_b, 3, 10, common::Last::Reset).await,
+        10
+    );
+    ledger_view(&c, me, |v| {
+        v["unpaid_notices"].as_array().is_some_and(|n| n.len() == 2)
+    })
+    .await;
+
+    // c never served the consumer: its first request is refused.
+    let (_ec, at_c) = common::dial_node_with_hello(&c, 71).await;
+    let (refusal, message) = first_refusal(&at_c, 4).await.expect("refused");
+    assert_eq!(refusal, Refusal::Unpaid, "{message}");
+    assert!(
+        message.contains("2 seeders published unpaid notices"),
+        "{message}"
+    );
+    // And another consumer is served by c as ever.
+    let other = common::peer_identity(72);
+    let (_eo, other_c) = common::dial_node_with_hello(&c, 72).await;
+    assert_eq!(
+        common::take_all(&other, &other_c, 1, 10, common::Last::Pay).await,
+        10
+    );
+    for n in [a, b, c] {
+        n.stop().await.unwrap();
+    }
+}
+
+/// A consumer's `Cancel` that crosses the seeder's `Done` does not excuse
+/// the last receipt: the seeder still waits for it, and once it is signed
+/// the request is paid in full and the consumer served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_crosses_done_still_pays_the_last_receipt() {
+    let net = Net::start_with(2, 64, 8).await;
+    let (ident, _ep, conn) = raw_consumer(&net, 73).await;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&common::request(1, 10)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    while let Some(frame) = recv
+        .next(|m| {
+            Ok(match m {
+                ArchivedMessage::Receipt(r) => {
+                    Some((Receipt::from_bytes(r.receipt.as_slice()).unwrap(), r.last))
+                }
+                ArchivedMessage::Error(e) => panic!("{:?}", e.message),
+                _ => None,
+            })
+        })
+        .await
+        .unwrap()
+    {
+        match frame {
+            Some((r, false)) => send.send(&common::countersign(&ident, &r)).await.unwrap(),
+            Some((r, true)) => {
+                // The client left just as the answer ended.
+                send.send(&Message::Cancel(hypha_wire::Cancel { request_id: 1 }))
+                    .await
+                    .unwrap();
+                send.send(&common::countersign(&ident, &r)).await.unwrap();
+            }
+            None => {}
+        }
+    }
+    let ledger = net.seeder.ledger().unwrap();
+    common::wait_receipts(ledger, 1).await;
+    assert_eq!(ledger.recent(1)[0].receipt.completion_tokens, 10);
+    assert_eq!(
+        common::take_all(&ident, &conn, 2, 10, common::Last::Pay).await,
+        10,
+        "served again"
+    );
+}
+
+/// A client that drops its stream as the last tokens arrive, while the
+/// seeder's `Done` and last receipt may be on their way: its node cancels
+/// and still countersigns what arrives, so both ledgers agree and the
+/// seeder goes on serving it (it would refuse a consumer that reset after
+/// `Done`, and publish a notice against it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_at_the_end_of_its_answer_is_not_held_unpaid() {
+    let net = Net::start_with(2, 64, 8).await;
+    let c = common::client();
+    let cid = net.consumer.id().unwrap();
+    let (sl, cl) = (net.seeder.ledger().unwrap(), net.consumer.ledger().unwrap());
+    for round in 0..8u64 {
+        let resp = c
+            .post(format!("{}/v1/chat/completions", net.consumer_base()))
+            .json(&json!({"model": "default", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 9, "temperature": 0, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "round {round}");
+        let mut stream = futures_util::StreamExt::boxed(resp.bytes_stream());
+        let mut pieces = 0;
+        while pieces < 9 {
+            let Some(chunk) = futures_util::StreamExt::next(&mut stream).await else {
+                break;
+            };
+            pieces += String::from_utf8_lossy(&chunk.unwrap())
+                .matches("\"content\"")
+                .count();
+        }
+        drop(stream);
+        common::wait_receipts(sl, round + 1).await;
+        common::wait_same_spending(sl, cl, &cid).await;
+    }
+    let m = common::metrics(&c, &net.seeder_base()).await;
+    assert!(
+        !m.contains("status=\"402\""),
+        "a request was held unpaid: {m}"
+    );
+    common::assert_still_serves(&net).await;
+}
+
+/// Closing the whole connection after `Done` instead of signing the last
+/// receipt is not a lost link: the consumer closed it itself, and is
+/// refused like one that reset the stream (and a notice published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_connection_after_done_is_not_paying() {
+    let net = Net::start_with(2, 64, 8).await;
+    let (ident, _ep, conn) = raw_consumer(&net, 74).await;
+    assert_eq!(
+        common::take_all(&ident, &conn, 1, 10, common::Last::Close).await,
+        10
+    );
+    // Counted as unpaid (402), not as a lost link (499).
+    common::wait_metric(
+        &common::client(),
+        &net.seeder_base(),
+        "hypha_requests_total{endpoint=\"peer\",status=\"402\"} 1",
+    )
+    .await;
+    let ledger = net.seeder.ledger().unwrap();
+    assert_eq!(ledger.recent(1)[0].receipt.completion_tokens, 8);
+    // A new connection: refused at once, not on a second strike.
+    let (_, _ep2, conn) = raw_consumer(&net, 74).await;
+    let (refusal, message) = first_refusal(&conn, 2).await.expect("refused");
+    assert_eq!(refusal, Refusal::Unpaid, "{message}");
+    assert!(message.contains("never countersigned"), "{message}");
 }

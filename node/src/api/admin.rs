@@ -351,7 +351,7 @@ pub(crate) async fn peer_ledger(
         .code("no_network")
         .into_response();
     };
-    let Some(receipts) = d.receipts_of(&id).await else {
+    let Some(found) = d.receipts_of(&id).await else {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -360,6 +360,7 @@ pub(crate) async fn peer_ledger(
         .code("lookup_failed")
         .into_response();
     };
+    let receipts = found.receipts;
     let totals = hypha_ledger::totals_of(&id, &receipts);
     let mut v = account::balance_json(id, &totals);
     // What this node would honour of it when ranking its requests: that
@@ -371,7 +372,7 @@ pub(crate) async fn peer_ledger(
             if let Some(r) = d.receipts_of(x).await {
                 spent.insert(
                     *x,
-                    hypha_ledger::Published::of(&account.id, x, &r).spent_elsewhere,
+                    hypha_ledger::Published::of(&account.id, x, &r.receipts).spent_elsewhere,
                 );
             }
         }
@@ -395,6 +396,20 @@ pub(crate) async fn peer_ledger(
         .into_iter()
         .take(LEDGER_RECENT)
         .map(|r| account::receipt_json(r.signed(), Some(id)))
+        .collect();
+    // Seeders that say it left a receipt unsigned (each the seeder's word,
+    // over a receipt it did sign); two or more and seeders refuse it.
+    v["unpaid_notices"] = found
+        .notices
+        .iter()
+        .map(|n| {
+            json!({
+                "seeder": n.seeder().to_string(),
+                "request_id": n.request_id(),
+                "unpaid_tokens": n.unpaid_tokens(),
+                "at_ms": n.at_ms(),
+            })
+        })
         .collect();
     Json(v).into_response()
 }

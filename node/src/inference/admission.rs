@@ -1,14 +1,16 @@
 //! Who a seeder serves, and how soon: the consumer's standing here from
 //! signed receipts (this node's log and the DHT's, by
 //! `hypha_ledger::standing`), the free tier for those with none, and
-//! consumers that left receipts unsigned.
+//! consumers that left receipts unsigned, here or (by the DHT's unpaid
+//! notices) at two or more other seeders.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hypha_ledger::{Judge, Ledger, Published};
+use hypha_ledger::{Judge, Ledger, Published, VerifiedNotice};
 use hypha_wire::NodeId;
+use tokio::sync::Notify;
 
 use crate::services::dht::Discovery;
 use crate::util::{lock, BoundedMap, Overflow, RateWindow, Tasks};
@@ -110,6 +112,15 @@ impl FreeTier {
 /// How long what the DHT shows of a consumer is used before it is looked
 /// up again.
 pub const BALANCE_FRESH: Duration = Duration::from_secs(30);
+/// How long a consumer's first request waits for the DHT's view of it (a
+/// lookup among a few nodes takes milliseconds); past it, admission goes
+/// on with this node's own log and the view serves later requests.
+pub const FIRST_VIEW_WAIT: Duration = Duration::from_secs(1);
+/// Distinct seeders whose live unpaid notices refuse a consumer: one
+/// seeder's word alone could be a lie (it could claim any request it
+/// served went unpaid); two are two identities the consumer itself chose
+/// to use.
+pub const UNPAID_SEEDERS_TO_REFUSE: usize = 2;
 /// Consumers whose published receipts are remembered (each summary holds
 /// at most one entry per receipt a DHT key keeps).
 const MAX_BALANCES: usize = 4096;
@@ -117,14 +128,33 @@ const MAX_BALANCES: usize = 4096;
 /// (admission then uses this node's own log alone).
 const MAX_BALANCE_LOOKUPS: usize = 64;
 
-/// What the receipts the DHT holds for each consumer show this node (each
-/// checked, summed by [`Published::of`]), looked up in the background so
-/// admission never waits on the network.
+/// What the DHT shows this node of one consumer.
+pub struct Seen {
+    /// Its published receipts, checked and summed by [`Published::of`].
+    pub published: Published,
+    /// Live unpaid notices against it, one per seeder, none voided by a
+    /// receipt the lookup found.
+    pub notices: Vec<VerifiedNotice>,
+}
+
+impl Seen {
+    /// The seeders whose notices still count at `now_ms`.
+    pub fn unpaid_at(&self, now_ms: u64) -> BTreeSet<NodeId> {
+        let since = now_ms.saturating_sub(hypha_dht::notices::NOTICE_LIFETIME_MS);
+        hypha_ledger::unpaid_seeders(&self.notices, &[], since)
+    }
+}
+
+/// What the receipts and notices the DHT holds for each consumer show this
+/// node, looked up in the background: admission waits only for a
+/// consumer's first view, at most [`FIRST_VIEW_WAIT`].
 pub struct NetworkBalances {
     /// This node: the judge of every summary.
     me: NodeId,
-    known: Mutex<BoundedMap<NodeId, (Arc<Published>, Instant)>>,
+    known: Mutex<BoundedMap<NodeId, (Arc<Seen>, Instant)>>,
     looking: Mutex<HashSet<NodeId>>,
+    /// Woken whenever a lookup ends.
+    looked: Notify,
     tasks: Tasks,
 }
 
@@ -135,17 +165,14 @@ impl NetworkBalances {
             me,
             known: Mutex::new(BoundedMap::new(MAX_BALANCES, Overflow::Clear)),
             looking: Mutex::new(HashSet::new()),
+            looked: Notify::new(),
             tasks,
         }
     }
 
     /// The last summary seen for `id`; starts a lookup when there is none
     /// or it is older than [`BALANCE_FRESH`].
-    pub fn get(
-        self: &Arc<Self>,
-        id: &NodeId,
-        discovery: Option<&Discovery>,
-    ) -> Option<Arc<Published>> {
+    pub fn get(self: &Arc<Self>, id: &NodeId, discovery: Option<&Discovery>) -> Option<Arc<Seen>> {
         let now = Instant::now();
         let seen = lock(&self.known).get(id).cloned();
         let stale = seen
@@ -159,22 +186,60 @@ impl NetworkBalances {
             if start {
                 let (me, d, id) = (self.clone(), d.clone(), *id);
                 self.tasks.spawn(async move {
-                    let Some(receipts) = d.receipts_of(&id).await else {
+                    let Some(found) = d.receipts_of(&id).await else {
                         // Not known, not remembered: the next request asks
                         // again.
                         lock(&me.looking).remove(&id);
+                        me.looked.notify_waiters();
                         return;
                     };
-                    let p = Arc::new(Published::of(&me.me, &id, &receipts));
+                    let seen = Arc::new(Seen {
+                        published: Published::of(&me.me, &id, &found.receipts),
+                        notices: found.notices,
+                    });
                     let at = Instant::now();
-                    lock(&me.known).insert(id, (p, at), |(_, seen)| {
+                    lock(&me.known).insert(id, (seen, at), |(_, seen)| {
                         at.duration_since(*seen) >= BALANCE_FRESH
                     });
                     lock(&me.looking).remove(&id);
+                    me.looked.notify_waiters();
                 });
             }
         }
         seen.map(|(p, _)| p)
+    }
+
+    /// [`Self::get`], waiting up to `wait` for the lookup when nothing is
+    /// known of `id` yet.
+    pub async fn get_or_wait(
+        self: &Arc<Self>,
+        id: &NodeId,
+        discovery: Option<&Discovery>,
+        wait: Duration,
+    ) -> Option<Arc<Seen>> {
+        if let Some(seen) = self.get(id, discovery) {
+            return Some(seen);
+        }
+        discovery?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let woken = self.looked.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so a lookup that ends between
+            // the two still wakes this one.
+            woken.as_mut().enable();
+            if let Some((seen, _)) = lock(&self.known).get(id).cloned() {
+                return Some(seen);
+            }
+            if !lock(&self.looking).contains(id) {
+                // The lookup ended with nothing, or never started (too
+                // many running).
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return None;
+            }
+        }
     }
 }
 

@@ -28,7 +28,7 @@
 //! and digest of the token ids that arrived, and for the last receipt the
 //! prompt tokens `Done` reported; anything else is a [`ReceiptError`].
 
-use hypha_ledger::{price, Receipt, SignedReceipt, TokenDigest, VerifiedReceipt};
+use hypha_ledger::{price, Notice, Receipt, SignedReceipt, TokenDigest, VerifiedReceipt};
 use hypha_wire::{NodeId, ReceiptOffer};
 
 use crate::identity::Identity;
@@ -242,6 +242,19 @@ impl SeederReceipts {
     /// The latest receipt both signed.
     pub fn signed(&self) -> Option<&VerifiedReceipt> {
         self.signed.as_ref()
+    }
+
+    /// Evidence that the consumer left the newest offer unsigned: the
+    /// latest receipt both signed and that offer (`hypha_ledger::Notice`).
+    /// `None` when every offer was settled or none ever was.
+    pub fn unpaid_notice(&self) -> Option<Notice> {
+        let paid = self.signed.as_ref()?;
+        let (offered, seeder_sig) = self.pending.last()?;
+        Some(Notice {
+            paid: paid.signed().clone(),
+            offered: offered.clone(),
+            seeder_sig: *seeder_sig,
+        })
     }
 
     pub fn into_signed(self) -> Option<VerifiedReceipt> {

@@ -180,14 +180,16 @@ pub struct Party {
     pub limits: SpendLimits,
 }
 
-/// One generation running on a seeder. Dropping it before it ended resets
-/// the stream, which cancels the generation on the seeder.
+/// One generation running on a seeder. Dropping it before it ended
+/// cancels the generation on the seeder and pays for what still arrives
+/// ([`drain`]).
 pub struct RemoteGeneration {
     conn: quinn::Connection,
     peer: NodeId,
     party: Arc<Party>,
-    send: FramedSend,
-    recv: FramedRecv,
+    /// The stream and its checks; `None` only once dropped unfinished
+    /// (then [`drain`] holds them).
+    live: Option<Live>,
     request_id: RequestId,
     first: Option<RemoteEvent>,
     /// How long the seeder may take to answer: [`START_TIMEOUT`], plus
@@ -197,10 +199,16 @@ pub struct RemoteGeneration {
     metrics: Arc<Metrics>,
     /// Counts this request against its seeder while it runs.
     pub(crate) running: Option<RunningGuard>,
-    /// The answer's frames checked so far, and its receipts.
-    check: ReplyCheck,
     /// The ledger has the latest receipt both signed.
     recorded: bool,
+}
+
+/// A request stream and the checks of what came on it.
+struct Live {
+    send: FramedSend,
+    recv: FramedRecv,
+    /// The answer's frames checked so far, and its receipts.
+    check: ReplyCheck,
 }
 
 /// Prompt bytes a seeder is given an extra second for before it must
@@ -268,28 +276,32 @@ impl RemoteGeneration {
             conn,
             peer,
             party: party.clone(),
-            send: FramedSend::new(send),
-            recv: FramedRecv::new(recv),
+            live: Some(Live {
+                send: FramedSend::new(send),
+                recv: FramedRecv::new(recv),
+                check: ReplyCheck::new(
+                    RequestId(req.request_id),
+                    Bounds {
+                        max_tokens: req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
+                        textless: textless_allowance(&req.stop),
+                    },
+                    receipts,
+                ),
+            }),
             request_id: RequestId(req.request_id),
             first: None,
             running: None,
             start_limit: start_limit(&req.prompt),
             ended: false,
             metrics: metrics.clone(),
-            check: ReplyCheck::new(
-                RequestId(req.request_id),
-                Bounds {
-                    max_tokens: req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
-                    textless: textless_allowance(&req.stop),
-                },
-                receipts,
-            ),
             recorded: false,
         };
-        g.send
-            .send(&Message::Request(req.clone()))
-            .await
-            .map_err(failed)?;
+        if let Some(live) = g.live.as_mut() {
+            live.send
+                .send(&Message::Request(req.clone()))
+                .await
+                .map_err(failed)?;
+        }
         match g.read().await {
             Ok(ev) => {
                 g.first = Some(ev);
@@ -347,10 +359,13 @@ impl RemoteGeneration {
         let peer = self.peer;
         let failed = |source: PeerError| RemoteError::Failed { peer, source };
         let identity = &self.party.identity;
-        let check = &mut self.check;
+        let Some(live) = self.live.as_mut() else {
+            return Err(failed(PeerError::Protocol(Violation::EndedBefore("done"))));
+        };
+        let check = &mut live.check;
         let awaiting_last = check.awaiting_last_receipt();
         let answered = check.answered();
-        let next = self.recv.next(|m| check.frame(m, identity));
+        let next = live.recv.next(|m| check.frame(m, identity));
         let frame = if awaiting_last {
             match tokio::time::timeout(LAST_RECEIPT_TIMEOUT, next).await {
                 Ok(f) => f,
@@ -358,9 +373,13 @@ impl RemoteGeneration {
                     // No last receipt: the request is over all the same.
                     tracing::warn!(%peer, request_id = %self.request_id, "no last receipt after done");
                     self.ended = true;
-                    self.send.finish();
+                    live.send.finish();
                     let credits = self.record().await;
-                    let (text, finish) = self.check.take_done().unwrap_or_else(empty_done);
+                    let (text, finish) = self
+                        .live
+                        .as_mut()
+                        .and_then(|l| l.check.take_done())
+                        .unwrap_or_else(empty_done);
                     return Ok(Some(RemoteEvent::Done {
                         text,
                         finish,
@@ -389,7 +408,7 @@ impl RemoteGeneration {
                 countersign,
                 finished,
             } => {
-                self.send
+                live.send
                     .send(&Message::Countersign(countersign))
                     .await
                     .map_err(failed)?;
@@ -397,7 +416,7 @@ impl RemoteGeneration {
                     // An interval's receipt: this node's record of its
                     // spending so far (the seeder writes it before it
                     // sends more tokens).
-                    if let Some(signed) = self.check.receipts().signed().cloned() {
+                    if let Some(signed) = live.check.receipts().signed().cloned() {
                         let ledger = self.party.ledger.clone();
                         self.party.tasks.spawn_blocking(move || {
                             if let Err(e) = ledger.append(signed) {
@@ -408,7 +427,7 @@ impl RemoteGeneration {
                     return Ok(None);
                 };
                 self.ended = true;
-                self.send.finish();
+                live.send.finish();
                 let credits = self.record().await;
                 Ok(Some(RemoteEvent::Done {
                     text,
@@ -418,7 +437,7 @@ impl RemoteGeneration {
             }
             Step::Refused(refusal, message) => {
                 self.ended = true;
-                self.send.finish();
+                live.send.finish();
                 Err(RemoteError::Refused {
                     peer,
                     refusal,
@@ -434,7 +453,7 @@ impl RemoteGeneration {
         if self.recorded {
             return None;
         }
-        let verified = self.check.receipts().signed()?.clone();
+        let verified = self.live.as_ref()?.check.receipts().signed()?.clone();
         self.recorded = true;
         let credits = verified.receipt().credits;
         let ledger = self.party.ledger.clone();
@@ -467,22 +486,110 @@ fn empty_done() -> (String, Finish) {
 
 impl Drop for RemoteGeneration {
     fn drop(&mut self) {
-        if let (false, Some(signed)) = (self.recorded, self.check.receipts().signed().cloned()) {
+        let Some(mut live) = self.live.take() else {
+            return;
+        };
+        let runtime = tokio::runtime::Handle::try_current().is_ok();
+        if !self.ended && runtime {
+            self.party.tasks.spawn(drain(Drained {
+                live,
+                party: self.party.clone(),
+                request_id: self.request_id,
+                recorded: self.recorded,
+                _running: self.running.take(),
+            }));
+            return;
+        }
+        if let (false, Some(signed), true) = (
+            self.recorded,
+            live.check.receipts().signed().cloned(),
+            runtime,
+        ) {
             // Cut short: keep the last receipt both signed.
             let ledger = self.party.ledger.clone();
-            if tokio::runtime::Handle::try_current().is_ok() {
-                self.party.tasks.spawn_blocking(move || {
-                    if let Err(e) = ledger.append(signed) {
-                        tracing::warn!("cannot record receipt: {e}");
-                    }
-                });
-            }
+            self.party.tasks.spawn_blocking(move || {
+                if let Err(e) = ledger.append(signed) {
+                    tracing::warn!("cannot record receipt: {e}");
+                }
+            });
         }
         if !self.ended {
             // Reset our side and stop theirs: the seeder sees it on its next
             // read or write and drops the generation.
-            let _ = self.send.stream.reset(STREAM_CANCELLED);
-            let _ = self.recv.stream.stop(STREAM_CANCELLED);
+            let _ = live.send.stream.reset(STREAM_CANCELLED);
+            let _ = live.recv.stream.stop(STREAM_CANCELLED);
         }
     }
+}
+
+/// How long a generation dropped unfinished keeps its stream to pay for
+/// what still arrives: the seeder's wait for the last countersignature.
+pub const DRAIN_TIMEOUT: Duration = LAST_RECEIPT_TIMEOUT;
+
+/// A generation whose client left before it ended, and what its drain
+/// needs. Dropped (when the drain ends, or the node stops), it records the
+/// last receipt both signed and stops the stream.
+struct Drained {
+    live: Live,
+    party: Arc<Party>,
+    request_id: RequestId,
+    recorded: bool,
+    /// Still counts against the seeder: its connection is not closed
+    /// under the drain (a close after `Done` reads as not paying).
+    _running: Option<RunningGuard>,
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        self.live.send.finish();
+        let _ = self.live.recv.stream.stop(STREAM_CANCELLED);
+        if self.recorded || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        if let Some(signed) = self.live.check.receipts().signed().cloned() {
+            let ledger = self.party.ledger.clone();
+            let request_id = self.request_id;
+            self.party.tasks.spawn_blocking(move || {
+                if let Err(e) = ledger.append(signed) {
+                    tracing::warn!(%request_id, "cannot record receipt: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Sends `Cancel`, then countersigns (checked, as ever) what still
+/// arrives, for at most [`DRAIN_TIMEOUT`]. The cancel may cross the
+/// seeder's `Done`; the seeder then still wants the last receipt signed
+/// and holds a consumer that leaves it unsigned as unpaid (in the DHT
+/// too), and the tokens did reach this node. Mid-stream the seeder stops
+/// at the cancel and ends the stream.
+async fn drain(mut d: Drained) {
+    let cancel = Message::Cancel(hypha_wire::Cancel {
+        request_id: d.request_id.0,
+    });
+    let live = &mut d.live;
+    let identity = &d.party.identity;
+    let pay = async {
+        if live.send.send(&cancel).await.is_err() {
+            return;
+        }
+        loop {
+            let check = &mut live.check;
+            match live.recv.next(|m| check.frame(m, identity)).await {
+                Ok(Some(Step::Countersign {
+                    countersign,
+                    finished,
+                })) => {
+                    let sent = live.send.send(&Message::Countersign(countersign)).await;
+                    if sent.is_err() || finished.is_some() {
+                        return;
+                    }
+                }
+                Ok(Some(Step::Nothing | Step::Token(_))) => {}
+                Ok(Some(Step::Refused(..)) | None) | Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, pay).await;
 }

@@ -20,7 +20,9 @@ use hypha_wire::{
 };
 
 use crate::identity::Identity;
-use crate::inference::admission::{FreeTier, LedgerJudge, NetworkBalances, Unpaid};
+use crate::inference::admission::{
+    FreeTier, LedgerJudge, NetworkBalances, Unpaid, FIRST_VIEW_WAIT, UNPAID_SEEDERS_TO_REFUSE,
+};
 use crate::inference::convert::{http_status, prepare, reply_for};
 use crate::inference::prep::Preparer;
 use crate::inference::receipts::{within_budget, Due, Party, SeederReceipts, Terms};
@@ -123,13 +125,21 @@ pub(crate) async fn serve_request(
             state
                 .balances
                 .get(x, state.discovery.as_ref())
-                .map(|p| p.spent_elsewhere)
+                .map(|p| p.published.spent_elsewhere)
         },
     };
-    let published = state
+    // A consumer's first request here waits (briefly) for what the DHT
+    // shows of it: its spending elsewhere, and unpaid notices against it.
+    let seen = state
         .balances
-        .get(&consumer.node_id, state.discovery.as_ref());
-    let standing = hypha_ledger::standing(&judge, &consumer.node_id, published.as_deref());
+        .get_or_wait(&consumer.node_id, state.discovery.as_ref(), FIRST_VIEW_WAIT)
+        .await;
+    let published = seen.as_ref().map(|s| &s.published);
+    let standing = hypha_ledger::standing(&judge, &consumer.node_id, published);
+    let unpaid_elsewhere = seen
+        .as_ref()
+        .map(|s| s.unpaid_at(unix_ms()))
+        .unwrap_or_default();
     let prepared = if state.ledger.contains(&key) || claim.is_none() {
         Err(ErrorReply {
             request_id,
@@ -141,6 +151,16 @@ pub(crate) async fn serve_request(
             request_id,
             refusal: Refusal::Unpaid,
             message: "an earlier request's receipt was never countersigned".into(),
+        })
+    } else if unpaid_elsewhere.len() >= UNPAID_SEEDERS_TO_REFUSE {
+        Err(ErrorReply {
+            request_id,
+            refusal: Refusal::Unpaid,
+            message: format!(
+                "{} seeders published unpaid notices against this consumer: receipts it left unsigned there in the last {} minutes",
+                unpaid_elsewhere.len(),
+                hypha_dht::notices::NOTICE_LIFETIME_MS / 60_000
+            ),
         })
     } else if standing <= 0
         && !state
@@ -229,7 +249,10 @@ pub(crate) async fn serve_request(
     match owing {
         Owing::Nothing => {}
         Owing::Strike => state.unpaid.note_silent(consumer.node_id),
-        Owing::Refuse => state.unpaid.note(consumer.node_id),
+        Owing::Refuse => {
+            state.unpaid.note(consumer.node_id);
+            billing.publish_notice();
+        }
     }
     // The receipt is durable before the consumer sees the stream end.
     billing.settle().await;
@@ -443,6 +466,8 @@ impl<'a> Billing<'a> {
         if self.settled() || matches!(outcome, Ok(Outcome::Failed(_))) {
             return Owing::Nothing;
         }
+        // A close the consumer sent itself (`PeerError::Closed`) is its
+        // choice, like a reset, not a lost link.
         let lost = matches!(
             outcome,
             Ok(Outcome::Lost) | Err(PeerError::Connection(_) | PeerError::Timeout(_))
@@ -461,6 +486,30 @@ impl<'a> Billing<'a> {
             Owing::Strike
         } else {
             Owing::Nothing
+        }
+    }
+
+    /// Publishes an unpaid notice against the consumer: its last receipt
+    /// both signed and the newest offer it left unsigned. Nothing when it
+    /// never signed one (then no token went out).
+    fn publish_notice(&self) {
+        let (Some(d), Some(notice)) = (&self.state.discovery, self.receipts.unpaid_notice()) else {
+            return;
+        };
+        match notice.verify() {
+            Ok(v) => {
+                let unpaid = v.unpaid_tokens();
+                if d.publish_notice(v) {
+                    tracing::info!(
+                        request_id = self.receipts.request_id().0,
+                        unpaid,
+                        "publishing an unpaid notice"
+                    );
+                } else {
+                    tracing::warn!("DHT queue full: unpaid notice not published");
+                }
+            }
+            Err(e) => tracing::warn!("unpaid notice does not verify: {e}"),
         }
     }
 
@@ -483,7 +532,10 @@ impl<'a> Billing<'a> {
 }
 
 /// Reads the consumer until its countersignature for the pending receipt
-/// arrives, or [`COUNTERSIGN_TIMEOUT`] passes.
+/// arrives, or [`COUNTERSIGN_TIMEOUT`] passes. A `Cancel` does not end the
+/// wait: countersignatures of what was offered may follow it (and after
+/// `Done` the last receipt is owed all the same), but mid-stream the
+/// outcome is then `Cancelled` whatever else comes.
 async fn await_countersign(
     recv: &mut FramedRecv,
     billing: &mut Billing<'_>,
@@ -491,6 +543,7 @@ async fn await_countersign(
 ) -> Result<Countersigned, PeerError> {
     let request_id = billing.request_id();
     let heard = conn.stats().udp_rx.datagrams;
+    let mut cancelled = false;
     let wait = async {
         while !billing.settled() {
             if recv.is_finished() {
@@ -498,13 +551,17 @@ async fn await_countersign(
             }
             match recv.next(|m| consumer_frame(m, request_id)).await? {
                 None => return Ok(Countersigned::No),
-                Some(FromConsumer::Cancel) => return Ok(Countersigned::Cancelled),
+                Some(FromConsumer::Cancel) => cancelled = true,
                 Some(FromConsumer::Countersign(sig)) => billing.countersigned(sig).await?,
             }
         }
         Ok(Countersigned::Yes)
     };
-    match tokio::time::timeout(COUNTERSIGN_TIMEOUT, wait).await {
+    let waited = tokio::time::timeout(COUNTERSIGN_TIMEOUT, wait).await;
+    if cancelled && !billing.done {
+        return Ok(Countersigned::Cancelled);
+    }
+    match waited {
         Ok(r) => r,
         Err(_) if conn.stats().udp_rx.datagrams == heard => Ok(Countersigned::Silent),
         Err(_) => Ok(Countersigned::No),
@@ -565,7 +622,15 @@ async fn stream_generation(
                 match m? {
                     // The consumer finished its side: nothing more to read.
                     None => continue,
-                    Some(FromConsumer::Cancel) => return Ok(Outcome::Cancelled),
+                    Some(FromConsumer::Cancel) => {
+                        // Stop generating, and take the countersignatures
+                        // of what was offered (they may be on their way).
+                        drop(generation);
+                        if !billing.settled() {
+                            await_countersign(recv, billing, conn).await?;
+                        }
+                        return Ok(Outcome::Cancelled);
+                    }
                     Some(FromConsumer::Countersign(sig)) => {
                         billing.countersigned(sig).await?;
                         continue;

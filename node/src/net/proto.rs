@@ -56,6 +56,10 @@ pub enum PeerError {
     Receipt(#[from] ReceiptError),
     #[error("connection lost: {0}")]
     Connection(String),
+    /// The peer closed the connection itself (a `CONNECTION_CLOSE` it
+    /// sent): its choice, not a lost link.
+    #[error("connection closed by the peer: {0}")]
+    Closed(String),
     #[error("stream reset by the peer (code {0})")]
     Reset(u64),
     #[error("timed out: {0}")]
@@ -174,7 +178,11 @@ pub enum Violation {
 
 impl From<quinn::ConnectionError> for PeerError {
     fn from(e: quinn::ConnectionError) -> Self {
-        Self::Connection(e.to_string())
+        use quinn::ConnectionError as E;
+        match e {
+            E::ApplicationClosed(_) | E::ConnectionClosed(_) => Self::Closed(e.to_string()),
+            _ => Self::Connection(e.to_string()),
+        }
     }
 }
 

@@ -13,7 +13,9 @@
 //! under the name's key, and republishes it at half its lifetime (sooner
 //! while no node has stored it yet). It also publishes every receipt it
 //! settles under both parties' receipt keys (batched, from a bounded
-//! queue), so any node can compute any peer's balance from signed receipts.
+//! queue), so any node can compute any peer's balance from signed receipts,
+//! and an unpaid notice under a consumer's key when the consumer left a
+//! receipt unsigned (`hypha_dht::notices`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use std::time::Duration;
 
 use hypha_dht::codec::{reply_from_wire, request_to_wire};
 use hypha_dht::{Contact, Dht, Event, ProviderRecord, QueryId, QueryResult, Request, Response};
-use hypha_ledger::VerifiedReceipt;
+use hypha_ledger::{VerifiedNotice, VerifiedReceipt};
 use hypha_wire::{ArchivedMessage, Message, NodeId};
 use tokio::sync::{mpsc, oneshot};
 
@@ -104,7 +106,10 @@ enum Cmd {
     },
     GetReceipts {
         key: NodeId,
-        reply: oneshot::Sender<Vec<VerifiedReceipt>>,
+        reply: oneshot::Sender<ReceiptsOf>,
+    },
+    PutNotice {
+        notice: Box<VerifiedNotice>,
     },
     PutReceipts {
         key: NodeId,
@@ -117,7 +122,18 @@ enum Waiter {
     Providers(oneshot::Sender<Vec<ProviderRecord>>),
     Nodes(oneshot::Sender<NodeLookup>),
     Stored(oneshot::Sender<u32>),
-    Receipts(oneshot::Sender<Vec<VerifiedReceipt>>),
+    Receipts(oneshot::Sender<ReceiptsOf>),
+}
+
+/// What the DHT holds under a node's receipt key.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiptsOf {
+    /// Its checked receipts: its largest spending, then its newest
+    /// earnings (see `hypha_dht::receipts`).
+    pub receipts: Vec<VerifiedReceipt>,
+    /// Checked, live unpaid notices against it, one per seeder, none
+    /// voided by a receipt found (see `hypha_dht::notices`).
+    pub notices: Vec<VerifiedNotice>,
 }
 
 /// Work units one peer's requests may cost the DHT task per second, and in
@@ -137,6 +153,8 @@ fn cost(request: &Request) -> u64 {
     match request {
         Request::AddProvider { .. } => 1 + 2,
         Request::PutReceipts { receipts, .. } => 1 + 2 * receipts.len() as u64,
+        // Three signatures: the paid receipt's two and the offer's.
+        Request::PutNotice { .. } => 1 + 2 * 3,
         _ => 1,
     }
 }
@@ -202,12 +220,21 @@ impl Discovery {
         self.receipts.try_send(receipt).is_ok()
     }
 
-    /// The checked receipts the DHT holds for `id` (its largest spending, then
-    /// its newest earnings; see `hypha_dht::receipts`); `None`
-    /// when the lookup could not run or finish.
-    pub async fn receipts_of(&self, id: &NodeId) -> Option<Vec<VerifiedReceipt>> {
+    /// The checked receipts and unpaid notices the DHT holds for `id`;
+    /// `None` when the lookup could not run or finish.
+    pub async fn receipts_of(&self, id: &NodeId) -> Option<ReceiptsOf> {
         let key = hypha_dht::receipts_key(id);
         self.ask(|reply| Cmd::GetReceipts { key, reply }).await
+    }
+
+    /// Publishes an unpaid notice under its consumer's receipt key; false
+    /// when the DHT task's queue is full (it is then not published).
+    pub fn publish_notice(&self, notice: VerifiedNotice) -> bool {
+        self.tx
+            .try_send(Cmd::PutNotice {
+                notice: Box::new(notice),
+            })
+            .is_ok()
     }
 
     /// Stores receipts under `key` at the closest nodes; how many took them.
@@ -389,6 +416,9 @@ async fn run(
             });
         }
         while let Some(Event::QueryDone { id, result }) = dht.poll_event() {
+            if let QueryResult::PutNotice { key, stored } = &result {
+                tracing::info!(%key, stored, "unpaid notice published");
+            }
             let Some(w) = waiters.remove(&id) else {
                 continue;
             };
@@ -415,8 +445,13 @@ async fn run(
                 | (Waiter::Stored(tx), QueryResult::PutReceipts { stored, .. }) => {
                     let _ = tx.send(stored);
                 }
-                (Waiter::Receipts(tx), QueryResult::GetReceipts { receipts, .. }) => {
-                    let _ = tx.send(receipts);
+                (
+                    Waiter::Receipts(tx),
+                    QueryResult::GetReceipts {
+                        receipts, notices, ..
+                    },
+                ) => {
+                    let _ = tx.send(ReceiptsOf { receipts, notices });
                 }
                 _ => {}
             }
@@ -467,6 +502,11 @@ fn handle(dht: &mut Dht, cmd: Cmd, waiters: &mut HashMap<QueryId, Waiter>) {
             }
             Err(e) => tracing::debug!("receipt lookup not started: {e}"),
         },
+        Cmd::PutNotice { notice } => {
+            if let Err(e) = dht.put_notice(*notice, now) {
+                tracing::warn!("cannot publish an unpaid notice: {e}");
+            }
+        }
         Cmd::PutReceipts {
             key,
             receipts,

@@ -496,11 +496,19 @@ pub async fn dial_with_hello(
     net: &Net,
     seed: u8,
 ) -> (hypha_node::net::endpoint::Endpoint, quinn::Connection) {
+    dial_node_with_hello(&net.seeder, seed).await
+}
+
+/// [`dial_with_hello`] to any seeder.
+pub async fn dial_node_with_hello(
+    seeder: &hypha_node::Node,
+    seed: u8,
+) -> (hypha_node::net::endpoint::Endpoint, quinn::Connection) {
     use hypha_node::net::proto;
     let ident = peer_identity(seed);
     let ep =
         hypha_node::net::endpoint::Endpoint::bind(&ident, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let to = net.seeder.peer_addr().unwrap();
+    let to = seeder.peer_addr().unwrap();
     let conn = ep.dial(to.addr, to.id).await.expect("transport connects");
     let hello = proto::hello_message(&ident, Default::default());
     let theirs = proto::hello_as_dialer(&conn, to.id, &hello, TEST_POW_BITS)
@@ -519,4 +527,80 @@ pub async fn assert_still_serves(net: &Net) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200, "the seeder keeps serving others");
+}
+
+/// The countersignature of `r` by `ident`, as a consumer sends it.
+pub fn countersign(
+    ident: &hypha_node::identity::Identity,
+    r: &hypha_ledger::Receipt,
+) -> hypha_wire::Message {
+    hypha_wire::Message::Countersign(hypha_wire::Countersign {
+        request_id: r.request_id,
+        consumer_sig: r.sign(ident.signing_key()),
+    })
+}
+
+/// What a raw consumer does with the last receipt (after `Done`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Last {
+    /// Countersigns it.
+    Pay,
+    /// Resets the stream instead.
+    Reset,
+    /// Closes the whole connection instead.
+    Close,
+}
+
+/// Runs request `id` for `max_tokens` on `conn`, countersigning every
+/// receipt but the last, which it treats as `last` says. The chunks
+/// received.
+pub async fn take_all(
+    ident: &hypha_node::identity::Identity,
+    conn: &quinn::Connection,
+    id: u64,
+    max_tokens: u32,
+    last: Last,
+) -> u32 {
+    use hypha_node::net::proto::{FramedRecv, FramedSend};
+    use hypha_wire::ArchivedMessage;
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut send = FramedSend::new(send);
+    send.send(&request(id, max_tokens)).await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    let mut chunks = 0u32;
+    loop {
+        let frame = recv
+            .next(|m| {
+                Ok(match m {
+                    ArchivedMessage::Receipt(r) => {
+                        let receipt = hypha_ledger::Receipt::from_bytes(r.receipt.as_slice());
+                        Some((receipt.unwrap(), r.last))
+                    }
+                    ArchivedMessage::Chunk(_) => {
+                        chunks += 1;
+                        None
+                    }
+                    ArchivedMessage::Error(e) => panic!("{:?}", e.message),
+                    _ => None,
+                })
+            })
+            .await
+            .unwrap();
+        match frame {
+            // The stream ended: the last receipt was paid.
+            None => return chunks,
+            Some(Some((r, is_last))) if !is_last || last == Last::Pay => {
+                send.send(&countersign(ident, &r)).await.unwrap();
+            }
+            Some(Some((_, _))) => break,
+            Some(None) => {}
+        }
+    }
+    if last == Last::Close {
+        conn.close(0u32.into(), b"leaving");
+        return chunks;
+    }
+    let _ = send.stream.reset(7u32.into());
+    let _ = recv.stream.stop(7u32.into());
+    chunks
 }
