@@ -376,3 +376,80 @@ async fn metrics_count_requests_tokens_and_latency() {
     }
     n.stop().await.unwrap();
 }
+
+/// A field the node does not honour is refused with a 400 that names it,
+/// never served as if it were not there; fields that change nothing, and
+/// the neutral values of unsupported ones, are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_the_node_does_not_honour_are_refused_by_name() {
+    let n = node(1, 4, None).await;
+    let c = client();
+    let with = |extra: Value| {
+        let mut body = chat_body("Say hi.", 2, false);
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body.to_string()
+    };
+    let tool = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]);
+    let refused = [
+        ("tools", json!({"tools": tool})),
+        ("tool_choice", json!({"tool_choice": "required"})),
+        (
+            "response_format",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
+        ),
+        (
+            "response_format",
+            json!({"response_format": {"type": "json_object"}}),
+        ),
+        ("logit_bias", json!({"logit_bias": {"50256": -100}})),
+        ("top_logprobs", json!({"top_logprobs": 3})),
+        ("store", json!({"store": true})),
+        ("frobnicate", json!({"frobnicate": 1})),
+    ];
+    for (field, extra) in refused {
+        let (s, v) = post(&c, &n, "/v1/chat/completions", with(extra).into()).await;
+        assert_error(s, &v, 400, "unsupported_parameter");
+        assert_eq!(v["error"]["param"], field, "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{field}`")), "{message}");
+    }
+    // A message field it would drop: refused too.
+    let body = json!({"model": "default", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "What is the weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+    ]});
+    let (s, v) = post(&c, &n, "/v1/chat/completions", body.to_string().into()).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`tool_calls`"),
+        "{v}"
+    );
+    // And on text completions.
+    let body = json!({"model": "default", "prompt": "Once", "max_tokens": 2, "suffix": " end"});
+    let (s, v) = post(&c, &n, "/v1/completions", body.to_string().into()).await;
+    assert_error(s, &v, 400, "unsupported_parameter");
+    assert_eq!(v["error"]["param"], "suffix", "{v}");
+
+    // Served: informational fields, neutral values, an assistant message
+    // as the SDKs send it back.
+    let neutral = json!({
+        "user": "u-1", "metadata": {"run": "7"}, "tools": [], "tool_choice": "none",
+        "parallel_tool_calls": false, "response_format": {"type": "text"},
+        "logit_bias": {}, "store": false, "top_logprobs": 0,
+    });
+    let (s, v) = post(&c, &n, "/v1/chat/completions", with(neutral).into()).await;
+    assert_eq!(s, 200, "{v}");
+    let body = json!({"model": "default", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "refusal": null, "tool_calls": []},
+        {"role": "user", "content": "Again"},
+    ]});
+    let (s, v) = post(&c, &n, "/v1/chat/completions", body.to_string().into()).await;
+    assert_eq!(s, 200, "{v}");
+    n.stop().await.unwrap();
+}

@@ -23,7 +23,7 @@ pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
     code: Option<&'static str>,
-    param: Option<&'static str>,
+    param: Option<String>,
     message: String,
 }
 
@@ -56,8 +56,8 @@ impl ApiError {
         .code("request_too_large")
     }
 
-    pub(crate) fn param(mut self, param: &'static str) -> Self {
-        self.param = Some(param);
+    pub(crate) fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
         self
     }
 

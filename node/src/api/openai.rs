@@ -2,8 +2,12 @@
 //! requests.
 //!
 //! Requests are decoded strictly enough to turn a wrong type into a clear
-//! 400, and loosely enough that fields real clients send but hypha does not
-//! use (`user`, `logit_bias` absent, ...) are ignored.
+//! 400. A field hypha does not honour is refused with a 400 naming it
+//! (`unsupported_parameter`), never ignored: tools, response formats, logit
+//! biases and any field it does not know. Fields that change nothing a
+//! node does (`user`, `metadata`) are taken, and so are the neutral values
+//! of fields it does not implement (`tools: []`, `tool_choice: "none"`,
+//! `response_format: {"type": "text"}`, ...).
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +51,71 @@ pub struct SamplingFields {
     pub n: Option<u32>,
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
+    /// Every other field of the request, checked by [`check_other_fields`].
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// True for null, an empty array and an empty object.
+fn empty_value(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// Fields that change nothing a node does: an end user's id and the
+/// client's own tags.
+const INFORMATIONAL_FIELDS: [&str; 2] = ["user", "metadata"];
+
+/// True when `v` asks nothing of `field` hypha would have to do: the field
+/// left at its neutral value.
+fn neutral(field: &str, v: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    let empty = empty_value(v);
+    match field {
+        "tools" | "functions" | "logit_bias" => empty,
+        "tool_choice" | "function_call" => empty || v.as_str() == Some("none"),
+        // Meaningless without tools, which are refused when sent.
+        "parallel_tool_calls" => true,
+        "response_format" => empty || v.get("type").and_then(V::as_str) == Some("text"),
+        "top_logprobs" => empty || v.as_u64() == Some(0),
+        "store" => empty || *v == V::Bool(false),
+        "modalities" => empty || *v == serde_json::json!(["text"]),
+        _ => false,
+    }
+}
+
+/// Refuses, naming it, the first field of `other` (what a request carries
+/// beyond the fields hypha reads) that asks for something hypha does not
+/// do.
+pub fn check_other_fields(
+    other: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ApiError> {
+    for (field, v) in other {
+        if INFORMATIONAL_FIELDS.contains(&field.as_str()) || neutral(field, v) {
+            continue;
+        }
+        let what = match field.as_str() {
+            "tools" | "tool_choice" | "functions" | "function_call" => {
+                "tool calling is not supported by this node yet"
+            }
+            "response_format" => "only the text response format is supported by this node yet",
+            "top_logprobs" => "logprobs are not supported by this node yet",
+            "logit_bias" => "logit_bias is not supported",
+            "store" => "this node stores no completions",
+            "modalities" => "only text output is supported",
+            _ => "this field is not known to this node",
+        };
+        return Err(
+            ApiError::invalid(format!("unsupported parameter `{field}`: {what}"))
+                .param(field.clone())
+                .code("unsupported_parameter"),
+        );
+    }
+    Ok(())
 }
 
 impl SamplingFields {
@@ -124,6 +193,10 @@ pub struct RequestMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// Every other field: only empty ones are taken (clients send back an
+    /// assistant message's `refusal: null` or `tool_calls: []`).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +214,11 @@ impl ChatRequest {
             .iter()
             .map(|m| {
                 let role = chat_role(&m.role)?.to_owned();
+                if let Some((field, _)) = m.other.iter().find(|(_, v)| !empty_value(v)) {
+                    return Err(format!(
+                        "message field `{field}` is not supported by this node"
+                    ));
+                }
                 let content = match &m.content {
                     None => String::new(),
                     Some(MessageContent::Text(t)) => t.clone(),
@@ -225,6 +303,7 @@ pub struct Checked {
 impl ChatRequest {
     /// The edge's checks of a chat request.
     pub fn check(&self) -> Result<Checked, ApiError> {
+        check_other_fields(&self.fields.other)?;
         let stops = self.fields.check().map_err(ApiError::invalid)?;
         let messages = self
             .messages()
@@ -239,6 +318,7 @@ impl ChatRequest {
 impl CompletionRequest {
     /// The edge's checks of a text completion request.
     pub fn check(&self) -> Result<Checked, ApiError> {
+        check_other_fields(&self.fields.other)?;
         let stops = self.fields.check().map_err(ApiError::invalid)?;
         if self.echo {
             return Err(ApiError::invalid("echo is not supported").param("echo"));

@@ -122,3 +122,20 @@ def test_errors_are_openai_errors(client, model):
     # The node still serves after the errors.
     r = client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=4)
     assert r.usage.completion_tokens == 4
+
+
+def test_unhonoured_fields_are_refused_by_name(client, model):
+    tools = [{"type": "function", "function": {"name": "get_weather",
+              "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=Q, max_tokens=4, tools=tools)
+    assert e.value.code == "unsupported_parameter"
+    assert e.value.param == "tools"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=model, messages=Q, max_tokens=4, response_format={"type": "json_object"})
+    assert e.value.param == "response_format"
+    # Fields that change nothing are served.
+    r = client.chat.completions.create(
+        model=model, messages=Q, temperature=0, max_tokens=4, user="u-1", metadata={"run": "7"})
+    assert r.usage.completion_tokens == 4
