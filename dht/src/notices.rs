@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use hypha_ledger::{Notice, Receipt, VerifiedNotice};
 use hypha_wire::NodeId;
 
-use crate::receipts::{receipts_key, MAX_CLOCK_SKEW_MS};
+use crate::receipts::{parties_carry_pow, receipts_key, MAX_CLOCK_SKEW_MS};
 use crate::{DhtError, Distance};
 
 /// Notices kept per consumer key, one per seeder: two distinct seeders
@@ -67,15 +67,7 @@ pub fn check(
     if !live(o.finished_ms, now_ms) {
         return Err(DhtError::BadRecord("notice too old to count"));
     }
-    for party in [&o.consumer, &o.seeder] {
-        let bits = hypha_ledger::pow_bits(party);
-        if bits < min_pow_bits {
-            return Err(DhtError::NoProofOfWork {
-                bits,
-                required: min_pow_bits,
-            });
-        }
-    }
+    parties_carry_pow(o, min_pow_bits)?;
     notice
         .verify()
         .map_err(|_| DhtError::BadRecord("notice does not verify"))

@@ -102,6 +102,24 @@ fn earn_rank(r: &VerifiedReceipt) -> impl Ord {
     (std::cmp::Reverse(r.finished_ms), r.consumer, r.request_id)
 }
 
+/// Both parties of `r` carry `min_pow_bits` of proof of work: a receipt
+/// or a notice of free identities would flood keys and stores.
+pub(crate) fn parties_carry_pow(
+    r: &hypha_ledger::Receipt,
+    min_pow_bits: u32,
+) -> Result<(), DhtError> {
+    for party in [&r.consumer, &r.seeder] {
+        let bits = hypha_ledger::pow_bits(party);
+        if bits < min_pow_bits {
+            return Err(DhtError::NoProofOfWork {
+                bits,
+                required: min_pow_bits,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks a receipt and the key it is offered under, at `now_ms`; both
 /// parties' ids must carry `min_pow_bits` of proof of work.
 pub fn check(
@@ -119,15 +137,7 @@ pub fn check(
     if r.finished_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
         return Err(DhtError::BadRecord("receipt finishes in the future"));
     }
-    for party in [&r.consumer, &r.seeder] {
-        let bits = hypha_ledger::pow_bits(party);
-        if bits < min_pow_bits {
-            return Err(DhtError::NoProofOfWork {
-                bits,
-                required: min_pow_bits,
-            });
-        }
-    }
+    parties_carry_pow(r, min_pow_bits)?;
     receipt
         .verify()
         .map_err(|_| DhtError::BadRecord("receipt signatures do not verify"))
