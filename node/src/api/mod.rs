@@ -1,20 +1,24 @@
-//! Canopy's HTTP front: the OpenAI-compatible API, `/health` and `/metrics`.
+//! Canopy's HTTP front: the OpenAI-compatible API (chat and text
+//! completions, the Responses API), Anthropic's Messages API, `/health` and
+//! `/metrics`.
 //!
-//! Request flow: the body is read under a size cap and decoded to an OpenAI
-//! request (a 400 or 413 JSON error otherwise) and routed: a model this node
-//! loaded is turned into tokens and submitted to the local engine; any other
-//! goes to a peer that serves it (see `inference::route`), which tokenizes on its side.
-//! Either way the events become one JSON response or an SSE stream. The
-//! HTTP body owns the running job: when a client disconnects, hyper drops
-//! the body and the job with it; a local generation frees its slot at the
-//! engine's next step, a remote one resets its stream and the seeder does
-//! the same.
+//! Request flow: the body is read under a size cap and decoded to the
+//! endpoint's request (a 400 or 413 JSON error otherwise), checked and
+//! routed: a model this node loaded is turned into tokens and submitted to
+//! the local engine; any other goes to a peer that serves it (see
+//! `inference::route`), which tokenizes on its side. Either way the events
+//! become one JSON response or an SSE stream in the endpoint's dialect
+//! (`generate`). The HTTP body owns the running job: when a client
+//! disconnects, hyper drops the body and the job with it; a local
+//! generation frees its slot at the engine's next step, a remote one resets
+//! its stream and the seeder does the same.
 
 pub mod account;
 pub mod admin;
 pub mod completions;
 pub mod conns;
 pub mod errors;
+pub(crate) mod generate;
 pub mod guard;
 pub mod openai;
 pub mod state;
@@ -26,8 +30,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 
-pub use crate::api::completions::{CREDITS_HEADER, PEER_HEADER};
 use crate::api::errors::{ApiError, MAX_BODY_BYTES};
+pub use crate::api::generate::{CREDITS_HEADER, PEER_HEADER};
 pub use crate::api::state::{AppState, LocalModel};
 
 pub fn router(state: Arc<AppState>) -> Router {

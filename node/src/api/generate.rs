@@ -1,0 +1,382 @@
+//! What every generating endpoint shares: a checked request started on the
+//! local engine or a peer ([`submit`]), and its events written out by a
+//! [`Dialect`] (OpenAI chat or text completions, Anthropic Messages, the
+//! Responses API) as one JSON body or as an SSE stream, with the metrics
+//! of each generation.
+//!
+//! The HTTP body owns the running job: when a client disconnects, hyper
+//! drops the body and the job with it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream};
+use serde_json::json;
+
+use hypha_engine::{Engine, Event, Finish, GenerateRequest, Generation};
+use hypha_wire::NodeId;
+
+use crate::api::errors::ApiError;
+use crate::api::openai::{wire_request, Checked, EdgePrompt, SamplingFields};
+use crate::api::state::{AppState, Route};
+use crate::inference::prep::Input;
+use crate::inference::remote::{RemoteEvent, RemoteGeneration};
+use crate::util::unix_ms;
+
+/// Header naming the peer that served a remote request.
+pub const PEER_HEADER: &str = "x-hypha-peer";
+/// Header with the micro-credits a remote request was charged (whole
+/// responses; a stream carries them in its usage chunk).
+pub const CREDITS_HEADER: &str = "x-hypha-credits";
+
+/// Seconds since the Unix epoch, for `created` fields.
+pub fn unix_now() -> u64 {
+    unix_ms() / 1000
+}
+
+/// A fresh response id: `prefix` and 24 hex digits (`sep` between them).
+pub fn new_id(prefix: &str, sep: char) -> String {
+    let mut b = [0u8; 12];
+    // A failing system RNG leaves zeros: ids are labels, not secrets.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{prefix}{sep}{hex}")
+}
+
+/// SSE events a dialect has written and the stream has not sent yet.
+pub type Events = VecDeque<SseEvent>;
+
+/// An SSE event with JSON data and, where the dialect names its events
+/// (Anthropic, the Responses API), an event name.
+pub fn event(name: Option<&str>, data: &serde_json::Value) -> SseEvent {
+    let e = SseEvent::default().data(data.to_string());
+    match name {
+        Some(n) => e.event(n),
+        None => e,
+    }
+}
+
+/// How one API writes a generation.
+pub trait Dialect: Send + 'static {
+    /// The endpoint's label in `hypha_requests_total`.
+    const METRIC: &'static str;
+
+    /// An error before or instead of a generation, in this API's shape.
+    fn error_response(e: ApiError) -> Response {
+        e.into_response()
+    }
+
+    /// The whole answer as one JSON body.
+    fn body(&self, text: String, finish: &Finish, credits: Option<u64>) -> serde_json::Value;
+
+    /// Events before the first text.
+    fn opening(&mut self, out: &mut Events);
+
+    /// Events for more text (never empty).
+    fn text(&mut self, text: &str, out: &mut Events);
+
+    /// The closing events of a generation that ended.
+    fn done(&mut self, finish: &Finish, credits: Option<u64>, out: &mut Events);
+
+    /// The closing events of a generation that failed.
+    fn failed(&mut self, message: &str, out: &mut Events);
+}
+
+/// A running generation, here or on a peer.
+pub enum Job {
+    Local(Generation),
+    Remote(Box<RemoteGeneration>),
+}
+
+/// One event of a job.
+enum Out {
+    Token(String),
+    /// Text held to the end, the summary, and the micro-credits charged
+    /// (remote requests with a recorded receipt).
+    Done(String, Finish, Option<u64>),
+    Failed(String),
+}
+
+impl Job {
+    async fn next(&mut self) -> Option<Out> {
+        match self {
+            Job::Local(g) => g.next().await.map(|e| match e {
+                Event::Token { text, .. } => Out::Token(text),
+                Event::Done { text, finish } => Out::Done(text, finish, None),
+                Event::Failed(e) => Out::Failed(e.to_string()),
+            }),
+            Job::Remote(g) => g.next().await.map(|e| match e {
+                RemoteEvent::Token(text) => Out::Token(text),
+                RemoteEvent::Done {
+                    text,
+                    finish,
+                    credits,
+                } => Out::Done(text, finish, credits),
+                RemoteEvent::Failed(m) => Out::Failed(m),
+            }),
+        }
+    }
+
+    fn peer(&self) -> Option<NodeId> {
+        match self {
+            Job::Local(_) => None,
+            Job::Remote(g) => Some(g.peer()),
+        }
+    }
+}
+
+/// Starts a checked request on this node's engine or a peer's.
+pub async fn submit(
+    st: &AppState,
+    route: Route<'_>,
+    model: &str,
+    checked: Checked,
+    fields: &SamplingFields,
+) -> Result<Job, ApiError> {
+    let Checked { prompt, stops } = checked;
+    match route {
+        Route::Local(engine) => {
+            let tokens = match prompt {
+                EdgePrompt::Chat(messages) => {
+                    st.prep.tokens(engine, None, Input::Chat(messages)).await?
+                }
+                EdgePrompt::Text(t) => st.prep.tokens(engine, None, Input::Text(t)).await?,
+                EdgePrompt::Tokens(t) => t,
+            };
+            submit_local(engine, tokens, stops, fields)
+        }
+        Route::Remote(peers) => {
+            let req = wire_request(
+                peers.next_request_id().0,
+                model,
+                prompt.to_wire()?,
+                stops,
+                fields,
+            );
+            Ok(Job::Remote(Box::new(peers.start(req).await?)))
+        }
+    }
+}
+
+fn submit_local(
+    engine: &Engine,
+    prompt: Vec<hypha_engine::Token>,
+    stop: Vec<String>,
+    fields: &SamplingFields,
+) -> Result<Job, ApiError> {
+    Ok(Job::Local(engine.submit(GenerateRequest {
+        prompt,
+        sampling: fields.sampling(),
+        max_tokens: fields.max_tokens(),
+        stop,
+        // The node's own users come before the peers it serves.
+        priority: i64::MAX,
+        preemptible: false,
+    })?))
+}
+
+/// A started job and how to answer it.
+pub struct Started<D> {
+    pub dialect: D,
+    pub job: Job,
+    pub stream: bool,
+    /// When the request arrived (for time to first token).
+    pub received: Instant,
+}
+
+/// Produces the response for a started request (or its error) and counts
+/// it. A non-streaming reply is awaited here: when the client leaves,
+/// hyper drops this future and the generation with it.
+pub async fn reply<D: Dialect>(
+    st: &Arc<AppState>,
+    prepared: Result<Started<D>, ApiError>,
+) -> Response {
+    let result = match prepared {
+        Ok(s) if s.stream => Ok(stream_response(st.clone(), s)),
+        Ok(s) => collect(st.clone(), s).await,
+        Err(e) => Err(e),
+    };
+    let resp = result.unwrap_or_else(D::error_response);
+    st.metrics.count_request(D::METRIC, resp.status().as_u16());
+    resp
+}
+
+/// Records one generation in the metrics: time to first token and between
+/// tokens, token counts when it ends, and a cancellation when it is dropped
+/// before it ended (the client went away).
+struct Tracker {
+    state: Arc<AppState>,
+    first: bool,
+    last: Instant,
+    ended: bool,
+}
+
+impl Tracker {
+    fn new(state: Arc<AppState>, received: Instant) -> Self {
+        Self {
+            state,
+            first: true,
+            last: received,
+            ended: false,
+        }
+    }
+
+    fn token(&mut self) {
+        let now = Instant::now();
+        let m = &self.state.metrics;
+        if self.first {
+            m.ttft.observe(now - self.last);
+            self.first = false;
+        } else {
+            m.inter_token.observe(now - self.last);
+        }
+        self.last = now;
+    }
+
+    fn finished(&mut self, finish: &hypha_engine::Finish) {
+        let m = &self.state.metrics;
+        m.prompt_tokens
+            .fetch_add(u64::from(finish.prompt_tokens), Ordering::Relaxed);
+        m.completion_tokens
+            .fetch_add(u64::from(finish.completion_tokens), Ordering::Relaxed);
+        self.ended = true;
+    }
+
+    fn failed(&mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.state.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The JSON of a server-side failure, OpenAI's shape.
+pub fn server_error_json(message: &str) -> serde_json::Value {
+    json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}})
+}
+
+async fn collect<D: Dialect>(st: Arc<AppState>, s: Started<D>) -> Result<Response, ApiError> {
+    let Started {
+        dialect,
+        mut job,
+        received,
+        ..
+    } = s;
+    let mut tracker = Tracker::new(st, received);
+    let mut text = String::new();
+    let outcome = loop {
+        match job.next().await {
+            Some(Out::Token(t)) => {
+                tracker.token();
+                text.push_str(&t);
+            }
+            Some(Out::Done(t, finish, credits)) => {
+                text.push_str(&t);
+                tracker.finished(&finish);
+                break Ok((finish, credits));
+            }
+            Some(Out::Failed(e)) => break Err(e),
+            None => break Err("the engine stopped".to_owned()),
+        }
+    };
+    let (finish, credits) = outcome.map_err(|m| {
+        tracker.failed();
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
+    })?;
+    let mut resp = Json(dialect.body(text, &finish, credits)).into_response();
+    add_peer_header(&mut resp, job.peer());
+    if let Some(c) = credits {
+        resp.headers_mut()
+            .insert(CREDITS_HEADER, HeaderValue::from(c));
+    }
+    Ok(resp)
+}
+
+fn add_peer_header(resp: &mut Response, peer: Option<NodeId>) {
+    if let Some(v) = peer.and_then(|p| HeaderValue::from_str(&p.to_string()).ok()) {
+        resp.headers_mut().insert(PEER_HEADER, v);
+    }
+}
+
+enum Phase {
+    Start,
+    Running,
+    Ended,
+}
+
+struct StreamState<D> {
+    dialect: D,
+    job: Job,
+    tracker: Tracker,
+    phase: Phase,
+    pending: Events,
+}
+
+fn stream_response<D: Dialect>(st: Arc<AppState>, s: Started<D>) -> Response {
+    let peer = s.job.peer();
+    let state = StreamState {
+        tracker: Tracker::new(st, s.received),
+        dialect: s.dialect,
+        job: s.job,
+        phase: Phase::Start,
+        pending: VecDeque::with_capacity(8),
+    };
+    let mut resp = Sse::new(sse_events(state)).into_response();
+    add_peer_header(&mut resp, peer);
+    resp
+}
+
+fn sse_events<D: Dialect>(
+    state: StreamState<D>,
+) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> + Send {
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(e) = s.pending.pop_front() {
+                return Some((Ok(e), s));
+            }
+            match s.phase {
+                Phase::Ended => return None,
+                Phase::Start => {
+                    s.phase = Phase::Running;
+                    s.dialect.opening(&mut s.pending);
+                }
+                Phase::Running => match s.job.next().await {
+                    Some(Out::Token(text)) => {
+                        s.tracker.token();
+                        if !text.is_empty() {
+                            s.dialect.text(&text, &mut s.pending);
+                        }
+                    }
+                    Some(Out::Done(text, finish, credits)) => {
+                        s.tracker.finished(&finish);
+                        if !text.is_empty() {
+                            s.dialect.text(&text, &mut s.pending);
+                        }
+                        s.dialect.done(&finish, credits, &mut s.pending);
+                        s.phase = Phase::Ended;
+                    }
+                    ended @ (Some(Out::Failed(_)) | None) => {
+                        s.tracker.failed();
+                        let message = match ended {
+                            Some(Out::Failed(e)) => e,
+                            _ => "the engine stopped".to_owned(),
+                        };
+                        s.dialect.failed(&message, &mut s.pending);
+                        s.phase = Phase::Ended;
+                    }
+                },
+            }
+        }
+    })
+}
