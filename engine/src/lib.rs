@@ -344,6 +344,10 @@ pub struct Finish {
     pub reason: FinishReason,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// The index in the request's `stop` of the stop string that ended the
+    /// generation (its reason is then [`FinishReason::Stop`]); `None` when
+    /// something else ended it.
+    pub stop_sequence: Option<usize>,
 }
 
 /// What a running generation streams.

@@ -475,11 +475,10 @@ impl Scheduler {
         let prompt_tokens = slot.prompt.len() as u32;
         // Ending without a stop string: release whatever text was held.
         let done = |slot: &mut Slot, reason: FinishReason| {
-            let mut text = slot.utf8.finish();
-            let held = slot.stop.push(&text);
-            text = match held {
-                StopScan::Emit(t) => t + &slot.stop.finish(),
-                StopScan::Stopped(t) => t,
+            let text = slot.utf8.finish();
+            let (text, reason, stop_sequence) = match slot.stop.push(&text) {
+                StopScan::Emit(t) => (t + &slot.stop.finish(), reason, None),
+                StopScan::Stopped(t, i) => (t, FinishReason::Stop, Some(i)),
             };
             Some(Event::Done {
                 text,
@@ -487,6 +486,7 @@ impl Scheduler {
                     reason,
                     prompt_tokens,
                     completion_tokens: slot.generated.len() as u32,
+                    stop_sequence,
                 },
             })
         };
@@ -504,7 +504,7 @@ impl Scheduler {
         self.model.piece(tok, &mut slot.piece);
         let text = slot.utf8.push(&slot.piece);
         match slot.stop.push(&text) {
-            StopScan::Stopped(before) => {
+            StopScan::Stopped(before, i) => {
                 let _ = slot.tx.try_send(Event::Token {
                     id: tok,
                     text: before,
@@ -515,6 +515,7 @@ impl Scheduler {
                         reason: FinishReason::Stop,
                         prompt_tokens,
                         completion_tokens: slot.generated.len() as u32,
+                        stop_sequence: Some(i),
                     },
                 });
             }

@@ -68,14 +68,17 @@ impl Utf8Buf {
 pub enum StopScan {
     /// No stop string yet; this text may be emitted.
     Emit(String),
-    /// A stop string matched; this text precedes it and is the last to emit.
-    Stopped(String),
+    /// A stop string matched; this text precedes it and is the last to
+    /// emit. The index is the stop string's among those given to
+    /// [`StopMatcher::new`].
+    Stopped(String, usize),
 }
 
 /// Matches stop strings across token boundaries.
 #[derive(Debug, Default)]
 pub struct StopMatcher {
-    stops: Vec<String>,
+    /// The stop strings, each with its index among those given.
+    stops: Vec<(usize, String)>,
     held: String,
 }
 
@@ -83,7 +86,12 @@ impl StopMatcher {
     /// Empty stop strings are ignored: they would match before any text.
     pub fn new(stops: &[String]) -> Self {
         Self {
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            stops: stops
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.is_empty())
+                .map(|(i, s)| (i, s.clone()))
+                .collect(),
             held: String::new(),
         }
     }
@@ -94,16 +102,17 @@ impl StopMatcher {
             return StopScan::Emit(text.to_owned());
         }
         self.held.push_str(text);
-        // The earliest match wins: that is where the model's text stops.
+        // The earliest match wins: that is where the model's text stops
+        // (between two at one place, the first given).
         let first = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|at| (at, *i)))
             .min();
-        if let Some(at) = first {
+        if let Some((at, i)) = first {
             let out = self.held[..at].to_owned();
             self.held.clear();
-            return StopScan::Stopped(out);
+            return StopScan::Stopped(out, i);
         }
         // Hold the longest suffix that is a prefix of some stop string.
         let keep = self.longest_partial_suffix();
@@ -120,7 +129,7 @@ impl StopMatcher {
 
     fn longest_partial_suffix(&self) -> usize {
         let mut best = 0;
-        for stop in &self.stops {
+        for (_, stop) in &self.stops {
             // Candidate suffix lengths, longest first, on char boundaries.
             let max = stop.len().saturating_sub(1).min(self.held.len());
             for len in (best + 1..=max).rev() {
@@ -165,7 +174,7 @@ mod tests {
         let mut m = StopMatcher::new(&["END".to_owned()]);
         assert_eq!(m.push("hello E"), StopScan::Emit("hello ".into()));
         assert_eq!(m.push("N"), StopScan::Emit(String::new()));
-        assert_eq!(m.push("D tail"), StopScan::Stopped(String::new()));
+        assert_eq!(m.push("D tail"), StopScan::Stopped(String::new(), 0));
     }
 
     #[test]
@@ -179,7 +188,14 @@ mod tests {
     #[test]
     fn earliest_of_several_stops_wins() {
         let mut m = StopMatcher::new(&["bb".to_owned(), "a".to_owned()]);
-        assert_eq!(m.push("xxbbya"), StopScan::Stopped("xx".into()));
+        assert_eq!(m.push("xxbbya"), StopScan::Stopped("xx".into(), 0));
+    }
+
+    #[test]
+    fn the_index_of_a_match_counts_empty_stops_too() {
+        let mut m = StopMatcher::new(&[String::new(), "x".to_owned(), "yz".to_owned()]);
+        assert_eq!(m.push("ay"), StopScan::Emit("a".into()));
+        assert_eq!(m.push("z"), StopScan::Stopped(String::new(), 2));
     }
 
     #[test]

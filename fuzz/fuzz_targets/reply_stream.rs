@@ -131,6 +131,7 @@ impl Seeder {
                 completion_tokens: self.total,
                 finish_reason: FinishReason::Stop,
                 text: String::new(),
+                stop_sequence: None,
             })));
         }
         if !self.last_offered {
@@ -217,6 +218,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
     let bounds = Bounds {
         max_tokens,
         textless,
+        stops: u.int_in_range(0..=4)?,
     };
     let mut check = ReplyCheck::new(RequestId(REQUEST), bounds, consumer_receipts);
     // The consumer's own record of what it took.
@@ -307,6 +309,10 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 }
                 if let Some((text, finish)) = f {
                     assert_eq!(finish.completion_tokens, check.tokens());
+                    if let Some(i) = finish.stop_sequence {
+                        assert!(i < bounds.stops as usize, "a stop string the request had");
+                        assert_eq!(finish.reason, EngineFinish::Stop);
+                    }
                     assert_eq!(signed.completion_tokens, check.tokens());
                     client_text.push_str(&text);
                     finished = Some(finish);
@@ -428,6 +434,7 @@ fn lie_frame(
                 FinishReason::Length
             },
             text: u.arbitrary()?,
+            stop_sequence: u.arbitrary()?,
         }),
         5 => Message::Error(ErrorReply {
             request_id: id,

@@ -385,6 +385,7 @@ impl Network {
                     .chain(cfg.model_aliases.iter().cloned())
                     .collect(),
                 model_sha256: file_sha256(e.info().path.clone()).await?,
+                context_length: e.info().ctx_per_slot,
                 price_prompt_micro: cfg.price_prompt_micro,
                 price_completion_micro: cfg.price_completion_micro,
             },

@@ -91,6 +91,7 @@ async fn protocol_violations_disconnect_the_peer_and_nothing_else() {
         capabilities: 0,
         models: Vec::new(),
         model_sha256: [0; 32],
+        context_length: 0,
         price_prompt_micro: 0,
         price_completion_micro: 0,
         signature: [0; 64],
@@ -328,6 +329,7 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                 capabilities: CAP_SEEDER,
                 models: vec!["default".into()],
                 model_sha256: [1; 32],
+                context_length: 512,
                 price_prompt_micro,
                 price_completion_micro,
             },
@@ -430,6 +432,7 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                                     completion_tokens: 1,
                                     finish_reason: hypha_wire::FinishReason::Length,
                                     text: String::new(),
+                                    stop_sequence: None,
                                 }))
                                 .await;
                             let mut digest = hypha_ledger::TokenDigest::default();

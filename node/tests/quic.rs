@@ -49,6 +49,7 @@ async fn authenticated_peers_connect_and_exchange_frames() {
         capabilities: 0,
         models: vec!["m".into()],
         model_sha256: [0; 32],
+        context_length: 512,
         price_prompt_micro: 0,
         price_completion_micro: 0,
         signature: [0; 64],

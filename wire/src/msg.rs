@@ -1,5 +1,6 @@
-//! The messages of protocol version 2. Archived forms are flat: strings,
-//! vectors, plain integers and field-less enums, no shared pointers.
+//! The messages of the protocol ([`crate::PROTOCOL_VERSION`]). Archived
+//! forms are flat: strings, vectors, plain integers, options of them and
+//! field-less enums, no shared pointers.
 
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -58,6 +59,9 @@ pub struct Hello {
     pub models: Vec<String>,
     /// SHA-256 of the served GGUF file; zeros when the node serves none.
     pub model_sha256: [u8; 32],
+    /// Tokens one request to the served model may hold (prompt and
+    /// completion); 0 when the node serves none.
+    pub context_length: u32,
     /// Micro-credits per prompt token and per generated token.
     pub price_prompt_micro: u64,
     pub price_completion_micro: u64,
@@ -73,7 +77,7 @@ impl Hello {
     pub fn signed_bytes(&self) -> Vec<u8> {
         let mut out =
             Vec::with_capacity(64 + self.models.iter().map(|m| m.len() + 4).sum::<usize>());
-        out.extend_from_slice(b"hypha-hello-v1\0");
+        out.extend_from_slice(b"hypha-hello-v2\0");
         out.extend_from_slice(&self.protocol_version.to_le_bytes());
         out.extend_from_slice(&self.public_key);
         out.extend_from_slice(&self.capabilities.to_le_bytes());
@@ -83,6 +87,7 @@ impl Hello {
             out.extend_from_slice(m.as_bytes());
         }
         out.extend_from_slice(&self.model_sha256);
+        out.extend_from_slice(&self.context_length.to_le_bytes());
         out.extend_from_slice(&self.price_prompt_micro.to_le_bytes());
         out.extend_from_slice(&self.price_completion_micro.to_le_bytes());
         out
@@ -161,6 +166,9 @@ pub struct Done {
     pub finish_reason: FinishReason,
     /// Text held back until the end (a split character, a partial stop string).
     pub text: String,
+    /// The index in the request's `stop` of the stop string that ended the
+    /// answer, if one did (the finish reason is then `Stop`).
+    pub stop_sequence: Option<u32>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -14,6 +14,7 @@ fn samples() -> Vec<Message> {
             capabilities: CAP_SEEDER,
             models: vec!["SmolLM2-135M-Instruct.Q4_1".into()],
             model_sha256: [5; 32],
+            context_length: 2048,
             price_prompt_micro: 1,
             price_completion_micro: 4,
             signature: [9; 64],
@@ -51,6 +52,15 @@ fn samples() -> Vec<Message> {
             completion_tokens: 3,
             finish_reason: FinishReason::Length,
             text: String::new(),
+            stop_sequence: None,
+        }),
+        Message::Done(Done {
+            request_id: 1,
+            prompt_tokens: 10,
+            completion_tokens: 3,
+            finish_reason: FinishReason::Stop,
+            text: "x".into(),
+            stop_sequence: Some(1),
         }),
         Message::Error(ErrorReply {
             request_id: 2,

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::api::account;
 use crate::api::errors::ApiError;
-use crate::api::openai::{ModelCard, ModelList, ModelMeta};
+use crate::api::openai::{ModelCard, ModelList, ModelMeta, CAPABILITIES};
 use crate::api::state::AppState;
 use crate::metrics::Gauges;
 
@@ -258,11 +258,12 @@ pub(crate) async fn network(State(st): State<Arc<AppState>>) -> Response {
         .models()
         .await
         .into_iter()
-        .map(|(m, ids)| {
+        .map(|m| {
             json!({
-                "model": m,
-                "provider_count": ids.len(),
-                "providers": ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "model": m.name,
+                "provider_count": m.providers.len(),
+                "providers": m.providers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "context_length": m.context_length,
             })
         })
         .collect();
@@ -443,9 +444,9 @@ pub(crate) async fn list_models(State(st): State<Arc<AppState>>) -> Response {
     if let Some(local) = &st.local {
         let info = local.engine.info();
         let mut providers: Vec<String> = st.account.iter().map(|a| a.id.to_string()).collect();
-        for (model, ids) in &network {
-            if *model == local.model_id {
-                providers.extend(ids.iter().map(ToString::to_string));
+        for m in &network {
+            if m.name == local.model_id {
+                providers.extend(m.providers.iter().map(ToString::to_string));
             }
         }
         providers.sort();
@@ -455,6 +456,8 @@ pub(crate) async fn list_models(State(st): State<Arc<AppState>>) -> Response {
             object: "model",
             created,
             owned_by: "hypha",
+            context_length: Some(info.ctx_per_slot),
+            capabilities: &CAPABILITIES,
             meta: Some(ModelMeta {
                 architecture: info.architecture.clone(),
                 context_length: info.ctx_per_slot,
@@ -468,18 +471,20 @@ pub(crate) async fn list_models(State(st): State<Arc<AppState>>) -> Response {
             providers,
         });
     }
-    for (model, ids) in network {
-        if st.local.as_ref().is_some_and(|l| l.answers_to(&model)) {
+    for m in network {
+        if st.local.as_ref().is_some_and(|l| l.answers_to(&m.name)) {
             continue;
         }
         data.push(ModelCard {
-            id: model,
+            id: m.name,
             object: "model",
             created,
             owned_by: "hypha",
+            context_length: m.context_length,
+            capabilities: &CAPABILITIES,
             meta: None,
-            provider_count: ids.len(),
-            providers: ids.iter().map(ToString::to_string).collect(),
+            provider_count: m.providers.len(),
+            providers: m.providers.iter().map(ToString::to_string).collect(),
         });
     }
     Json(ModelList {

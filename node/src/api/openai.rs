@@ -388,6 +388,12 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// Tokens one request may hold (prompt and completion): this node's
+    /// per-slot context for its own model, the smallest its providers
+    /// published for a peer's (absent when no record of them is known).
+    pub context_length: Option<u32>,
+    /// What the model can be asked for: see [`CAPABILITIES`].
+    pub capabilities: &'static [&'static str],
     /// Details of a model this node runs itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<ModelMeta>,
@@ -398,6 +404,11 @@ pub struct ModelCard {
     /// How many nodes are known to serve the model.
     pub provider_count: usize,
 }
+
+/// What every model on hypha serves today: chat (chat completions, the
+/// Responses API, Anthropic Messages) and text completions. Tools,
+/// structured output and embeddings are not listed until they are served.
+pub const CAPABILITIES: [&str; 2] = ["chat", "completion"];
 
 #[derive(Debug, Serialize)]
 pub struct ModelMeta {

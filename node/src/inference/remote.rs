@@ -284,6 +284,7 @@ impl RemoteGeneration {
                     Bounds {
                         max_tokens: req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
                         textless: textless_allowance(&req.stop),
+                        stops: u32::try_from(req.stop.len()).unwrap_or(u32::MAX),
                     },
                     receipts,
                 ),
@@ -480,6 +481,7 @@ fn empty_done() -> (String, Finish) {
             reason: FinishReason::Stop,
             prompt_tokens: 0,
             completion_tokens: 0,
+            stop_sequence: None,
         },
     )
 }

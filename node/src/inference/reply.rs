@@ -9,7 +9,8 @@
 //! from 0, each with at least one token, then `Done` counting the tokens
 //! that came, with `Receipt` offers anywhere after `Accepted` and the last
 //! one after `Done`. Bounds ([`Bounds`]): the tokens may not pass the
-//! request's `max_tokens`, their text may not pass [`MAX_TOKEN_TEXT_BYTES`]
+//! request's `max_tokens` (and `Done` may name only one of its stop
+//! strings), their text may not pass [`MAX_TOKEN_TEXT_BYTES`]
 //! per token, and every token billed must have brought at least one byte
 //! of text, but for [`textless_allowance`] tokens (the end token, bytes of
 //! a character or a stop string held back): a seeder cannot bill for token
@@ -52,6 +53,8 @@ pub struct Bounds {
     pub max_tokens: u32,
     /// Tokens that may arrive without text ([`textless_allowance`]).
     pub textless: u32,
+    /// Stop strings of the request: `Done` may name one of them.
+    pub stops: u32,
 }
 
 /// What one frame of the answer means.
@@ -219,6 +222,16 @@ impl ReplyCheck {
                     hypha_wire::ArchivedFinishReason::Stop => FinishReason::Stop,
                     hypha_wire::ArchivedFinishReason::Length => FinishReason::Length,
                 };
+                let stop_sequence = d.stop_sequence.as_ref().map(|i| i.to_native());
+                if let Some(index) = stop_sequence {
+                    if index >= self.bounds.stops || reason != FinishReason::Stop {
+                        return Err(Violation::WrongStop {
+                            index,
+                            stops: self.bounds.stops,
+                        }
+                        .into());
+                    }
+                }
                 self.done_seen = true;
                 self.done = Some((
                     d.text.as_str().to_owned(),
@@ -226,6 +239,7 @@ impl ReplyCheck {
                         reason,
                         prompt_tokens: d.prompt_tokens.to_native(),
                         completion_tokens: claimed,
+                        stop_sequence: stop_sequence.map(|i| i as usize),
                     },
                 ));
                 Ok(Step::Nothing)

@@ -148,6 +148,18 @@ pub(crate) struct CachedProviders {
 }
 
 /// The peers this node sends requests to.
+/// A model on the network, as a node can see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkModel {
+    pub name: String,
+    /// The ids of the peers known to serve it.
+    pub providers: Vec<NodeId>,
+    /// The smallest context (tokens per request) its providers published,
+    /// when records of them are known: what a client may count on from
+    /// whichever serves it.
+    pub context_length: Option<u32>,
+}
+
 pub struct Peers {
     dialer: Arc<Dialer>,
     configured: Vec<PeerAddr>,
@@ -211,7 +223,7 @@ impl Peers {
     /// Every model on the network this node can find, with its providers'
     /// ids: peers' hellos, the DHT's catalog (each listed model's providers
     /// looked up, or taken from the cache), records held here.
-    pub async fn models(&self) -> Vec<(String, Vec<NodeId>)> {
+    pub async fn models(&self) -> Vec<NetworkModel> {
         if let Some(d) = &self.discovery {
             use futures_util::StreamExt as _;
             let names = d.catalog().await;
@@ -223,18 +235,30 @@ impl Peers {
                 .collect::<Vec<()>>()
                 .await;
         }
-        let mut out: Vec<(String, Vec<NodeId>)> = Vec::new();
-        let mut add = |model: &str, id: NodeId| match out.iter_mut().find(|(m, _)| m == model) {
-            Some((_, ids)) => {
-                if !ids.contains(&id) {
-                    ids.push(id);
+        let mut out: Vec<NetworkModel> = Vec::new();
+        let mut add = |model: &str, id: NodeId, ctx: Option<u32>| {
+            let i = match out.iter().position(|m| m.name == model) {
+                Some(i) => i,
+                None => {
+                    out.push(NetworkModel {
+                        name: model.to_owned(),
+                        providers: Vec::new(),
+                        context_length: None,
+                    });
+                    out.len() - 1
                 }
+            };
+            let m = &mut out[i];
+            if !m.providers.contains(&id) {
+                m.providers.push(id);
             }
-            None => out.push((model.to_owned(), vec![id])),
+            if let Some(c) = ctx.filter(|c| *c > 0) {
+                m.context_length = Some(m.context_length.map_or(c, |k| k.min(c)));
+            }
         };
         for p in self.connections().known() {
             for m in &p.models {
-                add(m, p.addr.id);
+                add(m, p.addr.id, Some(p.context_length));
             }
         }
         let now = unix_ms();
@@ -244,7 +268,7 @@ impl Peers {
             .collect();
         for r in &cached {
             if r.expires_ms > now {
-                add(&r.model, r.publisher);
+                add(&r.model, r.publisher, Some(r.context_length));
             }
         }
         out
@@ -433,7 +457,7 @@ impl Peers {
         if providers.is_empty() {
             return Err(RemoteError::NoProvider {
                 model: req.model.clone(),
-                available: self.models().await.into_iter().map(|(m, _)| m).collect(),
+                available: self.models().await.into_iter().map(|m| m.name).collect(),
             });
         }
         let mut last = None;

@@ -687,6 +687,9 @@ async fn stream_generation(
                         hypha_engine::FinishReason::Length => FinishReason::Length,
                     },
                     text,
+                    // The engine's index is one of the request's stop
+                    // strings, which the wire bounds.
+                    stop_sequence: finish.stop_sequence.and_then(|i| u32::try_from(i).ok()),
                 });
                 send.send(&done).await?;
                 billing.done = true;

@@ -38,6 +38,8 @@ pub struct Offer {
     /// The served model's names (its id and aliases).
     pub models: Vec<String>,
     pub model_sha256: [u8; 32],
+    /// Tokens one request to the model may hold; 0 with no model.
+    pub context_length: u32,
     pub price_prompt_micro: u64,
     pub price_completion_micro: u64,
 }
@@ -58,6 +60,7 @@ pub fn sign_hello(identity: &Identity, offer: Offer) -> Hello {
         capabilities: offer.capabilities,
         models: offer.models,
         model_sha256: offer.model_sha256,
+        context_length: offer.context_length,
         price_prompt_micro: offer.price_prompt_micro,
         price_completion_micro: offer.price_completion_micro,
         signature: [0; 64],
@@ -103,6 +106,7 @@ pub fn verify_hello(hello: &ArchivedHello, peer: NodeId) -> Result<VerifiedHello
         capabilities: hello.capabilities.to_native(),
         models: hello.models.iter().map(|m| m.as_str().to_owned()).collect(),
         model_sha256: hello.model_sha256,
+        context_length: hello.context_length.to_native(),
         price_prompt_micro: hello.price_prompt_micro.to_native(),
         price_completion_micro: hello.price_completion_micro.to_native(),
         signature: hello.signature,
@@ -120,6 +124,7 @@ pub fn verify_hello(hello: &ArchivedHello, peer: NodeId) -> Result<VerifiedHello
             capabilities: owned.capabilities,
             models: owned.models,
             model_sha256: owned.model_sha256,
+            context_length: owned.context_length,
             price_prompt_micro: owned.price_prompt_micro,
             price_completion_micro: owned.price_completion_micro,
         },
@@ -149,6 +154,7 @@ mod tests {
             capabilities: CAP_SEEDER,
             models: vec!["m".into()],
             model_sha256: [3; 32],
+            context_length: 2048,
             price_prompt_micro: 1,
             price_completion_micro: 4,
         };
@@ -163,6 +169,9 @@ mod tests {
         let mut cheaper = hello.clone();
         cheaper.price_completion_micro = 0;
         assert_eq!(roundtrip(&cheaper, me.id()), Err(HelloError::BadSignature));
+        let mut longer = hello.clone();
+        longer.context_length = 1 << 20;
+        assert_eq!(roundtrip(&longer, me.id()), Err(HelloError::BadSignature));
 
         let other = Identity::from_seed([8; 32]);
         assert!(matches!(

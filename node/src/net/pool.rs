@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +63,8 @@ struct Entry {
     conn: tokio::sync::Mutex<Option<(quinn::Connection, Arc<VerifiedHello>)>>,
     /// Models from the peer's last hello; kept across reconnects.
     models: std::sync::Mutex<Vec<String>>,
+    /// The context length from the peer's last hello (0: none).
+    context_length: AtomicU32,
     /// Prices (prompt, completion) from the peer's last hello.
     prices: std::sync::Mutex<Option<(u64, u64)>>,
     last_used_ms: AtomicU64,
@@ -72,6 +74,8 @@ impl Entry {
     /// Keeps what the peer's hello offers.
     fn greeted(&self, hello: &VerifiedHello) {
         *lock(&self.models) = hello.offer.models.clone();
+        self.context_length
+            .store(hello.offer.context_length, Ordering::Relaxed);
         *lock(&self.prices) = Some((
             hello.offer.price_prompt_micro,
             hello.offer.price_completion_micro,
@@ -83,6 +87,7 @@ impl Entry {
             addr: std::sync::Mutex::new(addr),
             conn: tokio::sync::Mutex::new(None),
             models: std::sync::Mutex::new(Vec::new()),
+            context_length: AtomicU32::new(0),
             prices: std::sync::Mutex::new(None),
             last_used_ms: AtomicU64::new(unix_ms()),
         }
@@ -107,6 +112,9 @@ pub struct KnownPeer {
     /// one.
     pub via: Option<NodeId>,
     pub models: Vec<String>,
+    /// Tokens one request to its model may hold, from its last hello (0:
+    /// not known).
+    pub context_length: u32,
     /// Prices (prompt, completion) from its last hello.
     pub prices: Option<(u64, u64)>,
     pub rtt: Option<Duration>,
@@ -418,6 +426,7 @@ impl Connections {
                         .and_then(|c| self.endpoint.paths().via(&c.remote_address())),
                     rtt: live.map(|c| c.rtt()),
                     models: lock(&e.models).clone(),
+                    context_length: e.context_length.load(Ordering::Relaxed),
                     prices: *lock(&e.prices),
                     configured: self.is_pinned(&id),
                 }

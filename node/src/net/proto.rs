@@ -174,6 +174,8 @@ pub enum Violation {
     TextlessTokens { tokens: u32, bytes: usize },
     #[error("done counts {claimed} tokens where {got} arrived")]
     WrongCount { claimed: u32, got: u32 },
+    #[error("done names stop string {index} of a request with {stops}, or with a length finish")]
+    WrongStop { index: u32, stops: u32 },
 }
 
 impl From<quinn::ConnectionError> for PeerError {
