@@ -241,6 +241,21 @@ async fn api_key_is_required_when_set() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    // Anthropic's clients send the key as x-api-key.
+    let messages = format!("http://{}/v1/messages", n.http_addr());
+    let body = json!({"model": "default", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    for (key, want) in [("wrong", 401), ("s3cret", 200)] {
+        let r = c
+            .post(&messages)
+            .header("x-api-key", key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "x-api-key {key}");
+    }
     let r = c
         .get(format!("http://{}/v1/models", n.http_addr()))
         .send()

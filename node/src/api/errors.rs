@@ -66,6 +66,42 @@ impl ApiError {
         self.status
     }
 
+    /// What went wrong, in words.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The error as Anthropic's Messages API shapes it:
+    /// `{"type": "error", "error": {"type", "message"}}`, its type named
+    /// after the status.
+    pub fn anthropic_response(self) -> Response {
+        let kind = match self.status.as_u16() {
+            400 | 408 | 415 => "invalid_request_error",
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            _ => "api_error",
+        };
+        let body = json!({"type": "error", "error": {"type": kind, "message": self.message}});
+        self.respond(body)
+    }
+
+    /// `body` with the error's status, and the `Retry-After` of a full node.
+    fn respond(&self, body: serde_json::Value) -> Response {
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE
+            || self.status == StatusCode::TOO_MANY_REQUESTS
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        }
+        resp
+    }
+
     /// The JSON body the error is answered with.
     pub fn body(&self) -> serde_json::Value {
         json!({
@@ -88,14 +124,7 @@ pub fn decode_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Ap
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = self.body();
-        let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE
-            || self.status == StatusCode::TOO_MANY_REQUESTS
-        {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
-        }
-        resp
+        self.respond(body)
     }
 }
 

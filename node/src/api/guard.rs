@@ -34,8 +34,10 @@ use crate::api::state::AppState;
 
 /// How long a browser may cache a preflight's answer.
 const PREFLIGHT_MAX_AGE_S: u32 = 600;
-/// Request headers a cross-origin page may send (what OpenAI clients use).
-const ALLOWED_HEADERS: &str = "authorization, content-type";
+/// Request headers a cross-origin page may send (what OpenAI and Anthropic
+/// clients use).
+const ALLOWED_HEADERS: &str =
+    "authorization, content-type, x-api-key, anthropic-version, anthropic-beta";
 const ALLOWED_METHODS: &str = "GET, POST, OPTIONS";
 
 fn forbidden(code: &'static str, message: String) -> Response {

@@ -20,7 +20,9 @@ pub mod conns;
 pub mod errors;
 pub(crate) mod generate;
 pub mod guard;
+pub mod messages;
 pub mod openai;
+pub mod responses;
 pub mod state;
 
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(admin::list_models))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/ledger", get(admin::ledger))
         .route("/v1/ledger/{node_id}", get(admin::peer_ledger))
         .route("/v1/network", get(admin::network))

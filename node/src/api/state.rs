@@ -72,10 +72,13 @@ impl AppState {
         let Some(key) = &self.api_key else {
             return Ok(());
         };
+        // OpenAI clients send `Authorization: Bearer KEY`, Anthropic's
+        // `x-api-key: KEY`.
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
         // Compare in constant time so the key cannot be guessed byte by byte.
         let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()));
         if ok {
@@ -84,7 +87,7 @@ impl AppState {
             Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
-                "missing or wrong API key (send Authorization: Bearer KEY)",
+                "missing or wrong API key (send Authorization: Bearer KEY, or x-api-key: KEY)",
             )
             .code("invalid_api_key"))
         }

@@ -30,31 +30,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def node():
-    binary = os.environ.get("HYPHA_BIN", str(ROOT / "target" / "debug" / "hypha"))
-    assert os.path.isfile(binary), f"{binary} missing: run cargo test first"
-    port = _free_port()
-    log = open(ROOT / "target" / "openai-suite-node.log", "w")
-    proc = subprocess.Popen(
-        [binary, "up", "--model", _model(), "--http", f"127.0.0.1:{port}",
-         "--threads", "1", "--parallel", "8", "--ctx-size", "1024"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+def _wait_healthy(proc, url, log_name):
     deadline = time.time() + 60
     while True:
         try:
             urllib.request.urlopen(url + "/health", timeout=1).read()
-            break
+            return
         except OSError:
-            assert proc.poll() is None, "hypha up exited; see target/openai-suite-node.log"
+            assert proc.poll() is None, f"hypha up exited; see target/{log_name}"
             assert time.time() < deadline, "hypha up did not become ready"
             time.sleep(0.1)
-    yield url
+
+
+def _start(args, log_name):
+    """`hypha up` with `args` on a free HTTP port: the process and its base URL."""
+    binary = os.environ.get("HYPHA_BIN", str(ROOT / "target" / "debug" / "hypha"))
+    assert os.path.isfile(binary), f"{binary} missing: run cargo test first"
+    port = _free_port()
+    log = open(ROOT / "target" / log_name, "w")
+    proc = subprocess.Popen(
+        [binary, "up", "--http", f"127.0.0.1:{port}", *args],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(proc, url, log_name)
+    return proc, url, log
+
+
+def _stop(proc, log):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory):
+    """A seeder: the test model, QUIC on loopback for the consumer."""
+    data = tmp_path_factory.mktemp("seeder")
+    proc, url, log = _start(
+        ["--model", _model(), "--quic", "127.0.0.1:0", "--data-dir", str(data),
+         "--threads", "1", "--parallel", "8", "--ctx-size", "1024"],
+        "openai-suite-node.log",
+    )
+    yield url
+    _stop(proc, log)
+
+
+def _peer_address(log_name):
+    deadline = time.time() + 30
+    marker = "peers reach this node as"
+    while time.time() < deadline:
+        for line in (ROOT / "target" / log_name).read_text().splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].strip()
+        time.sleep(0.1)
+    raise AssertionError(f"no {marker!r} line in target/{log_name}")
+
+
+@pytest.fixture(scope="session")
+def consumer(node, tmp_path_factory):
+    """A node with no model that reaches the seeder over QUIC."""
+    data = tmp_path_factory.mktemp("consumer")
+    proc, url, log = _start(
+        ["--peer", _peer_address("openai-suite-node.log"), "--data-dir", str(data)],
+        "openai-suite-consumer.log",
+    )
+    yield url
+    _stop(proc, log)
+
+
+@pytest.fixture(params=["local", "network"])
+def base(request):
+    """The seeder's own API, then the consumer's, which routes to the seeder."""
+    return request.getfixturevalue("node" if request.param == "local" else "consumer")
 
 
 @pytest.fixture(scope="session")

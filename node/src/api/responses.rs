@@ -1,0 +1,482 @@
+//! `/v1/responses`: OpenAI's Responses API, stateless, over the same
+//! generation as chat completions, here or on a peer.
+//!
+//! Served: `input` (a string, or message items of text: `input_text`
+//! parts, and `output_text` ones of earlier assistant turns),
+//! `instructions`, `max_output_tokens`, `temperature`, `top_p`, `stream`,
+//! `metadata`, `user` and the neutral values of what it does not do. The
+//! node keeps no responses: `store` is taken as false (and `store: true`
+//! refused), and `previous_response_id` is refused; so are tools and
+//! function-call items, JSON text formats, reasoning, images and files,
+//! and any field this node does not know, each named. A stream is the
+//! event sequence the OpenAI SDKs and Codex parse: `response.created`,
+//! `response.in_progress`, the output item and its text part added, the
+//! `response.output_text.delta`s, the text, part and item done, then
+//! `response.completed` (or `response.incomplete` when the token limit
+//! cut it short, `response.failed` when it failed), with usage.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+
+use hypha_engine::{ChatMessage, Finish, FinishReason};
+
+use crate::api::errors::{ApiError, OpenAiJson};
+use crate::api::generate::{event, new_id, reply, submit, unix_now, Dialect, Events, Started};
+use crate::api::openai::{Checked, EdgePrompt, SamplingFields, Usage};
+use crate::api::state::AppState;
+use crate::inference::convert::{chat_role, check_message_count};
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Input {
+    Text(String),
+    Items(Vec<Item>),
+}
+
+/// An input item: only messages are served.
+#[derive(Debug, Deserialize)]
+pub struct Item {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub content: Option<ItemContent>,
+    /// Every other field of the item.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ItemContent {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResponsesRequest {
+    pub model: String,
+    pub input: Input,
+    #[serde(default)]
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub stream: bool,
+    /// Every other field, checked by [`check_other`].
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+fn unsupported(field: &str, what: &str) -> ApiError {
+    ApiError::invalid(format!("unsupported parameter `{field}`: {what}"))
+        .param(field.to_owned())
+        .code("unsupported_parameter")
+}
+
+/// Fields that change nothing this node does: labels and hints.
+const INFORMATIONAL: [&str; 6] = [
+    "metadata",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "service_tier",
+    "stream_options",
+];
+
+/// Refuses the first field beyond those read that asks for something this
+/// node does not do.
+fn check_other(other: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    use serde_json::Value as V;
+    for (field, v) in other {
+        let empty = match v {
+            V::Null => true,
+            V::Array(a) => a.is_empty(),
+            V::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        let neutral = INFORMATIONAL.contains(&field.as_str())
+            || match field.as_str() {
+                "tools" | "include" => empty,
+                "tool_choice" => empty || v.as_str() == Some("none") || v.as_str() == Some("auto"),
+                // Meaningless without tools, which are refused when sent.
+                "parallel_tool_calls" | "max_tool_calls" => true,
+                "store" | "background" => empty || *v == V::Bool(false),
+                "truncation" => empty || v.as_str() == Some("disabled"),
+                "top_logprobs" => empty || v.as_u64() == Some(0),
+                "text" => neutral_text(v),
+                "reasoning" => empty || v.as_object().is_some_and(|o| o.values().all(V::is_null)),
+                _ => false,
+            };
+        if neutral {
+            continue;
+        }
+        let what = match field.as_str() {
+            "tools" | "tool_choice" => "tool calling is not supported by this node yet",
+            "previous_response_id" | "conversation" => {
+                "this node keeps no responses: send the whole conversation as input"
+            }
+            "store" | "background" => "this node keeps no responses",
+            "text" => "only the plain text format is supported by this node yet",
+            "reasoning" => "reasoning settings are not supported by this node",
+            "include" => "this node has no extra output to include",
+            "top_logprobs" => "logprobs are not supported by this node yet",
+            "truncation" => "only `truncation: disabled` is supported",
+            _ => "this field is not known to this node",
+        };
+        return Err(unsupported(field, what));
+    }
+    Ok(())
+}
+
+/// True when `text` (the output's format settings) asks for plain text.
+fn neutral_text(v: &serde_json::Value) -> bool {
+    use serde_json::Value as V;
+    match v {
+        V::Null => true,
+        V::Object(o) => o.iter().all(|(k, x)| match k.as_str() {
+            "format" => x.is_null() || x.get("type").and_then(V::as_str) == Some("text"),
+            _ => x.is_null(),
+        }),
+        _ => false,
+    }
+}
+
+/// The text of a message item's content.
+fn text_of(content: &Option<ItemContent>, at: &str) -> Result<String, ApiError> {
+    let parts = match content {
+        None => return Ok(String::new()),
+        Some(ItemContent::Text(t)) => return Ok(t.clone()),
+        Some(ItemContent::Parts(p)) => p,
+    };
+    let mut s = String::new();
+    for p in parts {
+        if p.kind != "input_text" && p.kind != "output_text" {
+            return Err(unsupported(
+                at,
+                &format!("content parts of type {:?} are not supported", p.kind),
+            ));
+        }
+        // Output text handed back carries its annotations and logprobs.
+        let extra = p.other.iter().find(|(f, v)| {
+            let known = *f == "annotations" || *f == "logprobs";
+            !(v.is_null() || known && v.as_array().is_some_and(Vec::is_empty))
+        });
+        if let Some((field, _)) = extra {
+            return Err(unsupported(
+                at,
+                &format!("the content part field `{field}` is not supported"),
+            ));
+        }
+        s.push_str(p.text.as_deref().unwrap_or_default());
+    }
+    Ok(s)
+}
+
+impl ResponsesRequest {
+    fn fields(&self) -> SamplingFields {
+        SamplingFields {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_tokens: self.max_output_tokens,
+            stream: self.stream,
+            ..SamplingFields::default()
+        }
+    }
+
+    fn check(&self, fields: &SamplingFields) -> Result<Checked, ApiError> {
+        check_other(&self.other)?;
+        let stops = fields.check().map_err(ApiError::invalid)?;
+        let mut chat = Vec::new();
+        if let Some(i) = &self.instructions {
+            chat.push(ChatMessage {
+                role: "system".into(),
+                content: i.clone(),
+            });
+        }
+        match &self.input {
+            Input::Text(t) => chat.push(ChatMessage {
+                role: "user".into(),
+                content: t.clone(),
+            }),
+            Input::Items(items) => {
+                check_message_count(items.len())
+                    .map_err(|m| ApiError::invalid(m).param("input"))?;
+                for (i, item) in items.iter().enumerate() {
+                    chat.push(message_of(item, i)?);
+                }
+            }
+        }
+        Ok(Checked {
+            prompt: EdgePrompt::Chat(chat),
+            stops,
+        })
+    }
+}
+
+/// The chat message an input item stands for.
+fn message_of(item: &Item, i: usize) -> Result<ChatMessage, ApiError> {
+    let at = format!("input[{i}]");
+    match item.kind.as_deref() {
+        None | Some("message") => {}
+        Some(
+            kind @ ("function_call"
+            | "function_call_output"
+            | "custom_tool_call"
+            | "custom_tool_call_output"),
+        ) => {
+            return Err(unsupported(
+                &at,
+                &format!("{kind} items: tool calling is not supported by this node yet"),
+            ))
+        }
+        Some(kind) => {
+            return Err(unsupported(
+                &at,
+                &format!("input items of type {kind:?} are not supported"),
+            ))
+        }
+    }
+    let role = item
+        .role
+        .as_deref()
+        .ok_or_else(|| ApiError::invalid("a message item needs a role").param(at.clone()))?;
+    let role = chat_role(role)
+        .ok()
+        .filter(|r| *r != "tool")
+        .ok_or_else(|| {
+            ApiError::invalid(format!("unknown message role {role:?}")).param(at.clone())
+        })?;
+    // An assistant item handed back carries its id and status.
+    let extra = item
+        .other
+        .iter()
+        .find(|(f, v)| *f != "id" && *f != "status" && !v.is_null());
+    if let Some((field, _)) = extra {
+        return Err(unsupported(
+            &at,
+            &format!("the message field `{field}` is not supported"),
+        ));
+    }
+    Ok(ChatMessage {
+        role: role.to_owned(),
+        content: text_of(&item.content, &format!("{at}.content"))?,
+    })
+}
+
+pub(crate) async fn responses(
+    State(st): State<Arc<AppState>>,
+    body: Result<OpenAiJson<ResponsesRequest>, ApiError>,
+) -> Response {
+    let received = Instant::now();
+    let prepared = async {
+        let OpenAiJson(req) = body?;
+        let fields = req.fields();
+        let checked = req.check(&fields)?;
+        let route = st.route(&req.model)?;
+        let job = submit(&st, route, &req.model, checked, &fields).await?;
+        let dialect = Responses {
+            id: new_id("resp", '_'),
+            item_id: new_id("msg", '_'),
+            created: unix_now(),
+            sequence: 0,
+            text: String::new(),
+            settings: json!({
+                "instructions": req.instructions,
+                "max_output_tokens": req.max_output_tokens,
+                "model": req.model,
+                "temperature": fields.sampling().temperature,
+                "top_p": fields.sampling().top_p,
+            }),
+        };
+        Ok(Started {
+            dialect,
+            job,
+            stream: req.stream,
+            received,
+        })
+    }
+    .await;
+    reply(&st, prepared).await
+}
+
+/// The Responses API's writing of a generation.
+struct Responses {
+    id: String,
+    /// The id of the one output message.
+    item_id: String,
+    created: u64,
+    /// The next event's `sequence_number`.
+    sequence: u64,
+    /// A stream's text so far (its closing events repeat it whole).
+    text: String,
+    /// Echoed request settings: instructions, limits, model, sampling.
+    settings: serde_json::Value,
+}
+
+/// How a generation ended, as a response's status.
+enum Status {
+    InProgress,
+    Done(Finish, Option<u64>),
+    Failed(String),
+}
+
+impl Responses {
+    fn part(text: &str) -> serde_json::Value {
+        json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+    }
+
+    fn item(&self, status: &str, content: Vec<serde_json::Value>) -> serde_json::Value {
+        json!({
+            "type": "message",
+            "id": self.item_id,
+            "status": status,
+            "role": "assistant",
+            "content": content,
+        })
+    }
+
+    /// The response object in `status`, its output `text`.
+    fn response(&self, text: &str, status: &Status) -> serde_json::Value {
+        let (state, output, usage, error, incomplete) = match status {
+            Status::InProgress => ("in_progress", vec![], None, None, None),
+            Status::Done(finish, credits) => {
+                let cut = finish.reason == FinishReason::Length;
+                let state = if cut { "incomplete" } else { "completed" };
+                let mut usage = json!({
+                    "input_tokens": finish.prompt_tokens,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": finish.completion_tokens,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": Usage::new(finish.prompt_tokens, finish.completion_tokens, None).total_tokens,
+                });
+                if let Some(c) = credits {
+                    usage["credits"] = json!(c);
+                }
+                let incomplete = cut.then(|| json!({"reason": "max_output_tokens"}));
+                let item = self.item(state, vec![Self::part(text)]);
+                (state, vec![item], Some(usage), None, incomplete)
+            }
+            Status::Failed(m) => (
+                "failed",
+                vec![],
+                None,
+                Some(json!({"code": "server_error", "message": m})),
+                None,
+            ),
+        };
+        let mut r = json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": state,
+            "error": error,
+            "incomplete_details": incomplete,
+            "output": output,
+            "parallel_tool_calls": false,
+            "previous_response_id": null,
+            "reasoning": {"effort": null, "summary": null},
+            "store": false,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "none",
+            "tools": [],
+            "truncation": "disabled",
+            "usage": usage,
+            "metadata": {},
+        });
+        if let (Some(r), Some(s)) = (r.as_object_mut(), self.settings.as_object()) {
+            r.extend(s.clone());
+        }
+        r
+    }
+
+    /// An event of `kind` with `fields`, numbered.
+    fn push(&mut self, kind: &str, mut fields: serde_json::Value, out: &mut Events) {
+        fields["type"] = json!(kind);
+        fields["sequence_number"] = json!(self.sequence);
+        self.sequence += 1;
+        out.push_back(event(Some(kind), &fields));
+    }
+}
+
+impl Dialect for Responses {
+    const METRIC: &'static str = "responses";
+
+    fn body(&self, text: String, finish: &Finish, credits: Option<u64>) -> serde_json::Value {
+        self.response(&text, &Status::Done(finish.clone(), credits))
+    }
+
+    fn opening(&mut self, out: &mut Events) {
+        let r = self.response("", &Status::InProgress);
+        self.push("response.created", json!({"response": r}), out);
+        self.push("response.in_progress", json!({"response": r}), out);
+        let item = self.item("in_progress", vec![]);
+        self.push(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": item}),
+            out,
+        );
+        let mut added = json!({"item_id": self.item_id, "output_index": 0, "content_index": 0});
+        added["part"] = Self::part("");
+        self.push("response.content_part.added", added, out);
+    }
+
+    fn text(&mut self, text: &str, out: &mut Events) {
+        self.text.push_str(text);
+        let delta = json!({
+            "item_id": self.item_id,
+            "output_index": 0,
+            "content_index": 0,
+            "delta": text,
+            "logprobs": [],
+        });
+        self.push("response.output_text.delta", delta, out);
+    }
+
+    fn done(&mut self, finish: &Finish, credits: Option<u64>, out: &mut Events) {
+        let at = json!({"item_id": self.item_id, "output_index": 0, "content_index": 0});
+        let mut text_done = at.clone();
+        text_done["text"] = json!(self.text);
+        text_done["logprobs"] = json!([]);
+        self.push("response.output_text.done", text_done, out);
+        let mut part_done = at;
+        part_done["part"] = Self::part(&self.text);
+        self.push("response.content_part.done", part_done, out);
+        let status = Status::Done(finish.clone(), credits);
+        let r = self.response(&self.text, &status);
+        let item = r["output"][0].clone();
+        self.push(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item}),
+            out,
+        );
+        let last = if finish.reason == FinishReason::Length {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        self.push(last, json!({"response": r}), out);
+    }
+
+    fn failed(&mut self, message: &str, out: &mut Events) {
+        let r = self.response(&self.text, &Status::Failed(message.to_owned()));
+        self.push("response.failed", json!({"response": r}), out);
+    }
+}
