@@ -749,9 +749,41 @@ impl Drop for Batch {
     }
 }
 
-/// A llama.cpp sampler chain.
+/// The GBNF grammar llama.cpp's converter writes for a JSON schema (the
+/// schema's JSON text), or why it cannot.
+pub fn json_schema_to_grammar(schema_json: &str) -> Result<String, Error> {
+    let bad = |m: &str| Error::InvalidRequest(format!("JSON schema: {m}"));
+    let schema = CString::new(schema_json).map_err(|_| bad("it holds a NUL byte"))?;
+    let mut out: *mut c_char = std::ptr::null_mut();
+    // SAFETY: `schema` is a NUL-terminated string alive for the call; `out`
+    // receives a malloc'd string (or stays null), which we free below. The
+    // wrapper catches C++ exceptions.
+    let status = unsafe { sys::llama_rs_json_schema_to_grammar(schema.as_ptr(), true, &mut out) };
+    if out.is_null() {
+        return Err(bad(if status == sys::LLAMA_RS_STATUS_EXCEPTION {
+            "llama.cpp cannot convert it to a grammar"
+        } else {
+            "conversion failed"
+        }));
+    }
+    // SAFETY: a valid NUL-terminated string written by the wrapper.
+    let grammar = unsafe { CStr::from_ptr(out) }
+        .to_string_lossy()
+        .into_owned();
+    // SAFETY: allocated by the wrapper, freed once.
+    unsafe { sys::llama_rs_string_free(out) };
+    if status != sys::LLAMA_RS_STATUS_OK {
+        return Err(bad("conversion failed"));
+    }
+    Ok(grammar)
+}
+
+/// A llama.cpp sampler chain, and the grammar that constrains it, if any.
 pub struct Sampler {
     ptr: NonNull<sys::llama_sampler>,
+    grammar: Option<NonNull<sys::llama_sampler>>,
+    /// Candidates of one step, reused (grammar-constrained sampling only).
+    cur: Vec<sys::llama_token_data>,
 }
 
 // SAFETY: owned by one slot on the decode thread.
@@ -761,14 +793,58 @@ impl Sampler {
     /// Penalties look back over this many tokens.
     const PENALTY_LAST_N: i32 = 64;
 
-    pub fn new(spec: &SamplingParams, seed: u32, n_vocab: i32) -> Result<Self, Error> {
+    /// A chain for `spec`; with a GBNF `grammar` (root rule `root`) every
+    /// token sampled keeps the text within it.
+    pub fn new(
+        model: &Model,
+        spec: &SamplingParams,
+        seed: u32,
+        grammar: Option<&str>,
+    ) -> Result<Self, Error> {
+        let n_vocab = model.n_vocab();
+        let grammar = match grammar {
+            None => None,
+            Some(g) => {
+                let text = CString::new(g)
+                    .map_err(|_| Error::InvalidRequest("the grammar holds a NUL byte".into()))?;
+                // SAFETY: the vocab outlives the sampler (the slot holds the
+                // model); both strings are NUL-terminated and alive for the
+                // call; the wrapper catches C++ exceptions and returns null
+                // for a grammar that does not parse.
+                let g = unsafe {
+                    sys::llama_rs_sampler_init_grammar(
+                        model.vocab.as_ptr(),
+                        text.as_ptr(),
+                        c"root".as_ptr(),
+                    )
+                };
+                Some(
+                    NonNull::new(g).ok_or_else(|| {
+                        Error::InvalidRequest("the grammar does not parse".into())
+                    })?,
+                )
+            }
+        };
         // SAFETY: plain struct by value.
         let mut params = unsafe { sys::llama_sampler_chain_default_params() };
         params.no_perf = true;
         // SAFETY: creates an empty chain we own.
         let chain = unsafe { sys::llama_sampler_chain_init(params) };
-        let ptr = NonNull::new(chain).ok_or(Error::Sampler)?;
-        let s = Self { ptr };
+        let ptr = match NonNull::new(chain) {
+            Some(p) => p,
+            None => {
+                if let Some(g) = grammar {
+                    // SAFETY: created above, owned by nobody else.
+                    unsafe { sys::llama_sampler_free(g.as_ptr()) };
+                }
+                return Err(Error::Sampler);
+            }
+        };
+        let s = Self {
+            ptr,
+            grammar,
+            cur: Vec::new(),
+        };
         let penalised = spec.repeat_penalty != 1.0
             || spec.frequency_penalty != 0.0
             || spec.presence_penalty != 0.0;
@@ -814,16 +890,104 @@ impl Sampler {
     }
 
     /// Samples from the logits at batch index `idx` and accepts the token.
-    pub fn sample(&mut self, ctx: &mut Context, idx: i32) -> Token {
-        // SAFETY: `idx` is the batch index of a token decoded with logits
-        // requested in the last successful `decode` on `ctx`.
-        unsafe { sys::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), idx) }
+    ///
+    /// With a grammar, as llama.cpp's own server does: the chain picks a
+    /// token from all candidates, and only when the grammar rejects it are
+    /// the candidates constrained by the grammar (a pass over the whole
+    /// vocabulary) and the pick made again.
+    pub fn sample(&mut self, ctx: &mut Context, idx: i32, n_vocab: i32) -> Token {
+        let Some(grammar) = self.grammar else {
+            // SAFETY: `idx` is the batch index of a token decoded with
+            // logits requested in the last successful `decode` on `ctx`.
+            return unsafe { sys::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), idx) };
+        };
+        // SAFETY: as above; the logits row holds `n_vocab` floats, valid
+        // until the next decode on `ctx`, which cannot happen during this
+        // call (`ctx` is borrowed mutably).
+        let logits = unsafe {
+            let p = sys::llama_get_logits_ith(ctx.ptr.as_ptr(), idx);
+            if p.is_null() || n_vocab <= 0 {
+                // Not a row with logits: what the unconstrained chain does.
+                return sys::llama_sampler_sample(self.ptr.as_ptr(), ctx.ptr.as_ptr(), idx);
+            }
+            std::slice::from_raw_parts(p, n_vocab as usize)
+        };
+        let mut tok = self.pick(logits, None);
+        if !self.allows(grammar, tok) {
+            tok = self.pick(logits, Some(grammar));
+        }
+        // SAFETY: `tok` passed the grammar, so accepting it cannot fail;
+        // the wrapper catches C++ exceptions all the same.
+        unsafe {
+            sys::llama_rs_sampler_accept(grammar.as_ptr(), tok);
+            sys::llama_sampler_accept(self.ptr.as_ptr(), tok);
+        }
+        tok
+    }
+
+    /// The chain's pick among all of `logits`, constrained by `grammar`
+    /// first when given.
+    fn pick(&mut self, logits: &[f32], grammar: Option<NonNull<sys::llama_sampler>>) -> Token {
+        self.cur.clear();
+        self.cur.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(id, &logit)| sys::llama_token_data {
+                    id: id as Token,
+                    logit,
+                    p: 0.0,
+                }),
+        );
+        let mut arr = sys::llama_token_data_array {
+            data: self.cur.as_mut_ptr(),
+            size: self.cur.len(),
+            selected: -1,
+            sorted: false,
+        };
+        // SAFETY: `arr` points into `self.cur`, alive and unaliased for the
+        // calls; the samplers are valid.
+        unsafe {
+            if let Some(g) = grammar {
+                sys::llama_sampler_apply(g.as_ptr(), &mut arr);
+            }
+            sys::llama_sampler_apply(self.ptr.as_ptr(), &mut arr);
+        }
+        let at = usize::try_from(arr.selected).unwrap_or(0);
+        // SAFETY: the chain ends in a selecting sampler (greedy or dist),
+        // which sets `selected` within `size`; `data` may have been
+        // replaced by a sampler with its own buffer of `size` entries.
+        unsafe { (*arr.data.add(at.min(arr.size.saturating_sub(1)))).id }
+    }
+
+    /// True when `grammar` allows `tok` next.
+    fn allows(&self, grammar: NonNull<sys::llama_sampler>, tok: Token) -> bool {
+        let mut one = [sys::llama_token_data {
+            id: tok,
+            logit: 1.0,
+            p: 0.0,
+        }];
+        let mut arr = sys::llama_token_data_array {
+            data: one.as_mut_ptr(),
+            size: 1,
+            selected: -1,
+            sorted: false,
+        };
+        // SAFETY: `arr` points at `one`, alive for the call.
+        unsafe { sys::llama_sampler_apply(grammar.as_ptr(), &mut arr) };
+        one[0].logit.is_finite()
     }
 }
 
 impl Drop for Sampler {
     fn drop(&mut self) {
-        // SAFETY: the chain frees its members; freed once.
-        unsafe { sys::llama_sampler_free(self.ptr.as_ptr()) }
+        // SAFETY: the chain frees its members; the grammar is ours alone;
+        // each freed once.
+        unsafe {
+            sys::llama_sampler_free(self.ptr.as_ptr());
+            if let Some(g) = self.grammar {
+                sys::llama_sampler_free(g.as_ptr());
+            }
+        }
     }
 }

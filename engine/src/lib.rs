@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use ffi::{DeviceInfo, DeviceKind, Token};
+pub use ffi::{json_schema_to_grammar, DeviceInfo, DeviceKind, Token};
 
 /// Slots (concurrent sequences) when the caller does not say.
 pub const DEFAULT_PARALLEL: u32 = 8;
@@ -311,6 +311,9 @@ pub struct GenerateRequest {
     /// `None`: until an end token, a stop string or the slot's context is full.
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
+    /// A GBNF grammar (root rule `root`) every generated text stays within
+    /// (see [`json_schema_to_grammar`]); `None` for free text.
+    pub grammar: Option<String>,
     /// Waiting requests are admitted highest priority first, in arrival
     /// order among equals (all that are not preemptible before any that
     /// is).

@@ -250,7 +250,12 @@ impl Scheduler {
                 return;
             };
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
-            let sampler = match Sampler::new(&job.req.sampling, job.seed, self.model.n_vocab()) {
+            let sampler = match Sampler::new(
+                &self.model,
+                &job.req.sampling,
+                job.seed,
+                job.req.grammar.as_deref(),
+            ) {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = job.tx.try_send(Event::Failed(e));
@@ -470,7 +475,7 @@ impl Scheduler {
     fn sample_slot(&mut self, i: usize) -> Option<Event> {
         let slot = self.slots[i].as_mut()?;
         let at = slot.logits_at.take()?;
-        let tok = slot.sampler.sample(&mut self.ctx, at);
+        let tok = slot.sampler.sample(&mut self.ctx, at, self.model.n_vocab());
         slot.generated.push(tok);
         let prompt_tokens = slot.prompt.len() as u32;
         // Ending without a stop string: release whatever text was held.

@@ -92,6 +92,7 @@ fn req(prompt: Vec<i32>, max_tokens: u32) -> GenerateRequest {
         sampling: greedy(),
         max_tokens: Some(max_tokens),
         stop: Vec::new(),
+        grammar: None,
         priority: 0,
         preemptible: false,
     }

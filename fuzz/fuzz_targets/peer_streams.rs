@@ -269,6 +269,11 @@ fn request(u: &mut Unstructured) -> Result<InferenceRequest> {
         } else {
             u.arbitrary()?
         },
+        json_schema: match u.int_in_range(0..=7)? {
+            0 => Some(r#"{"type":"object","properties":{"a":{"type":"integer"}}}"#.to_owned()),
+            1 => Some(u.arbitrary()?),
+            _ => None,
+        },
         max_credits: u.arbitrary()?,
     })
 }

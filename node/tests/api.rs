@@ -410,14 +410,6 @@ async fn fields_the_node_does_not_honour_are_refused_by_name() {
     let refused = [
         ("tools", json!({"tools": tool})),
         ("tool_choice", json!({"tool_choice": "required"})),
-        (
-            "response_format",
-            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
-        ),
-        (
-            "response_format",
-            json!({"response_format": {"type": "json_object"}}),
-        ),
         ("logit_bias", json!({"logit_bias": {"50256": -100}})),
         ("top_logprobs", json!({"top_logprobs": 3})),
         ("store", json!({"store": true})),

@@ -133,6 +133,10 @@ pub struct InferenceRequest {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     pub max_tokens: Option<u32>,
+    /// Structured output: the text of a JSON schema the answer must be a
+    /// JSON value valid against (`{"type":"object"}` for any object);
+    /// `None` for free text.
+    pub json_schema: Option<String>,
     /// Micro-credits the consumer pays for this request at most: the
     /// seeder refuses a prompt that costs more and stops generating
     /// before the tokens would.

@@ -38,6 +38,7 @@ fn samples() -> Vec<Message> {
             },
             stop: vec!["\n\n".into()],
             max_tokens: Some(64),
+            json_schema: Some(r#"{"type":"object"}"#.into()),
             max_credits: Some(5_000),
         }),
         Message::Chunk(TokenChunk {

@@ -27,6 +27,7 @@ use crate::api::openai::{wire_request, Checked, EdgePrompt, SamplingFields};
 use crate::api::state::{AppState, Route};
 use crate::inference::prep::Input;
 use crate::inference::remote::{RemoteEvent, RemoteGeneration};
+use crate::inference::schema::grammar_for;
 use crate::util::unix_ms;
 
 /// Header naming the peer that served a remote request.
@@ -139,9 +140,21 @@ pub async fn submit(
     checked: Checked,
     fields: &SamplingFields,
 ) -> Result<Job, ApiError> {
-    let Checked { prompt, stops } = checked;
+    let Checked {
+        prompt,
+        stops,
+        json_schema,
+    } = checked;
     match route {
         Route::Local(engine) => {
+            let grammar = match &json_schema {
+                None => None,
+                Some(s) => Some(grammar_for(s).map_err(|m| {
+                    ApiError::invalid(m)
+                        .param("response_format")
+                        .code("unsupported_schema")
+                })?),
+            };
             let tokens = match prompt {
                 EdgePrompt::Chat(messages) => {
                     st.prep.tokens(engine, None, Input::Chat(messages)).await?
@@ -149,7 +162,7 @@ pub async fn submit(
                 EdgePrompt::Text(t) => st.prep.tokens(engine, None, Input::Text(t)).await?,
                 EdgePrompt::Tokens(t) => t,
             };
-            submit_local(engine, tokens, stops, fields)
+            submit_local(engine, tokens, stops, grammar, fields)
         }
         Route::Remote(peers) => {
             let req = wire_request(
@@ -157,6 +170,7 @@ pub async fn submit(
                 model,
                 prompt.to_wire()?,
                 stops,
+                json_schema,
                 fields,
             );
             Ok(Job::Remote(Box::new(peers.start(req).await?)))
@@ -168,6 +182,7 @@ fn submit_local(
     engine: &Engine,
     prompt: Vec<hypha_engine::Token>,
     stop: Vec<String>,
+    grammar: Option<String>,
     fields: &SamplingFields,
 ) -> Result<Job, ApiError> {
     Ok(Job::Local(engine.submit(GenerateRequest {
@@ -175,6 +190,7 @@ fn submit_local(
         sampling: fields.sampling(),
         max_tokens: fields.max_tokens(),
         stop,
+        grammar,
         // The node's own users come before the peers it serves.
         priority: i64::MAX,
         preemptible: false,

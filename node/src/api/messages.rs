@@ -206,6 +206,7 @@ impl MessagesRequest {
         Ok(Checked {
             prompt: EdgePrompt::Chat(chat),
             stops,
+            json_schema: None,
         })
     }
 }

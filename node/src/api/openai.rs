@@ -3,11 +3,13 @@
 //!
 //! Requests are decoded strictly enough to turn a wrong type into a clear
 //! 400. A field hypha does not honour is refused with a 400 naming it
-//! (`unsupported_parameter`), never ignored: tools, response formats, logit
-//! biases and any field it does not know. Fields that change nothing a
-//! node does (`user`, `metadata`) are taken, and so are the neutral values
-//! of fields it does not implement (`tools: []`, `tool_choice: "none"`,
-//! `response_format: {"type": "text"}`, ...).
+//! (`unsupported_parameter`), never ignored: tools, logit biases and any
+//! field it does not know. Fields that change nothing a node does (`user`,
+//! `metadata`) are taken, and so are the neutral values of fields it does
+//! not implement (`tools: []`, `tool_choice: "none"`, ...).
+//! `response_format` `json_object` and `json_schema` are served: the
+//! output is sampled within the schema's grammar (see
+//! `inference::schema`, which refuses what it would not enforce).
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +18,7 @@ use hypha_wire::{InferenceRequest, Prompt};
 
 use crate::api::errors::ApiError;
 use crate::inference::convert::{chat_role, check_message_count, check_stops, sampling_to_wire};
+use crate::inference::schema::{check_schema, ANY_OBJECT};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -80,7 +83,6 @@ fn neutral(field: &str, v: &serde_json::Value) -> bool {
         "tool_choice" | "function_call" => empty || v.as_str() == Some("none"),
         // Meaningless without tools, which are refused when sent.
         "parallel_tool_calls" => true,
-        "response_format" => empty || v.get("type").and_then(V::as_str) == Some("text"),
         "top_logprobs" => empty || v.as_u64() == Some(0),
         "store" => empty || *v == V::Bool(false),
         "modalities" => empty || *v == serde_json::json!(["text"]),
@@ -90,19 +92,22 @@ fn neutral(field: &str, v: &serde_json::Value) -> bool {
 
 /// Refuses, naming it, the first field of `other` (what a request carries
 /// beyond the fields hypha reads) that asks for something hypha does not
-/// do.
+/// do; the `handled` ones are read elsewhere.
 pub fn check_other_fields(
     other: &serde_json::Map<String, serde_json::Value>,
+    handled: &[&str],
 ) -> Result<(), ApiError> {
     for (field, v) in other {
-        if INFORMATIONAL_FIELDS.contains(&field.as_str()) || neutral(field, v) {
+        if INFORMATIONAL_FIELDS.contains(&field.as_str())
+            || handled.contains(&field.as_str())
+            || neutral(field, v)
+        {
             continue;
         }
         let what = match field.as_str() {
             "tools" | "tool_choice" | "functions" | "function_call" => {
                 "tool calling is not supported by this node yet"
             }
-            "response_format" => "only the text response format is supported by this node yet",
             "top_logprobs" => "logprobs are not supported by this node yet",
             "logit_bias" => "logit_bias is not supported",
             "store" => "this node stores no completions",
@@ -116,6 +121,80 @@ pub fn check_other_fields(
         );
     }
     Ok(())
+}
+
+/// A refusal of a response format, naming `field`.
+fn bad_format(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid(message)
+        .param(field.to_owned())
+        .code("invalid_response_format")
+}
+
+/// The JSON schema a structured-output request's format asks for: `None`
+/// for text, [`ANY_OBJECT`] for `json_object`, the checked schema's text
+/// for `json_schema`. `format` is the format object (OpenAI's
+/// `response_format`, or the Responses API's `text.format`, whose schema
+/// fields are not nested under `json_schema`), `field` its name.
+pub fn schema_of_format(
+    format: Option<&serde_json::Value>,
+    field: &str,
+    nested: bool,
+) -> Result<Option<String>, ApiError> {
+    use serde_json::Value as V;
+    let Some(f) = format.filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    let Some(obj) = f.as_object() else {
+        return Err(bad_format(field, format!("`{field}` must be an object")));
+    };
+    let kind = obj.get("type").and_then(V::as_str).unwrap_or_default();
+    let only = |allowed: &[&str], o: &serde_json::Map<String, V>, at: &str| match o
+        .keys()
+        .find(|k| !allowed.contains(&k.as_str()))
+    {
+        Some(k) => Err(bad_format(
+            field,
+            format!("unsupported field `{k}` in `{at}`"),
+        )),
+        None => Ok(()),
+    };
+    const SCHEMA_FIELDS: [&str; 4] = ["name", "description", "schema", "strict"];
+    match kind {
+        "text" => only(&["type"], obj, field).map(|()| None),
+        "json_object" => only(&["type"], obj, field).map(|()| Some(ANY_OBJECT.to_owned())),
+        "json_schema" => {
+            let (spec, at) = if nested {
+                only(&["type", "json_schema"], obj, field)?;
+                let at = format!("{field}.json_schema");
+                let spec = obj
+                    .get("json_schema")
+                    .and_then(V::as_object)
+                    .ok_or_else(|| bad_format(field, format!("`{at}` must be an object")))?;
+                only(&SCHEMA_FIELDS, spec, &at)?;
+                (spec, at)
+            } else {
+                let mut allowed = SCHEMA_FIELDS.to_vec();
+                allowed.push("type");
+                only(&allowed, obj, field)?;
+                (obj, field.to_owned())
+            };
+            let schema = spec
+                .get("schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| {
+                    bad_format(field, format!("`{at}.schema` must be a JSON schema object"))
+                })?;
+            let text = schema.to_string();
+            check_schema(&text).map_err(|m| bad_format(field, m).code("unsupported_schema"))?;
+            Ok(Some(text))
+        }
+        other => Err(bad_format(
+            field,
+            format!(
+                "unsupported response format type {other:?}: text, json_object and json_schema are"
+            ),
+        )),
+    }
 }
 
 impl SamplingFields {
@@ -292,18 +371,24 @@ impl EdgePrompt {
     }
 }
 
-/// A chat or text completion request that passed the edge's checks: its
-/// prompt and stop strings.
+/// A request that passed the edge's checks: its prompt, stop strings and
+/// the JSON schema of its output, if it asks for one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checked {
     pub prompt: EdgePrompt,
     pub stops: Vec<String>,
+    pub json_schema: Option<String>,
 }
 
 impl ChatRequest {
     /// The edge's checks of a chat request.
     pub fn check(&self) -> Result<Checked, ApiError> {
-        check_other_fields(&self.fields.other)?;
+        check_other_fields(&self.fields.other, &["response_format"])?;
+        let json_schema = schema_of_format(
+            self.fields.other.get("response_format"),
+            "response_format",
+            true,
+        )?;
         let stops = self.fields.check().map_err(ApiError::invalid)?;
         let messages = self
             .messages()
@@ -311,6 +396,7 @@ impl ChatRequest {
         Ok(Checked {
             prompt: EdgePrompt::Chat(messages),
             stops,
+            json_schema,
         })
     }
 }
@@ -318,7 +404,12 @@ impl ChatRequest {
 impl CompletionRequest {
     /// The edge's checks of a text completion request.
     pub fn check(&self) -> Result<Checked, ApiError> {
-        check_other_fields(&self.fields.other)?;
+        check_other_fields(&self.fields.other, &["response_format"])?;
+        let json_schema = schema_of_format(
+            self.fields.other.get("response_format"),
+            "response_format",
+            true,
+        )?;
         let stops = self.fields.check().map_err(ApiError::invalid)?;
         if self.echo {
             return Err(ApiError::invalid("echo is not supported").param("echo"));
@@ -336,7 +427,11 @@ impl CompletionRequest {
             },
             PromptField::Tokens(t) => EdgePrompt::Tokens(t.clone()),
         };
-        Ok(Checked { prompt, stops })
+        Ok(Checked {
+            prompt,
+            stops,
+            json_schema,
+        })
     }
 }
 
@@ -346,6 +441,7 @@ pub fn wire_request(
     model: &str,
     prompt: Prompt,
     stop: Vec<String>,
+    json_schema: Option<String>,
     fields: &SamplingFields,
 ) -> InferenceRequest {
     InferenceRequest {
@@ -355,6 +451,7 @@ pub fn wire_request(
         sampling: sampling_to_wire(&fields.sampling()),
         stop,
         max_tokens: fields.max_tokens(),
+        json_schema,
         // Routing sets this node's own cap.
         max_credits: None,
     }
@@ -406,9 +503,10 @@ pub struct ModelCard {
 }
 
 /// What every model on hypha serves today: chat (chat completions, the
-/// Responses API, Anthropic Messages) and text completions. Tools,
-/// structured output and embeddings are not listed until they are served.
-pub const CAPABILITIES: [&str; 2] = ["chat", "completion"];
+/// Responses API, Anthropic Messages), text completions and structured
+/// output (JSON schemas). Tools and embeddings are not listed until they
+/// are served.
+pub const CAPABILITIES: [&str; 3] = ["chat", "completion", "structured_output"];
 
 #[derive(Debug, Serialize)]
 pub struct ModelMeta {

@@ -4,11 +4,12 @@
 //! Served: `input` (a string, or message items of text: `input_text`
 //! parts, and `output_text` ones of earlier assistant turns),
 //! `instructions`, `max_output_tokens`, `temperature`, `top_p`, `stream`,
+//! `text.format` (text, `json_object`, `json_schema`: structured output),
 //! `metadata`, `user` and the neutral values of what it does not do. The
 //! node keeps no responses: `store` is taken as false (and `store: true`
 //! refused), and `previous_response_id` is refused; so are tools and
-//! function-call items, JSON text formats, reasoning, images and files,
-//! and any field this node does not know, each named. A stream is the
+//! function-call items, reasoning, images and files, and any field this
+//! node does not know, each named. A stream is the
 //! event sequence the OpenAI SDKs and Codex parse: `response.created`,
 //! `response.in_progress`, the output item and its text part added, the
 //! `response.output_text.delta`s, the text, part and item done, then
@@ -27,7 +28,7 @@ use hypha_engine::{ChatMessage, Finish, FinishReason};
 
 use crate::api::errors::{ApiError, OpenAiJson};
 use crate::api::generate::{event, new_id, reply, submit, unix_now, Dialect, Events, Started};
-use crate::api::openai::{Checked, EdgePrompt, SamplingFields, Usage};
+use crate::api::openai::{schema_of_format, Checked, EdgePrompt, SamplingFields, Usage};
 use crate::api::state::AppState;
 use crate::inference::convert::{chat_role, check_message_count};
 
@@ -121,7 +122,8 @@ fn check_other(other: &serde_json::Map<String, serde_json::Value>) -> Result<(),
                 "store" | "background" => empty || *v == V::Bool(false),
                 "truncation" => empty || v.as_str() == Some("disabled"),
                 "top_logprobs" => empty || v.as_u64() == Some(0),
-                "text" => neutral_text(v),
+                // Read by `check`.
+                "text" => true,
                 "reasoning" => empty || v.as_object().is_some_and(|o| o.values().all(V::is_null)),
                 _ => false,
             };
@@ -134,7 +136,6 @@ fn check_other(other: &serde_json::Map<String, serde_json::Value>) -> Result<(),
                 "this node keeps no responses: send the whole conversation as input"
             }
             "store" | "background" => "this node keeps no responses",
-            "text" => "only the plain text format is supported by this node yet",
             "reasoning" => "reasoning settings are not supported by this node",
             "include" => "this node has no extra output to include",
             "top_logprobs" => "logprobs are not supported by this node yet",
@@ -146,17 +147,23 @@ fn check_other(other: &serde_json::Map<String, serde_json::Value>) -> Result<(),
     Ok(())
 }
 
-/// True when `text` (the output's format settings) asks for plain text.
-fn neutral_text(v: &serde_json::Value) -> bool {
-    use serde_json::Value as V;
-    match v {
-        V::Null => true,
-        V::Object(o) => o.iter().all(|(k, x)| match k.as_str() {
-            "format" => x.is_null() || x.get("type").and_then(V::as_str) == Some("text"),
-            _ => x.is_null(),
-        }),
-        _ => false,
+/// The JSON schema `text` (the output's settings) asks for: its `format`
+/// (text, `json_object`, or `json_schema` with the schema beside `type`);
+/// any other setting of it is refused.
+fn schema_of_text(v: Option<&serde_json::Value>) -> Result<Option<String>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let Some(o) = v.as_object() else {
+        return Err(unsupported("text", "it must be an object"));
+    };
+    if let Some((k, _)) = o.iter().find(|(k, x)| *k != "format" && !x.is_null()) {
+        return Err(unsupported(
+            "text",
+            &format!("the setting `{k}` is not supported by this node"),
+        ));
     }
+    schema_of_format(o.get("format"), "text.format", false)
 }
 
 /// The text of a message item's content.
@@ -203,6 +210,7 @@ impl ResponsesRequest {
 
     fn check(&self, fields: &SamplingFields) -> Result<Checked, ApiError> {
         check_other(&self.other)?;
+        let json_schema = schema_of_text(self.other.get("text"))?;
         let stops = fields.check().map_err(ApiError::invalid)?;
         let mut chat = Vec::new();
         if let Some(i) = &self.instructions {
@@ -227,6 +235,7 @@ impl ResponsesRequest {
         Ok(Checked {
             prompt: EdgePrompt::Chat(chat),
             stops,
+            json_schema,
         })
     }
 }
@@ -304,6 +313,11 @@ pub(crate) async fn responses(
                 "model": req.model,
                 "temperature": fields.sampling().temperature,
                 "top_p": fields.sampling().top_p,
+                "text": {"format": req.other.get("text")
+                    .and_then(|t| t.get("format"))
+                    .filter(|f| !f.is_null())
+                    .cloned()
+                    .unwrap_or_else(|| json!({"type": "text"}))},
             }),
         };
         Ok(Started {

@@ -101,11 +101,14 @@ impl AppState {
         if let Some(peers) = &self.peers {
             return Ok(Route::Remote(peers));
         }
-        let serves = self.local.as_ref().map(|l| l.model_id.as_str());
+        let serves = match &self.local {
+            Some(l) => format!("it serves {:?}", l.model_id),
+            None => "it serves no model and has no peers".to_owned(),
+        };
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("the model {model:?} does not exist on this node; it serves {serves:?}"),
+            format!("the model {model:?} does not exist on this node; {serves}"),
         )
         .code("model_not_found")
         .param("model"))

@@ -1,5 +1,6 @@
 //! Between the edges and the engine: the one request validator the HTTP
-//! edge and a seeder share (stop strings, message count, roles), a peer's
+//! edge and a seeder share (stop strings, message count, roles, and the
+//! JSON schema of structured output, in `schema`), a peer's
 //! request checked and turned into what is to be tokenized (see
 //! [`crate::inference::prep`]), engine errors as replies, sampling settings
 //! both ways.
@@ -8,6 +9,7 @@ use hypha_engine::{ChatMessage, GenerateRequest, SamplingParams};
 use hypha_wire::{ErrorReply, InferenceRequest, Refusal};
 
 use crate::inference::prep::Input;
+use crate::inference::schema::grammar_for;
 use crate::inference::RequestId;
 
 /// At most this many stop strings, as OpenAI allows.
@@ -89,6 +91,10 @@ pub fn prepare(
             "max_tokens must be at least 1".into(),
         ));
     }
+    let grammar = match &req.json_schema {
+        None => None,
+        Some(s) => Some(grammar_for(s).map_err(|m| bad(Refusal::BadRequest, m))?),
+    };
     let input = match &req.prompt {
         hypha_wire::Prompt::Chat(messages) => {
             check_message_count(messages.len()).map_err(|m| bad(Refusal::BadRequest, m))?;
@@ -113,6 +119,7 @@ pub fn prepare(
             sampling,
             max_tokens: req.max_tokens,
             stop: req.stop.clone(),
+            grammar,
             priority: 0,
             preemptible: false,
         },

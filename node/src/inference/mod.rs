@@ -8,6 +8,7 @@ pub mod receipts;
 pub mod remote;
 pub mod reply;
 pub mod route;
+pub mod schema;
 pub mod serve;
 
 /// A request's id as its consumer numbered it: unique among that

@@ -133,8 +133,8 @@ def test_unhonoured_fields_are_refused_by_name(client, model):
     assert e.value.param == "tools"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
-            model=model, messages=Q, max_tokens=4, response_format={"type": "json_object"})
-    assert e.value.param == "response_format"
+            model=model, messages=Q, max_tokens=4, logit_bias={"50256": -100})
+    assert e.value.param == "logit_bias"
     # Fields that change nothing are served.
     r = client.chat.completions.create(
         model=model, messages=Q, temperature=0, max_tokens=4, user="u-1", metadata={"run": "7"})
