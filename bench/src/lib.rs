@@ -39,6 +39,10 @@ pub struct BenchConfig {
     pub requests: u32,
     /// Levels run in order, each to completion before the next.
     pub concurrency: Vec<u32>,
+    /// Sent as the requests' `response_format` (structured output).
+    pub response_format: Option<Value>,
+    /// Names the variant in reports (`plain`, `json_schema`).
+    pub label: String,
 }
 
 /// One request's measurements.
@@ -54,6 +58,8 @@ pub struct Sample {
 /// Results for one concurrency level.
 #[derive(Debug, Clone)]
 pub struct LevelReport {
+    /// The configuration's label.
+    pub variant: String,
     pub concurrency: u32,
     pub ok: u32,
     pub failed: u32,
@@ -87,7 +93,7 @@ pub async fn one_request(
     client: &reqwest::Client,
     cfg: &BenchConfig,
 ) -> Result<Sample, BenchError> {
-    let body = json!({
+    let mut body = json!({
         "model": cfg.model,
         "messages": [{"role": "user", "content": cfg.prompt}],
         "max_tokens": cfg.max_tokens,
@@ -95,6 +101,9 @@ pub async fn one_request(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    if let Some(f) = &cfg.response_format {
+        body["response_format"] = f.clone();
+    }
     let mut req = client
         .post(format!("{}/v1/chat/completions", base(&cfg.url)))
         .json(&body);
@@ -206,6 +215,7 @@ pub async fn run_level(
         v.sort_by(f64::total_cmp);
     }
     LevelReport {
+        variant: cfg.label.clone(),
         concurrency,
         ok,
         failed,
@@ -249,11 +259,12 @@ pub async fn first_model(client: &reqwest::Client, url: &str) -> Result<String, 
 /// A table of reports, one line per level.
 pub fn format_table(reports: &[LevelReport]) -> String {
     let mut s = String::from(
-        "conc   ok fail  ttft_p50_ms ttft_p90_ms  itl_p50_ms itl_p90_ms  stream_tok/s  agg_tok/s\n",
+        "variant       conc   ok fail  ttft_p50_ms ttft_p90_ms  itl_p50_ms itl_p90_ms  stream_tok/s  agg_tok/s\n",
     );
     for r in reports {
         s.push_str(&format!(
-            "{:>4} {:>4} {:>4} {:>12.1} {:>11.1} {:>11.1} {:>10.1} {:>13.1} {:>10.1}\n",
+            "{:<12} {:>5} {:>4} {:>4} {:>12.1} {:>11.1} {:>11.1} {:>10.1} {:>13.1} {:>10.1}\n",
+            r.variant,
             r.concurrency,
             r.ok,
             r.failed,

@@ -114,6 +114,14 @@ struct BenchArgs {
         default_value = "Write a short story about a lighthouse keeper who finds a message in a bottle."
     )]
     prompt: String,
+    /// A JSON schema file: each level then runs plain chat and chat with
+    /// this schema as `response_format`, alternately, `--rounds` times.
+    #[arg(long)]
+    json_schema: Option<PathBuf>,
+    /// Alternations of plain and schema runs per level (with
+    /// --json-schema).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
 }
 
 #[derive(clap::Args)]
@@ -417,12 +425,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_tokens: a.max_tokens,
                 requests: a.requests,
                 concurrency: a.concurrency,
+                response_format: None,
+                label: "plain".into(),
             };
             println!(
                 "hypha bench: {} model {} ({} requests per level, {} max tokens, greedy)",
                 cfg.url, cfg.model, cfg.requests, cfg.max_tokens
             );
-            let reports = hypha_bench::run(&client, &cfg).await;
+            let Some(path) = a.json_schema else {
+                let reports = hypha_bench::run(&client, &cfg).await;
+                print!("{}", hypha_bench::format_table(&reports));
+                return Ok(());
+            };
+            let schema: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+            let with_schema = hypha_bench::BenchConfig {
+                response_format: Some(serde_json::json!({"type": "json_schema",
+                    "json_schema": {"name": "bench", "strict": true, "schema": schema}})),
+                label: "json_schema".into(),
+                ..cfg.clone()
+            };
+            let mut reports = Vec::new();
+            for &c in &cfg.concurrency {
+                for _ in 0..a.rounds.max(1) {
+                    reports.push(hypha_bench::run_level(&client, &cfg, c).await);
+                    reports.push(hypha_bench::run_level(&client, &with_schema, c).await);
+                }
+            }
             print!("{}", hypha_bench::format_table(&reports));
             Ok(())
         }
