@@ -889,6 +889,41 @@ impl Sampler {
         Ok(())
     }
 
+    /// The log-probability of `tok` among the logits at batch index `idx`,
+    /// and the `top` likeliest tokens with theirs (most likely first).
+    pub fn logprobs(
+        ctx: &Context,
+        idx: i32,
+        n_vocab: i32,
+        tok: Token,
+        top: usize,
+    ) -> Option<(f32, Vec<(Token, f32)>)> {
+        // SAFETY: as in `sample`: a row of `n_vocab` floats, valid until
+        // the next decode, which cannot run while `ctx` is borrowed.
+        let logits = unsafe {
+            let p = sys::llama_get_logits_ith(ctx.ptr.as_ptr(), idx);
+            if p.is_null() || n_vocab <= 0 {
+                return None;
+            }
+            std::slice::from_raw_parts(p, n_vocab as usize)
+        };
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        let lse = max + sum.ln();
+        // The `top` largest, kept sorted, largest first.
+        let mut best: Vec<(Token, f32)> = Vec::with_capacity(top + 1);
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() == top && best.last().is_none_or(|&(_, b)| l <= b) {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (i as Token, l));
+            best.truncate(top);
+        }
+        let lp = logits.get(usize::try_from(tok).ok()?)? - lse;
+        Some((lp, best.into_iter().map(|(t, l)| (t, l - lse)).collect()))
+    }
+
     /// Samples from the logits at batch index `idx` and accepts the token.
     ///
     /// With a grammar, as llama.cpp's own server does: the chain picks a

@@ -314,6 +314,9 @@ pub struct GenerateRequest {
     /// A GBNF grammar (root rule `root`) every generated text stays within
     /// (see [`json_schema_to_grammar`]); `None` for free text.
     pub grammar: Option<String>,
+    /// Report each token's log-probability and those of this many of the
+    /// likeliest tokens (at most [`MAX_TOP_LOGPROBS`]); `None`: none.
+    pub logprobs: Option<u8>,
     /// Waiting requests are admitted highest priority first, in arrival
     /// order among equals (all that are not preemptible before any that
     /// is).
@@ -353,6 +356,23 @@ pub struct Finish {
     pub stop_sequence: Option<usize>,
 }
 
+/// Most alternatives a request may ask the log-probabilities of, per
+/// token (OpenAI's `top_logprobs` allows 20).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// The log-probability of one generated token under the model (its raw
+/// distribution, before any sampling setting), and of the most likely
+/// tokens at its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's bytes (a piece may be part of a character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// The most likely tokens, most likely first: their bytes and
+    /// log-probabilities.
+    pub top: Vec<(Vec<u8>, f32)>,
+}
+
 /// What a running generation streams.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -361,7 +381,12 @@ pub enum Event {
     /// string (held text comes out with a later token or with `Done`), and
     /// is empty for the end-of-generation token, which is reported too: the
     /// `Token` events of a generation number `completion_tokens`.
-    Token { id: Token, text: String },
+    /// `logprob` is there when the request asked for logprobs.
+    Token {
+        id: Token,
+        text: String,
+        logprob: Option<Box<TokenLogprob>>,
+    },
     /// The generation ended; `text` is any held text released at the end.
     Done { text: String, finish: Finish },
     /// The generation failed.
@@ -590,6 +615,11 @@ impl Engine {
             return Err(Error::InvalidRequest(
                 "max_tokens must be at least 1".into(),
             ));
+        }
+        if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::InvalidRequest(format!(
+                "at most {MAX_TOP_LOGPROBS} top logprobs per token"
+            )));
         }
         let n_vocab = self.inner.model.n_vocab();
         if req.prompt.iter().any(|&t| t < 0 || t >= n_vocab) {

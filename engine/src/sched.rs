@@ -30,7 +30,8 @@ use tokio::sync::mpsc::Sender;
 use crate::ffi::{Batch, Context, Model, Sampler, Token};
 use crate::text::{StopMatcher, StopScan, Utf8Buf};
 use crate::{
-    EngineStats, Error, Event, Finish, FinishReason, GenerateRequest, MIN_SHARED_PREFIX_TOKENS,
+    EngineStats, Error, Event, Finish, FinishReason, GenerateRequest, TokenLogprob,
+    MIN_SHARED_PREFIX_TOKENS,
 };
 
 pub struct Job {
@@ -62,6 +63,8 @@ struct Slot {
     sampler: Sampler,
     utf8: Utf8Buf,
     stop: StopMatcher,
+    /// Top logprobs asked for per token, if any.
+    logprobs: Option<u8>,
     tx: Sender<Event>,
     /// Batch index of this slot's logits in the current step.
     logits_at: Option<i32>,
@@ -297,6 +300,7 @@ impl Scheduler {
                 sampler,
                 utf8: Utf8Buf::default(),
                 stop: StopMatcher::new(&job.req.stop),
+                logprobs: job.req.logprobs,
                 tx: job.tx,
                 logits_at: None,
                 job_id: self.next_job_id,
@@ -475,8 +479,23 @@ impl Scheduler {
     fn sample_slot(&mut self, i: usize) -> Option<Event> {
         let slot = self.slots[i].as_mut()?;
         let at = slot.logits_at.take()?;
-        let tok = slot.sampler.sample(&mut self.ctx, at, self.model.n_vocab());
+        let n_vocab = self.model.n_vocab();
+        let tok = slot.sampler.sample(&mut self.ctx, at, n_vocab);
         slot.generated.push(tok);
+        let model = &self.model;
+        let logprob = slot.logprobs.and_then(|n| {
+            let (lp, top) = Sampler::logprobs(&self.ctx, at, n_vocab, tok, n as usize)?;
+            let bytes = |t: Token| {
+                let mut b = Vec::new();
+                model.piece(t, &mut b);
+                b
+            };
+            Some(Box::new(TokenLogprob {
+                bytes: bytes(tok),
+                logprob: lp,
+                top: top.into_iter().map(|(t, l)| (bytes(t), l)).collect(),
+            }))
+        });
         let prompt_tokens = slot.prompt.len() as u32;
         // Ending without a stop string: release whatever text was held.
         let done = |slot: &mut Slot, reason: FinishReason| {
@@ -502,6 +521,7 @@ impl Scheduler {
             let _ = slot.tx.try_send(Event::Token {
                 id: tok,
                 text: String::new(),
+                logprob,
             });
             return done(slot, FinishReason::Stop);
         }
@@ -513,6 +533,7 @@ impl Scheduler {
                 let _ = slot.tx.try_send(Event::Token {
                     id: tok,
                     text: before,
+                    logprob,
                 });
                 return Some(Event::Done {
                     text: String::new(),
@@ -525,7 +546,11 @@ impl Scheduler {
                 });
             }
             StopScan::Emit(out) => {
-                let _ = slot.tx.try_send(Event::Token { id: tok, text: out });
+                let _ = slot.tx.try_send(Event::Token {
+                    id: tok,
+                    text: out,
+                    logprob,
+                });
             }
         }
         if slot.generated.len() >= slot.max_tokens as usize {

@@ -67,7 +67,7 @@ fn run(e: &Engine, req: GenerateRequest) -> Output {
     let (mut text, mut pieces, mut ids) = (String::new(), Vec::new(), Vec::new());
     loop {
         match g.blocking_next().expect("stream ends with Done") {
-            Event::Token { id, text: t } => {
+            Event::Token { id, text: t, .. } => {
                 ids.push(id);
                 text.push_str(&t);
                 pieces.push(t);
@@ -93,6 +93,7 @@ fn req(prompt: Vec<i32>, max_tokens: u32) -> GenerateRequest {
         max_tokens: Some(max_tokens),
         stop: Vec::new(),
         grammar: None,
+        logprobs: None,
         priority: 0,
         preemptible: false,
     }
@@ -664,4 +665,75 @@ fn devices_are_listed_and_a_missing_gpu_is_a_clear_error() {
         e.info().device
     );
     assert!("quantum".parse::<hypha_engine::DeviceChoice>().is_err());
+}
+
+#[test]
+fn logprobs_are_the_models_and_a_grammar_holds_the_text() {
+    let e = engine(1, 512, 4);
+    let p = chat_prompt(&e, "Name a colour.");
+    // Greedy picks the likeliest token: its logprob is the top one's.
+    let mut g = e
+        .submit(GenerateRequest {
+            logprobs: Some(3),
+            ..req(p.clone(), 6)
+        })
+        .unwrap();
+    let mut n = 0;
+    while let Some(ev) = g.blocking_next() {
+        match ev {
+            Event::Token { logprob, .. } => {
+                let lp = logprob.expect("asked for");
+                assert_eq!(lp.top.len(), 3);
+                assert!(lp.logprob <= 0.0 && lp.logprob.is_finite());
+                assert_eq!(lp.top[0].1, lp.logprob, "{lp:?}");
+                assert_eq!(lp.top[0].0, lp.bytes);
+                assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "{lp:?}");
+                let mass: f32 = lp.top.iter().map(|(_, l)| l.exp()).sum();
+                assert!(mass <= 1.0001, "{mass}");
+                n += 1;
+            }
+            Event::Done { .. } => break,
+            Event::Failed(err) => panic!("{err}"),
+        }
+    }
+    assert_eq!(n, 6);
+    assert!(e
+        .submit(GenerateRequest {
+            logprobs: Some(hypha_engine::MAX_TOP_LOGPROBS + 1),
+            ..req(p.clone(), 2)
+        })
+        .is_err());
+
+    // A grammar keeps sampled text within it, at any temperature.
+    let grammar = hypha_engine::json_schema_to_grammar(
+        r#"{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"],"additionalProperties":false}"#,
+    )
+    .unwrap();
+    for seed in 0..3 {
+        let out = run(
+            &e,
+            GenerateRequest {
+                grammar: Some(grammar.clone()),
+                sampling: SamplingParams {
+                    temperature: 1.5,
+                    seed: Some(seed),
+                    ..SamplingParams::default()
+                },
+                ..req(p.clone(), 64)
+            },
+        );
+        assert_eq!(out.finish.reason, FinishReason::Stop, "{}", out.text);
+        let compact: String = out.text.split_whitespace().collect();
+        let digits = compact
+            .strip_prefix("{\"n\":")
+            .and_then(|r| r.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("{}", out.text));
+        let digits = digits.strip_prefix('-').unwrap_or(digits);
+        assert!(
+            !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+            "{}",
+            out.text
+        );
+    }
+    assert!(hypha_engine::json_schema_to_grammar("{").is_err());
 }

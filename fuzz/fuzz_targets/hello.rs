@@ -77,6 +77,7 @@ fn offer(u: &mut Unstructured) -> Result<Offer> {
         capabilities: u.arbitrary()?,
         models,
         model_sha256: [u.arbitrary::<u8>()?; 32],
+        context_length: u.arbitrary()?,
         price_prompt_micro: u.arbitrary()?,
         price_completion_micro: u.arbitrary()?,
     })

@@ -14,9 +14,11 @@
 //!   limits, and its sampling settings are ones the engine takes.
 //! - What the edge lets through, a seeder lets through: the request a
 //!   consumer builds from it crosses the wire unchanged and the seeder's
-//!   own checks (`prepare`) take it, with the same prompt, stops, sampling
-//!   and `max_tokens`. A request that passes the edge is never refused
-//!   as malformed by a seeder.
+//!   own checks (`prepare`) take it, with the same prompt, stops, sampling,
+//!   `max_tokens` and logprobs, and a grammar exactly when it carries a
+//!   JSON schema (bodies carry response formats with schemas built from
+//!   the input, which llama.cpp's converter then runs on). A request that
+//!   passes the edge is never refused as malformed by a seeder.
 #![no_main]
 
 use hypha_node::api::errors::{decode_body, ApiError};
@@ -58,7 +60,11 @@ fn body(chat: bool, bytes: &[u8]) {
     match result {
         Err(e) => refused(&e),
         Ok((model, checked, fields)) => {
-            let Checked { prompt, stops } = checked;
+            let Checked {
+                prompt,
+                stops,
+                json_schema,
+            } = checked;
             assert!(stops.len() <= MAX_STOP_STRINGS);
             assert!(stops.iter().all(|s| s.len() <= MAX_STOP_BYTES));
             assert!(fields.sampling().validate().is_ok());
@@ -74,7 +80,14 @@ fn body(chat: bool, bytes: &[u8]) {
                     return;
                 }
             };
-            let req = hypha_node::api::openai::wire_request(9, &model, wire, stops, &fields);
+            let req = hypha_node::api::openai::wire_request(
+                9,
+                &model,
+                wire,
+                stops,
+                json_schema.clone(),
+                &fields,
+            );
             let mut encoder = FrameEncoder::new();
             let Ok(frame) = encoder.encode(&Message::Request(req.clone())) else {
                 // Larger than a frame: the consumer's send fails with an error.
@@ -91,6 +104,9 @@ fn body(chat: bool, bytes: &[u8]) {
             };
             assert_eq!(generate.stop, got.stop);
             assert_eq!(generate.max_tokens, got.max_tokens);
+            // A schema the edge took, the seeder turns into a grammar.
+            assert_eq!(generate.grammar.is_some(), json_schema.is_some());
+            assert_eq!(generate.logprobs, fields.logprobs().unwrap());
             assert_eq!(generate.sampling, fields.sampling());
             assert_eq!(sampling_from_wire(&got.sampling), fields.sampling());
             match (input, prompt) {
@@ -115,6 +131,33 @@ fn refused(e: &ApiError) {
     assert!(err.get("param").is_some() && err.get("code").is_some());
     // It serializes (what the client receives).
     serde_json::to_vec(&body).expect("an error body serializes");
+}
+
+/// A JSON schema of keywords the node enforces, ones it refuses, and
+/// values of any shape in their places.
+fn schema(u: &mut Unstructured, depth: u32) -> Result<Value> {
+    if depth >= MAX_DEPTH {
+        return Ok(json!({"type": *u.choose(&["string", "integer", "number", "boolean", "null"])?}));
+    }
+    Ok(match u.int_in_range(0..=7)? {
+        0 => json!({"type": "object", "properties": {"a": schema(u, depth + 1)?, "b": schema(u, depth + 1)?},
+                    "required": ["a"], "additionalProperties": u.arbitrary::<bool>()?}),
+        1 => json!({"type": "array", "items": schema(u, depth + 1)?,
+                    "minItems": number(u)?, "maxItems": number(u)?}),
+        2 => json!({"type": "string", "maxLength": number(u)?,
+                    "format": *u.choose(&["date", "time", "date-time", "uuid", "email"])?}),
+        3 => json!({"type": "integer", "minimum": number(u)?, "maximum": number(u)?}),
+        4 => json!({"anyOf": [schema(u, depth + 1)?, schema(u, depth + 1)?]}),
+        5 => json!({"enum": [value(u, 2)?, value(u, 2)?], "type": value(u, 2)?}),
+        6 => json!({"$ref": "#/$defs/x", "$defs": {"x": schema(u, depth + 1)?}}),
+        _ => {
+            let mut s = schema(u, depth + 1)?;
+            if let Some(o) = s.as_object_mut() {
+                o.insert(u.arbitrary()?, value(u, 2)?);
+            }
+            s
+        }
+    })
 }
 
 /// A JSON value of any shape.
@@ -239,6 +282,25 @@ fn built(u: &mut Unstructured) -> Result<Value> {
             };
             m.insert(field.into(), v);
         }
+    }
+    if u.ratio(1, 4)? {
+        m.insert("top_logprobs".into(), number(u)?);
+    }
+    if u.ratio(1, 4)? {
+        // Structured output: a small schema built from the input, or any
+        // value where the format or its schema goes.
+        let schema = if u.arbitrary()? {
+            schema(u, 0)?
+        } else {
+            value(u, 2)?
+        };
+        let format = match u.int_in_range(0..=3)? {
+            0 => json!({"type": "json_object"}),
+            1 => json!({"type": "text"}),
+            2 => json!({"type": "json_schema", "json_schema": {"name": "f", "schema": schema}}),
+            _ => value(u, 2)?,
+        };
+        m.insert("response_format".into(), format);
     }
     if u.ratio(1, 8)? {
         m.insert(

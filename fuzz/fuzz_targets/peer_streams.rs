@@ -274,6 +274,7 @@ fn request(u: &mut Unstructured) -> Result<InferenceRequest> {
             1 => Some(u.arbitrary()?),
             _ => None,
         },
+        logprobs: u.arbitrary()?,
         max_credits: u.arbitrary()?,
     })
 }

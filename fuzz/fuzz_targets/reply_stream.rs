@@ -67,6 +67,9 @@ struct Seeder {
     offer_due: bool,
     prompt_tokens: u32,
     text: String,
+    /// The top logprobs the request asked for, which an honest seeder
+    /// sends with every token.
+    logprobs: Option<u8>,
 }
 
 impl Seeder {
@@ -116,11 +119,29 @@ impl Seeder {
             self.text.push_str(&text);
             let seq = self.seq;
             self.seq += 1;
+            let logprobs = match self.logprobs {
+                None => Vec::new(),
+                Some(top) => {
+                    let entry = hypha_wire::TokenLogprob {
+                        bytes: b"x".to_vec(),
+                        logprob: -0.5,
+                        top: vec![
+                            hypha_wire::TopLogprob {
+                                bytes: b"x".to_vec(),
+                                logprob: -0.5,
+                            };
+                            usize::from(top)
+                        ],
+                    };
+                    vec![entry; n]
+                }
+            };
             return Ok(Some(Message::Chunk(TokenChunk {
                 request_id: REQUEST,
                 seq,
                 token_ids,
                 text,
+                logprobs,
             })));
         }
         if !self.done {
@@ -193,6 +214,11 @@ fn run(u: &mut Unstructured) -> Result<()> {
         offer_due: false,
         prompt_tokens,
         text: String::new(),
+        logprobs: if u.arbitrary()? {
+            Some(u.int_in_range(0..=3)?)
+        } else {
+            None
+        },
     };
     // A cap, when there is one, that the honest answer fits.
     let cap = if u.ratio(1, 4)? {
@@ -219,6 +245,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         max_tokens,
         textless,
         stops: u.int_in_range(0..=4)?,
+        logprobs: seeder.logprobs,
     };
     let mut check = ReplyCheck::new(RequestId(REQUEST), bounds, consumer_receipts);
     // The consumer's own record of what it took.
@@ -273,11 +300,24 @@ fn run(u: &mut Unstructured) -> Result<()> {
         }
         assert_eq!(check.tokens(), digest.count());
         if check.tokens() != before {
-            assert!(matches!(step, Step::Token(_)));
+            assert!(matches!(step, Step::Token(..)));
         }
         match step {
             Step::Nothing => {}
-            Step::Token(t) => client_text.push_str(&t),
+            Step::Token(t, logprobs) => {
+                // What reaches the client keeps to the request's bounds.
+                match bounds.logprobs {
+                    None => assert!(logprobs.is_empty()),
+                    Some(top) => {
+                        assert_eq!(logprobs.len() as u32, check.tokens() - before);
+                        for lp in &logprobs {
+                            assert!(lp.logprob.is_finite() && lp.top.len() <= usize::from(top));
+                            assert!(lp.bytes.len() <= MAX_TOKEN_TEXT_BYTES);
+                        }
+                    }
+                }
+                client_text.push_str(&t);
+            }
             Step::Countersign {
                 countersign,
                 finished: f,
@@ -418,6 +458,27 @@ fn lie_frame(
                     t = "x".repeat(u.int_in_range(0..=2 * MAX_TOKEN_TEXT_BYTES)?);
                 }
                 t
+            },
+            // Logprobs of any count, size and value, asked for or not.
+            logprobs: if u.ratio(1, 4)? {
+                let mut v = Vec::new();
+                for _ in 0..u.int_in_range(0..=4)? {
+                    let mut top = Vec::new();
+                    for _ in 0..u.int_in_range(0..=4)? {
+                        top.push(hypha_wire::TopLogprob {
+                            bytes: u.arbitrary()?,
+                            logprob: u.arbitrary()?,
+                        });
+                    }
+                    v.push(hypha_wire::TokenLogprob {
+                        bytes: u.arbitrary()?,
+                        logprob: u.arbitrary()?,
+                        top,
+                    });
+                }
+                v
+            } else {
+                Vec::new()
             },
         }),
         4 => Message::Done(Done {

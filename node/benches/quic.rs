@@ -55,6 +55,7 @@ async fn answer(send: quinn::SendStream, recv: quinn::RecvStream) {
         seq: 0,
         token_ids: vec![0],
         text: String::with_capacity(16),
+        logprobs: Vec::new(),
     });
     for seq in 0..n {
         if let Message::Chunk(c) = &mut chunk {

@@ -411,9 +411,9 @@ async fn fields_the_node_does_not_honour_are_refused_by_name() {
         ("tools", json!({"tools": tool})),
         ("tool_choice", json!({"tool_choice": "required"})),
         ("logit_bias", json!({"logit_bias": {"50256": -100}})),
-        ("top_logprobs", json!({"top_logprobs": 3})),
         ("store", json!({"store": true})),
         ("frobnicate", json!({"frobnicate": 1})),
+        ("n", json!({"n": 2})),
     ];
     for (field, extra) in refused {
         let (s, v) = post(&c, &n, "/v1/chat/completions", with(extra).into()).await;

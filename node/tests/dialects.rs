@@ -443,10 +443,8 @@ async fn responses_api_refuses_what_it_does_not_serve() {
             "tools",
         ),
         (json!({"tool_choice": "required"}), "tool_choice"),
-        (
-            json!({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}),
-            "text",
-        ),
+        (json!({"text": {"verbosity": "low"}}), "text"),
+        (json!({"top_logprobs": 2}), "top_logprobs"),
         (json!({"reasoning": {"effort": "high"}}), "reasoning"),
         (json!({"frobnicate": 1}), "frobnicate"),
         (
@@ -497,6 +495,10 @@ async fn models_carry_context_length_and_capabilities() {
             .unwrap_or_else(|| panic!("{v}"))
             .clone();
         assert_eq!(m["context_length"], 512, "{base}: {m}");
-        assert_eq!(m["capabilities"], json!(["chat", "completion"]), "{m}");
+        assert_eq!(
+            m["capabilities"],
+            json!(["chat", "completion", "structured_output"]),
+            "{m}"
+        );
     }
 }

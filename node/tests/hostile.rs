@@ -155,6 +155,7 @@ async fn protocol_violations_disconnect_the_peer_and_nothing_else() {
         seq: 0,
         token_ids: vec![1],
         text: "x".into(),
+        logprobs: Vec::new(),
     });
     let _r = raw_stream(&conn, enc.encode(&chunk).unwrap(), false).await;
     let why = closed_reason(&conn).await;
@@ -368,6 +369,7 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                             seq,
                             token_ids: vec![1],
                             text: "ok".into(),
+                            logprobs: Vec::new(),
                         })
                     };
                     match mode {
@@ -385,6 +387,7 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                                     seq,
                                     token_ids: vec![1],
                                     text: String::new(),
+                                    logprobs: Vec::new(),
                                 });
                                 if send.send(&empty).await.is_err() {
                                     break;
@@ -405,6 +408,7 @@ async fn fake_seeder(mode: Fake) -> (hypha_node::net::addr::PeerAddr, tokio::tas
                                     seq: 0,
                                     token_ids: vec![1],
                                     text: "x".repeat(100_000),
+                                    logprobs: Vec::new(),
                                 }))
                                 .await;
                         }

@@ -10,6 +10,7 @@ fn chunk() -> Message {
         seq: 42,
         token_ids: vec![1337],
         text: " lighthouse".to_owned(),
+        logprobs: Vec::new(),
     })
 }
 

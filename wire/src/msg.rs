@@ -137,6 +137,9 @@ pub struct InferenceRequest {
     /// JSON value valid against (`{"type":"object"}` for any object);
     /// `None` for free text.
     pub json_schema: Option<String>,
+    /// Report each token's log-probability and those of this many of the
+    /// likeliest tokens; `None`: none.
+    pub logprobs: Option<u8>,
     /// Micro-credits the consumer pays for this request at most: the
     /// seeder refuses a prompt that costs more and stops generating
     /// before the tokens would.
@@ -152,6 +155,26 @@ pub struct TokenChunk {
     pub seq: u32,
     pub token_ids: Vec<i32>,
     pub text: String,
+    /// One per token when the request asked for logprobs, else none.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A generated token's log-probability under the model, and the likeliest
+/// tokens at its place, most likely first.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct TokenLogprob {
+    /// The token's bytes (a piece may be part of a character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct TopLogprob {
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

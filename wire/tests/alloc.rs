@@ -18,6 +18,7 @@ fn token_chunks_encode_and_decode_without_allocating() {
         seq: 0,
         token_ids: Vec::with_capacity(4),
         text: String::with_capacity(64),
+        logprobs: Vec::new(),
     });
     let words = [
         " the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog.",

@@ -39,6 +39,7 @@ fn samples() -> Vec<Message> {
             stop: vec!["\n\n".into()],
             max_tokens: Some(64),
             json_schema: Some(r#"{"type":"object"}"#.into()),
+            logprobs: Some(2),
             max_credits: Some(5_000),
         }),
         Message::Chunk(TokenChunk {
@@ -46,6 +47,14 @@ fn samples() -> Vec<Message> {
             seq: 0,
             token_ids: vec![1, 2, 3],
             text: "abc".into(),
+            logprobs: vec![hypha_wire::TokenLogprob {
+                bytes: b"abc".to_vec(),
+                logprob: -0.5,
+                top: vec![hypha_wire::TopLogprob {
+                    bytes: b"abc".to_vec(),
+                    logprob: -0.5,
+                }],
+            }],
         }),
         Message::Done(Done {
             request_id: 1,
@@ -198,7 +207,7 @@ proptest! {
     fn chunks_round_trip(id in any::<u64>(), seq in any::<u32>(),
                          ids in proptest::collection::vec(any::<i32>(), 0..8),
                          text in ".{0,64}") {
-        let msg = Message::Chunk(TokenChunk { request_id: id, seq, token_ids: ids, text });
+        let msg = Message::Chunk(TokenChunk { request_id: id, seq, token_ids: ids, text, logprobs: Vec::new() });
         let frame = FrameEncoder::new().encode(&msg).unwrap().to_vec();
         prop_assert_eq!(deserialize(decode_frame(&frame).unwrap().0), msg);
     }

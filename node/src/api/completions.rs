@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::response::Response;
 use serde_json::json;
 
-use hypha_engine::{Finish, FinishReason};
+use hypha_engine::{Finish, FinishReason, TokenLogprob};
 
 use crate::api::errors::{ApiError, OpenAiJson};
 use crate::api::generate::{
@@ -50,7 +50,7 @@ pub(crate) async fn completions(
         let checked = req.check()?;
         let job = submit(&st, route, &req.model, checked, &req.fields).await?;
         Ok(Started {
-            dialect: Text(OpenAi::new("cmpl", req.model, &req.fields)),
+            dialect: Text(OpenAi::new("cmpl", req.model, &req.fields), 0),
             job,
             stream: req.fields.stream,
             received,
@@ -66,6 +66,8 @@ struct OpenAi {
     model: String,
     created: u64,
     include_usage: bool,
+    /// The request asked for logprobs.
+    logprobs: bool,
 }
 
 impl OpenAi {
@@ -75,6 +77,7 @@ impl OpenAi {
             model,
             created: unix_now(),
             include_usage: fields.include_usage(),
+            logprobs: fields.logprobs().ok().flatten().is_some(),
         }
     }
 
@@ -108,11 +111,35 @@ impl OpenAi {
     }
 }
 
+/// A token as chat's logprobs show it: its text (lossy where the token is
+/// part of a character), its bytes and its log-probability.
+fn chat_token(bytes: &[u8], logprob: f32) -> serde_json::Value {
+    json!({"token": String::from_utf8_lossy(bytes), "logprob": logprob, "bytes": bytes})
+}
+
+/// Chat's `logprobs` of some tokens: `{"content": [...], "refusal": null}`.
+fn chat_logprobs(logprobs: &[TokenLogprob]) -> serde_json::Value {
+    let content: Vec<serde_json::Value> = logprobs
+        .iter()
+        .map(|lp| {
+            let mut e = chat_token(&lp.bytes, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|(b, l)| chat_token(b, *l)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
 /// `/v1/chat/completions`.
 struct Chat(OpenAi);
 
 impl Chat {
-    fn chunk(&self, delta: serde_json::Value, finish: Option<FinishReason>) -> serde_json::Value {
+    fn chunk(
+        &self,
+        delta: serde_json::Value,
+        logprobs: Option<&[TokenLogprob]>,
+        finish: Option<FinishReason>,
+    ) -> serde_json::Value {
         let o = &self.0;
         json!({
             "id": o.id,
@@ -122,7 +149,7 @@ impl Chat {
             "choices": [{
                 "index": 0,
                 "delta": delta,
-                "logprobs": null,
+                "logprobs": logprobs.map(chat_logprobs),
                 "finish_reason": finish.map(FinishReason::as_str),
             }],
         })
@@ -132,7 +159,13 @@ impl Chat {
 impl Dialect for Chat {
     const METRIC: &'static str = "chat_completions";
 
-    fn body(&self, text: String, finish: &Finish, credits: Option<u64>) -> serde_json::Value {
+    fn body(
+        &self,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+        finish: &Finish,
+        credits: Option<u64>,
+    ) -> serde_json::Value {
         let o = &self.0;
         json!({
             "id": o.id,
@@ -142,7 +175,7 @@ impl Dialect for Chat {
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "logprobs": o.logprobs.then(|| chat_logprobs(&logprobs)),
                 "finish_reason": finish.reason.as_str(),
             }],
             "usage": Usage::new(finish.prompt_tokens, finish.completion_tokens, credits),
@@ -150,17 +183,18 @@ impl Dialect for Chat {
     }
 
     fn opening(&mut self, out: &mut Events) {
-        let c = self.chunk(json!({"role": "assistant", "content": ""}), None);
+        let c = self.chunk(json!({"role": "assistant", "content": ""}), None, None);
         out.push_back(event(None, &c));
     }
 
-    fn text(&mut self, text: &str, out: &mut Events) {
-        let c = self.chunk(json!({"content": text}), None);
+    fn text(&mut self, text: &str, logprobs: &[TokenLogprob], out: &mut Events) {
+        let lp = self.0.logprobs.then_some(logprobs);
+        let c = self.chunk(json!({"content": text}), lp, None);
         out.push_back(event(None, &c));
     }
 
     fn done(&mut self, finish: &Finish, credits: Option<u64>, out: &mut Events) {
-        let last = self.chunk(json!({}), Some(finish.reason));
+        let last = self.chunk(json!({}), None, Some(finish.reason));
         self.0
             .close("chat.completion.chunk", last, finish, credits, out);
     }
@@ -170,11 +204,38 @@ impl Dialect for Chat {
     }
 }
 
-/// `/v1/completions`.
-struct Text(OpenAi);
+/// `/v1/completions`; `offset` counts the characters of the tokens whose
+/// logprobs were sent (their `text_offset`).
+struct Text(OpenAi, usize);
+
+/// Text completions' `logprobs` of some tokens, the first at character
+/// `offset` of the completion; the offset after them.
+fn text_logprobs(logprobs: &[TokenLogprob], mut offset: usize) -> (serde_json::Value, usize) {
+    let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for lp in logprobs {
+        let t = String::from_utf8_lossy(&lp.bytes).into_owned();
+        offsets.push(offset);
+        offset += t.chars().count();
+        tokens.push(t);
+        lps.push(lp.logprob);
+        let top: serde_json::Map<String, serde_json::Value> = lp
+            .top
+            .iter()
+            .map(|(b, l)| (String::from_utf8_lossy(b).into_owned(), json!(l)))
+            .collect();
+        tops.push(top);
+    }
+    let v = json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets});
+    (v, offset)
+}
 
 impl Text {
-    fn chunk(&self, text: &str, finish: Option<FinishReason>) -> serde_json::Value {
+    fn chunk(
+        &self,
+        text: &str,
+        logprobs: Option<serde_json::Value>,
+        finish: Option<FinishReason>,
+    ) -> serde_json::Value {
         let o = &self.0;
         json!({
             "id": o.id,
@@ -184,7 +245,7 @@ impl Text {
             "choices": [{
                 "index": 0,
                 "text": text,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish.map(FinishReason::as_str),
             }],
         })
@@ -194,7 +255,13 @@ impl Text {
 impl Dialect for Text {
     const METRIC: &'static str = "completions";
 
-    fn body(&self, text: String, finish: &Finish, credits: Option<u64>) -> serde_json::Value {
+    fn body(
+        &self,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+        finish: &Finish,
+        credits: Option<u64>,
+    ) -> serde_json::Value {
         let o = &self.0;
         json!({
             "id": o.id,
@@ -204,7 +271,7 @@ impl Dialect for Text {
             "choices": [{
                 "index": 0,
                 "text": text,
-                "logprobs": null,
+                "logprobs": o.logprobs.then(|| text_logprobs(&logprobs, 0).0),
                 "finish_reason": finish.reason.as_str(),
             }],
             "usage": Usage::new(finish.prompt_tokens, finish.completion_tokens, credits),
@@ -213,12 +280,17 @@ impl Dialect for Text {
 
     fn opening(&mut self, _out: &mut Events) {}
 
-    fn text(&mut self, text: &str, out: &mut Events) {
-        out.push_back(event(None, &self.chunk(text, None)));
+    fn text(&mut self, text: &str, logprobs: &[TokenLogprob], out: &mut Events) {
+        let lp = self.0.logprobs.then(|| {
+            let (v, next) = text_logprobs(logprobs, self.1);
+            self.1 = next;
+            v
+        });
+        out.push_back(event(None, &self.chunk(text, lp, None)));
     }
 
     fn done(&mut self, finish: &Finish, credits: Option<u64>, out: &mut Events) {
-        let last = self.chunk("", Some(finish.reason));
+        let last = self.chunk("", None, Some(finish.reason));
         self.0.close("text_completion", last, finish, credits, out);
     }
 

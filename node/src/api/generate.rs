@@ -19,7 +19,7 @@ use axum::Json;
 use futures_util::stream::{self, Stream};
 use serde_json::json;
 
-use hypha_engine::{Engine, Event, Finish, GenerateRequest, Generation};
+use hypha_engine::{Engine, Event, Finish, GenerateRequest, Generation, TokenLogprob};
 use hypha_wire::NodeId;
 
 use crate::api::errors::ApiError;
@@ -73,14 +73,22 @@ pub trait Dialect: Send + 'static {
         e.into_response()
     }
 
-    /// The whole answer as one JSON body.
-    fn body(&self, text: String, finish: &Finish, credits: Option<u64>) -> serde_json::Value;
+    /// The whole answer as one JSON body; `logprobs` has one entry per
+    /// token when the request asked for them.
+    fn body(
+        &self,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+        finish: &Finish,
+        credits: Option<u64>,
+    ) -> serde_json::Value;
 
     /// Events before the first text.
     fn opening(&mut self, out: &mut Events);
 
-    /// Events for more text (never empty).
-    fn text(&mut self, text: &str, out: &mut Events);
+    /// Events for more text, or for tokens' logprobs (one of them is not
+    /// empty; the logprobs only when the request asked for them).
+    fn text(&mut self, text: &str, logprobs: &[TokenLogprob], out: &mut Events);
 
     /// The closing events of a generation that ended.
     fn done(&mut self, finish: &Finish, credits: Option<u64>, out: &mut Events);
@@ -97,7 +105,7 @@ pub enum Job {
 
 /// One event of a job.
 enum Out {
-    Token(String),
+    Token(String, Vec<TokenLogprob>),
     /// Text held to the end, the summary, and the micro-credits charged
     /// (remote requests with a recorded receipt).
     Done(String, Finish, Option<u64>),
@@ -108,12 +116,14 @@ impl Job {
     async fn next(&mut self) -> Option<Out> {
         match self {
             Job::Local(g) => g.next().await.map(|e| match e {
-                Event::Token { text, .. } => Out::Token(text),
+                Event::Token { text, logprob, .. } => {
+                    Out::Token(text, logprob.map(|l| vec![*l]).unwrap_or_default())
+                }
                 Event::Done { text, finish } => Out::Done(text, finish, None),
                 Event::Failed(e) => Out::Failed(e.to_string()),
             }),
             Job::Remote(g) => g.next().await.map(|e| match e {
-                RemoteEvent::Token(text) => Out::Token(text),
+                RemoteEvent::Token(text, logprobs) => Out::Token(text, logprobs),
                 RemoteEvent::Done {
                     text,
                     finish,
@@ -191,6 +201,7 @@ fn submit_local(
         max_tokens: fields.max_tokens(),
         stop,
         grammar,
+        logprobs: fields.logprobs().map_err(ApiError::invalid)?,
         // The node's own users come before the peers it serves.
         priority: i64::MAX,
         preemptible: false,
@@ -291,11 +302,13 @@ async fn collect<D: Dialect>(st: Arc<AppState>, s: Started<D>) -> Result<Respons
     } = s;
     let mut tracker = Tracker::new(st, received);
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     let outcome = loop {
         match job.next().await {
-            Some(Out::Token(t)) => {
+            Some(Out::Token(t, lp)) => {
                 tracker.token();
                 text.push_str(&t);
+                logprobs.extend(lp);
             }
             Some(Out::Done(t, finish, credits)) => {
                 text.push_str(&t);
@@ -310,7 +323,7 @@ async fn collect<D: Dialect>(st: Arc<AppState>, s: Started<D>) -> Result<Respons
         tracker.failed();
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
     })?;
-    let mut resp = Json(dialect.body(text, &finish, credits)).into_response();
+    let mut resp = Json(dialect.body(text, logprobs, &finish, credits)).into_response();
     add_peer_header(&mut resp, job.peer());
     if let Some(c) = credits {
         resp.headers_mut()
@@ -368,16 +381,16 @@ fn sse_events<D: Dialect>(
                     s.dialect.opening(&mut s.pending);
                 }
                 Phase::Running => match s.job.next().await {
-                    Some(Out::Token(text)) => {
+                    Some(Out::Token(text, logprobs)) => {
                         s.tracker.token();
-                        if !text.is_empty() {
-                            s.dialect.text(&text, &mut s.pending);
+                        if !text.is_empty() || !logprobs.is_empty() {
+                            s.dialect.text(&text, &logprobs, &mut s.pending);
                         }
                     }
                     Some(Out::Done(text, finish, credits)) => {
                         s.tracker.finished(&finish);
                         if !text.is_empty() {
-                            s.dialect.text(&text, &mut s.pending);
+                            s.dialect.text(&text, &[], &mut s.pending);
                         }
                         s.dialect.done(&finish, credits, &mut s.pending);
                         s.phase = Phase::Ended;

@@ -24,7 +24,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
-use hypha_engine::{ChatMessage, Finish, FinishReason};
+use hypha_engine::{ChatMessage, Finish, FinishReason, TokenLogprob};
 
 use crate::api::errors::{ApiError, OpenAiJson};
 use crate::api::generate::{event, new_id, reply, submit, Dialect, Events, Started};
@@ -170,7 +170,7 @@ impl MessagesRequest {
     /// The edge's checks: the chat to template and the stop strings.
     fn check(&self, fields: &SamplingFields) -> Result<Checked, ApiError> {
         check_other(&self.other)?;
-        let stops = fields.check().map_err(ApiError::invalid)?;
+        let stops = fields.check()?;
         check_message_count(self.messages.len())
             .map_err(|m| ApiError::invalid(m).param("messages"))?;
         let mut chat = Vec::with_capacity(self.messages.len() + 1);
@@ -279,7 +279,13 @@ impl Dialect for Anthropic {
         e.anthropic_response()
     }
 
-    fn body(&self, text: String, finish: &Finish, credits: Option<u64>) -> serde_json::Value {
+    fn body(
+        &self,
+        text: String,
+        _logprobs: Vec<TokenLogprob>,
+        finish: &Finish,
+        credits: Option<u64>,
+    ) -> serde_json::Value {
         let (reason, sequence) = self.stop(finish);
         json!({
             "id": self.id,
@@ -316,7 +322,7 @@ impl Dialect for Anthropic {
         out.push_back(event(Some("content_block_start"), &block));
     }
 
-    fn text(&mut self, text: &str, out: &mut Events) {
+    fn text(&mut self, text: &str, _logprobs: &[TokenLogprob], out: &mut Events) {
         let delta = json!({
             "type": "content_block_delta",
             "index": 0,

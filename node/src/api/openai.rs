@@ -52,8 +52,10 @@ pub struct SamplingFields {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
+    /// `true` (chat) or how many alternatives (text completions).
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
+    pub top_logprobs: Option<u32>,
     /// Every other field of the request, checked by [`check_other_fields`].
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
@@ -83,7 +85,6 @@ fn neutral(field: &str, v: &serde_json::Value) -> bool {
         "tool_choice" | "function_call" => empty || v.as_str() == Some("none"),
         // Meaningless without tools, which are refused when sent.
         "parallel_tool_calls" => true,
-        "top_logprobs" => empty || v.as_u64() == Some(0),
         "store" => empty || *v == V::Bool(false),
         "modalities" => empty || *v == serde_json::json!(["text"]),
         _ => false,
@@ -108,7 +109,6 @@ pub fn check_other_fields(
             "tools" | "tool_choice" | "functions" | "function_call" => {
                 "tool calling is not supported by this node yet"
             }
-            "top_logprobs" => "logprobs are not supported by this node yet",
             "logit_bias" => "logit_bias is not supported",
             "store" => "this node stores no completions",
             "modalities" => "only text output is supported",
@@ -222,32 +222,63 @@ impl SamplingFields {
             .is_some_and(|o| o.include_usage)
     }
 
-    /// Checks what the engine cannot: fields hypha does not implement.
-    pub fn check(&self) -> Result<Vec<String>, String> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err("only n = 1 is supported".into());
-        }
-        let wants_logprobs = match &self.logprobs {
-            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
-            Some(_) => true,
+    /// The alternatives per token the request asks logprobs of (`Some(0)`:
+    /// the chosen token's alone), or `None`: chat's `logprobs: true` with
+    /// `top_logprobs`, or text completions' `logprobs: N`.
+    pub fn logprobs(&self) -> Result<Option<u8>, String> {
+        use serde_json::Value as V;
+        let max = hypha_engine::MAX_TOP_LOGPROBS;
+        let top = match self.top_logprobs {
+            None => None,
+            Some(n) => Some(
+                u8::try_from(n)
+                    .ok()
+                    .filter(|n| *n <= max)
+                    .ok_or_else(|| format!("top_logprobs may be at most {max}"))?,
+            ),
         };
-        if wants_logprobs {
-            return Err("logprobs are not supported".into());
+        match &self.logprobs {
+            None | Some(V::Null) | Some(V::Bool(false)) => match top {
+                None | Some(0) => Ok(None),
+                Some(_) => Err("top_logprobs needs logprobs: true".into()),
+            },
+            Some(V::Bool(true)) => Ok(Some(top.unwrap_or(0))),
+            Some(V::Number(n)) if top.is_none() => n
+                .as_u64()
+                .and_then(|n| u8::try_from(n).ok())
+                .filter(|n| *n <= max)
+                .map(Some)
+                .ok_or_else(|| format!("logprobs must be a whole number up to {max}")),
+            Some(_) => Err("logprobs must be true or false (with top_logprobs), or a count".into()),
         }
+    }
+
+    /// Checks what the engine cannot: fields hypha does not implement;
+    /// the stop strings.
+    pub fn check(&self) -> Result<Vec<String>, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid(
+                "unsupported parameter `n`: one completion per request; ask again for more",
+            )
+            .param("n")
+            .code("unsupported_parameter"));
+        }
+        self.logprobs()
+            .map_err(|m| ApiError::invalid(m).param("logprobs"))?;
         if self.max_tokens() == Some(0) {
-            return Err("max_tokens must be at least 1".into());
+            return Err(ApiError::invalid("max_tokens must be at least 1").param("max_tokens"));
         }
         match self.sampling().validate() {
             Ok(()) => {}
-            Err(hypha_engine::Error::InvalidRequest(m)) => return Err(m),
-            Err(e) => return Err(e.to_string()),
+            Err(hypha_engine::Error::InvalidRequest(m)) => return Err(ApiError::invalid(m)),
+            Err(e) => return Err(ApiError::invalid(e.to_string())),
         }
         let stops = match &self.stop {
             None => Vec::new(),
             Some(StopField::One(s)) => vec![s.clone()],
             Some(StopField::Many(v)) => v.clone(),
         };
-        check_stops(&stops)?;
+        check_stops(&stops).map_err(|m| ApiError::invalid(m).param("stop"))?;
         Ok(stops)
     }
 }
@@ -389,7 +420,7 @@ impl ChatRequest {
             "response_format",
             true,
         )?;
-        let stops = self.fields.check().map_err(ApiError::invalid)?;
+        let stops = self.fields.check()?;
         let messages = self
             .messages()
             .map_err(|m| ApiError::invalid(m).param("messages"))?;
@@ -410,7 +441,7 @@ impl CompletionRequest {
             "response_format",
             true,
         )?;
-        let stops = self.fields.check().map_err(ApiError::invalid)?;
+        let stops = self.fields.check()?;
         if self.echo {
             return Err(ApiError::invalid("echo is not supported").param("echo"));
         }
@@ -452,6 +483,7 @@ pub fn wire_request(
         stop,
         max_tokens: fields.max_tokens(),
         json_schema,
+        logprobs: fields.logprobs().ok().flatten(),
         // Routing sets this node's own cap.
         max_credits: None,
     }

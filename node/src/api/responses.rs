@@ -24,7 +24,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
-use hypha_engine::{ChatMessage, Finish, FinishReason};
+use hypha_engine::{ChatMessage, Finish, FinishReason, TokenLogprob};
 
 use crate::api::errors::{ApiError, OpenAiJson};
 use crate::api::generate::{event, new_id, reply, submit, unix_now, Dialect, Events, Started};
@@ -211,7 +211,7 @@ impl ResponsesRequest {
     fn check(&self, fields: &SamplingFields) -> Result<Checked, ApiError> {
         check_other(&self.other)?;
         let json_schema = schema_of_text(self.other.get("text"))?;
-        let stops = fields.check().map_err(ApiError::invalid)?;
+        let stops = fields.check()?;
         let mut chat = Vec::new();
         if let Some(i) = &self.instructions {
             chat.push(ChatMessage {
@@ -433,7 +433,13 @@ impl Responses {
 impl Dialect for Responses {
     const METRIC: &'static str = "responses";
 
-    fn body(&self, text: String, finish: &Finish, credits: Option<u64>) -> serde_json::Value {
+    fn body(
+        &self,
+        text: String,
+        _logprobs: Vec<TokenLogprob>,
+        finish: &Finish,
+        credits: Option<u64>,
+    ) -> serde_json::Value {
         self.response(&text, &Status::Done(finish.clone(), credits))
     }
 
@@ -452,7 +458,7 @@ impl Dialect for Responses {
         self.push("response.content_part.added", added, out);
     }
 
-    fn text(&mut self, text: &str, out: &mut Events) {
+    fn text(&mut self, text: &str, _logprobs: &[TokenLogprob], out: &mut Events) {
         self.text.push_str(text);
         let delta = json!({
             "item_id": self.item_id,

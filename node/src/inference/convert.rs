@@ -120,6 +120,7 @@ pub fn prepare(
             max_tokens: req.max_tokens,
             stop: req.stop.clone(),
             grammar,
+            logprobs: req.logprobs,
             priority: 0,
             preemptible: false,
         },
@@ -186,5 +187,18 @@ pub fn sampling_to_wire(s: &SamplingParams) -> hypha_wire::Sampling {
         frequency_penalty: s.frequency_penalty,
         presence_penalty: s.presence_penalty,
         seed: s.seed,
+    }
+}
+
+/// A token's logprobs as a seeder sends them.
+pub fn logprob_to_wire(lp: hypha_engine::TokenLogprob) -> hypha_wire::TokenLogprob {
+    hypha_wire::TokenLogprob {
+        bytes: lp.bytes,
+        logprob: lp.logprob,
+        top: lp
+            .top
+            .into_iter()
+            .map(|(bytes, logprob)| hypha_wire::TopLogprob { bytes, logprob })
+            .collect(),
     }
 }

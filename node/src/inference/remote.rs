@@ -158,7 +158,8 @@ impl SpendLimits {
 /// One event of a remote generation, as the HTTP layer consumes it.
 #[derive(Debug)]
 pub enum RemoteEvent {
-    Token(String),
+    /// Text, and its tokens' logprobs when the request asked for them.
+    Token(String, Vec<hypha_engine::TokenLogprob>),
     Done {
         text: String,
         finish: Finish,
@@ -285,6 +286,7 @@ impl RemoteGeneration {
                         max_tokens: req.max_tokens.unwrap_or(MAX_REMOTE_TOKENS),
                         textless: textless_allowance(&req.stop),
                         stops: u32::try_from(req.stop.len()).unwrap_or(u32::MAX),
+                        logprobs: req.logprobs,
                     },
                     receipts,
                 ),
@@ -404,7 +406,7 @@ impl RemoteGeneration {
             .map_err(failed)?;
         match step {
             Step::Nothing => Ok(None),
-            Step::Token(text) => Ok(Some(RemoteEvent::Token(text))),
+            Step::Token(text, logprobs) => Ok(Some(RemoteEvent::Token(text, logprobs))),
             Step::Countersign {
                 countersign,
                 finished,
@@ -588,7 +590,7 @@ async fn drain(mut d: Drained) {
                         return;
                     }
                 }
-                Ok(Some(Step::Nothing | Step::Token(_))) => {}
+                Ok(Some(Step::Nothing | Step::Token(..))) => {}
                 Ok(Some(Step::Refused(..)) | None) | Err(_) => return,
             }
         }

@@ -19,8 +19,8 @@
 //! holds it to the consumer's cap in credits) before it is countersigned.
 //! A seeder's refusal (`Error`) ends the answer.
 
-use hypha_engine::{Finish, FinishReason};
-use hypha_wire::{ArchivedMessage, Countersign, Refusal};
+use hypha_engine::{Finish, FinishReason, TokenLogprob};
+use hypha_wire::{ArchivedMessage, ArchivedTokenChunk, Countersign, Refusal};
 
 use crate::identity::Identity;
 use crate::inference::receipts::ConsumerReceipts;
@@ -31,6 +31,9 @@ use crate::net::proto::{kind_of, PeerError, Violation};
 /// vocabularies in use (their longest run a few dozen bytes), so a
 /// non-streaming answer collects at most this much per token.
 pub const MAX_TOKEN_TEXT_BYTES: usize = 256;
+
+/// How far above 0 a logprob may round.
+pub const LOGPROB_SLACK: f32 = 1e-3;
 
 /// Tokens an honest answer may carry with no text, beyond those in
 /// stop strings: the end-of-generation token, the three bytes of a
@@ -55,6 +58,10 @@ pub struct Bounds {
     pub textless: u32,
     /// Stop strings of the request: `Done` may name one of them.
     pub stops: u32,
+    /// The top logprobs the request asked for per token: then each chunk
+    /// carries one entry per token with at most this many alternatives;
+    /// `None`, no entries.
+    pub logprobs: Option<u8>,
 }
 
 /// What one frame of the answer means.
@@ -63,8 +70,8 @@ pub enum Step {
     /// Nothing for the client: the request was accepted, or `Done`
     /// arrived and its last receipt is due.
     Nothing,
-    /// Text of the tokens of one chunk.
-    Token(String),
+    /// Text of the tokens of one chunk, and their logprobs when asked for.
+    Token(String, Vec<TokenLogprob>),
     /// A receipt checked and countersigned: send this back. `finished`
     /// when it was the last receipt: the answer is complete.
     Countersign {
@@ -198,11 +205,12 @@ impl ReplyCheck {
                     }
                     .into());
                 }
+                let logprobs = self.check_logprobs(c)?;
                 for t in c.token_ids.iter() {
                     self.receipts.received(t.to_native());
                 }
                 self.next_seq = self.next_seq.wrapping_add(1);
-                Ok(Step::Token(c.text.as_str().to_owned()))
+                Ok(Step::Token(c.text.as_str().to_owned(), logprobs))
             }
             ArchivedMessage::Done(d) => {
                 check_id(d.request_id.to_native())?;
@@ -281,6 +289,50 @@ impl ReplyCheck {
             }
             other => Err(Violation::OnRequestStream(kind_of(other)).into()),
         }
+    }
+
+    /// A chunk's logprobs, held to what the request asked: one entry per
+    /// token, each a log-probability (finite, at most 0) of a token of at
+    /// most [`MAX_TOKEN_TEXT_BYTES`], with as many alternatives at most.
+    fn check_logprobs(&self, c: &ArchivedTokenChunk) -> Result<Vec<TokenLogprob>, PeerError> {
+        let bad = |why: &'static str| PeerError::from(Violation::BadLogprobs(why));
+        let Some(top) = self.bounds.logprobs else {
+            return if c.logprobs.is_empty() {
+                Ok(Vec::new())
+            } else {
+                Err(bad("logprobs the request did not ask for"))
+            };
+        };
+        if c.logprobs.len() != c.token_ids.len() {
+            return Err(bad("not one logprob entry per token"));
+        }
+        // Rounding may put a certain token a hair above 0.
+        let ok = |lp: f32| lp.is_finite() && lp <= LOGPROB_SLACK;
+        let piece = |b: &[u8]| b.len() <= MAX_TOKEN_TEXT_BYTES;
+        let mut out = Vec::with_capacity(c.logprobs.len());
+        for e in c.logprobs.iter() {
+            let lp = e.logprob.to_native();
+            if !ok(lp) || !piece(&e.bytes) {
+                return Err(bad("a token's logprob or bytes out of range"));
+            }
+            if e.top.len() > usize::from(top) {
+                return Err(bad("more alternatives than asked for"));
+            }
+            let mut alts = Vec::with_capacity(e.top.len());
+            for t in e.top.iter() {
+                let l = t.logprob.to_native();
+                if !ok(l) || !piece(&t.bytes) {
+                    return Err(bad("an alternative's logprob or bytes out of range"));
+                }
+                alts.push((t.bytes.to_vec(), l));
+            }
+            out.push(TokenLogprob {
+                bytes: e.bytes.to_vec(),
+                logprob: lp,
+                top: alts,
+            });
+        }
+        Ok(out)
     }
 
     /// Counts `bytes` more of text: no more than the tokens so far carry.

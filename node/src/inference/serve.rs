@@ -23,7 +23,7 @@ use crate::identity::Identity;
 use crate::inference::admission::{
     FreeTier, LedgerJudge, NetworkBalances, Unpaid, FIRST_VIEW_WAIT, UNPAID_SEEDERS_TO_REFUSE,
 };
-use crate::inference::convert::{http_status, prepare, reply_for};
+use crate::inference::convert::{http_status, logprob_to_wire, prepare, reply_for};
 use crate::inference::prep::Preparer;
 use crate::inference::receipts::{within_budget, Due, Party, SeederReceipts, Terms};
 use crate::inference::RequestId;
@@ -612,6 +612,7 @@ async fn stream_generation(
         seq: 0,
         token_ids: Vec::with_capacity(1),
         text: String::with_capacity(32),
+        logprobs: Vec::new(),
     });
     let mut seq = 0u32;
     let mut first_token: Option<std::time::Instant> = None;
@@ -640,13 +641,17 @@ async fn stream_generation(
             e = generation.next() => e,
         };
         match event {
-            Some(Event::Token { id, text }) => {
+            Some(Event::Token { id, text, logprob }) => {
                 if let Message::Chunk(c) = &mut chunk {
                     c.seq = seq;
                     c.token_ids.clear();
                     c.token_ids.push(id);
                     c.text.clear();
                     c.text.push_str(&text);
+                    c.logprobs.clear();
+                    if let Some(lp) = logprob {
+                        c.logprobs.push(logprob_to_wire(*lp));
+                    }
                 }
                 seq = seq.wrapping_add(1);
                 if first_token.is_none() {

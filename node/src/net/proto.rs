@@ -176,6 +176,8 @@ pub enum Violation {
     WrongCount { claimed: u32, got: u32 },
     #[error("done names stop string {index} of a request with {stops}, or with a length finish")]
     WrongStop { index: u32, stops: u32 },
+    #[error("a chunk's logprobs break the request's bounds: {0}")]
+    BadLogprobs(&'static str),
 }
 
 impl From<quinn::ConnectionError> for PeerError {

@@ -328,6 +328,7 @@ pub fn request(id: u64, max_tokens: u32) -> hypha_wire::Message {
         stop: Vec::new(),
         max_tokens: Some(max_tokens),
         json_schema: None,
+        logprobs: None,
         max_credits: None,
     })
 }

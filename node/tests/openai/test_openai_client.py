@@ -139,3 +139,12 @@ def test_unhonoured_fields_are_refused_by_name(client, model):
     r = client.chat.completions.create(
         model=model, messages=Q, temperature=0, max_tokens=4, user="u-1", metadata={"run": "7"})
     assert r.usage.completion_tokens == 4
+
+
+def test_logprobs(client, model):
+    r = client.chat.completions.create(model=model, messages=Q, temperature=0, max_tokens=6,
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
