@@ -13,7 +13,9 @@
 //! which its response holds until it is sent or dropped. Each refusal is
 //! an OpenAI-style JSON error, and none of them reads the body. Only then
 //! is the body read, whole, within its deadline and size cap (408 or 413
-//! otherwise), so the handler never waits on the client.
+//! otherwise; before a 413 the rest of the body is read on and dropped, up
+//! to `MAX_DRAIN_BYTES` or `DRAIN_TIMEOUT`, so that the client is reading
+//! when the answer comes), so the handler never waits on the client.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
+use http_body_util::BodyExt as _;
 use hyper::body::{Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -147,8 +150,26 @@ pub async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
 /// `req` with its body read whole, within `deadline` and
 /// [`MAX_BODY_BYTES`].
 async fn read_body(req: Request, deadline: Duration) -> Result<Request, ApiError> {
-    let (parts, body) = req.into_parts();
-    match tokio::time::timeout(deadline, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+    let (parts, mut body) = req.into_parts();
+    match tokio::time::timeout(deadline, read_capped(&mut body)).await {
+        Ok(Err(ReadError::TooLarge)) => {
+            // Read on (and drop) what the client is still sending, within
+            // bounds, so that it is reading when the 413 comes: closing on
+            // unread bytes resets the connection, and the client may lose
+            // the answer.
+            let drain = async {
+                let mut left = MAX_DRAIN_BYTES;
+                while let Some(Ok(frame)) = body.frame().await {
+                    let n = frame.data_ref().map_or(0, Bytes::len);
+                    left = left.saturating_sub(n);
+                    if left == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+            Err(ApiError::too_large())
+        }
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
@@ -158,24 +179,36 @@ async fn read_body(req: Request, deadline: Duration) -> Result<Request, ApiError
             ),
         )
         .code("body_timeout")),
-        Ok(Err(e)) if is_length_limit(&e) => Err(ApiError::too_large()),
-        Ok(Err(e)) => Err(ApiError::invalid(format!(
+        Ok(Err(ReadError::Body(e))) => Err(ApiError::invalid(format!(
             "cannot read the request body: {e}"
         ))),
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
     }
 }
 
-/// True when reading a body stopped at its size cap.
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
+/// Bytes of an oversized body read on (and dropped) before its 413.
+const MAX_DRAIN_BYTES: usize = 4 * MAX_BODY_BYTES;
+/// How long an oversized body is read on before its 413.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+enum ReadError {
+    TooLarge,
+    Body(axum::Error),
+}
+
+/// The body whole, if it is within [`MAX_BODY_BYTES`].
+async fn read_capped(body: &mut Body) -> Result<Bytes, ReadError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ReadError::Body)?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > MAX_BODY_BYTES {
+                return Err(ReadError::TooLarge);
+            }
+            buf.extend_from_slice(data);
         }
-        source = s.source();
     }
-    false
+    Ok(buf.freeze())
 }
 
 /// A response body and the stream permit it holds; every call passes
