@@ -56,6 +56,14 @@ impl ApiError {
         .code("request_too_large")
     }
 
+    /// The refusal of a request field this node does not honour, named:
+    /// a 400 `unsupported_parameter` saying `what`.
+    pub(crate) fn unsupported(field: &str, what: &str) -> Self {
+        Self::invalid(format!("unsupported parameter `{field}`: {what}"))
+            .param(field.to_owned())
+            .code("unsupported_parameter")
+    }
+
     pub(crate) fn param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
         self

@@ -76,13 +76,6 @@ pub struct MessagesRequest {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
-/// The refusal of an unsupported `field`, named.
-fn unsupported(field: &str, what: &str) -> ApiError {
-    ApiError::invalid(format!("unsupported parameter `{field}`: {what}"))
-        .param(field.to_owned())
-        .code("unsupported_parameter")
-}
-
 /// Refuses the first field beyond those read that asks for something this
 /// node does not do.
 fn check_other(other: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
@@ -105,7 +98,7 @@ fn check_other(other: &serde_json::Map<String, serde_json::Value>) -> Result<(),
             "thinking" => "extended thinking is not supported by this node",
             _ => "this field is not known to this node",
         };
-        return Err(unsupported(field, what));
+        return Err(ApiError::unsupported(field, what));
     }
     Ok(())
 }
@@ -121,7 +114,7 @@ fn text_of(content: &Content, at: &str) -> Result<String, ApiError> {
         match b.kind.as_str() {
             "text" => {}
             "tool_use" | "tool_result" | "server_tool_use" => {
-                return Err(unsupported(
+                return Err(ApiError::unsupported(
                     at,
                     &format!(
                         "{} blocks: tool use is not supported by this node yet",
@@ -130,7 +123,7 @@ fn text_of(content: &Content, at: &str) -> Result<String, ApiError> {
                 ))
             }
             other => {
-                return Err(unsupported(
+                return Err(ApiError::unsupported(
                     at,
                     &format!("content blocks of type {other:?} are not supported"),
                 ))
@@ -143,7 +136,7 @@ fn text_of(content: &Content, at: &str) -> Result<String, ApiError> {
             .iter()
             .find(|(f, v)| *f != "cache_control" && !v.is_null())
         {
-            return Err(unsupported(
+            return Err(ApiError::unsupported(
                 at,
                 &format!("the text block field `{field}` is not supported"),
             ));
@@ -198,7 +191,7 @@ impl MessagesRequest {
             });
         }
         if self.messages.last().is_some_and(|m| m.role == "assistant") {
-            return Err(unsupported(
+            return Err(ApiError::unsupported(
                 "messages",
                 "a last assistant message (a prefill to continue) is not supported by this node yet",
             ));

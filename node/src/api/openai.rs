@@ -114,11 +114,7 @@ pub fn check_other_fields(
             "modalities" => "only text output is supported",
             _ => "this field is not known to this node",
         };
-        return Err(
-            ApiError::invalid(format!("unsupported parameter `{field}`: {what}"))
-                .param(field.clone())
-                .code("unsupported_parameter"),
-        );
+        return Err(ApiError::unsupported(field, what));
     }
     Ok(())
 }

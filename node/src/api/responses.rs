@@ -86,12 +86,6 @@ pub struct ResponsesRequest {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
-fn unsupported(field: &str, what: &str) -> ApiError {
-    ApiError::invalid(format!("unsupported parameter `{field}`: {what}"))
-        .param(field.to_owned())
-        .code("unsupported_parameter")
-}
-
 /// Fields that change nothing this node does: labels and hints.
 const INFORMATIONAL: [&str; 6] = [
     "metadata",
@@ -142,7 +136,7 @@ fn check_other(other: &serde_json::Map<String, serde_json::Value>) -> Result<(),
             "truncation" => "only `truncation: disabled` is supported",
             _ => "this field is not known to this node",
         };
-        return Err(unsupported(field, what));
+        return Err(ApiError::unsupported(field, what));
     }
     Ok(())
 }
@@ -155,10 +149,10 @@ fn schema_of_text(v: Option<&serde_json::Value>) -> Result<Option<String>, ApiEr
         return Ok(None);
     };
     let Some(o) = v.as_object() else {
-        return Err(unsupported("text", "it must be an object"));
+        return Err(ApiError::unsupported("text", "it must be an object"));
     };
     if let Some((k, _)) = o.iter().find(|(k, x)| *k != "format" && !x.is_null()) {
-        return Err(unsupported(
+        return Err(ApiError::unsupported(
             "text",
             &format!("the setting `{k}` is not supported by this node"),
         ));
@@ -176,7 +170,7 @@ fn text_of(content: &Option<ItemContent>, at: &str) -> Result<String, ApiError> 
     let mut s = String::new();
     for p in parts {
         if p.kind != "input_text" && p.kind != "output_text" {
-            return Err(unsupported(
+            return Err(ApiError::unsupported(
                 at,
                 &format!("content parts of type {:?} are not supported", p.kind),
             ));
@@ -187,7 +181,7 @@ fn text_of(content: &Option<ItemContent>, at: &str) -> Result<String, ApiError> 
             !(v.is_null() || known && v.as_array().is_some_and(Vec::is_empty))
         });
         if let Some((field, _)) = extra {
-            return Err(unsupported(
+            return Err(ApiError::unsupported(
                 at,
                 &format!("the content part field `{field}` is not supported"),
             ));
@@ -251,13 +245,13 @@ fn message_of(item: &Item, i: usize) -> Result<ChatMessage, ApiError> {
             | "custom_tool_call"
             | "custom_tool_call_output"),
         ) => {
-            return Err(unsupported(
+            return Err(ApiError::unsupported(
                 &at,
                 &format!("{kind} items: tool calling is not supported by this node yet"),
             ))
         }
         Some(kind) => {
-            return Err(unsupported(
+            return Err(ApiError::unsupported(
                 &at,
                 &format!("input items of type {kind:?} are not supported"),
             ))
@@ -279,7 +273,7 @@ fn message_of(item: &Item, i: usize) -> Result<ChatMessage, ApiError> {
         .iter()
         .find(|(f, v)| *f != "id" && *f != "status" && !v.is_null());
     if let Some((field, _)) = extra {
-        return Err(unsupported(
+        return Err(ApiError::unsupported(
             &at,
             &format!("the message field `{field}` is not supported"),
         ));
