@@ -568,6 +568,30 @@ impl Model {
         longest
     }
 
+    /// The text of the end-of-sequence token, as templates write it.
+    pub fn eos_text(&self) -> String {
+        // SAFETY: read-only query on a valid vocab.
+        let eos = unsafe { sys::llama_vocab_eos(self.vocab.as_ptr()) };
+        if eos < 0 || eos >= self.n_vocab() {
+            return String::new();
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: `buf` is writable for its length; a negative answer (a
+        // longer piece) writes nothing and is taken as no text.
+        let n = unsafe {
+            sys::llama_token_to_piece(
+                self.vocab.as_ptr(),
+                eos,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+                0,
+                true,
+            )
+        };
+        let n = usize::try_from(n).unwrap_or(0).min(buf.len());
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
     pub fn is_eog(&self, token: Token) -> bool {
         // SAFETY: read-only query on a valid vocab.
         unsafe { sys::llama_vocab_is_eog(self.vocab.as_ptr(), token) }
@@ -799,32 +823,57 @@ impl Sampler {
         model: &Model,
         spec: &SamplingParams,
         seed: u32,
-        grammar: Option<&str>,
+        grammar: Option<&crate::Grammar>,
     ) -> Result<Self, Error> {
         let n_vocab = model.n_vocab();
-        let grammar = match grammar {
-            None => None,
-            Some(g) => {
-                let text = CString::new(g)
-                    .map_err(|_| Error::InvalidRequest("the grammar holds a NUL byte".into()))?;
-                // SAFETY: the vocab outlives the sampler (the slot holds the
-                // model); both strings are NUL-terminated and alive for the
-                // call; the wrapper catches C++ exceptions and returns null
-                // for a grammar that does not parse.
-                let g = unsafe {
-                    sys::llama_rs_sampler_init_grammar(
-                        model.vocab.as_ptr(),
-                        text.as_ptr(),
-                        c"root".as_ptr(),
-                    )
-                };
-                Some(
-                    NonNull::new(g).ok_or_else(|| {
+        let grammar =
+            match grammar {
+                None => None,
+                Some(g) => {
+                    let nul = |_| Error::InvalidRequest("the grammar holds a NUL byte".into());
+                    let text = CString::new(g.gbnf.as_str()).map_err(nul)?;
+                    let trigger = g
+                        .lazy_trigger
+                        .as_deref()
+                        .map(CString::new)
+                        .transpose()
+                        .map_err(nul)?;
+                    let g = match &trigger {
+                        // SAFETY: the vocab outlives the sampler (the slot holds
+                        // the model); both strings are NUL-terminated and alive
+                        // for the call; the wrapper catches C++ exceptions and
+                        // returns null for a grammar that does not parse.
+                        None => unsafe {
+                            sys::llama_rs_sampler_init_grammar(
+                                model.vocab.as_ptr(),
+                                text.as_ptr(),
+                                c"root".as_ptr(),
+                            )
+                        },
+                        Some(word) => {
+                            let words = [word.as_ptr()];
+                            // SAFETY: as above; `words` holds one pointer to a
+                            // NUL-terminated string alive for the call (the
+                            // wrapper copies it, escaped, into a pattern); no
+                            // trigger tokens (null, count 0).
+                            unsafe {
+                                sys::llama_rs_sampler_init_grammar_lazy(
+                                    model.vocab.as_ptr(),
+                                    text.as_ptr(),
+                                    c"root".as_ptr(),
+                                    words.as_ptr().cast_mut(),
+                                    words.len(),
+                                    std::ptr::null(),
+                                    0,
+                                )
+                            }
+                        }
+                    };
+                    Some(NonNull::new(g).ok_or_else(|| {
                         Error::InvalidRequest("the grammar does not parse".into())
-                    })?,
-                )
-            }
-        };
+                    })?)
+                }
+            };
         // SAFETY: plain struct by value.
         let mut params = unsafe { sys::llama_sampler_chain_default_params() };
         params.no_perf = true;

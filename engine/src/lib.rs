@@ -207,6 +207,9 @@ pub struct ModelInfo {
     pub size_bytes: u64,
     pub description: String,
     pub chat_template: Option<String>,
+    /// The text of the model's end-of-sequence token (templates write it
+    /// after an assistant turn); empty when it has none.
+    pub eos_token: String,
     /// The most prompt bytes one token can stand for (the longest piece in
     /// the vocabulary).
     pub longest_piece: usize,
@@ -311,9 +314,9 @@ pub struct GenerateRequest {
     /// `None`: until an end token, a stop string or the slot's context is full.
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
-    /// A GBNF grammar (root rule `root`) every generated text stays within
+    /// A GBNF grammar (root rule `root`) the generated text stays within
     /// (see [`json_schema_to_grammar`]); `None` for free text.
-    pub grammar: Option<String>,
+    pub grammar: Option<Grammar>,
     /// Report each token's log-probability and those of this many of the
     /// likeliest tokens (at most [`MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u8>,
@@ -324,6 +327,27 @@ pub struct GenerateRequest {
     /// Runs only on idle capacity: stopped (`Error::Preempted`) when a
     /// request that is not preemptible waits and no slot is free.
     pub preemptible: bool,
+}
+
+/// A grammar the sampled text keeps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grammar {
+    /// GBNF, root rule `root`.
+    pub gbnf: String,
+    /// `None`: the whole text keeps to the grammar. `Some(word)`: the text
+    /// is free until `word` appears in it, and from `word` on (`word`
+    /// included) it keeps to the grammar (a tool call's start marker).
+    pub lazy_trigger: Option<String>,
+}
+
+impl Grammar {
+    /// A grammar the whole text keeps to.
+    pub fn whole(gbnf: String) -> Self {
+        Self {
+            gbnf,
+            lazy_trigger: None,
+        }
+    }
 }
 
 /// Why a generation ended.
@@ -510,6 +534,7 @@ impl Engine {
             size_bytes: model.size_bytes(),
             description: model.description(),
             chat_template: model.chat_template(),
+            eos_token: model.eos_text(),
             longest_piece: model.longest_piece(),
             device: placement.described.clone(),
             threads: cfg.threads,

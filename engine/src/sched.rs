@@ -257,7 +257,7 @@ impl Scheduler {
                 &self.model,
                 &job.req.sampling,
                 job.seed,
-                job.req.grammar.as_deref(),
+                job.req.grammar.as_ref(),
             ) {
                 Ok(s) => s,
                 Err(e) => {

@@ -713,7 +713,7 @@ fn logprobs_are_the_models_and_a_grammar_holds_the_text() {
         let out = run(
             &e,
             GenerateRequest {
-                grammar: Some(grammar.clone()),
+                grammar: Some(hypha_engine::Grammar::whole(grammar.clone())),
                 sampling: SamplingParams {
                     temperature: 1.5,
                     seed: Some(seed),
