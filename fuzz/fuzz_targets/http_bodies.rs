@@ -24,8 +24,9 @@
 use hypha_node::api::errors::{decode_body, ApiError};
 use hypha_node::api::openai::{ChatRequest, Checked, CompletionRequest, EdgePrompt};
 use hypha_node::inference::convert::{
-    prepare, sampling_from_wire, MAX_MESSAGES, MAX_STOP_BYTES, MAX_STOP_STRINGS,
+    prepare, sampling_from_wire, Prepared, MAX_MESSAGES, MAX_STOP_BYTES, MAX_STOP_STRINGS,
 };
+use hypha_node::inference::tools::ToolFormat;
 use hypha_node::inference::prep::Input;
 use hypha_wire::{decode_frame, ArchivedMessage, FrameEncoder, Message};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
@@ -64,6 +65,7 @@ fn body(chat: bool, bytes: &[u8]) {
                 prompt,
                 stops,
                 json_schema,
+                tools,
             } = checked;
             assert!(stops.len() <= MAX_STOP_STRINGS);
             assert!(stops.iter().all(|s| s.len() <= MAX_STOP_BYTES));
@@ -86,6 +88,7 @@ fn body(chat: bool, bytes: &[u8]) {
                 wire,
                 stops,
                 json_schema.clone(),
+                tools.as_ref(),
                 &fields,
             );
             let mut encoder = FrameEncoder::new();
@@ -98,19 +101,31 @@ fn body(chat: bool, bytes: &[u8]) {
             };
             let got = hypha_wire::owned_request(r).expect("a request reads back");
             assert_eq!(got, req, "a request crosses the wire unchanged");
-            let (input, generate) = match prepare(&got, &[model.clone()]) {
+            // The default model's template knows no tools: the generic
+            // format, whose grammar holds the whole answer.
+            let prepared = prepare(&got, &[model.clone()], ToolFormat::Generic);
+            let Prepared {
+                input,
+                request: generate,
+                tool_format,
+            } = match prepared {
                 Ok(p) => p,
                 Err(e) => panic!("the edge took a request the seeder refuses: {}", e.message),
             };
+            assert_eq!(tool_format.is_some(), tools.is_some());
             assert_eq!(generate.stop, got.stop);
             assert_eq!(generate.max_tokens, got.max_tokens);
             // A schema the edge took, the seeder turns into a grammar.
-            assert_eq!(generate.grammar.is_some(), json_schema.is_some());
+            assert_eq!(
+                generate.grammar.is_some(),
+                json_schema.is_some() || tools.is_some()
+            );
             assert_eq!(generate.logprobs, fields.logprobs().unwrap());
             assert_eq!(generate.sampling, fields.sampling());
             assert_eq!(sampling_from_wire(&got.sampling), fields.sampling());
             match (input, prompt) {
                 (Input::Chat(a), EdgePrompt::Chat(b)) => assert_eq!(a, b),
+                (Input::Tools(a, _), EdgePrompt::Tools(b)) => assert_eq!(a, b),
                 (Input::Text(a), EdgePrompt::Text(b)) => assert_eq!(a, b),
                 _ => panic!("the prompt changed kind on the way"),
             }

@@ -24,7 +24,10 @@
 #![no_main]
 
 use hypha_node::inbound::{opening, Opening};
-use hypha_node::inference::convert::{prepare, MAX_MESSAGES, MAX_STOP_BYTES, MAX_STOP_STRINGS};
+use hypha_node::inference::convert::{
+    prepare, Prepared, MAX_MESSAGES, MAX_STOP_BYTES, MAX_STOP_STRINGS,
+};
+use hypha_node::inference::tools::{ToolFormat, MAX_TOOLS};
 use hypha_node::inference::prep::Input;
 use hypha_node::inference::serve::{consumer_frame, FromConsumer};
 use hypha_node::inference::RequestId;
@@ -33,6 +36,7 @@ use hypha_node::services::relay_server::relay_reply;
 use hypha_wire::ArchivedMessage;
 use hypha_wire::{
     decode_frame, Cancel, ChatMessage, Countersign, FrameEncoder, InferenceRequest, Message,
+    ToolCall, ToolChoice, Tools,
     Prompt, PunchReply, Refusal, RelayConnect, RelayIncoming, RelayReply, RelayReserve, Sampling,
 };
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
@@ -135,9 +139,23 @@ fn encode(msg: Message) -> Vec<u8> {
 /// A seeder's checks of a request for [`SERVED`].
 fn seeder(req: &hypha_wire::InferenceRequest) {
     let models = [SERVED.to_owned(), "alias".to_owned()];
-    let Ok((input, generate)) = prepare(req, &models) else {
+    let format = *[
+        ToolFormat::Generic,
+        ToolFormat::Hermes,
+        ToolFormat::Llama3,
+        ToolFormat::Mistral,
+    ]
+    .get(req.request_id as usize % 4)
+    .unwrap_or(&ToolFormat::Generic);
+    let Ok(Prepared {
+        input,
+        request: generate,
+        tool_format,
+    }) = prepare(req, &models, format)
+    else {
         return;
     };
+    assert_eq!(tool_format.is_some(), req.tools.is_some());
     assert!(models.contains(&req.model));
     assert!(req.stop.len() <= MAX_STOP_STRINGS);
     assert!(req.stop.iter().all(|s| s.len() <= MAX_STOP_BYTES));
@@ -151,6 +169,18 @@ fn seeder(req: &hypha_wire::InferenceRequest) {
             for (m, w) in ms.iter().zip(wire) {
                 assert!(["system", "user", "assistant", "tool"].contains(&m.role.as_str()));
                 assert_eq!(m.content, w.content);
+            }
+        }
+        (Input::Tools(chat, f), hypha_wire::Prompt::Chat(wire)) => {
+            assert_eq!(f, format);
+            assert_eq!(chat.messages.len(), wire.len());
+            for (m, w) in chat.messages.iter().zip(wire) {
+                assert_eq!(m.content, w.content);
+                assert_eq!(m.tool_calls.len(), w.tool_calls.len());
+            }
+            if let Some(set) = &chat.tools {
+                assert!(!set.tools.is_empty() && set.tools.len() <= MAX_TOOLS);
+                assert!(generate.grammar.is_some());
             }
         }
         (Input::Text(t), hypha_wire::Prompt::Text(w)) => assert_eq!(t, w),
@@ -222,9 +252,24 @@ fn request(u: &mut Unstructured) -> Result<InferenceRequest> {
             } else {
                 u.arbitrary()?
             };
+            let tool_calls = if u.ratio(1, 8)? {
+                vec![ToolCall {
+                    id: u.arbitrary()?,
+                    name: (*u.choose(&["lookup", "f-1"])?).to_owned(),
+                    arguments: if u.arbitrary()? {
+                        r#"{"q":"x"}"#.to_owned()
+                    } else {
+                        u.arbitrary()?
+                    },
+                }]
+            } else {
+                Vec::new()
+            };
             ms.push(ChatMessage {
                 role,
                 content: u.arbitrary()?,
+                tool_calls,
+                tool_call_id: if u.ratio(1, 8)? { Some(u.arbitrary()?) } else { None },
             });
         }
         Prompt::Chat(ms)
@@ -276,6 +321,21 @@ fn request(u: &mut Unstructured) -> Result<InferenceRequest> {
         },
         logprobs: u.arbitrary()?,
         max_credits: u.arbitrary()?,
+        tools: match u.int_in_range(0..=5)? {
+            0 => Some(Tools {
+                tools_json: r#"[{"type":"function","function":{"name":"lookup","parameters":{"type":"object","properties":{"q":{"type":"string"}},"required":["q"]}}}]"#.to_owned(),
+                choice: *u.choose(&[ToolChoice::Auto, ToolChoice::Required, ToolChoice::Named])?,
+                named: (*u.choose(&["lookup", "other", ""])?).to_owned(),
+                parallel: u.arbitrary()?,
+            }),
+            1 => Some(Tools {
+                tools_json: u.arbitrary()?,
+                choice: ToolChoice::Auto,
+                named: String::new(),
+                parallel: u.arbitrary()?,
+            }),
+            _ => None,
+        },
     })
 }
 

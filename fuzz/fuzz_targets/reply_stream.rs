@@ -34,7 +34,7 @@ use hypha_node::inference::reply::{Bounds, ReplyCheck, Step, MAX_TOKEN_TEXT_BYTE
 use hypha_node::inference::RequestId;
 use hypha_wire::{
     decode_frame, Accepted, Done, ErrorReply, FinishReason, FrameEncoder, Message, ReceiptOffer,
-    Refusal, TokenChunk,
+    Refusal, TokenChunk, ToolFormat,
 };
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
@@ -70,6 +70,8 @@ struct Seeder {
     /// The top logprobs the request asked for, which an honest seeder
     /// sends with every token.
     logprobs: Option<u8>,
+    /// The request offered tools: `Accepted` names a tool format.
+    tools: bool,
 }
 
 impl Seeder {
@@ -79,6 +81,7 @@ impl Seeder {
             self.accepted = true;
             return Ok(Some(Message::Accepted(Accepted {
                 request_id: REQUEST,
+                tool_format: self.tools.then_some(ToolFormat::Hermes),
             })));
         }
         if !self.prompt_offered {
@@ -219,6 +222,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         } else {
             None
         },
+        tools: u.arbitrary()?,
     };
     // A cap, when there is one, that the honest answer fits.
     let cap = if u.ratio(1, 4)? {
@@ -246,6 +250,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         textless,
         stops: u.int_in_range(0..=4)?,
         logprobs: seeder.logprobs,
+        tools: seeder.tools,
     };
     let mut check = ReplyCheck::new(RequestId(REQUEST), bounds, consumer_receipts);
     // The consumer's own record of what it took.
@@ -443,7 +448,14 @@ fn lie_frame(
         }
         // The last frame again.
         1 => return Ok(previous.map(<[u8]>::to_vec)),
-        2 => Message::Accepted(Accepted { request_id: id }),
+        2 => Message::Accepted(Accepted {
+            request_id: id,
+            tool_format: if u.arbitrary()? {
+                Some(ToolFormat::Generic)
+            } else {
+                None
+            },
+        }),
         3 => Message::Chunk(TokenChunk {
             request_id: id,
             seq: if u.arbitrary()? {

@@ -36,7 +36,7 @@ pub use packet::{encode_packet, PacketDecoder, MAX_RELAYED_PACKET, PACKET_HEADER
 /// QUIC ALPN of this protocol version.
 pub const ALPN: &[u8] = b"hypha/1";
 /// Protocol version carried in `Hello`; a peer with another one is refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame payload accepted: the HTTP front accepts request bodies up
 /// to 4 MiB, and a request carrying such a prompt must fit with room for its
 /// archive's overhead.

@@ -100,6 +100,64 @@ impl Hello {
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The tools an assistant message called (its answer in history).
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// A call of a tool (a function) by the model.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments: a JSON object's text.
+    pub arguments: String,
+}
+
+/// Which tool calls a request allows or demands.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub enum ToolChoice {
+    /// The model calls tools or answers, as it sees fit.
+    Auto,
+    /// The model must call at least one tool.
+    Required,
+    /// The model must call the function [`Tools::named`].
+    Named,
+}
+
+/// The tools a chat request offers the model.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct Tools {
+    /// The tools as a JSON array in OpenAI's shape
+    /// (`[{"type":"function","function":{"name":..,"parameters":..}}]`);
+    /// the seeder checks it as the consumer's edge did.
+    pub tools_json: String,
+    pub choice: ToolChoice,
+    /// The function [`ToolChoice::Named`] demands; empty otherwise.
+    pub named: String,
+    /// More than one call in one answer is allowed.
+    pub parallel: bool,
+}
+
+/// How a seeder's model writes tool calls in its text: the consumer parses
+/// the answer's text with it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug, PartialEq, Eq))]
+pub enum ToolFormat {
+    /// A JSON object, `{"tool_calls": [...]}` or `{"response": "..."}`,
+    /// for models whose template knows no tools.
+    Generic,
+    /// `<tool_call>{"name": .., "arguments": ..}</tool_call>` (Hermes,
+    /// Qwen).
+    Hermes,
+    /// `{"name": .., "parameters": ..}` as the whole answer (Llama 3.x).
+    Llama3,
+    /// `[TOOL_CALLS][{"name": .., "arguments": ..}]` (Mistral).
+    Mistral,
 }
 
 /// What to complete.
@@ -144,6 +202,8 @@ pub struct InferenceRequest {
     /// seeder refuses a prompt that costs more and stops generating
     /// before the tokens would.
     pub max_credits: Option<u64>,
+    /// Tools the model may call (chat prompts only); `None`: none.
+    pub tools: Option<Tools>,
 }
 
 /// Tokens generated since the last chunk, and their text.
@@ -285,6 +345,9 @@ pub struct Countersign {
 #[rkyv(derive(Debug))]
 pub struct Accepted {
     pub request_id: u64,
+    /// How the model writes tool calls, when the request offered tools
+    /// (and only then).
+    pub tool_format: Option<ToolFormat>,
 }
 
 /// A node and the UDP address it is reached at (`ip:port` text).

@@ -22,10 +22,30 @@ fn samples() -> Vec<Message> {
         Message::Request(InferenceRequest {
             request_id: 1,
             model: "m".into(),
-            prompt: Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "héllo €".into(),
-            }]),
+            prompt: Prompt::Chat(vec![
+                ChatMessage {
+                    role: "user".into(),
+                    content: "héllo €".into(),
+                    tool_calls: Vec::new(),
+                    tool_call_id: None,
+                },
+                ChatMessage {
+                    role: "assistant".into(),
+                    content: String::new(),
+                    tool_calls: vec![hypha_wire::ToolCall {
+                        id: "call_1".into(),
+                        name: "lookup".into(),
+                        arguments: r#"{"q":"x"}"#.into(),
+                    }],
+                    tool_call_id: None,
+                },
+                ChatMessage {
+                    role: "tool".into(),
+                    content: "42".into(),
+                    tool_calls: Vec::new(),
+                    tool_call_id: Some("call_1".into()),
+                },
+            ]),
             sampling: Sampling {
                 temperature: 0.0,
                 top_p: 1.0,
@@ -41,6 +61,12 @@ fn samples() -> Vec<Message> {
             json_schema: Some(r#"{"type":"object"}"#.into()),
             logprobs: Some(2),
             max_credits: Some(5_000),
+            tools: Some(hypha_wire::Tools {
+                tools_json: r#"[{"type":"function","function":{"name":"lookup"}}]"#.into(),
+                choice: hypha_wire::ToolChoice::Named,
+                named: "lookup".into(),
+                parallel: false,
+            }),
         }),
         Message::Chunk(TokenChunk {
             request_id: 1,
@@ -88,7 +114,10 @@ fn samples() -> Vec<Message> {
             request_id: 4,
             consumer_sig: [3; 64],
         }),
-        Message::Accepted(Accepted { request_id: 5 }),
+        Message::Accepted(Accepted {
+            request_id: 5,
+            tool_format: Some(hypha_wire::ToolFormat::Hermes),
+        }),
         Message::Dht(DhtRequest::FindNode { target: [6; 32] }),
         Message::Dht(DhtRequest::AddProvider {
             key: [1; 32],

@@ -17,6 +17,7 @@ use crate::api::generate::{
 };
 use crate::api::openai::{ChatRequest, CompletionRequest, SamplingFields, Usage};
 use crate::api::state::AppState;
+use crate::inference::tools::ToolCall;
 
 pub(crate) async fn chat_completions(
     State(st): State<Arc<AppState>>,
@@ -29,7 +30,10 @@ pub(crate) async fn chat_completions(
         let checked = req.check()?;
         let job = submit(&st, route, &req.model, checked, &req.fields).await?;
         Ok(Started {
-            dialect: Chat(OpenAi::new("chatcmpl", req.model, &req.fields)),
+            dialect: Chat {
+                o: OpenAi::new("chatcmpl", req.model, &req.fields),
+                called: false,
+            },
             job,
             stream: req.fields.stream,
             received,
@@ -130,17 +134,39 @@ fn chat_logprobs(logprobs: &[TokenLogprob]) -> serde_json::Value {
     json!({"content": content, "refusal": null})
 }
 
-/// `/v1/chat/completions`.
-struct Chat(OpenAi);
+/// A tool call as chat's message shows it.
+fn call_json(c: &ToolCall) -> serde_json::Value {
+    json!({
+        "id": c.id,
+        "type": "function",
+        "function": {"name": c.name, "arguments": c.arguments},
+    })
+}
+
+/// Chat's finish reason: `tool_calls` when the model called tools and
+/// stopped of itself.
+fn finish_reason(finish: &Finish, called: bool) -> &'static str {
+    if called && finish.reason == FinishReason::Stop {
+        "tool_calls"
+    } else {
+        finish.reason.as_str()
+    }
+}
+
+/// `/v1/chat/completions`; `called` once the answer called a tool.
+struct Chat {
+    o: OpenAi,
+    called: bool,
+}
 
 impl Chat {
     fn chunk(
         &self,
         delta: serde_json::Value,
         logprobs: Option<&[TokenLogprob]>,
-        finish: Option<FinishReason>,
+        finish: Option<&str>,
     ) -> serde_json::Value {
-        let o = &self.0;
+        let o = &self.o;
         json!({
             "id": o.id,
             "object": "chat.completion.chunk",
@@ -150,7 +176,7 @@ impl Chat {
                 "index": 0,
                 "delta": delta,
                 "logprobs": logprobs.map(chat_logprobs),
-                "finish_reason": finish.map(FinishReason::as_str),
+                "finish_reason": finish,
             }],
         })
     }
@@ -162,11 +188,19 @@ impl Dialect for Chat {
     fn body(
         &self,
         text: String,
+        calls: Vec<ToolCall>,
         logprobs: Vec<TokenLogprob>,
         finish: &Finish,
         credits: Option<u64>,
     ) -> serde_json::Value {
-        let o = &self.0;
+        let o = &self.o;
+        let mut message = json!({"role": "assistant", "content": text});
+        if !calls.is_empty() {
+            if text.is_empty() {
+                message["content"] = serde_json::Value::Null;
+            }
+            message["tool_calls"] = calls.iter().map(call_json).collect();
+        }
         json!({
             "id": o.id,
             "object": "chat.completion",
@@ -174,9 +208,9 @@ impl Dialect for Chat {
             "model": o.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": o.logprobs.then(|| chat_logprobs(&logprobs)),
-                "finish_reason": finish.reason.as_str(),
+                "finish_reason": finish_reason(finish, !calls.is_empty()),
             }],
             "usage": Usage::new(finish.prompt_tokens, finish.completion_tokens, credits),
         })
@@ -188,14 +222,22 @@ impl Dialect for Chat {
     }
 
     fn text(&mut self, text: &str, logprobs: &[TokenLogprob], out: &mut Events) {
-        let lp = self.0.logprobs.then_some(logprobs);
+        let lp = self.o.logprobs.then_some(logprobs);
         let c = self.chunk(json!({"content": text}), lp, None);
         out.push_back(event(None, &c));
     }
 
+    fn tool_call(&mut self, index: usize, call: &ToolCall, out: &mut Events) {
+        self.called = true;
+        let mut c = call_json(call);
+        c["index"] = json!(index);
+        let chunk = self.chunk(json!({"tool_calls": [c]}), None, None);
+        out.push_back(event(None, &chunk));
+    }
+
     fn done(&mut self, finish: &Finish, credits: Option<u64>, out: &mut Events) {
-        let last = self.chunk(json!({}), None, Some(finish.reason));
-        self.0
+        let last = self.chunk(json!({}), None, Some(finish_reason(finish, self.called)));
+        self.o
             .close("chat.completion.chunk", last, finish, credits, out);
     }
 
@@ -258,6 +300,7 @@ impl Dialect for Text {
     fn body(
         &self,
         text: String,
+        _calls: Vec<ToolCall>,
         logprobs: Vec<TokenLogprob>,
         finish: &Finish,
         credits: Option<u64>,

@@ -28,6 +28,7 @@ use crate::api::state::{AppState, Route};
 use crate::inference::prep::Input;
 use crate::inference::remote::{RemoteEvent, RemoteGeneration};
 use crate::inference::schema::grammar_for;
+use crate::inference::tools::{self, Parser, Piece, ToolCall, ToolFormat, ToolSet};
 use crate::util::unix_ms;
 
 /// Header naming the peer that served a remote request.
@@ -74,14 +75,21 @@ pub trait Dialect: Send + 'static {
     }
 
     /// The whole answer as one JSON body; `logprobs` has one entry per
-    /// token when the request asked for them.
+    /// token when the request asked for them; `calls` are the tools the
+    /// model called (only for a dialect whose requests may offer tools).
     fn body(
         &self,
         text: String,
+        calls: Vec<ToolCall>,
         logprobs: Vec<TokenLogprob>,
         finish: &Finish,
         credits: Option<u64>,
     ) -> serde_json::Value;
+
+    /// Events for one call of a tool, the `index`th of the answer. Only
+    /// dialects whose edge takes tools see calls: others refuse a request
+    /// with tools by name, so no call reaches them.
+    fn tool_call(&mut self, _index: usize, _call: &ToolCall, _out: &mut Events) {}
 
     /// Events before the first text.
     fn opening(&mut self, out: &mut Events);
@@ -98,31 +106,137 @@ pub trait Dialect: Send + 'static {
 }
 
 /// A running generation, here or on a peer.
-pub enum Job {
+pub enum Run {
     Local(Generation),
     Remote(Box<RemoteGeneration>),
+}
+
+/// A running generation, and the reading of tool calls out of its text
+/// when its request offered tools.
+pub struct Job {
+    run: Run,
+    tools: Option<ToolStream>,
+    /// Events read and not yet taken.
+    queued: VecDeque<Out>,
+}
+
+/// The tool calls of an answer as they are read.
+struct ToolStream {
+    parser: Parser,
+    format: ToolFormat,
+    /// Calls so far.
+    calls: usize,
 }
 
 /// One event of a job.
 enum Out {
     Token(String, Vec<TokenLogprob>),
+    /// A call of a tool, its index among the answer's calls.
+    Call(usize, ToolCall),
     /// Text held to the end, the summary, and the micro-credits charged
     /// (remote requests with a recorded receipt).
     Done(String, Finish, Option<u64>),
     Failed(String),
 }
 
+/// An id for a call: Mistral's templates demand nine letters and digits,
+/// others take OpenAI's `call_` and 24 hex digits.
+fn call_id(format: ToolFormat) -> String {
+    let id = new_id("call", '_');
+    match format {
+        ToolFormat::Mistral => id.chars().rev().take(9).collect(),
+        _ => id,
+    }
+}
+
+impl ToolStream {
+    fn new(format: ToolFormat, set: &ToolSet) -> Self {
+        Self {
+            parser: Parser::new(format, set),
+            format,
+            calls: 0,
+        }
+    }
+
+    /// Queues the events of `pieces`: text as tokens, calls with ids.
+    fn queue(&mut self, pieces: Vec<Piece>, out: &mut VecDeque<Out>) {
+        for p in pieces {
+            match p {
+                Piece::Text(t) => out.push_back(Out::Token(t, Vec::new())),
+                Piece::Call { name, arguments } => {
+                    let call = ToolCall {
+                        id: call_id(self.format),
+                        name,
+                        arguments,
+                    };
+                    out.push_back(Out::Call(self.calls, call));
+                    self.calls += 1;
+                }
+            }
+        }
+    }
+}
+
 impl Job {
+    fn new(run: Run, tools: Option<ToolStream>) -> Self {
+        Self {
+            run,
+            tools,
+            queued: VecDeque::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<Out> {
+        if let Some(o) = self.queued.pop_front() {
+            return Some(o);
+        }
+        let out = self.run.next().await?;
+        let Some(tools) = self.tools.as_mut() else {
+            return Some(out);
+        };
+        match out {
+            Out::Token(text, logprobs) => {
+                let pieces = tools.parser.push(&text);
+                tools.queue(pieces, &mut self.queued);
+                // One token event per token, for the metrics, with the
+                // first piece's text when there is one.
+                match self.queued.pop_front() {
+                    Some(Out::Token(t, _)) => Some(Out::Token(t, logprobs)),
+                    Some(other) => {
+                        self.queued.push_front(other);
+                        Some(Out::Token(String::new(), logprobs))
+                    }
+                    None => Some(Out::Token(String::new(), logprobs)),
+                }
+            }
+            Out::Done(text, finish, credits) => {
+                let mut pieces = tools.parser.push(&text);
+                pieces.extend(tools.parser.finish());
+                tools.queue(pieces, &mut self.queued);
+                self.queued
+                    .push_back(Out::Done(String::new(), finish, credits));
+                self.queued.pop_front()
+            }
+            other => Some(other),
+        }
+    }
+
+    fn peer(&self) -> Option<NodeId> {
+        self.run.peer()
+    }
+}
+
+impl Run {
     async fn next(&mut self) -> Option<Out> {
         match self {
-            Job::Local(g) => g.next().await.map(|e| match e {
+            Run::Local(g) => g.next().await.map(|e| match e {
                 Event::Token { text, logprob, .. } => {
                     Out::Token(text, logprob.map(|l| vec![*l]).unwrap_or_default())
                 }
                 Event::Done { text, finish } => Out::Done(text, finish, None),
                 Event::Failed(e) => Out::Failed(e.to_string()),
             }),
-            Job::Remote(g) => g.next().await.map(|e| match e {
+            Run::Remote(g) => g.next().await.map(|e| match e {
                 RemoteEvent::Token(text, logprobs) => Out::Token(text, logprobs),
                 RemoteEvent::Done {
                     text,
@@ -136,8 +250,8 @@ impl Job {
 
     fn peer(&self) -> Option<NodeId> {
         match self {
-            Job::Local(_) => None,
-            Job::Remote(g) => Some(g.peer()),
+            Run::Local(_) => None,
+            Run::Remote(g) => Some(g.peer()),
         }
     }
 }
@@ -154,25 +268,40 @@ pub async fn submit(
         prompt,
         stops,
         json_schema,
+        tools,
     } = checked;
     match route {
         Route::Local(engine) => {
-            let grammar = match &json_schema {
-                None => None,
-                Some(s) => Some(grammar_for(s).map_err(|m| {
-                    ApiError::invalid(m)
-                        .param("response_format")
-                        .code("unsupported_schema")
-                })?),
+            let format = tools::format_of_template(engine.info().chat_template.as_deref());
+            let grammar = match (&json_schema, &tools) {
+                (Some(s), _) => Some(hypha_engine::Grammar::whole(grammar_for(s).map_err(
+                    |m| {
+                        ApiError::invalid(m)
+                            .param("response_format")
+                            .code("unsupported_schema")
+                    },
+                )?)),
+                (None, Some(set)) => Some(
+                    tools::grammar(set, format)
+                        .map_err(|m| ApiError::invalid(m).param("tools").code("invalid_tools"))?,
+                ),
+                (None, None) => None,
             };
             let tokens = match prompt {
                 EdgePrompt::Chat(messages) => {
                     st.prep.tokens(engine, None, Input::Chat(messages)).await?
                 }
+                EdgePrompt::Tools(chat) => {
+                    st.prep
+                        .tokens(engine, None, Input::Tools(chat, format))
+                        .await?
+                }
                 EdgePrompt::Text(t) => st.prep.tokens(engine, None, Input::Text(t)).await?,
                 EdgePrompt::Tokens(t) => t,
             };
-            submit_local(engine, tokens, stops, grammar, fields)
+            let run = submit_local(engine, tokens, stops, grammar, fields)?;
+            let stream = tools.as_ref().map(|set| ToolStream::new(format, set));
+            Ok(Job::new(run, stream))
         }
         Route::Remote(peers) => {
             let req = wire_request(
@@ -181,9 +310,22 @@ pub async fn submit(
                 prompt.to_wire()?,
                 stops,
                 json_schema,
+                tools.as_ref(),
                 fields,
             );
-            Ok(Job::Remote(Box::new(peers.start(req).await?)))
+            let g = peers.start(req).await?;
+            let stream = match (&tools, g.tool_format()) {
+                (None, _) => None,
+                (Some(set), Some(format)) => Some(ToolStream::new(format, set)),
+                (Some(_), None) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "server_error",
+                        "the seeder did not say how its model writes tool calls",
+                    ))
+                }
+            };
+            Ok(Job::new(Run::Remote(Box::new(g)), stream))
         }
     }
 }
@@ -192,10 +334,10 @@ fn submit_local(
     engine: &Engine,
     prompt: Vec<hypha_engine::Token>,
     stop: Vec<String>,
-    grammar: Option<String>,
+    grammar: Option<hypha_engine::Grammar>,
     fields: &SamplingFields,
-) -> Result<Job, ApiError> {
-    Ok(Job::Local(engine.submit(GenerateRequest {
+) -> Result<Run, ApiError> {
+    Ok(Run::Local(engine.submit(GenerateRequest {
         prompt,
         sampling: fields.sampling(),
         max_tokens: fields.max_tokens(),
@@ -302,6 +444,7 @@ async fn collect<D: Dialect>(st: Arc<AppState>, s: Started<D>) -> Result<Respons
     } = s;
     let mut tracker = Tracker::new(st, received);
     let mut text = String::new();
+    let mut calls = Vec::new();
     let mut logprobs = Vec::new();
     let outcome = loop {
         match job.next().await {
@@ -310,6 +453,7 @@ async fn collect<D: Dialect>(st: Arc<AppState>, s: Started<D>) -> Result<Respons
                 text.push_str(&t);
                 logprobs.extend(lp);
             }
+            Some(Out::Call(_, call)) => calls.push(call),
             Some(Out::Done(t, finish, credits)) => {
                 text.push_str(&t);
                 tracker.finished(&finish);
@@ -323,7 +467,7 @@ async fn collect<D: Dialect>(st: Arc<AppState>, s: Started<D>) -> Result<Respons
         tracker.failed();
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", m)
     })?;
-    let mut resp = Json(dialect.body(text, logprobs, &finish, credits)).into_response();
+    let mut resp = Json(dialect.body(text, calls, logprobs, &finish, credits)).into_response();
     add_peer_header(&mut resp, job.peer());
     if let Some(c) = credits {
         resp.headers_mut()
@@ -386,6 +530,9 @@ fn sse_events<D: Dialect>(
                         if !text.is_empty() || !logprobs.is_empty() {
                             s.dialect.text(&text, &logprobs, &mut s.pending);
                         }
+                    }
+                    Some(Out::Call(index, call)) => {
+                        s.dialect.tool_call(index, &call, &mut s.pending);
                     }
                     Some(Out::Done(text, finish, credits)) => {
                         s.tracker.finished(&finish);

@@ -31,6 +31,7 @@ use crate::api::generate::{event, new_id, reply, submit, Dialect, Events, Starte
 use crate::api::openai::{Checked, EdgePrompt, SamplingFields, StopField};
 use crate::api::state::AppState;
 use crate::inference::convert::check_message_count;
+use crate::inference::tools::ToolCall;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -200,6 +201,7 @@ impl MessagesRequest {
             prompt: EdgePrompt::Chat(chat),
             stops,
             json_schema: None,
+            tools: None,
         })
     }
 }
@@ -275,6 +277,7 @@ impl Dialect for Anthropic {
     fn body(
         &self,
         text: String,
+        _calls: Vec<ToolCall>,
         _logprobs: Vec<TokenLogprob>,
         finish: &Finish,
         credits: Option<u64>,

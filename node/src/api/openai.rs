@@ -17,8 +17,12 @@ use hypha_engine::SamplingParams;
 use hypha_wire::{InferenceRequest, Prompt};
 
 use crate::api::errors::ApiError;
-use crate::inference::convert::{chat_role, check_message_count, check_stops, sampling_to_wire};
+use crate::inference::convert::{
+    chat_role, check_message_count, check_stops, check_tool_fields, message_to_wire,
+    sampling_to_wire,
+};
 use crate::inference::schema::{check_schema, ANY_OBJECT};
+use crate::inference::tools::{Message, ToolCall, ToolChat, ToolSet};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -83,8 +87,8 @@ fn neutral(field: &str, v: &serde_json::Value) -> bool {
     match field {
         "tools" | "functions" | "logit_bias" => empty,
         "tool_choice" | "function_call" => empty || v.as_str() == Some("none"),
-        // Meaningless without tools, which are refused when sent.
-        "parallel_tool_calls" => true,
+        // Meaningless without tools.
+        "parallel_tool_calls" => v.is_boolean() || v.is_null(),
         "store" => empty || *v == V::Bool(false),
         "modalities" => empty || *v == serde_json::json!(["text"]),
         _ => false,
@@ -106,8 +110,11 @@ pub fn check_other_fields(
             continue;
         }
         let what = match field.as_str() {
-            "tools" | "tool_choice" | "functions" | "function_call" => {
-                "tool calling is not supported by this node yet"
+            "tools" | "tool_choice" | "parallel_tool_calls" => {
+                "tools are served by /v1/chat/completions, not by this endpoint"
+            }
+            "functions" | "function_call" => {
+                "the deprecated functions API is not served: send tools and tool_choice"
             }
             "logit_bias" => "logit_bias is not supported",
             "store" => "this node stores no completions",
@@ -313,17 +320,69 @@ pub struct ChatRequest {
     pub fields: SamplingFields,
 }
 
+/// A call in an assistant message of the history, OpenAI's shape.
+fn history_call(v: &serde_json::Value) -> Result<ToolCall, String> {
+    use serde_json::Value as V;
+    let f = v.get("function").and_then(V::as_object);
+    let name = f.and_then(|f| f.get("name")).and_then(V::as_str);
+    let arguments = f.and_then(|f| f.get("arguments"));
+    let (Some(name), Some(arguments)) = (name, arguments) else {
+        return Err("a tool call must have function.name and function.arguments".into());
+    };
+    let arguments = match arguments {
+        V::String(s) => s.clone(),
+        // Some clients send the object itself.
+        V::Object(_) => arguments.to_string(),
+        _ => return Err("function.arguments must be a JSON object's text".into()),
+    };
+    Ok(ToolCall {
+        id: v
+            .get("id")
+            .and_then(V::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        name: name.to_owned(),
+        arguments,
+    })
+}
+
 impl ChatRequest {
-    pub fn messages(&self) -> Result<Vec<hypha_engine::ChatMessage>, String> {
+    pub fn messages(&self) -> Result<Vec<Message>, String> {
         check_message_count(self.messages.len())?;
         self.messages
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 let role = chat_role(&m.role)?.to_owned();
-                if let Some((field, _)) = m.other.iter().find(|(_, v)| !empty_value(v)) {
-                    return Err(format!(
-                        "message field `{field}` is not supported by this node"
-                    ));
+                let mut tool_calls = Vec::new();
+                let mut tool_call_id = None;
+                for (field, v) in &m.other {
+                    match field.as_str() {
+                        "tool_calls" if !empty_value(v) => {
+                            let calls = v.as_array().ok_or("tool_calls must be an array")?;
+                            tool_calls = calls
+                                .iter()
+                                .map(history_call)
+                                .collect::<Result<_, _>>()
+                                .map_err(|e| format!("messages[{i}].tool_calls: {e}"))?;
+                        }
+                        "tool_call_id" if !v.is_null() => {
+                            tool_call_id = Some(
+                                v.as_str()
+                                    .ok_or("tool_call_id must be a string")?
+                                    .to_owned(),
+                            );
+                        }
+                        // The function's name on a tool message: the
+                        // call's id says which call it answers.
+                        "name" if m.role == "tool" || v.is_null() => {}
+                        _ if empty_value(v) => {}
+                        _ => {
+                            return Err(format!(
+                                "message field `{field}` is not supported by this node"
+                            ))
+                        }
+                    }
                 }
                 let content = match &m.content {
                     None => String::new(),
@@ -342,7 +401,14 @@ impl ChatRequest {
                         s
                     }
                 };
-                Ok(hypha_engine::ChatMessage { role, content })
+                let msg = Message {
+                    role,
+                    content,
+                    tool_calls,
+                    tool_call_id,
+                };
+                check_tool_fields(i, &msg)?;
+                Ok(msg)
             })
             .collect()
     }
@@ -370,6 +436,8 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EdgePrompt {
     Chat(Vec<hypha_engine::ChatMessage>),
+    /// A chat with tools offered or tool calls in its history.
+    Tools(ToolChat),
     Text(String),
     /// Token ids of the model this node runs (a `prompt` of integers).
     Tokens(Vec<i32>),
@@ -386,8 +454,13 @@ impl EdgePrompt {
                     .map(|m| hypha_wire::ChatMessage {
                         role: m.role.clone(),
                         content: m.content.clone(),
+                        tool_calls: Vec::new(),
+                        tool_call_id: None,
                     })
                     .collect(),
+            )),
+            Self::Tools(chat) => Ok(Prompt::Chat(
+                chat.messages.iter().map(message_to_wire).collect(),
             )),
             Self::Text(t) => Ok(Prompt::Text(t.clone())),
             Self::Tokens(_) => Err(ApiError::invalid(
@@ -398,32 +471,78 @@ impl EdgePrompt {
     }
 }
 
-/// A request that passed the edge's checks: its prompt, stop strings and
-/// the JSON schema of its output, if it asks for one.
+/// A request that passed the edge's checks: its prompt, stop strings, the
+/// JSON schema of its output, if it asks for one, and the tools it offers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checked {
     pub prompt: EdgePrompt,
     pub stops: Vec<String>,
     pub json_schema: Option<String>,
+    pub tools: Option<ToolSet>,
 }
 
 impl ChatRequest {
     /// The edge's checks of a chat request.
     pub fn check(&self) -> Result<Checked, ApiError> {
-        check_other_fields(&self.fields.other, &["response_format"])?;
-        let json_schema = schema_of_format(
-            self.fields.other.get("response_format"),
-            "response_format",
-            true,
+        let other = &self.fields.other;
+        check_other_fields(
+            other,
+            &[
+                "response_format",
+                "tools",
+                "tool_choice",
+                "parallel_tool_calls",
+            ],
         )?;
+        let json_schema = schema_of_format(other.get("response_format"), "response_format", true)?;
+        let tools = ToolSet::from_openai(
+            other.get("tools"),
+            other.get("tool_choice"),
+            other.get("parallel_tool_calls"),
+        )
+        .map_err(|(field, m)| ApiError::invalid(m).param(field).code("invalid_tools"))?;
         let stops = self.fields.check()?;
+        if tools.is_some() {
+            if json_schema.is_some() {
+                return Err(ApiError::unsupported(
+                    "response_format",
+                    "a JSON schema cannot be combined with tools",
+                ));
+            }
+            if self.fields.logprobs().ok().flatten().is_some() {
+                return Err(ApiError::unsupported(
+                    "logprobs",
+                    "logprobs cannot be combined with tools",
+                ));
+            }
+        }
         let messages = self
             .messages()
             .map_err(|m| ApiError::invalid(m).param("messages"))?;
+        let history = messages
+            .iter()
+            .any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some());
+        let prompt = if tools.is_some() || history {
+            EdgePrompt::Tools(ToolChat {
+                messages,
+                tools: tools.clone(),
+            })
+        } else {
+            EdgePrompt::Chat(
+                messages
+                    .into_iter()
+                    .map(|m| hypha_engine::ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            )
+        };
         Ok(Checked {
-            prompt: EdgePrompt::Chat(messages),
+            prompt,
             stops,
             json_schema,
+            tools,
         })
     }
 }
@@ -458,6 +577,7 @@ impl CompletionRequest {
             prompt,
             stops,
             json_schema,
+            tools: None,
         })
     }
 }
@@ -469,6 +589,7 @@ pub fn wire_request(
     prompt: Prompt,
     stop: Vec<String>,
     json_schema: Option<String>,
+    tools: Option<&ToolSet>,
     fields: &SamplingFields,
 ) -> InferenceRequest {
     InferenceRequest {
@@ -482,6 +603,7 @@ pub fn wire_request(
         logprobs: fields.logprobs().ok().flatten(),
         // Routing sets this node's own cap.
         max_credits: None,
+        tools: tools.map(ToolSet::to_wire),
     }
 }
 
@@ -531,10 +653,10 @@ pub struct ModelCard {
 }
 
 /// What every model on hypha serves today: chat (chat completions, the
-/// Responses API, Anthropic Messages), text completions and structured
-/// output (JSON schemas). Tools and embeddings are not listed until they
-/// are served.
-pub const CAPABILITIES: [&str; 3] = ["chat", "completion", "structured_output"];
+/// Responses API, Anthropic Messages), text completions, structured
+/// output (JSON schemas) and tools (chat completions' tool calling).
+/// Embeddings are not listed until they are served.
+pub const CAPABILITIES: [&str; 4] = ["chat", "completion", "structured_output", "tools"];
 
 #[derive(Debug, Serialize)]
 pub struct ModelMeta {

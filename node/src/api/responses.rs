@@ -31,6 +31,7 @@ use crate::api::generate::{event, new_id, reply, submit, unix_now, Dialect, Even
 use crate::api::openai::{schema_of_format, Checked, EdgePrompt, SamplingFields, Usage};
 use crate::api::state::AppState;
 use crate::inference::convert::{chat_role, check_message_count};
+use crate::inference::tools::ToolCall;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -230,6 +231,7 @@ impl ResponsesRequest {
             prompt: EdgePrompt::Chat(chat),
             stops,
             json_schema,
+            tools: None,
         })
     }
 }
@@ -430,6 +432,7 @@ impl Dialect for Responses {
     fn body(
         &self,
         text: String,
+        _calls: Vec<ToolCall>,
         _logprobs: Vec<TokenLogprob>,
         finish: &Finish,
         credits: Option<u64>,

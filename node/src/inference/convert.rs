@@ -10,6 +10,7 @@ use hypha_wire::{ErrorReply, InferenceRequest, Refusal};
 
 use crate::inference::prep::Input;
 use crate::inference::schema::grammar_for;
+use crate::inference::tools::{self, Message, ToolCall, ToolChat, ToolFormat, ToolSet};
 use crate::inference::RequestId;
 
 /// At most this many stop strings, as OpenAI allows.
@@ -59,12 +60,103 @@ pub fn chat_role(role: &str) -> Result<&'static str, String> {
     })
 }
 
-/// Checks a peer's request for a seeder serving `models`: what is to be
-/// tokenized, and the request to submit once its prompt is filled in.
+/// The one check of a chat history's tool fields: calls only from the
+/// assistant, each with an id, a tool's name and a JSON object of
+/// arguments, within bounds; a `tool_call_id` only on a tool message.
+pub fn check_tool_fields(i: usize, m: &Message) -> Result<(), String> {
+    if !m.tool_calls.is_empty() && m.role != "assistant" {
+        return Err(format!(
+            "messages[{i}]: only assistant messages carry tool_calls"
+        ));
+    }
+    if m.tool_calls.len() > tools::MAX_CALLS * 4 {
+        return Err(format!("messages[{i}]: too many tool_calls"));
+    }
+    for (j, c) in m.tool_calls.iter().enumerate() {
+        let at = format!("messages[{i}].tool_calls[{j}]");
+        if c.id.len() > tools::MAX_CALL_ID_BYTES || c.name.len() > tools::MAX_TOOL_NAME_BYTES {
+            return Err(format!("{at}: id or name too long"));
+        }
+        if c.arguments.len() > tools::MAX_ARGUMENTS_BYTES {
+            return Err(format!(
+                "{at}: arguments over {} bytes",
+                tools::MAX_ARGUMENTS_BYTES
+            ));
+        }
+        match serde_json::from_str::<serde_json::Value>(&c.arguments) {
+            Ok(v) if v.is_object() => {}
+            _ => {
+                return Err(format!(
+                    "{at}.function.arguments must be a JSON object's text"
+                ))
+            }
+        }
+    }
+    match &m.tool_call_id {
+        Some(_) if m.role != "tool" => Err(format!(
+            "messages[{i}]: only tool messages carry tool_call_id"
+        )),
+        Some(id) if id.len() > tools::MAX_CALL_ID_BYTES => {
+            Err(format!("messages[{i}]: tool_call_id too long"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A chat message from the wire, checked.
+fn message_from_wire(i: usize, m: &hypha_wire::ChatMessage) -> Result<Message, String> {
+    let msg = Message {
+        role: chat_role(&m.role)?.to_owned(),
+        content: m.content.clone(),
+        tool_calls: m
+            .tool_calls
+            .iter()
+            .map(|c| ToolCall {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                arguments: c.arguments.clone(),
+            })
+            .collect(),
+        tool_call_id: m.tool_call_id.clone(),
+    };
+    check_tool_fields(i, &msg)?;
+    Ok(msg)
+}
+
+/// The wire form of a chat message.
+pub fn message_to_wire(m: &Message) -> hypha_wire::ChatMessage {
+    hypha_wire::ChatMessage {
+        role: m.role.clone(),
+        content: m.content.clone(),
+        tool_calls: m
+            .tool_calls
+            .iter()
+            .map(|c| hypha_wire::ToolCall {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                arguments: c.arguments.clone(),
+            })
+            .collect(),
+        tool_call_id: m.tool_call_id.clone(),
+    }
+}
+
+/// What a seeder makes of a peer's request: what is to be tokenized, the
+/// request to submit once its prompt is filled in, and how its model
+/// writes tool calls when the request offers tools.
+pub struct Prepared {
+    pub input: Input,
+    pub request: GenerateRequest,
+    pub tool_format: Option<ToolFormat>,
+}
+
+/// Checks a peer's request for a seeder serving `models`, whose model
+/// writes tool calls in `format`.
 pub fn prepare(
     req: &InferenceRequest,
     models: &[String],
-) -> Result<(Input, GenerateRequest), ErrorReply> {
+    format: ToolFormat,
+) -> Result<Prepared, ErrorReply> {
     let id = req.request_id;
     let bad = |refusal: Refusal, message: String| ErrorReply {
         request_id: id,
@@ -91,30 +183,68 @@ pub fn prepare(
             "max_tokens must be at least 1".into(),
         ));
     }
-    let grammar = match &req.json_schema {
+    let tools = match &req.tools {
         None => None,
-        Some(s) => Some(grammar_for(s).map_err(|m| bad(Refusal::BadRequest, m))?),
+        Some(t) => Some(ToolSet::from_wire(t).map_err(|m| bad(Refusal::BadRequest, m))?),
+    };
+    if tools.is_some() && (req.json_schema.is_some() || req.logprobs.is_some()) {
+        return Err(bad(
+            Refusal::BadRequest,
+            "tools cannot be combined with a JSON schema or logprobs".into(),
+        ));
+    }
+    let mut grammar = match &req.json_schema {
+        None => None,
+        Some(s) => Some(hypha_engine::Grammar::whole(
+            grammar_for(s).map_err(|m| bad(Refusal::BadRequest, m))?,
+        )),
     };
     let input = match &req.prompt {
         hypha_wire::Prompt::Chat(messages) => {
             check_message_count(messages.len()).map_err(|m| bad(Refusal::BadRequest, m))?;
             let messages = messages
                 .iter()
-                .map(|m| {
-                    Ok(ChatMessage {
-                        role: chat_role(&m.role)?.to_owned(),
-                        content: m.content.clone(),
-                    })
-                })
-                .collect::<Result<Vec<ChatMessage>, String>>()
+                .enumerate()
+                .map(|(i, m)| message_from_wire(i, m))
+                .collect::<Result<Vec<Message>, String>>()
                 .map_err(|m| bad(Refusal::BadRequest, m))?;
-            Input::Chat(messages)
+            let history = messages
+                .iter()
+                .any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some());
+            if let Some(set) = &tools {
+                grammar =
+                    Some(tools::grammar(set, format).map_err(|m| bad(Refusal::BadRequest, m))?);
+            }
+            if tools.is_some() || history {
+                Input::Tools(
+                    ToolChat {
+                        messages,
+                        tools: tools.clone(),
+                    },
+                    format,
+                )
+            } else {
+                Input::Chat(
+                    messages
+                        .into_iter()
+                        .map(|m| ChatMessage {
+                            role: m.role,
+                            content: m.content,
+                        })
+                        .collect(),
+                )
+            }
         }
-        hypha_wire::Prompt::Text(t) => Input::Text(t.clone()),
+        hypha_wire::Prompt::Text(t) => {
+            if tools.is_some() {
+                return Err(bad(Refusal::BadRequest, "tools need a chat prompt".into()));
+            }
+            Input::Text(t.clone())
+        }
     };
-    Ok((
+    Ok(Prepared {
         input,
-        GenerateRequest {
+        request: GenerateRequest {
             prompt: Vec::new(),
             sampling,
             max_tokens: req.max_tokens,
@@ -124,7 +254,8 @@ pub fn prepare(
             priority: 0,
             preemptible: false,
         },
-    ))
+        tool_format: tools.is_some().then_some(format),
+    })
 }
 
 /// The error a consumer gets for an engine error.

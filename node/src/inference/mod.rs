@@ -10,6 +10,8 @@ pub mod reply;
 pub mod route;
 pub mod schema;
 pub mod serve;
+pub mod template;
+pub mod tools;
 
 /// A request's id as its consumer numbered it: unique among that
 /// consumer's requests, so a seeder keys a request by (consumer, id). It

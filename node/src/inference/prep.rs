@@ -17,6 +17,8 @@ use hypha_engine::{ChatMessage, Engine, Error, Token};
 use hypha_wire::NodeId;
 use tokio::sync::Semaphore;
 
+use crate::inference::template;
+use crate::inference::tools::{generic_messages, ToolChat, ToolFormat};
 use crate::net::pool::{MAX_CONNECTIONS, MAX_PEERS};
 use crate::util::{lock, BoundedMap, Overflow};
 
@@ -36,6 +38,9 @@ const _: () = assert!(PER_PEER_PREPARING <= MAX_PREPARING);
 /// What is to become tokens.
 pub enum Input {
     Chat(Vec<ChatMessage>),
+    /// A chat with tools offered or calls in its history, and how the
+    /// engine's model writes calls.
+    Tools(ToolChat, ToolFormat),
     Text(String),
 }
 
@@ -43,8 +48,20 @@ impl Input {
     fn bytes(&self) -> usize {
         match self {
             Self::Chat(m) => m.iter().map(|m| m.role.len() + m.content.len()).sum(),
+            Self::Tools(c, _) => c.bytes(),
             Self::Text(t) => t.len(),
         }
+    }
+}
+
+/// The prompt text of a chat with tools: the model's own template with
+/// the tools in it, or (the generic format) the tools described in the
+/// system message and llama.cpp's template code.
+fn render_tools(engine: &Engine, chat: &ToolChat, format: ToolFormat) -> Result<String, Error> {
+    let info = engine.info();
+    match (format, info.chat_template.as_deref()) {
+        (ToolFormat::Generic, _) | (_, None) => engine.apply_chat_template(&generic_messages(chat)),
+        (_, Some(t)) => template::render(t, &info.eos_token, chat).map_err(Error::InvalidRequest),
     }
 }
 
@@ -72,10 +89,13 @@ impl Preparer {
         peer: Option<NodeId>,
         input: Input,
     ) -> Result<Vec<Token>, Error> {
-        if let Input::Chat(m) = &input {
-            if m.is_empty() {
-                return Err(Error::InvalidRequest("messages must not be empty".into()));
-            }
+        let empty = match &input {
+            Input::Chat(m) => m.is_empty(),
+            Input::Tools(c, _) => c.messages.is_empty(),
+            Input::Text(_) => false,
+        };
+        if empty {
+            return Err(Error::InvalidRequest("messages must not be empty".into()));
         }
         engine.check_prompt_bytes(input.bytes())?;
         engine.check_queue()?;
@@ -106,6 +126,9 @@ impl Preparer {
             Input::Chat(m) => engine
                 .apply_chat_template(&m)
                 .and_then(|p| engine.tokenize(&p)),
+            Input::Tools(c, format) => {
+                render_tools(&engine, &c, format).and_then(|p| engine.tokenize(&p))
+            }
             Input::Text(t) => engine.tokenize(&t),
         })
         .await

@@ -216,12 +216,29 @@ struct Live {
 /// answer (upload and tokenization of a long prompt).
 const START_BYTES_PER_EXTRA_SECOND: usize = 256 * 1024;
 
-fn start_limit(p: &hypha_wire::Prompt) -> Duration {
-    let bytes = match p {
-        hypha_wire::Prompt::Chat(ms) => ms.iter().map(|m| m.content.len()).sum(),
+/// Bytes of a request's prompt before templating: its messages (their
+/// calls included) and the tools it offers.
+fn prompt_bytes(req: &InferenceRequest) -> usize {
+    let messages = match &req.prompt {
+        hypha_wire::Prompt::Chat(ms) => ms
+            .iter()
+            .map(|m| {
+                m.content.len()
+                    + m.role.len()
+                    + m.tool_call_id.as_ref().map_or(0, String::len)
+                    + m.tool_calls
+                        .iter()
+                        .map(|c| c.id.len() + c.name.len() + c.arguments.len())
+                        .sum::<usize>()
+            })
+            .sum(),
         hypha_wire::Prompt::Text(t) => t.len(),
     };
-    START_TIMEOUT + Duration::from_secs((bytes / START_BYTES_PER_EXTRA_SECOND) as u64)
+    messages + req.tools.as_ref().map_or(0, |t| t.tools_json.len())
+}
+
+fn start_limit(req: &InferenceRequest) -> Duration {
+    START_TIMEOUT + Duration::from_secs((prompt_bytes(req) / START_BYTES_PER_EXTRA_SECOND) as u64)
 }
 
 /// Template tokens a chat template may add around a conversation (a
@@ -230,16 +247,22 @@ const TEMPLATE_TOKENS_MAX: usize = 256;
 /// Template tokens per message (its role and markers) beyond its text.
 const TEMPLATE_TOKENS_PER_MESSAGE: usize = 16;
 
+/// Template tokens tools may add: a template writes their JSON (indented
+/// by some, every space a token at worst) and instructions of its own.
+const TOOLS_TEMPLATE_BYTES_FACTOR: usize = 4;
+const TOOLS_TEMPLATE_TOKENS_MAX: usize = 1024;
+
 /// The most tokens a prompt can honestly cost: a token covers at least one
 /// byte of text, and the template adds a bounded number of its own.
-fn prompt_token_bound(p: &hypha_wire::Prompt) -> u32 {
-    let n = match p {
-        hypha_wire::Prompt::Chat(ms) => ms
-            .iter()
-            .map(|m| m.content.len() + m.role.len() + TEMPLATE_TOKENS_PER_MESSAGE)
-            .sum::<usize>(),
-        hypha_wire::Prompt::Text(t) => t.len(),
+fn prompt_token_bound(req: &InferenceRequest) -> u32 {
+    let per_message = match &req.prompt {
+        hypha_wire::Prompt::Chat(ms) => ms.len() * TEMPLATE_TOKENS_PER_MESSAGE,
+        hypha_wire::Prompt::Text(_) => 0,
     };
+    let tools = req.tools.as_ref().map_or(0, |t| {
+        t.tools_json.len() * TOOLS_TEMPLATE_BYTES_FACTOR + TOOLS_TEMPLATE_TOKENS_MAX
+    });
+    let n = prompt_bytes(req) + per_message + tools;
     u32::try_from(n.saturating_add(TEMPLATE_TOKENS_MAX)).unwrap_or(u32::MAX)
 }
 
@@ -270,7 +293,7 @@ impl RemoteGeneration {
                 price_prompt_micro: terms.offer.price_prompt_micro,
                 price_completion_micro: terms.offer.price_completion_micro,
             },
-            prompt_token_bound(&req.prompt),
+            prompt_token_bound(req),
             req.max_credits,
         );
         let mut g = Self {
@@ -287,6 +310,7 @@ impl RemoteGeneration {
                         textless: textless_allowance(&req.stop),
                         stops: u32::try_from(req.stop.len()).unwrap_or(u32::MAX),
                         logprobs: req.logprobs,
+                        tools: req.tools.is_some(),
                     },
                     receipts,
                 ),
@@ -294,7 +318,7 @@ impl RemoteGeneration {
             request_id: RequestId(req.request_id),
             first: None,
             running: None,
-            start_limit: start_limit(&req.prompt),
+            start_limit: start_limit(req),
             ended: false,
             metrics: metrics.clone(),
             recorded: false,
@@ -316,6 +340,12 @@ impl RemoteGeneration {
 
     pub fn peer(&self) -> NodeId {
         self.peer
+    }
+
+    /// How the seeder's model writes tool calls: told in its `Accepted`
+    /// when the request offered tools, `None` otherwise.
+    pub fn tool_format(&self) -> Option<hypha_wire::ToolFormat> {
+        self.live.as_ref().and_then(|l| l.check.tool_format())
     }
 
     /// The next event; `None` after the generation ended.

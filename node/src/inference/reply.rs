@@ -62,6 +62,9 @@ pub struct Bounds {
     /// carries one entry per token with at most this many alternatives;
     /// `None`, no entries.
     pub logprobs: Option<u8>,
+    /// The request offered tools: `Accepted` must say how the model writes
+    /// calls (and must not otherwise), before any chunk.
+    pub tools: bool,
 }
 
 /// What one frame of the answer means.
@@ -99,6 +102,8 @@ pub struct ReplyCheck {
     done_seen: bool,
     /// The last receipt or a refusal arrived.
     over: bool,
+    /// How the seeder's model writes tool calls, from `Accepted`.
+    tool_format: Option<hypha_wire::ToolFormat>,
 }
 
 impl ReplyCheck {
@@ -114,7 +119,14 @@ impl ReplyCheck {
             done: None,
             done_seen: false,
             over: false,
+            tool_format: None,
         }
+    }
+
+    /// How the seeder's model writes tool calls (when the request offered
+    /// tools and `Accepted` arrived).
+    pub fn tool_format(&self) -> Option<hypha_wire::ToolFormat> {
+        self.tool_format
     }
 
     /// Some frame of the answer arrived.
@@ -169,6 +181,16 @@ impl ReplyCheck {
                 if !first {
                     return Err(Violation::OutOfOrder("accepted in the middle of an answer").into());
                 }
+                let format = a.tool_format.as_ref().map(|f| match f {
+                    hypha_wire::ArchivedToolFormat::Generic => hypha_wire::ToolFormat::Generic,
+                    hypha_wire::ArchivedToolFormat::Hermes => hypha_wire::ToolFormat::Hermes,
+                    hypha_wire::ArchivedToolFormat::Llama3 => hypha_wire::ToolFormat::Llama3,
+                    hypha_wire::ArchivedToolFormat::Mistral => hypha_wire::ToolFormat::Mistral,
+                });
+                if format.is_some() != self.bounds.tools {
+                    return Err(Violation::ToolFormat.into());
+                }
+                self.tool_format = format;
                 Ok(Step::Nothing)
             }
             ArchivedMessage::Chunk(c) => {
@@ -186,6 +208,9 @@ impl ReplyCheck {
                 }
                 if c.token_ids.is_empty() {
                     return Err(Violation::EmptyChunk.into());
+                }
+                if self.bounds.tools && self.tool_format.is_none() {
+                    return Err(Violation::OutOfOrder("a chunk before accepted").into());
                 }
                 let n = u32::try_from(c.token_ids.len()).unwrap_or(u32::MAX);
                 let tokens = self.tokens.saturating_add(n);

@@ -23,9 +23,10 @@ use crate::identity::Identity;
 use crate::inference::admission::{
     FreeTier, LedgerJudge, NetworkBalances, Unpaid, FIRST_VIEW_WAIT, UNPAID_SEEDERS_TO_REFUSE,
 };
-use crate::inference::convert::{http_status, logprob_to_wire, prepare, reply_for};
+use crate::inference::convert::{http_status, logprob_to_wire, prepare, reply_for, Prepared};
 use crate::inference::prep::Preparer;
 use crate::inference::receipts::{within_budget, Due, Party, SeederReceipts, Terms};
+use crate::inference::tools;
 use crate::inference::RequestId;
 use crate::metrics::Metrics;
 use crate::net::hello::{Offer, VerifiedHello};
@@ -140,6 +141,9 @@ pub(crate) async fn serve_request(
         .as_ref()
         .map(|s| s.unpaid_at(unix_ms()))
         .unwrap_or_default();
+    // How the model writes tool calls, told in `Accepted` when the
+    // request offers tools.
+    let mut accepted_format = None;
     let prepared = if state.ledger.contains(&key) || claim.is_none() {
         Err(ErrorReply {
             request_id,
@@ -176,9 +180,15 @@ pub(crate) async fn serve_request(
             ),
         })
     } else {
-        match prepare(&req, &state.models) {
+        let format = tools::format_of_template(state.engine.info().chat_template.as_deref());
+        match prepare(&req, &state.models, format) {
             Err(reply) => Err(reply),
-            Ok((input, mut r)) => {
+            Ok(Prepared {
+                input,
+                request: mut r,
+                tool_format,
+            }) => {
+                accepted_format = tool_format;
                 let tokens = state
                     .prep
                     .tokens(&state.engine, Some(consumer.node_id), input)
@@ -231,8 +241,11 @@ pub(crate) async fn serve_request(
             return Ok(());
         }
     };
-    send.send(&Message::Accepted(Accepted { request_id }))
-        .await?;
+    send.send(&Message::Accepted(Accepted {
+        request_id,
+        tool_format: accepted_format,
+    }))
+    .await?;
     let mut billing = Billing::new(
         state,
         consumer,

@@ -178,6 +178,10 @@ pub enum Violation {
     WrongStop { index: u32, stops: u32 },
     #[error("a chunk's logprobs break the request's bounds: {0}")]
     BadLogprobs(&'static str),
+    #[error(
+        "accepted names a tool format for a request without tools, or none for one with tools"
+    )]
+    ToolFormat,
 }
 
 impl From<quinn::ConnectionError> for PeerError {

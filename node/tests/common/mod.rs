@@ -314,6 +314,8 @@ pub fn request(id: u64, max_tokens: u32) -> hypha_wire::Message {
         prompt: hypha_wire::Prompt::Chat(vec![hypha_wire::ChatMessage {
             role: "user".into(),
             content: "Tell me a long story about a fox.".into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }]),
         sampling: hypha_wire::Sampling {
             temperature: 0.0,
@@ -330,6 +332,7 @@ pub fn request(id: u64, max_tokens: u32) -> hypha_wire::Message {
         json_schema: None,
         logprobs: None,
         max_credits: None,
+        tools: None,
     })
 }
 
