@@ -22,6 +22,24 @@ pub fn test_model() -> PathBuf {
     p
 }
 
+/// The test model with Qwen 2.5's chat template, whose tool section has
+/// the model write Hermes `<tool_call>` blocks: `$HYPHA_TEST_HERMES_MODEL`,
+/// else the one `.ci/test-models` made in the model cache.
+pub fn hermes_model() -> PathBuf {
+    if let Some(p) = std::env::var_os("HYPHA_TEST_HERMES_MODEL") {
+        return PathBuf::from(p);
+    }
+    let p = hypha_node::models::cache_dir()
+        .expect("a model cache")
+        .join("SmolLM2-135M-Instruct.Q4_1.hermes.gguf");
+    assert!(
+        p.is_file(),
+        "test model missing at {}: run .ci/test-models (or .ci/run)",
+        p.display()
+    );
+    p
+}
+
 /// Polls `GET /health` until `field` equals `want` (10 s at most).
 pub async fn wait_health(c: &reqwest::Client, base: &str, field: &str, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
