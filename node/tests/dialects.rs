@@ -222,10 +222,13 @@ async fn anthropic_messages_refuse_what_they_do_not_serve() {
     let base = net.seeder_base();
     let cases: Vec<(Value, &str)> = vec![
         (
-            json!({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}),
+            json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
             "tools",
         ),
-        (json!({"tool_choice": {"type": "any"}}), "tool_choice"),
+        (
+            json!({"tools": [{"name": "f", "input_schema": {"type": "object"}, "defer_loading": true}]}),
+            "tools",
+        ),
         (
             json!({"thinking": {"type": "enabled", "budget_tokens": 1024}}),
             "thinking",
@@ -238,10 +241,10 @@ async fn anthropic_messages_refuse_what_they_do_not_serve() {
         (
             json!({"messages": [
                 {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}]},
             ]}),
-            "messages[1].content",
+            "messages[2].content",
         ),
         (
             json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The"}]}),
@@ -497,7 +500,7 @@ async fn models_carry_context_length_and_capabilities() {
         assert_eq!(m["context_length"], 512, "{base}: {m}");
         assert_eq!(
             m["capabilities"],
-            json!(["chat", "completion", "structured_output"]),
+            json!(["chat", "completion", "structured_output", "tools"]),
             "{m}"
         );
     }

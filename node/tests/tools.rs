@@ -379,10 +379,14 @@ async fn a_template_with_tools_renders_them_and_holds_calls_to_the_grammar() {
         for call in m["tool_calls"].as_array().unwrap() {
             check_call(call);
         }
-        let s = stream(&c, &base, &json!({
-            "model": "default", "messages": b["messages"], "tools": tools(),
-            "temperature": 0, "max_tokens": 96, "stream": true,
-        }))
+        let s = stream(
+            &c,
+            &base,
+            &json!({
+                "model": "default", "messages": b["messages"], "tools": tools(),
+                "temperature": 0, "max_tokens": 96, "stream": true,
+            }),
+        )
         .await;
         assert_eq!(s.finish.as_deref(), Some("tool_calls"));
         assert!(!s.content.contains("<tool_call>") && !s.content.contains("delete_files"));
@@ -408,6 +412,12 @@ async fn a_template_with_tools_renders_them_and_holds_calls_to_the_grammar() {
         });
         let (status, v) = post(&c, &base, &follow).await;
         assert_eq!(status, 200, "{v}");
-        assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{v}");
+        assert!(
+            !v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .is_empty(),
+            "{v}"
+        );
     }
 }

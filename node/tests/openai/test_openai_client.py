@@ -125,12 +125,12 @@ def test_errors_are_openai_errors(client, model):
 
 
 def test_unhonoured_fields_are_refused_by_name(client, model):
-    tools = [{"type": "function", "function": {"name": "get_weather",
-              "parameters": {"type": "object", "properties": {}}}}]
+    # Tools are served (test_tools_client.py); the deprecated functions are not.
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=Q, max_tokens=4, tools=tools)
+        client.chat.completions.create(
+            model=model, messages=Q, max_tokens=4, functions=[{"name": "get_weather"}])
     assert e.value.code == "unsupported_parameter"
-    assert e.value.param == "tools"
+    assert e.value.param == "functions"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=model, messages=Q, max_tokens=4, logit_bias={"50256": -100})
