@@ -441,17 +441,14 @@ async fn responses_api_refuses_what_it_does_not_serve() {
             "previous_response_id",
         ),
         (json!({"store": true}), "store"),
-        (
-            json!({"tools": [{"type": "function", "name": "f", "parameters": {}}]}),
-            "tools",
-        ),
-        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [{"type": "web_search"}]}), "tools"),
+        (json!({"max_tool_calls": 2}), "max_tool_calls"),
         (json!({"text": {"verbosity": "low"}}), "text"),
         (json!({"top_logprobs": 2}), "top_logprobs"),
         (json!({"reasoning": {"effort": "high"}}), "reasoning"),
         (json!({"frobnicate": 1}), "frobnicate"),
         (
-            json!({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}),
+            json!({"input": [{"type": "custom_tool_call_output", "call_id": "c", "output": "x"}]}),
             "input[0]",
         ),
         (
