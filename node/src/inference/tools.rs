@@ -40,8 +40,11 @@ use crate::inference::schema::{check_schema, grammar_for};
 pub const MAX_TOOLS: usize = 128;
 /// A function's name: OpenAI's rule (letters, digits, `_` and `-`).
 pub const MAX_TOOL_NAME_BYTES: usize = 64;
-/// The tools' JSON at most: it is templated into every prompt.
-pub const MAX_TOOLS_BYTES: usize = 128 * 1024;
+/// The tools' JSON at most: it is templated into every prompt (agents
+/// such as Claude Code send tens of KiB of tool descriptions), and the
+/// prompt's own byte bound applies after.
+pub const MAX_TOOLS_BYTES: usize = 512 * 1024;
+const _: () = assert!(MAX_TOOLS_BYTES < hypha_wire::MAX_FRAME_BYTES / 4);
 /// Calls one answer may hold (with `parallel_tool_calls`).
 pub const MAX_CALLS: usize = 8;
 /// A call's text held back at most while it is read: past this it is
@@ -146,7 +149,9 @@ fn check_parameters(params: &Value, at: &str) -> Result<(), String> {
         Some(t) if t == "object" => {}
         Some(_) => return Err(format!("`{at}` must be the schema of an object")),
     }
-    check_schema(&params.to_string())
+    // Annotations count for nothing here: the prompt carries them, the
+    // grammar needs none.
+    check_schema(&bare(params).to_string())
         .map(|_| ())
         .map_err(|m| format!("`{at}`: {m}"))
 }
@@ -428,6 +433,44 @@ fn arguments_key(format: ToolFormat) -> &'static str {
     }
 }
 
+/// Keywords of a schema that enforce nothing (see `schema`'s).
+const ANNOTATIONS: [&str; 6] = [
+    "title",
+    "description",
+    "examples",
+    "default",
+    "$comment",
+    "$schema",
+];
+
+/// `schema` without its annotations, which the grammar does not need
+/// (clients' tools carry long descriptions, which the prompt has).
+fn bare(schema: &Value) -> Value {
+    let Some(o) = schema.as_object() else {
+        return schema.clone();
+    };
+    let mut out = Map::new();
+    for (k, v) in o {
+        if ANNOTATIONS.contains(&k.as_str()) {
+            continue;
+        }
+        let v = match k.as_str() {
+            "properties" | "$defs" | "definitions" => match v.as_object() {
+                Some(m) => Value::Object(m.iter().map(|(n, s)| (n.clone(), bare(s))).collect()),
+                None => v.clone(),
+            },
+            "items" | "additionalProperties" | "not" => bare(v),
+            "anyOf" | "oneOf" | "allOf" | "prefixItems" => match v.as_array() {
+                Some(a) => Value::Array(a.iter().map(bare).collect()),
+                None => v.clone(),
+            },
+            _ => v.clone(),
+        };
+        out.insert(k.clone(), v);
+    }
+    Value::Object(out)
+}
+
 /// The schema of one call of any callable tool: `{"name": .., KEY: ..}`.
 fn calls_schema(set: &ToolSet, key: &str) -> Value {
     let calls: Vec<Value> = set
@@ -435,7 +478,7 @@ fn calls_schema(set: &ToolSet, key: &str) -> Value {
         .map(|t| {
             json!({
                 "type": "object",
-                "properties": {"name": {"const": t.name}, key: t.parameters},
+                "properties": {"name": {"const": t.name}, key: bare(&t.parameters)},
                 "required": ["name", key],
                 "additionalProperties": false,
             })
@@ -1262,6 +1305,27 @@ mod tests {
         // The wire form reads back the same.
         let set = weather(Choice::Named("get_time".into()), false);
         assert_eq!(ToolSet::from_wire(&set.to_wire()), Ok(set));
+    }
+
+    #[test]
+    fn the_grammar_schema_leaves_annotations_out() {
+        let long = "d".repeat(40 * 1024);
+        let tools = json!([{"type": "function", "function": {"name": "f", "description": long,
+        "parameters": {"type": "object", "description": long, "properties": {
+            "description": {"type": "string", "description": long},
+            "n": {"anyOf": [{"type": "integer", "title": "N"}, {"type": "null"}]}
+        }}}}]);
+        let set = ToolSet::from_openai(Some(&tools), None, None)
+            .unwrap()
+            .unwrap();
+        let schema = calls_schema(&set, "arguments");
+        assert_eq!(
+            schema["properties"]["arguments"],
+            json!({"type": "object", "properties": {
+                "description": {"type": "string"},
+                "n": {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+            }})
+        );
     }
 
     #[test]
