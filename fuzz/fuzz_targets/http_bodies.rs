@@ -223,6 +223,17 @@ fn message(u: &mut Unstructured) -> Result<Value> {
         ]}),
         2 => json!({"role": role}),
         3 => json!({"role": role, "content": Value::Null}),
+        4 if u.arbitrary()? => json!({"role": role, "content": Value::Null, "tool_calls": [{
+            "id": u.arbitrary::<String>()?, "type": "function",
+            "function": {"name": "f0", "arguments": if u.arbitrary()? {
+                json!("{\"a\": 1}")
+            } else {
+                value(u, 1)?
+            }}
+        }]}),
+        4 if u.arbitrary()? => json!({
+            "role": role, "content": u.arbitrary::<String>()?, "tool_call_id": value(u, 1)?
+        }),
         _ => value(u, 1)?,
     })
 }
@@ -316,6 +327,38 @@ fn built(u: &mut Unstructured) -> Result<Value> {
             _ => value(u, 2)?,
         };
         m.insert("response_format".into(), format);
+    }
+    if u.ratio(1, 4)? {
+        // Tools: functions with schemas built from the input, or any value.
+        let tools = if u.ratio(3, 4)? {
+            let n = u.int_in_range(0..=3)?;
+            let fs = (0..n)
+                .map(|i| {
+                    Ok(json!({"type": "function", "function": {
+                        "name": if u.ratio(7, 8)? { format!("f{i}") } else { u.arbitrary()? },
+                        "description": u.arbitrary::<String>()?,
+                        "parameters": if u.arbitrary()? { schema(u, 0)? } else { value(u, 1)? },
+                    }}))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Value::Array(fs)
+        } else {
+            value(u, 2)?
+        };
+        m.insert("tools".into(), tools);
+        if u.arbitrary()? {
+            let choice = match u.int_in_range(0..=4)? {
+                0 => json!("auto"),
+                1 => json!("none"),
+                2 => json!("required"),
+                3 => json!({"type": "function", "function": {"name": *u.choose(&["f0", "f1", "x"])?}}),
+                _ => value(u, 2)?,
+            };
+            m.insert("tool_choice".into(), choice);
+        }
+        if u.arbitrary()? {
+            m.insert("parallel_tool_calls".into(), value(u, 0)?);
+        }
     }
     if u.ratio(1, 8)? {
         m.insert(

@@ -172,7 +172,7 @@ fn seeder(req: &hypha_wire::InferenceRequest) {
             }
         }
         (Input::Tools(chat, f), hypha_wire::Prompt::Chat(wire)) => {
-            assert_eq!(f, format);
+            assert_eq!(*f, format);
             assert_eq!(chat.messages.len(), wire.len());
             for (m, w) in chat.messages.iter().zip(wire) {
                 assert_eq!(m.content, w.content);
