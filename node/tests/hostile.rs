@@ -12,7 +12,9 @@ use std::time::Duration;
 use hypha_node::identity::Identity;
 use hypha_node::net::endpoint::Endpoint;
 use hypha_node::net::proto::{self, FramedRecv, FramedSend, CLOSE_PROTOCOL};
-use hypha_wire::{Hello, Message, TokenChunk, CAP_SEEDER, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use hypha_wire::{
+    Hello, Message, Refusal, TokenChunk, CAP_SEEDER, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
 use serde_json::{json, Value};
 
 mod common;
@@ -808,4 +810,41 @@ async fn peers_beyond_the_limit_are_refused() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     seeder.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_that_is_running_is_refused_and_the_seeder_serves_on() {
+    let net = Net::start(2, 64).await;
+    let (_ep, conn) = dial_with_hello(&net, 23).await;
+    // A long request, accepted and running ...
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut first = FramedSend::new(send);
+    first.send(&common::request(9, 400)).await.unwrap();
+    let mut first_recv = FramedRecv::new(recv);
+    let accepted = first_recv
+        .next(|m| Ok(matches!(m, hypha_wire::ArchivedMessage::Accepted(_))))
+        .await
+        .unwrap();
+    assert_eq!(accepted, Some(true));
+    // ... then the same id again, while it runs: refused as a duplicate,
+    // at once, several times over.
+    for _ in 0..3 {
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut send = FramedSend::new(send);
+        send.send(&common::request(9, 4)).await.unwrap();
+        let mut recv = FramedRecv::new(recv);
+        let refusal = tokio::time::timeout(
+            Duration::from_secs(5),
+            recv.next(|m| match m {
+                hypha_wire::ArchivedMessage::Error(e) => Ok(Refusal::from(&e.refusal)),
+                other => panic!("{other:?}"),
+            }),
+        )
+        .await
+        .expect("an answer, not a stalled seeder")
+        .unwrap();
+        assert_eq!(refusal, Some(Refusal::Duplicate));
+    }
+    drop((first, first_recv));
+    assert_still_serves(&net).await;
 }

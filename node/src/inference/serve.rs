@@ -299,8 +299,12 @@ struct RunningClaim<'a> {
 impl<'a> RunningClaim<'a> {
     /// `None` when the key is already running.
     fn take(running: &'a std::sync::Mutex<HashSet<ReceiptKey>>, key: ReceiptKey) -> Option<Self> {
-        let mut set = lock(running);
-        set.insert(key).then_some(Self { running, key })
+        // The lock is let go before a claim exists, and a claim is made
+        // only for a free key: one made and dropped here would take the
+        // lock this holds (a deadlock on the second request of a running
+        // id) and free the key of the request that holds it.
+        let fresh = lock(running).insert(key);
+        fresh.then(|| Self { running, key })
     }
 }
 
