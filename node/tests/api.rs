@@ -406,10 +406,9 @@ async fn fields_the_node_does_not_honour_are_refused_by_name() {
         }
         body.to_string()
     };
-    let tool = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]);
     let refused = [
-        ("tools", json!({"tools": tool})),
-        ("tool_choice", json!({"tool_choice": "required"})),
+        ("functions", json!({"functions": [{"name": "get_weather"}]})),
+        ("function_call", json!({"function_call": "auto"})),
         ("logit_bias", json!({"logit_bias": {"50256": -100}})),
         ("store", json!({"store": true})),
         ("frobnicate", json!({"frobnicate": 1})),
@@ -422,18 +421,25 @@ async fn fields_the_node_does_not_honour_are_refused_by_name() {
         let message = v["error"]["message"].as_str().unwrap();
         assert!(message.contains(&format!("`{field}`")), "{message}");
     }
+    // A call demanded with no tools to call: refused, naming it.
+    let (s, v) = post(
+        &c,
+        &n,
+        "/v1/chat/completions",
+        with(json!({"tool_choice": "required"})).into(),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["param"], "tool_choice", "{v}");
     // A message field it would drop: refused too.
     let body = json!({"model": "default", "max_tokens": 2, "messages": [
         {"role": "user", "content": "What is the weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "assistant", "content": "", "audio": {"id": "a1"}},
     ]});
     let (s, v) = post(&c, &n, "/v1/chat/completions", body.to_string().into()).await;
     assert_eq!(s, 400, "{v}");
     assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("`tool_calls`"),
+        v["error"]["message"].as_str().unwrap().contains("`audio`"),
         "{v}"
     );
     // And on text completions.
