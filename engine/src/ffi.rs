@@ -383,6 +383,13 @@ impl Model {
         u32::try_from(n).unwrap_or(0)
     }
 
+    /// The width of the model's hidden states (an embedding's length).
+    pub fn n_embd(&self) -> u32 {
+        // SAFETY: read-only query on a valid model.
+        let n = unsafe { sys::llama_model_n_embd(self.ptr.as_ptr()) };
+        u32::try_from(n).unwrap_or(0)
+    }
+
     pub fn n_params(&self) -> u64 {
         // SAFETY: read-only query on a valid model.
         unsafe { sys::llama_model_n_params(self.ptr.as_ptr()) }
@@ -696,6 +703,99 @@ impl Context {
             let mem = sys::llama_get_memory(self.ptr.as_ptr());
             sys::llama_memory_seq_rm(mem, seq, -1, -1);
         }
+    }
+}
+
+/// A context that turns a text's tokens into one pooled embedding: one
+/// sequence, the whole input in one micro-batch (pooling needs it), the
+/// model's own pooling or, for a model without one (a chat model), the
+/// mean of its tokens' states.
+pub struct Embedder {
+    ctx: Context,
+    batch: Batch,
+    n_embd: usize,
+    n_ctx: usize,
+}
+
+impl Embedder {
+    pub fn new(model: std::sync::Arc<Model>, n_ctx: u32, n_threads: i32) -> Result<Self, Error> {
+        let make = |pooling: sys::llama_pooling_type| -> Result<Context, Error> {
+            // SAFETY: returns a plain struct by value.
+            let mut params = unsafe { sys::llama_context_default_params() };
+            params.n_ctx = n_ctx;
+            params.n_batch = n_ctx;
+            params.n_ubatch = n_ctx;
+            params.n_seq_max = 1;
+            params.n_threads = n_threads;
+            params.n_threads_batch = n_threads;
+            params.embeddings = true;
+            params.pooling_type = pooling;
+            params.no_perf = true;
+            // SAFETY: the model pointer is valid and outlives the context
+            // (held in `_model`).
+            let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), params) };
+            let ptr = NonNull::new(raw).ok_or(Error::ContextCreate)?;
+            Ok(Context {
+                ptr,
+                _model: model.clone(),
+            })
+        };
+        let mut ctx = make(sys::LLAMA_POOLING_TYPE_UNSPECIFIED)?;
+        // SAFETY: read-only query on a valid context.
+        if unsafe { sys::llama_pooling_type(ctx.ptr.as_ptr()) } == sys::LLAMA_POOLING_TYPE_NONE {
+            ctx = make(sys::LLAMA_POOLING_TYPE_MEAN)?;
+        }
+        let n_embd = model.n_embd();
+        let n_ctx = ctx.n_ctx_seq() as usize;
+        Ok(Self {
+            ctx,
+            batch: Batch::new(n_ctx, 1),
+            n_embd: n_embd as usize,
+            n_ctx,
+        })
+    }
+
+    /// The embedding of `tokens`, scaled to unit length.
+    pub fn embed(&mut self, tokens: &[Token]) -> Result<Vec<f32>, Error> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidRequest("an input has no tokens".into()));
+        }
+        if tokens.len() > self.n_ctx {
+            return Err(Error::ContextExceeded {
+                prompt_tokens: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
+                max_tokens: u32::try_from(self.n_ctx).unwrap_or(u32::MAX),
+            });
+        }
+        self.batch.clear();
+        for (i, &t) in tokens.iter().enumerate() {
+            self.batch
+                .push(t, i32::try_from(i).unwrap_or(i32::MAX), 0, true);
+        }
+        let decoded = self.ctx.decode(&self.batch);
+        let out = decoded.map_err(Error::Decode).and_then(|()| {
+            // SAFETY: valid context; sequence 0 was just decoded with
+            // pooling on, so the pointer (when not null) holds `n_embd`
+            // floats owned by the context until its next decode.
+            let p = unsafe { sys::llama_get_embeddings_seq(self.ctx.ptr.as_ptr(), 0) };
+            if p.is_null() {
+                return Err(Error::Decode(-1));
+            }
+            // SAFETY: see above; copied out at once.
+            Ok(unsafe { std::slice::from_raw_parts(p, self.n_embd) }.to_vec())
+        });
+        self.ctx.clear_seq(0);
+        let mut v = out?;
+        let norm = v
+            .iter()
+            .map(|x| f64::from(*x) * f64::from(*x))
+            .sum::<f64>()
+            .sqrt();
+        if norm > 0.0 && norm.is_finite() {
+            for x in &mut v {
+                *x = (f64::from(*x) / norm) as f32;
+            }
+        }
+        Ok(v)
     }
 }
 

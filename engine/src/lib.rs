@@ -167,6 +167,9 @@ pub struct EngineConfig {
     pub prompt_chunk_tokens: u32,
     /// Extra folders searched first for ggml backend libraries.
     pub backend_dirs: Vec<PathBuf>,
+    /// Also serve embeddings (a second context of one sequence of
+    /// `ctx_per_slot` tokens, see [`Engine::embed`]).
+    pub embeddings: bool,
 }
 
 impl EngineConfig {
@@ -182,6 +185,7 @@ impl EngineConfig {
             batch_tokens: DEFAULT_BATCH_TOKENS,
             prompt_chunk_tokens: DEFAULT_PROMPT_CHUNK_TOKENS,
             backend_dirs: Vec::new(),
+            embeddings: false,
         }
     }
 }
@@ -204,6 +208,8 @@ pub struct ModelInfo {
     pub ctx_per_slot: u32,
     pub parallel: u32,
     pub n_params: u64,
+    /// The length of an embedding (the model's hidden width).
+    pub n_embd: u32,
     pub size_bytes: u64,
     pub description: String,
     pub chat_template: Option<String>,
@@ -462,6 +468,9 @@ struct Inner {
     decoder: Option<std::thread::JoinHandle<()>>,
     stats: Arc<EngineStats>,
     queue_max: usize,
+    /// The embedding context, when the engine serves embeddings: one input
+    /// at a time.
+    embedder: Option<std::sync::Mutex<ffi::Embedder>>,
 }
 
 impl Drop for Inner {
@@ -531,6 +540,7 @@ impl Engine {
             ctx_per_slot,
             parallel: cfg.parallel,
             n_params: model.n_params(),
+            n_embd: model.n_embd(),
             size_bytes: model.size_bytes(),
             description: model.description(),
             chat_template: model.chat_template(),
@@ -547,6 +557,15 @@ impl Engine {
             threads = cfg.threads,
             "engine ready"
         );
+        let embedder = if cfg.embeddings {
+            Some(std::sync::Mutex::new(ffi::Embedder::new(
+                model.clone(),
+                ctx_per_slot,
+                i32::try_from(cfg.threads).unwrap_or(i32::MAX),
+            )?))
+        } else {
+            None
+        };
         let stats = Arc::new(EngineStats::default());
         // Every job in the channel has been counted in `stats.queued`, which
         // never exceeds `queue_max`, so this channel never blocks a sender.
@@ -574,6 +593,7 @@ impl Engine {
                 decoder: Some(decoder),
                 stats,
                 queue_max: cfg.queue_max,
+                embedder,
             }),
         })
     }
@@ -622,6 +642,32 @@ impl Engine {
             return Err(Error::QueueFull { queued: q });
         }
         Ok(())
+    }
+
+    /// True when the engine serves embeddings.
+    pub fn embeds(&self) -> bool {
+        self.inner.embedder.is_some()
+    }
+
+    /// The embedding of `tokens` (scaled to unit length), computed on the
+    /// embedding context; blocks, so call it off async workers. Inputs are
+    /// taken one at a time.
+    pub fn embed(&self, tokens: &[Token]) -> Result<Vec<f32>, Error> {
+        let Some(e) = &self.inner.embedder else {
+            return Err(Error::InvalidRequest(
+                "this engine serves no embeddings (start it with embeddings on)".into(),
+            ));
+        };
+        let n_vocab = self.inner.model.n_vocab();
+        if tokens.iter().any(|&t| t < 0 || t >= n_vocab) {
+            return Err(Error::InvalidRequest(
+                "an input holds an unknown token id".into(),
+            ));
+        }
+        // A panic while it was held cannot have left the context half
+        // used: `embed` clears its sequence on every path.
+        let mut guard = e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.embed(tokens)
     }
 
     /// Tokenizes text, adding the model's start token when it wants one.

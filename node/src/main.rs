@@ -242,6 +242,10 @@ struct UpArgs {
     /// Prompt tokens per decode step while other streams are generating.
     #[arg(long, default_value_t = hypha_engine::DEFAULT_PROMPT_CHUNK_TOKENS)]
     prompt_chunk: u32,
+    /// Also serve /v1/embeddings from the model (a second, one-sequence
+    /// context of --ctx-size tokens).
+    #[arg(long)]
+    embeddings: bool,
     /// Require `Authorization: Bearer KEY` on /v1 requests.
     #[arg(long, env = "HYPHA_API_KEY")]
     api_key: Option<String>,
@@ -503,6 +507,7 @@ fn engine_config(a: &UpArgs, model_path: PathBuf) -> EngineConfig {
     engine.queue_max = a.queue;
     engine.batch_tokens = a.batch_size;
     engine.prompt_chunk_tokens = a.prompt_chunk;
+    engine.embeddings = a.embeddings;
     engine
 }
 

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::api::account;
 use crate::api::errors::ApiError;
-use crate::api::openai::{ModelCard, ModelList, ModelMeta, CAPABILITIES};
+use crate::api::openai::{ModelCard, ModelList, ModelMeta, CAPABILITIES, CAPABILITIES_EMBEDDING};
 use crate::api::state::AppState;
 use crate::metrics::Gauges;
 
@@ -457,7 +457,11 @@ pub(crate) async fn list_models(State(st): State<Arc<AppState>>) -> Response {
             created,
             owned_by: "hypha",
             context_length: Some(info.ctx_per_slot),
-            capabilities: &CAPABILITIES,
+            capabilities: if local.engine.embeds() {
+                &CAPABILITIES_EMBEDDING
+            } else {
+                &CAPABILITIES
+            },
             meta: Some(ModelMeta {
                 architecture: info.architecture.clone(),
                 context_length: info.ctx_per_slot,

@@ -1,6 +1,6 @@
 //! Canopy's HTTP front: the OpenAI-compatible API (chat and text
-//! completions, the Responses API), Anthropic's Messages API, `/health` and
-//! `/metrics`.
+//! completions, the Responses API, embeddings), Anthropic's Messages API,
+//! `/health` and `/metrics`.
 //!
 //! Request flow: the body is read under a size cap and decoded to the
 //! endpoint's request (a 400 or 413 JSON error otherwise), checked and
@@ -17,6 +17,7 @@ pub mod account;
 pub mod admin;
 pub mod completions;
 pub mod conns;
+pub mod embeddings;
 pub mod errors;
 pub(crate) mod generate;
 pub mod guard;
@@ -43,6 +44,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/responses", post(responses::responses))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/ledger", get(admin::ledger))
         .route("/v1/ledger/{node_id}", get(admin::peer_ledger))
         .route("/v1/network", get(admin::network))

@@ -652,11 +652,20 @@ pub struct ModelCard {
     pub provider_count: usize,
 }
 
-/// What every model on hypha serves today: chat (chat completions, the
+/// What every model on hypha serves: chat (chat completions, the
 /// Responses API, Anthropic Messages), text completions, structured
-/// output (JSON schemas) and tools (chat completions' tool calling).
-/// Embeddings are not listed until they are served.
+/// output (JSON schemas) and tools (tool calling on all three chat APIs).
 pub const CAPABILITIES: [&str; 4] = ["chat", "completion", "structured_output", "tools"];
+
+/// [`CAPABILITIES`] and `embeddings`: a model this node runs with
+/// `--embeddings`.
+pub const CAPABILITIES_EMBEDDING: [&str; 5] = [
+    "chat",
+    "completion",
+    "structured_output",
+    "tools",
+    "embeddings",
+];
 
 #[derive(Debug, Serialize)]
 pub struct ModelMeta {

@@ -69,7 +69,7 @@ def node(tmp_path_factory):
     data = tmp_path_factory.mktemp("seeder")
     proc, url, log = _start(
         ["--model", _model(), "--quic", "127.0.0.1:0", "--data-dir", str(data),
-         "--threads", "1", "--parallel", "8", "--ctx-size", "1024"],
+         "--threads", "1", "--parallel", "8", "--ctx-size", "1024", "--embeddings"],
         "openai-suite-node.log",
     )
     yield url
