@@ -41,6 +41,9 @@ pub struct BenchConfig {
     pub concurrency: Vec<u32>,
     /// Sent as the requests' `response_format` (structured output).
     pub response_format: Option<Value>,
+    /// Sent as the requests' `tools`, with `tool_choice: required` and one
+    /// call per answer (tool calling); a call's arrival counts as text.
+    pub tools: Option<Value>,
     /// Names the variant in reports (`plain`, `json_schema`).
     pub label: String,
 }
@@ -104,6 +107,11 @@ pub async fn one_request(
     if let Some(f) = &cfg.response_format {
         body["response_format"] = f.clone();
     }
+    if let Some(t) = &cfg.tools {
+        body["tools"] = t.clone();
+        body["tool_choice"] = json!("required");
+        body["parallel_tool_calls"] = json!(false);
+    }
     let mut req = client
         .post(format!("{}/v1/chat/completions", base(&cfg.url)))
         .json(&body);
@@ -144,9 +152,11 @@ pub async fn one_request(
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 usage_tokens = Some(n as u32);
             }
-            let has_text = v["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty());
+            let delta = &v["choices"][0]["delta"];
+            let has_text = delta["content"].as_str().is_some_and(|t| !t.is_empty())
+                || delta["tool_calls"]
+                    .as_array()
+                    .is_some_and(|c| !c.is_empty());
             if has_text {
                 let now = Instant::now();
                 if first.is_none() {

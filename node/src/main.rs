@@ -118,8 +118,13 @@ struct BenchArgs {
     /// this schema as `response_format`, alternately, `--rounds` times.
     #[arg(long)]
     json_schema: Option<PathBuf>,
-    /// Alternations of plain and schema runs per level (with
-    /// --json-schema).
+    /// A JSON file of OpenAI `tools`: each level then also runs chat with
+    /// these tools (`tool_choice: required`, one call), alternately with
+    /// plain chat (and the schema runs), `--rounds` times.
+    #[arg(long)]
+    tools: Option<PathBuf>,
+    /// Alternations of plain and schema (or tools) runs per level (with
+    /// --json-schema or --tools).
     #[arg(long, default_value_t = 2)]
     rounds: u32,
 }
@@ -430,32 +435,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 requests: a.requests,
                 concurrency: a.concurrency,
                 response_format: None,
+                tools: None,
                 label: "plain".into(),
             };
             println!(
                 "hypha bench: {} model {} ({} requests per level, {} max tokens, greedy)",
                 cfg.url, cfg.model, cfg.requests, cfg.max_tokens
             );
-            let Some(path) = a.json_schema else {
+            let read_json = |path: &PathBuf| -> anyhow::Result<serde_json::Value> {
+                serde_json::from_slice(
+                    &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                )
+                .with_context(|| format!("{} is not JSON", path.display()))
+            };
+            let mut variants = vec![cfg.clone()];
+            if let Some(path) = &a.json_schema {
+                let schema = read_json(path)?;
+                variants.push(hypha_bench::BenchConfig {
+                    response_format: Some(serde_json::json!({"type": "json_schema",
+                        "json_schema": {"name": "bench", "strict": true, "schema": schema}})),
+                    label: "json_schema".into(),
+                    ..cfg.clone()
+                });
+            }
+            if let Some(path) = &a.tools {
+                variants.push(hypha_bench::BenchConfig {
+                    tools: Some(read_json(path)?),
+                    label: "tools".into(),
+                    ..cfg.clone()
+                });
+            }
+            if variants.len() == 1 {
                 let reports = hypha_bench::run(&client, &cfg).await;
                 print!("{}", hypha_bench::format_table(&reports));
                 return Ok(());
-            };
-            let schema: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-            )
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-            let with_schema = hypha_bench::BenchConfig {
-                response_format: Some(serde_json::json!({"type": "json_schema",
-                    "json_schema": {"name": "bench", "strict": true, "schema": schema}})),
-                label: "json_schema".into(),
-                ..cfg.clone()
-            };
+            }
             let mut reports = Vec::new();
             for &c in &cfg.concurrency {
                 for _ in 0..a.rounds.max(1) {
-                    reports.push(hypha_bench::run_level(&client, &cfg, c).await);
-                    reports.push(hypha_bench::run_level(&client, &with_schema, c).await);
+                    for v in &variants {
+                        reports.push(hypha_bench::run_level(&client, v, c).await);
+                    }
                 }
             }
             print!("{}", hypha_bench::format_table(&reports));
