@@ -31,14 +31,14 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
-use hypha_engine::{ChatMessage, Finish, FinishReason, TokenLogprob};
+use hypha_engine::{Finish, FinishReason, TokenLogprob};
 
 use crate::api::errors::{ApiError, OpenAiJson};
 use crate::api::generate::{event, new_id, reply, submit, Dialect, Events, Started};
 use crate::api::openai::{Checked, EdgePrompt, SamplingFields, StopField};
 use crate::api::state::AppState;
 use crate::inference::convert::{check_message_count, check_tool_fields};
-use crate::inference::tools::{self, ToolCall, ToolChat, ToolSet};
+use crate::inference::tools::{self, ToolCall, ToolSet};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -400,24 +400,7 @@ impl MessagesRequest {
                 "a last assistant message (a prefill to continue) is not supported by this node yet",
             ));
         }
-        let history = chat
-            .iter()
-            .any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some());
-        let prompt = if tools.is_some() || history {
-            EdgePrompt::Tools(ToolChat {
-                messages: chat,
-                tools: tools.clone(),
-            })
-        } else {
-            EdgePrompt::Chat(
-                chat.into_iter()
-                    .map(|m| ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect(),
-            )
-        };
+        let prompt = EdgePrompt::of_chat(chat, tools.clone());
         Ok(Checked {
             prompt,
             stops,

@@ -444,6 +444,27 @@ pub enum EdgePrompt {
 }
 
 impl EdgePrompt {
+    /// A chat's prompt: with tools offered or calls in its history, one
+    /// for the tool-aware templating; else a plain chat, which keeps
+    /// llama.cpp's own template code.
+    pub fn of_chat(messages: Vec<Message>, tools: Option<ToolSet>) -> Self {
+        let history = messages
+            .iter()
+            .any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some());
+        if tools.is_some() || history {
+            return Self::Tools(ToolChat { messages, tools });
+        }
+        Self::Chat(
+            messages
+                .into_iter()
+                .map(|m| hypha_engine::ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect(),
+        )
+    }
+
     /// The prompt as a seeder receives it: token ids cannot cross, as they
     /// depend on the model's vocabulary.
     pub fn to_wire(&self) -> Result<Prompt, ApiError> {
@@ -519,25 +540,7 @@ impl ChatRequest {
         let messages = self
             .messages()
             .map_err(|m| ApiError::invalid(m).param("messages"))?;
-        let history = messages
-            .iter()
-            .any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some());
-        let prompt = if tools.is_some() || history {
-            EdgePrompt::Tools(ToolChat {
-                messages,
-                tools: tools.clone(),
-            })
-        } else {
-            EdgePrompt::Chat(
-                messages
-                    .into_iter()
-                    .map(|m| hypha_engine::ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect(),
-            )
-        };
+        let prompt = EdgePrompt::of_chat(messages, tools.clone());
         Ok(Checked {
             prompt,
             stops,

@@ -37,7 +37,7 @@ use crate::api::generate::{event, new_id, reply, submit, unix_now, Dialect, Even
 use crate::api::openai::{schema_of_format, Checked, EdgePrompt, SamplingFields, Usage};
 use crate::api::state::AppState;
 use crate::inference::convert::{chat_role, check_message_count, check_tool_fields};
-use crate::inference::tools::{self, ToolCall, ToolChat, ToolSet};
+use crate::inference::tools::{self, ToolCall, ToolSet};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -310,24 +310,7 @@ impl ResponsesRequest {
         for (i, m) in chat.iter().enumerate() {
             check_tool_fields(i, m).map_err(|e| ApiError::invalid(e).param("input"))?;
         }
-        let history = chat
-            .iter()
-            .any(|m| !m.tool_calls.is_empty() || m.tool_call_id.is_some());
-        let prompt = if tools.is_some() || history {
-            EdgePrompt::Tools(ToolChat {
-                messages: chat,
-                tools: tools.clone(),
-            })
-        } else {
-            EdgePrompt::Chat(
-                chat.into_iter()
-                    .map(|m| ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect(),
-            )
-        };
+        let prompt = EdgePrompt::of_chat(chat, tools.clone());
         Ok(Checked {
             prompt,
             stops,

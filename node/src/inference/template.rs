@@ -156,12 +156,10 @@ fn message_value(m: &Message) -> Value {
             .tool_calls
             .iter()
             .map(|c| {
-                let args = serde_json::from_str::<Value>(&c.arguments)
-                    .unwrap_or_else(|_| Value::String(c.arguments.clone()));
                 serde_json::json!({
                     "id": c.id,
                     "type": "function",
-                    "function": {"name": c.name, "arguments": args},
+                    "function": {"name": c.name, "arguments": c.arguments_value()},
                 })
             })
             .collect();

@@ -91,6 +91,15 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
+impl ToolCall {
+    /// The arguments as JSON (their text as a string where it does not
+    /// parse), as templates and the generic format write them.
+    pub fn arguments_value(&self) -> Value {
+        serde_json::from_str(&self.arguments)
+            .unwrap_or_else(|_| Value::String(self.arguments.clone()))
+    }
+}
+
 /// A chat message that may call tools or answer a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -639,11 +648,7 @@ pub fn generic_messages(chat: &ToolChat) -> Vec<ChatMessage> {
             let calls: Vec<Value> = m
                 .tool_calls
                 .iter()
-                .map(|c| {
-                    let args = serde_json::from_str::<Value>(&c.arguments)
-                        .unwrap_or_else(|_| Value::String(c.arguments.clone()));
-                    json!({"name": c.name, "arguments": args})
-                })
+                .map(|c| json!({"name": c.name, "arguments": c.arguments_value()}))
                 .collect();
             ("assistant", json!({"tool_calls": calls}).to_string())
         } else if m.role == "tool" {
