@@ -908,6 +908,9 @@ pub struct Sampler {
     grammar: Option<NonNull<sys::llama_sampler>>,
     /// Candidates of one step, reused (grammar-constrained sampling only).
     cur: Vec<sys::llama_token_data>,
+    /// The chain is greedy with no penalties: the pick within a grammar
+    /// is the likeliest token the grammar allows.
+    plain_greedy: bool,
 }
 
 // SAFETY: owned by one slot on the decode thread.
@@ -916,6 +919,10 @@ unsafe impl Send for Sampler {}
 impl Sampler {
     /// Penalties look back over this many tokens.
     const PENALTY_LAST_N: i32 = 64;
+    /// A greedy pick the grammar rejects is looked for among this many
+    /// likeliest tokens first, in order, before the grammar is applied to
+    /// the whole vocabulary.
+    const GREEDY_SHORTLIST: usize = 64;
 
     /// A chain for `spec`; with a GBNF `grammar` (root rule `root`) every
     /// token sampled keeps the text within it.
@@ -989,14 +996,15 @@ impl Sampler {
                 return Err(Error::Sampler);
             }
         };
+        let penalised = spec.repeat_penalty != 1.0
+            || spec.frequency_penalty != 0.0
+            || spec.presence_penalty != 0.0;
         let s = Self {
             ptr,
             grammar,
             cur: Vec::new(),
+            plain_greedy: spec.temperature <= 0.0 && !penalised,
         };
-        let penalised = spec.repeat_penalty != 1.0
-            || spec.frequency_penalty != 0.0
-            || spec.presence_penalty != 0.0;
         // SAFETY (each add below): the chain takes ownership of a freshly
         // created sampler; creation functions never return null for valid
         // arguments, and we check anyway.
@@ -1098,7 +1106,10 @@ impl Sampler {
         };
         let mut tok = self.pick(logits, None);
         if !self.allows(grammar, tok) {
-            tok = self.pick(logits, Some(grammar));
+            tok = match self.greedy_within(logits, grammar) {
+                Some(t) => t,
+                None => self.pick(logits, Some(grammar)),
+            };
         }
         // SAFETY: `tok` passed the grammar, so accepting it cannot fail;
         // the wrapper catches C++ exceptions all the same.
@@ -1142,6 +1153,42 @@ impl Sampler {
         // which sets `selected` within `size`; `data` may have been
         // replaced by a sampler with its own buffer of `size` entries.
         unsafe { (*arr.data.add(at.min(arr.size.saturating_sub(1)))).id }
+    }
+
+    /// For a plain greedy chain, the likeliest token `grammar` allows
+    /// when it is among the [`Self::GREEDY_SHORTLIST`] likeliest: the pick
+    /// the grammar's pass over the whole vocabulary would make (greedy
+    /// takes the largest logit, the lowest id among equals), found by
+    /// checking a few tokens instead of all. `None` when the chain is not
+    /// plain greedy or no shortlisted token is allowed.
+    fn greedy_within(
+        &mut self,
+        logits: &[f32],
+        grammar: NonNull<sys::llama_sampler>,
+    ) -> Option<Token> {
+        if !self.plain_greedy {
+            return None;
+        }
+        // Largest logit first, then lowest id.
+        let order = |a: &(f32, Token), b: &(f32, Token)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let mut all: Vec<(f32, Token)> = logits
+            .iter()
+            .enumerate()
+            .map(|(id, &l)| (l, id as Token))
+            .collect();
+        let n = Self::GREEDY_SHORTLIST.min(all.len());
+        if n == 0 {
+            return None;
+        }
+        if n < all.len() {
+            all.select_nth_unstable_by(n - 1, order);
+        }
+        let short = &mut all[..n];
+        short.sort_unstable_by(order);
+        short
+            .iter()
+            .map(|&(_, t)| t)
+            .find(|&t| self.allows(grammar, t))
     }
 
     /// True when `grammar` allows `tok` next.
