@@ -1,6 +1,8 @@
 //! `/v1/chat/completions` and `/v1/completions`: OpenAI's two dialects of
 //! a generation, as one JSON body or an SSE stream of chunks ending in
-//! `[DONE]`.
+//! `[DONE]`; chat's tool calls as `message.tool_calls` or `tool_calls`
+//! deltas (each call whole in one delta), with `finish_reason:
+//! tool_calls`.
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -3,13 +3,15 @@
 //!
 //! Requests are decoded strictly enough to turn a wrong type into a clear
 //! 400. A field hypha does not honour is refused with a 400 naming it
-//! (`unsupported_parameter`), never ignored: tools, logit biases and any
-//! field it does not know. Fields that change nothing a node does (`user`,
-//! `metadata`) are taken, and so are the neutral values of fields it does
-//! not implement (`tools: []`, `tool_choice: "none"`, ...).
+//! (`unsupported_parameter`), never ignored: the deprecated `functions`,
+//! logit biases and any field it does not know. Fields that change nothing
+//! a node does (`user`, `metadata`) are taken, and so are the neutral
+//! values of fields it does not implement (`logit_bias: {}`, ...).
 //! `response_format` `json_object` and `json_schema` are served: the
 //! output is sampled within the schema's grammar (see
-//! `inference::schema`, which refuses what it would not enforce).
+//! `inference::schema`, which refuses what it would not enforce). Chat's
+//! `tools`, `tool_choice` and `parallel_tool_calls` are served (see
+//! `inference::tools`), and so are calls and tool results in the history.
 
 use serde::{Deserialize, Serialize};
 
