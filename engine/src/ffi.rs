@@ -922,7 +922,7 @@ impl Sampler {
     /// A greedy pick the grammar rejects is looked for among this many
     /// likeliest tokens first, in order, before the grammar is applied to
     /// the whole vocabulary.
-    const GREEDY_SHORTLIST: usize = 64;
+    const GREEDY_SHORTLIST: usize = 512;
 
     /// A chain for `spec`; with a GBNF `grammar` (root rule `root`) every
     /// token sampled keeps the text within it.
