@@ -389,12 +389,18 @@ async fn a_seeder_checks_a_peers_schema_itself() {
     use hypha_wire::{ArchivedMessage, Message, Refusal};
     let net = Net::start(2, 8).await;
     let (_ep, conn) = common::dial_with_hello(&net, 41).await;
-    for (schema, naming) in [
+    // Each its own request id: a seeder may still hold the last one (it
+    // lets it go once its stream is done), and an id it holds is refused
+    // as a duplicate.
+    for (id, (schema, naming)) in [
         (r#"{"type":"string","pattern":"a+"}"#, "`pattern`"),
         ("not json", "does not parse"),
         (r#"{"type":"integer","maxLength":3000}"#, "`maxLength`"),
-    ] {
-        let Message::Request(mut req) = common::request(1, 8) else {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Message::Request(mut req) = common::request(id as u64 + 1, 8) else {
             unreachable!()
         };
         req.json_schema = Some(schema.to_owned());
