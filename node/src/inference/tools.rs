@@ -702,6 +702,9 @@ pub struct Parser {
     calls: usize,
     mode: Mode,
     buf: String,
+    /// Bytes of `buf` already searched for a Hermes block's end: a long
+    /// call is scanned once, not again with every piece of it.
+    scanned: usize,
 }
 
 const HERMES_OPEN: &str = "<tool_call>";
@@ -842,6 +845,7 @@ impl Parser {
             calls: 0,
             mode: Mode::Opening,
             buf: String::new(),
+            scanned: 0,
         }
     }
 
@@ -922,6 +926,7 @@ impl Parser {
                         }
                         self.buf.drain(..at);
                         self.mode = Mode::Held;
+                        self.scanned = 0;
                         continue;
                     }
                     let keep = partial_suffix(&self.buf, marker);
@@ -946,11 +951,18 @@ impl Parser {
                         self.mode = Mode::Text;
                         continue;
                     }
-                    let Some(end) = self.buf.find(HERMES_CLOSE) else {
+                    // Where a marker could end that was not seen yet.
+                    let mut from = self.scanned.saturating_sub(HERMES_CLOSE.len() - 1);
+                    while !self.buf.is_char_boundary(from) {
+                        from -= 1;
+                    }
+                    let Some(end) = self.buf[from..].find(HERMES_CLOSE).map(|at| from + at) else {
+                        self.scanned = self.buf.len();
                         return;
                     };
                     let block = self.buf[..end + HERMES_CLOSE.len()].to_owned();
                     self.buf.drain(..block.len());
+                    self.scanned = 0;
                     self.read_calls(&block, out);
                     if self.calls >= self.max_calls {
                         self.mode = Mode::Text;
