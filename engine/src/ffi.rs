@@ -519,6 +519,11 @@ impl Model {
 
     /// The bytes of one token as it appears in generated text.
     pub fn piece(&self, token: Token, out: &mut Vec<u8>) {
+        self.piece_into(token, false, out);
+    }
+
+    /// The bytes of `token`, control tokens' own text too when `special`.
+    fn piece_into(&self, token: Token, special: bool, out: &mut Vec<u8>) {
         let mut buf = [0u8; 64];
         // SAFETY: `buf` is writable for its length.
         let n = unsafe {
@@ -528,7 +533,7 @@ impl Model {
                 buf.as_mut_ptr().cast(),
                 buf.len() as i32,
                 0,
-                false,
+                special,
             )
         };
         if n >= 0 {
@@ -544,7 +549,7 @@ impl Model {
                 big.as_mut_ptr().cast(),
                 big.len() as i32,
                 0,
-                false,
+                special,
             )
         };
         if n >= 0 {
@@ -582,21 +587,9 @@ impl Model {
         if eos < 0 || eos >= self.n_vocab() {
             return String::new();
         }
-        let mut buf = [0u8; 256];
-        // SAFETY: `buf` is writable for its length; a negative answer (a
-        // longer piece) writes nothing and is taken as no text.
-        let n = unsafe {
-            sys::llama_token_to_piece(
-                self.vocab.as_ptr(),
-                eos,
-                buf.as_mut_ptr().cast(),
-                buf.len() as i32,
-                0,
-                true,
-            )
-        };
-        let n = usize::try_from(n).unwrap_or(0).min(buf.len());
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        let mut text = Vec::new();
+        self.piece_into(eos, true, &mut text);
+        String::from_utf8_lossy(&text).into_owned()
     }
 
     pub fn is_eog(&self, token: Token) -> bool {
@@ -911,6 +904,8 @@ pub struct Sampler {
     /// The chain is greedy with no penalties: the pick within a grammar
     /// is the likeliest token the grammar allows.
     plain_greedy: bool,
+    /// Logits and ids of one step, reused (the greedy shortlist).
+    ranked: Vec<(f32, Token)>,
 }
 
 // SAFETY: owned by one slot on the decode thread.
@@ -1004,6 +999,7 @@ impl Sampler {
             grammar,
             cur: Vec::new(),
             plain_greedy: spec.temperature <= 0.0 && !penalised,
+            ranked: Vec::new(),
         };
         // SAFETY (each add below): the chain takes ownership of a freshly
         // created sampler; creation functions never return null for valid
@@ -1171,24 +1167,21 @@ impl Sampler {
         }
         // Largest logit first, then lowest id.
         let order = |a: &(f32, Token), b: &(f32, Token)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        let mut all: Vec<(f32, Token)> = logits
-            .iter()
-            .enumerate()
-            .map(|(id, &l)| (l, id as Token))
-            .collect();
+        let mut all = std::mem::take(&mut self.ranked);
+        all.clear();
+        all.extend(logits.iter().enumerate().map(|(id, &l)| (l, id as Token)));
         let n = Self::GREEDY_SHORTLIST.min(all.len());
-        if n == 0 {
-            return None;
-        }
-        if n < all.len() {
+        if n > 0 && n < all.len() {
             all.select_nth_unstable_by(n - 1, order);
         }
         let short = &mut all[..n];
         short.sort_unstable_by(order);
-        short
+        let found = short
             .iter()
             .map(|&(_, t)| t)
-            .find(|&t| self.allows(grammar, t))
+            .find(|&t| self.allows(grammar, t));
+        self.ranked = all;
+        found
     }
 
     /// True when `grammar` allows `tok` next.
